@@ -1,0 +1,342 @@
+"""One client connection: frames in, requests dispatched, replies coalesced out.
+
+The reader loop decodes frames in order.  Writes are queued to the writer
+*from the reader loop itself*, so one connection's appends reach the queue,
+and therefore commit, in the order they were sent; their replies come back
+through a callback.  Reads run as tasks, concurrently.  Every frame takes one
+slot of the connection's in-flight budget and its reply gives it back once
+written, so a peer that never reads its answers stops being read: memory stays
+bounded.  Replies ready in the same loop turn go out in one ``send``.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from typing import TYPE_CHECKING, Any, Final
+
+import anyio
+import msgspec
+from anyio.abc import SocketStream
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from . import protocol as p
+from .errors import BadRequest, Internal, NexusError, TooLarge, Unavailable
+from .framing import FrameDecoder, encode_frame
+from .writer import ClearAll, ClearSession, Insert, NewRow, PopNewest
+
+if TYPE_CHECKING:
+    from .server import Server
+
+logger = logging.getLogger(__name__)
+
+RECV_BYTES: Final = 256 * 1024
+_ENVELOPE: Final = 1024
+_MAX_META_DEPTH: Final = 32
+_json_encode = msgspec.json.encode
+_json_decode = msgspec.json.decode
+
+
+class Connection:
+    """Serves one accepted stream until the peer leaves or the server stops."""
+
+    def __init__(self, server: Server, stream: SocketStream) -> None:
+        self.server = server
+        self.stream = stream
+        cfg = server.config
+        self.max_frame = cfg.max_frame
+        self.max_content = cfg.max_content
+        self._slots = anyio.Semaphore(cfg.max_inflight)
+        self.outstanding = 0
+        self.closed = False
+        self._out_send: MemoryObjectSendStream[bytes]
+        self._out_recv: MemoryObjectReceiveStream[bytes]
+        # Unbounded on purpose: the in-flight slots bound what can be in it.
+        self._out_send, self._out_recv = anyio.create_memory_object_stream[bytes](math.inf)
+        self._tg: anyio.abc.TaskGroup | None = None
+
+    # ── lifecycle ─────────────────────────────────────────────────────────
+    async def run(self) -> None:
+        async with anyio.create_task_group() as tg:
+            self._tg = tg
+            tg.start_soon(self._sender)
+            try:
+                await self._read_loop()
+                # Peer finished sending (or must be cut off): flush what is owed.
+                with anyio.move_on_after(self.server.config.shutdown_timeout):
+                    await self._wait_all_replied()
+            finally:
+                self.closed = True
+                self._out_send.close()
+        self.server.forget_outstanding(self.outstanding)
+        self.outstanding = 0
+
+    async def _wait_all_replied(self) -> None:
+        for _ in range(self.server.config.max_inflight):
+            try:
+                self._slots.acquire_nowait()
+            except anyio.WouldBlock:
+                await self._slots.acquire()
+
+    async def _read_loop(self) -> None:
+        decoder = FrameDecoder(self.max_frame)
+        stream = self.stream
+        idle = self.server.config.idle_timeout
+        while True:
+            try:
+                if decoder.pending:
+                    # Half a frame is buffered: the peer must finish it in time.
+                    with anyio.fail_after(idle):
+                        chunk = await stream.receive(RECV_BYTES)
+                else:
+                    chunk = await stream.receive(RECV_BYTES)
+            except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
+                return
+            except TimeoutError:
+                logger.info("closing connection stalled mid-frame for %gs", idle)
+                return
+            try:
+                frames = decoder.feed(chunk)
+            except TooLarge as exc:
+                await self._take_slot()
+                self._send_reply(p.error_reply(None, exc))
+                return
+            for body in frames:
+                await self._take_slot()
+                await self._dispatch(body)
+
+    async def _take_slot(self) -> None:
+        try:
+            self._slots.acquire_nowait()
+        except anyio.WouldBlock:
+            await self._slots.acquire()
+        self.outstanding += 1
+        self.server.inflight += 1
+
+    async def _sender(self) -> None:
+        recv = self._out_recv
+        stream = self.stream
+        try:
+            async for first in recv:
+                frames = [first]
+                while True:
+                    try:
+                        frames.append(recv.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await stream.send(b"".join(frames) if len(frames) > 1 else first)
+                n = len(frames)
+                self.outstanding -= n
+                self.server.replied(n)
+                for _ in range(n):
+                    self._slots.release()
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+            # The peer is gone: nobody is left to answer.
+            self.closed = True
+            if self._tg is not None:
+                self._tg.cancel_scope.cancel()
+
+    # ── replies ───────────────────────────────────────────────────────────
+    def _send_reply(self, reply: Any) -> None:
+        if self.closed:
+            return
+        body = p.encoder.encode(reply)
+        if len(body) > self.max_frame:
+            err = TooLarge(f"reply of {len(body)} bytes exceeds the frame limit")
+            body = p.encoder.encode(p.error_reply(reply.id, err))
+        try:
+            self._out_send.send_nowait(encode_frame(body))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            pass
+
+    def _send_error(self, request_id: int | None, err: NexusError) -> None:
+        self._send_reply(p.error_reply(request_id, err))
+
+    # ── dispatch ──────────────────────────────────────────────────────────
+    async def _dispatch(self, body: bytes) -> None:
+        try:
+            req = p.decode_request(body)
+        except p.RequestError as exc:
+            self._send_error(exc.request_id, exc)
+            return
+        server = self.server
+        if server.draining:
+            self._send_error(req.id, Unavailable("nexusd is shutting down"))
+            return
+        kind = type(req)
+        try:
+            if kind is p.Append:
+                await self._append(req)  # type: ignore[arg-type]
+            elif kind is p.AppendMany:
+                await self._append_many(req)  # type: ignore[arg-type]
+            elif kind is p.Pop:
+                await self._submit(PopNewest(req.session_tag), req.id, _pop_reply)  # type: ignore[union-attr]
+            elif kind is p.Clear:
+                await self._submit(ClearSession(req.session_tag), req.id, _clear_reply)  # type: ignore[union-attr]
+            elif kind is p.ClearAll:
+                await self._submit(ClearAll(), req.id, _clear_all_reply)
+            elif kind is p.Ping:
+                self._send_reply(p.PingReply(id=req.id))
+            elif kind is p.Hello:
+                self._send_reply(server.hello(req.id))
+            elif kind is p.Stats:
+                self._send_reply(p.StatsReply(id=req.id, stats=server.stats()))
+            else:
+                assert self._tg is not None
+                self._tg.start_soon(self._read, req)
+        except NexusError as exc:
+            self._send_error(req.id, exc)
+
+    async def _submit(self, op: Any, request_id: int, build: Any) -> None:
+        done = functools.partial(self._write_done, request_id, build)
+        await self.server.writer.submit(op, done, timeout=self.server.config.enqueue_timeout)
+
+    def _write_done(self, request_id: int, build: Any, result: Any) -> None:
+        if isinstance(result, NexusError):
+            self._send_error(request_id, result)
+        else:
+            self._send_reply(build(request_id, result))
+
+    async def _append(self, req: p.Append) -> None:
+        self._check_content(req.content, "content")
+        meta = self._meta_json(req.meta, "meta")
+        row: NewRow = (req.role, req.content, req.timestamp, meta)
+        await self._submit(Insert(req.session_tag, [row]), req.id, _append_reply)
+
+    async def _append_many(self, req: p.AppendMany) -> None:
+        rows: list[NewRow] = []
+        for i, m in enumerate(req.messages):
+            self._check_content(m.content, f"messages[{i}].content")
+            rows.append((m.role, m.content, m.timestamp, self._meta_json(m.meta, f"messages[{i}].meta")))
+        await self._submit(Insert(req.session_tag, rows), req.id, _append_many_reply)
+
+    def _check_content(self, content: str, field: str) -> None:
+        # A code point is at most 4 bytes of UTF-8: skip the encode when it cannot matter.
+        if len(content) * 4 > self.max_content:
+            try:
+                size = len(content.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise BadRequest(f"{field} is not valid UTF-8", field=field) from None
+            if size > self.max_content:
+                raise BadRequest(
+                    f"{field} is {size} bytes of UTF-8; the limit is {self.max_content}",
+                    field=field,
+                )
+
+    @staticmethod
+    def _meta_json(meta: dict[str, Any] | None, field: str) -> str | None:
+        if meta is None:
+            return None
+        _check_json(meta, field, 0)
+        return _json_encode(meta).decode()
+
+    async def _read(self, req: Any) -> None:
+        try:
+            reply = await self._query(req)
+        except NexusError as exc:
+            self._send_error(req.id, exc)
+            return
+        except Exception:
+            logger.exception("read %s failed", type(req).__name__)
+            self._send_error(req.id, Internal("read failed; see the daemon's log"))
+            return
+        self._send_reply(reply)
+
+    async def _query(self, req: Any) -> Any:
+        readers = self.server.readers
+        if type(req) is p.History:
+            rows, cut = await readers.history(
+                req.session_tag,
+                req.limit,
+                before_id=req.before_id,
+                after_id=req.after_id,
+                budget=self.max_frame - _ENVELOPE,
+            )
+            msgs = [row_to_message(r) for r in rows]
+            return _fit_history(req, msgs, cut, self.max_frame - _ENVELOPE)
+        if type(req) is p.Count:
+            return p.CountReply(id=req.id, count=await readers.count(req.session_tag))
+        if type(req) is p.Sessions:
+            rows, more = await readers.sessions(after=req.after, limit=req.limit)
+            infos = [
+                p.SessionInfo(session_tag=t, count=n, first_id=f, last_id=la, last_timestamp=ts)
+                for t, n, f, la, ts in rows
+            ]
+            return p.SessionsReply(id=req.id, sessions=infos, truncated=more)
+        raise BadRequest(f"unsupported operation {type(req).__name__}", field="op")
+
+
+def _fit_history(req: p.History, msgs: list[p.Message], cut: bool, budget: int) -> p.HistoryReply:
+    """Guard the SQL size estimate: drop rows from the far edge until the reply fits."""
+    reply = p.HistoryReply(id=req.id, messages=msgs, truncated=cut)
+    if len(p.encoder.encode(reply)) <= budget:
+        return reply
+    # Keep the side the page starts from: the newest for back-paging, else the oldest.
+    keep_newest = req.after_id is None
+    ordered = list(reversed(msgs)) if keep_newest else list(msgs)
+    total, kept = 64, []
+    for m in ordered:
+        total += len(p.encoder.encode(m))
+        if total > budget:
+            break
+        kept.append(m)
+    if keep_newest:
+        kept.reverse()
+    return p.HistoryReply(id=req.id, messages=kept, truncated=True)
+
+
+def row_to_message(row: tuple[Any, ...]) -> p.Message:
+    meta = row[5]
+    return p.Message(
+        id=row[0],
+        role=row[1],
+        content=row[2],
+        timestamp=row[3],
+        session_tag=row[4],
+        meta=_json_decode(meta) if meta is not None else None,
+    )
+
+
+def _check_json(value: Any, field: str, depth: int) -> None:
+    """Accept only what JSON can hold: no bytes, extensions, or non-finite floats."""
+    if depth > _MAX_META_DEPTH:
+        raise BadRequest(f"{field} nests deeper than {_MAX_META_DEPTH}", field=field)
+    t = type(value)
+    if t is str or t is bool or t is int or value is None:
+        return
+    if t is float:
+        if not math.isfinite(value):
+            raise BadRequest(f"{field} holds a non-finite number", field=field)
+        return
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str:
+                raise BadRequest(f"{field} has a non-string key", field=field)
+            _check_json(v, f"{field}.{k}", depth + 1)
+        return
+    if t is list:
+        for i, v in enumerate(value):
+            _check_json(v, f"{field}[{i}]", depth + 1)
+        return
+    raise BadRequest(f"{field} holds a {t.__name__}, which JSON cannot represent", field=field)
+
+
+def _append_reply(rid: int, ids: list[int]) -> p.AppendReply:
+    return p.AppendReply(id=rid, message_id=ids[0])
+
+
+def _append_many_reply(rid: int, ids: list[int]) -> p.AppendManyReply:
+    return p.AppendManyReply(id=rid, message_ids=ids)
+
+
+def _pop_reply(rid: int, row: tuple[Any, ...] | None) -> p.PopReply:
+    return p.PopReply(id=rid, message=row_to_message(row) if row is not None else None)
+
+
+def _clear_reply(rid: int, n: int) -> p.ClearReply:
+    return p.ClearReply(id=rid, deleted=n)
+
+
+def _clear_all_reply(rid: int, n: int) -> p.ClearAllReply:
+    return p.ClearAllReply(id=rid, deleted=n)

@@ -1,0 +1,123 @@
+"""The one error hierarchy of nexusd.
+
+Every error a user can see is a :class:`NexusError`.  Subclasses that map to a
+wire error code carry it in ``code``; the server turns them into error replies
+and the clients turn error replies back into them, so the same exception type
+surfaces on both sides of the socket.  Backend exceptions (sqlite3, OSError,
+msgspec) are translated at the boundary and never leak to users.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "BadRequest",
+    "ConnectionLost",
+    "DaemonNotRunning",
+    "Forbidden",
+    "Internal",
+    "NexusError",
+    "NotFound",
+    "Overloaded",
+    "Timeout",
+    "TooLarge",
+    "Unavailable",
+    "error_for_code",
+]
+
+
+class NexusError(Exception):
+    """Base class of every nexusd error.  ``code`` is the stable wire code."""
+
+    code: str = "internal"
+
+    def __init__(self, message: str = "", *, field: str | None = None) -> None:
+        super().__init__(message or self.code)
+        self.message = message or self.code
+        #: The request field the error is about, when there is one.
+        self.field = field
+
+
+class BadRequest(NexusError):
+    """The request was malformed or violated a limit; the connection stays usable."""
+
+    code = "bad_request"
+
+
+class TooLarge(NexusError):
+    """A frame exceeded the frame limit; the server closes the connection."""
+
+    code = "too_large"
+
+
+class Overloaded(NexusError):
+    """The write queue stayed full past the deadline; retry after ``retry_after`` s."""
+
+    code = "overloaded"
+
+    def __init__(
+        self, message: str = "", *, field: str | None = None, retry_after: float = 0.1
+    ) -> None:
+        super().__init__(message, field=field)
+        self.retry_after = retry_after
+
+
+class Unavailable(NexusError):
+    """The daemon is shutting down or its storage is failing; retry elsewhere/later."""
+
+    code = "unavailable"
+
+
+class Forbidden(NexusError):
+    """The peer is not allowed to use this daemon or this operation."""
+
+    code = "forbidden"
+
+
+class NotFound(NexusError):
+    """The thing asked for does not exist."""
+
+    code = "not_found"
+
+
+class Internal(NexusError):
+    """An unexpected failure inside the daemon (logged there with a traceback)."""
+
+    code = "internal"
+
+
+class DaemonNotRunning(NexusError, ConnectionError):
+    """The client could not reach the daemon's socket (client side only)."""
+
+    code = "unreachable"
+
+
+class ConnectionLost(NexusError, ConnectionError):
+    """The connection dropped before the reply arrived (client side only)."""
+
+    code = "disconnected"
+
+
+class Timeout(NexusError, TimeoutError):
+    """No reply arrived within the client's timeout (client side only)."""
+
+    code = "timeout"
+
+
+_BY_CODE: dict[str, type[NexusError]] = {
+    cls.code: cls
+    for cls in (BadRequest, TooLarge, Overloaded, Unavailable, Forbidden, NotFound, Internal)
+}
+
+
+def error_for_code(
+    code: str, message: str, *, field: str | None = None, retry_after: float | None = None
+) -> NexusError:
+    """Build the exception for a wire error; unknown codes become a plain NexusError."""
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        err = NexusError(message, field=field)
+        err.code = code
+        return err
+    if cls is Overloaded:
+        return Overloaded(message, field=field, retry_after=retry_after or 0.1)
+    return cls(message, field=field)

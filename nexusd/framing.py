@@ -1,0 +1,68 @@
+"""Sans-IO framing: a 4-byte big-endian length, then that many bytes of body.
+
+:class:`FrameDecoder` does no I/O.  Feed it whatever bytes arrived and it
+returns every complete frame body in them; the server and all clients share it.
+The length is checked against the limit *before* anything is buffered, so a
+peer announcing a 4 GiB frame costs nothing but the error.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from .errors import TooLarge
+
+__all__ = ["HEADER", "FrameDecoder", "encode_frame"]
+
+HEADER: Final = struct.Struct(">I")
+_HSIZE: Final = HEADER.size
+
+
+def encode_frame(body: bytes) -> bytes:
+    """Prefix ``body`` with its length."""
+    return HEADER.pack(len(body)) + body
+
+
+class FrameDecoder:
+    """Incremental frame parser with a size limit.
+
+    After :class:`~nexusd.errors.TooLarge` the decoder is poisoned: the stream
+    is out of sync and the caller must close the connection.
+    """
+
+    __slots__ = ("_buf", "_failed", "max_frame")
+
+    def __init__(self, max_frame: int) -> None:
+        self.max_frame = max_frame
+        self._buf = bytearray()
+        self._failed = False
+
+    @property
+    def pending(self) -> int:
+        """Bytes of an incomplete frame waiting for the rest."""
+        return len(self._buf)
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """Add received bytes and return the bodies of all frames now complete."""
+        if self._failed:
+            raise TooLarge("stream is out of sync after an oversized frame")
+        buf = self._buf
+        buf += data
+        frames: list[bytes] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= _HSIZE:
+            (size,) = HEADER.unpack_from(buf, pos)
+            if size > self.max_frame:
+                self._failed = True
+                del buf[:]
+                raise TooLarge(f"frame of {size} bytes exceeds the limit of {self.max_frame}")
+            if end - pos - _HSIZE < size:
+                break
+            start = pos + _HSIZE
+            frames.append(bytes(buf[start : start + size]))
+            pos = start + size
+        if pos:
+            del buf[:pos]
+        return frames

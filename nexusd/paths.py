@@ -1,0 +1,47 @@
+"""Where nexusd keeps its database and socket by default.
+
+A leaf module shared by the daemon's configuration and the clients, so both
+resolve the same default socket and zero configuration works on one machine:
+systemd's directories first (``$STATE_DIRECTORY``, ``$RUNTIME_DIRECTORY``),
+then XDG, then a private directory under /tmp.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+__all__ = ["default_db_path", "default_socket_path", "resolve_socket_path"]
+
+
+def default_db_path(env: Mapping[str, str] | None = None) -> Path:
+    """``$STATE_DIRECTORY/nexus.db``, else ``$XDG_STATE_HOME/nexusd/nexus.db``."""
+    env = os.environ if env is None else env
+    if env.get("STATE_DIRECTORY"):
+        # systemd may pass several, colon-separated: the first is ours.
+        return Path(env["STATE_DIRECTORY"].split(":")[0]) / "nexus.db"
+    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "nexusd" / "nexus.db"
+
+
+def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
+    """``$RUNTIME_DIRECTORY``, else ``$XDG_RUNTIME_DIR``, else ``/tmp/nexusd-<uid>``."""
+    env = os.environ if env is None else env
+    if env.get("RUNTIME_DIRECTORY"):
+        return Path(env["RUNTIME_DIRECTORY"].split(":")[0]) / "nexusd.sock"
+    if env.get("XDG_RUNTIME_DIR"):
+        return Path(env["XDG_RUNTIME_DIR"]) / "nexusd.sock"
+    return Path(f"/tmp/nexusd-{os.getuid()}") / "nexusd.sock"
+
+
+def resolve_socket_path(
+    explicit: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Path:
+    """What clients connect to: the explicit path, else ``$NEXUSD_SOCKET``, else the default."""
+    env = os.environ if env is None else env
+    if explicit is not None:
+        return Path(explicit)
+    if env.get("NEXUSD_SOCKET"):
+        return Path(env["NEXUSD_SOCKET"])
+    return default_socket_path(env)

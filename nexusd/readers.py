@@ -1,0 +1,162 @@
+"""The reader pool: read-only aiosqlite connections answering queries.
+
+Reads never touch the writer's queue.  Each connection is opened ``mode=ro``
+with ``query_only`` on, and thanks to WAL a read runs concurrently with the
+writer's transaction; a read that starts after an append was acknowledged sees
+it.  Every query is a single ``execute_fetchall`` (one thread hop).
+
+History pages are bounded by bytes in SQL, with a running sum over the rows in
+query order, so a request for 10 000 rows of 1 MiB never materialises more than
+one frame's worth of rows in the daemon.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any, Final
+
+import aiosqlite
+import anyio
+from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+
+from .schema import reader_uri
+
+logger = logging.getLogger(__name__)
+
+Row = tuple[int, str, str, str, str, "str | None"]
+
+#: msgpack overhead per message map (keys, headers, the id) with room to spare.
+ROW_OVERHEAD: Final = 96
+
+_COLS: Final = "id, role, content, timestamp, session_tag, meta"
+# The running byte estimate of each row, in query order.  ``run - size`` is what
+# came before it: rows are kept while that is under the budget, which returns
+# one row past the budget as a sentinel that tells "cut" from "complete".
+_SIZED: Final = (
+    f"SELECT {_COLS}, "
+    f"SUM(length(CAST(content AS BLOB)) + length(CAST(role AS BLOB)) "
+    f"+ length(CAST(timestamp AS BLOB)) + length(CAST(session_tag AS BLOB)) "
+    f"+ coalesce(length(CAST(meta AS BLOB)), 0) + {ROW_OVERHEAD}) "
+    "OVER (ORDER BY id {order} ROWS UNBOUNDED PRECEDING) AS run, "
+    "length(CAST(content AS BLOB)) + length(CAST(role AS BLOB)) "
+    "+ length(CAST(timestamp AS BLOB)) + length(CAST(session_tag AS BLOB)) "
+    f"+ coalesce(length(CAST(meta AS BLOB)), 0) + {ROW_OVERHEAD} AS size "
+    "FROM nexus_messages WHERE session_tag = ? {where} ORDER BY id {order} LIMIT ?"
+)
+
+
+def _history_sql(*, before: bool, after: bool, newest_first: bool) -> str:
+    where = ""
+    if after:
+        where += " AND id > ?"
+    if before:
+        where += " AND id < ?"
+    order = "DESC" if newest_first else "ASC"
+    inner = _SIZED.format(where=where, order=order)
+    return f"SELECT {_COLS}, run FROM ({inner}) WHERE run - size < ?"
+
+
+class ReaderPool:
+    """A fixed set of read-only connections, lent out one query at a time."""
+
+    def __init__(self, db_path: Path, *, size: int = 4) -> None:
+        if size < 1:
+            raise ValueError("reader pool size must be >= 1")
+        self.db_path = db_path
+        self.size = size
+        self._conns: list[aiosqlite.Connection] = []
+        self._idle_send: MemoryObjectSendStream[aiosqlite.Connection]
+        self._idle_recv: MemoryObjectReceiveStream[aiosqlite.Connection]
+        self._idle_send, self._idle_recv = anyio.create_memory_object_stream[
+            aiosqlite.Connection
+        ](size)
+
+    async def open(self) -> None:
+        uri = reader_uri(self.db_path)
+        for _ in range(self.size):
+            conn = await aiosqlite.connect(uri, uri=True, check_same_thread=False)
+            await conn.execute("PRAGMA query_only = 1")
+            await conn.execute("PRAGMA busy_timeout = 5000")
+            self._conns.append(conn)
+            self._idle_send.send_nowait(conn)
+
+    async def aclose(self) -> None:
+        conns, self._conns = self._conns, []
+        with anyio.CancelScope(shield=True):
+            for conn in conns:
+                await conn.close()
+
+    @asynccontextmanager
+    async def _lend(self) -> AsyncIterator[aiosqlite.Connection]:
+        conn = await self._idle_recv.receive()
+        try:
+            yield conn
+        finally:
+            self._idle_send.send_nowait(conn)
+
+    async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+        async with self._lend() as conn:
+            return list(await conn.execute_fetchall(sql, params))
+
+    # ── queries ───────────────────────────────────────────────────────────
+    async def history(
+        self,
+        tag: str,
+        limit: int,
+        *,
+        before_id: int | None,
+        after_id: int | None,
+        budget: int,
+    ) -> tuple[list[Row], bool]:
+        """Rows oldest-first, and whether the byte budget cut the page short.
+
+        No cursor, or only ``before_id``: the newest ``limit`` rows (older than
+        ``before_id``).  ``after_id`` (with or without ``before_id``): the
+        oldest ``limit`` rows newer than it.  A cut keeps the rows nearest the
+        side the page starts from, so the caller pages on from the edge.
+        """
+        newest_first = after_id is None
+        sql = _history_sql(
+            before=before_id is not None, after=after_id is not None, newest_first=newest_first
+        )
+        params: list[Any] = [tag]
+        if after_id is not None:
+            params.append(after_id)
+        if before_id is not None:
+            params.append(before_id)
+        params += [limit, budget]
+        rows = await self.fetch(sql, tuple(params))
+        truncated = bool(rows) and rows[-1][6] > budget
+        if truncated:
+            rows.pop()
+        out: list[Row] = [tuple(r[:6]) for r in rows]  # type: ignore[misc]
+        if newest_first:
+            out.reverse()
+        return out, truncated
+
+    async def count(self, tag: str) -> int:
+        rows = await self.fetch(
+            "SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ?", (tag,)
+        )
+        return int(rows[0][0])
+
+    async def sessions(
+        self, *, after: str | None, limit: int
+    ) -> tuple[list[tuple[str, int, int, int, str]], bool]:
+        """Per tag: (tag, count, first id, last id, last timestamp), by tag; more follow?"""
+        where = "WHERE session_tag > ?" if after is not None else ""
+        params: tuple[Any, ...] = (after, limit + 1) if after is not None else (limit + 1,)
+        rows = await self.fetch(
+            "SELECT s.session_tag, s.n, s.first, s.last, m.timestamp FROM ("
+            "  SELECT session_tag, COUNT(*) AS n, MIN(id) AS first, MAX(id) AS last"
+            f"  FROM nexus_messages {where} GROUP BY session_tag"
+            "  ORDER BY session_tag LIMIT ?"
+            ") AS s JOIN nexus_messages AS m ON m.id = s.last ORDER BY s.session_tag",
+            params,
+        )
+        more = len(rows) > limit
+        return [tuple(r) for r in rows[:limit]], more  # type: ignore[misc]

@@ -1,0 +1,155 @@
+"""The storage contract: the v1 table, numbered migrations and connection set-up.
+
+The table ``nexus_messages`` is exactly what the v1 store created, so a v1
+``nexus.db`` opens in place.  Everything nexusd adds comes through numbered
+migrations recorded in ``PRAGMA user_version``; none rewrites the table.  This
+module is synchronous on purpose: it runs inside the writer's thread at start-up
+and in tools (``nexusd check``) that need no event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+from typing import Final
+
+from .errors import NexusError
+
+logger = logging.getLogger(__name__)
+
+TABLE: Final = "nexus_messages"
+
+# Migration 1 is the v1 store's DDL verbatim: on a v1 database it is a no-op.
+_V1_DDL: Final = """\
+CREATE TABLE IF NOT EXISTS nexus_messages (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    role        TEXT    NOT NULL,
+    content     TEXT    NOT NULL,
+    timestamp   TEXT    NOT NULL,
+    session_tag TEXT    NOT NULL DEFAULT 'nexus'
+);
+CREATE INDEX IF NOT EXISTS idx_nexus_session ON nexus_messages(session_tag);
+CREATE INDEX IF NOT EXISTS idx_nexus_ts ON nexus_messages(timestamp);
+"""
+
+# Migration 2: per-message metadata, and the index every query of the daemon
+# uses.  (session_tag, id) makes idx_nexus_session redundant, and nothing reads
+# by timestamp; dropping both saves two index updates per insert.  v1, if ever
+# run again on this file, recreates them with IF NOT EXISTS.
+_V2_DDL: Final = """\
+ALTER TABLE nexus_messages ADD COLUMN meta TEXT;
+CREATE INDEX IF NOT EXISTS idx_nexus_session_id ON nexus_messages(session_tag, id);
+DROP INDEX IF EXISTS idx_nexus_session;
+DROP INDEX IF EXISTS idx_nexus_ts;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1_DDL, _V2_DDL)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+
+class StorageError(NexusError):
+    """The database cannot be used (not SQLite, corrupt, too new, unwritable)."""
+
+    code = "unavailable"
+
+
+def migrate(conn: sqlite3.Connection) -> int:
+    """Bring the schema up to :data:`SCHEMA_VERSION`; return the version found.
+
+    Each migration runs in its own transaction together with the bump of
+    ``user_version``, so a crash mid-way leaves a consistent, resumable state.
+    """
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found > SCHEMA_VERSION:
+        raise StorageError(
+            f"database schema version {found} is newer than this nexusd supports "
+            f"({SCHEMA_VERSION}); upgrade nexusd"
+        )
+    if found == 0 and _has_meta_column(conn):
+        # Defensive: a table with meta but no version is a v2 table whose
+        # version bump was lost; never ALTER it twice.
+        found = 2
+    for number in range(found + 1, SCHEMA_VERSION + 1):
+        script = MIGRATIONS[number - 1]
+        logger.info("applying schema migration %d", number)
+        statements = [s.strip() for s in script.split(";") if s.strip()]
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            for stmt in statements:
+                conn.execute(stmt)
+            conn.execute(f"PRAGMA user_version = {number}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+    return found
+
+
+def _has_meta_column(conn: sqlite3.Connection) -> bool:
+    cols = conn.execute(f"PRAGMA table_info({TABLE})").fetchall()
+    return any(row[1] == "meta" for row in cols)
+
+
+def open_writer(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
+    """Open (creating if needed) the read-write connection and migrate it.
+
+    Raises :class:`StorageError` with a clear message when the file is not a
+    usable SQLite database; in that case the file is not modified.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _refuse_non_sqlite(path)
+    try:
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
+        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    except sqlite3.Error as exc:
+        raise StorageError(f"cannot open database {path}: {exc}") from exc
+    try:
+        _check_quick(conn, path)
+        conn.execute("PRAGMA journal_mode=WAL")
+        conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        conn.execute("PRAGMA busy_timeout=5000")
+        migrate(conn)
+    except sqlite3.Error as exc:
+        conn.close()
+        raise StorageError(f"cannot use database {path}: {exc}") from exc
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _refuse_non_sqlite(path: Path) -> None:
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb") as fh:
+        magic = fh.read(16)
+    if magic != b"SQLite format 3\x00":
+        raise StorageError(f"{path} is not an SQLite database; refusing to touch it")
+
+
+def _check_quick(conn: sqlite3.Connection, path: Path) -> None:
+    rows = conn.execute("PRAGMA quick_check").fetchall()
+    if [tuple(r) for r in rows] != [("ok",)]:
+        detail = "; ".join(str(r[0]) for r in rows[:5])
+        raise StorageError(f"{path} fails quick_check ({detail}); run `nexusd check`")
+
+
+def reader_uri(path: Path) -> str:
+    """URI for a read-only connection to ``path`` (``mode=ro``)."""
+    return path.resolve().as_uri() + "?mode=ro"
+
+
+def integrity_check(path: Path) -> list[str]:
+    """Run ``PRAGMA integrity_check`` read-only; return its lines (``["ok"]`` when sound)."""
+    _refuse_non_sqlite(path)
+    conn = sqlite3.connect(reader_uri(path), uri=True)
+    try:
+        return [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
+    finally:
+        conn.close()
+
+
+#: Signature of the statements the writer runs inside one transaction.
+BatchFn = Callable[[sqlite3.Connection], object]
