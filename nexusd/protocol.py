@@ -13,6 +13,7 @@ version of this file.
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Final, Union
 
 import msgspec
@@ -228,6 +229,9 @@ def decode_request(body: bytes) -> Request:
         raise _bad_request(str(exc), _salvage_id(body)) from None
     except msgspec.DecodeError as exc:
         raise _bad_request(f"body does not decode: {exc}", None) from None
+    except (ValueError, RecursionError, MemoryError) as exc:
+        # e.g. invalid UTF-8 (lone surrogates) in a string, absurd nesting.
+        raise _bad_request(f"body does not decode: {exc}", _salvage_id(body)) from None
 
 
 class RequestError(BadRequest):
@@ -238,11 +242,16 @@ class RequestError(BadRequest):
         self.request_id = request_id
 
 
+_PATH: Final = re.compile(r"`\$\.([^`]*)`")
+
+
 def _bad_request(message: str, request_id: int | None) -> RequestError:
     # msgspec says "... - at `$.role`": lift the path out so clients can use it.
-    field = None
-    if "- at `$." in message:
-        field = message.rsplit("- at `$.", 1)[1].rstrip("`")
+    paths = _PATH.findall(message)
+    field = paths[-1] if paths else None
+    if "missing required field `" in message:
+        name = message.split("missing required field `", 1)[1].split("`", 1)[0]
+        field = f"{field}.{name}" if field else name
     return RequestError(message, request_id, field)
 
 
@@ -250,7 +259,7 @@ def _salvage_id(body: bytes) -> int | None:
     """Best effort: the ``id`` of a body that decodes but fails validation."""
     try:
         raw = _loose_decoder.decode(body)
-    except (msgspec.DecodeError, RecursionError):
+    except (msgspec.DecodeError, ValueError, RecursionError, MemoryError):
         return None
     if isinstance(raw, dict):
         rid = raw.get("id")

@@ -1,0 +1,177 @@
+"""Shared fixtures: short socket paths, a real daemon subprocess, an in-process server.
+
+AF_UNIX paths are limited to 108 bytes, so sockets live in a short directory
+under /tmp rather than pytest's deep tmp_path.  Readiness is polled with a
+deadline (never a bare sleep).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from nexusd.config import Config
+from nexusd.server import Server
+
+SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "nexus_store_v1.py"
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    d = Path(tempfile.mkdtemp(prefix="nx", dir="/tmp"))
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None, deadline: float = 15.0) -> None:
+    """Poll until ``path`` accepts a connection (or the process died, or time ran out)."""
+    end = time.monotonic() + deadline
+    while time.monotonic() < end:
+        if proc is not None and proc.poll() is not None:
+            out = proc.stderr.read().decode() if proc.stderr else ""
+            raise RuntimeError(f"daemon exited with {proc.returncode}: {out}")
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            s.connect(str(path))
+            return
+        except OSError:
+            time.sleep(0.02)  # poll interval of a deadline loop, not a wait-for-it sleep
+        finally:
+            s.close()
+    raise TimeoutError(f"{path} did not accept connections within {deadline}s")
+
+
+@dataclass
+class Daemon:
+    """A real ``nexusd serve`` subprocess."""
+
+    dir: Path
+    db: Path
+    socket: Path
+    args: list[str] = field(default_factory=list)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> Daemon:
+        cmd = [sys.executable, "-m", "nexusd", "serve", "--db", str(self.db),
+               "--socket", str(self.socket), *self.args, *extra]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or dict(os.environ)
+        )
+        wait_for_socket(self.socket, self.proc)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            rc = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            rc = self.proc.wait()
+        if self.proc.stderr:
+            self.log = self.proc.stderr.read().decode()
+        return rc
+
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return run_cli(*args, "--socket", str(self.socket), input=input)
+
+
+def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "nexusd", *args],
+        input=input, capture_output=True, text=True, timeout=60, env=env,
+    )
+
+
+def _new_daemon(base: Path, *args: str) -> Daemon:
+    return Daemon(dir=base, db=base / "nexus.db", socket=base / "s.sock", args=list(args))
+
+
+@pytest.fixture
+def daemon(short_dir: Path) -> Iterator[Daemon]:
+    """A fresh daemon per test (default settings)."""
+    d = _new_daemon(short_dir).start()
+    try:
+        yield d
+    finally:
+        d.stop()
+
+
+@pytest.fixture(scope="module")
+def shared_daemon() -> Iterator[Daemon]:
+    """One daemon for a whole module; tests use their own session tags."""
+    base = Path(tempfile.mkdtemp(prefix="nxm", dir="/tmp"))
+    d = _new_daemon(base).start()
+    try:
+        yield d
+    finally:
+        d.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def tag(request: pytest.FixtureRequest) -> str:
+    """A session tag unique to the test (and its backend parameter)."""
+    return request.node.name[:200]
+
+
+# ── in-process server (asyncio only: aiosqlite is asyncio-bound) ──────────────
+def make_config(base: Path, **overrides: Any) -> Config:
+    cfg = Config(db=base / "nexus.db", socket=base / "s.sock", uvloop=False)
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg.validate()
+
+
+@asynccontextmanager
+async def running_server(cfg: Config) -> AsyncIterator[Server]:
+    server = Server(cfg)
+    async with anyio.create_task_group() as tg:
+        await tg.start(lambda task_status: server.serve(task_status=task_status))
+        try:
+            yield server
+        finally:
+            server.request_shutdown()
+
+
+def make_v1_db(path: Path, rows: list[tuple[str, str, str, str]]) -> None:
+    """A database exactly as the v1 store writes it: its DDL, WAL, its rows."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.executescript(
+        """CREATE TABLE IF NOT EXISTS nexus_messages (
+    id          INTEGER PRIMARY KEY AUTOINCREMENT,
+    role        TEXT    NOT NULL,
+    content     TEXT    NOT NULL,
+    timestamp   TEXT    NOT NULL,
+    session_tag TEXT    NOT NULL DEFAULT 'nexus'
+);
+CREATE INDEX IF NOT EXISTS idx_nexus_session ON nexus_messages(session_tag);
+CREATE INDEX IF NOT EXISTS idx_nexus_ts ON nexus_messages(timestamp);
+"""
+    )
+    conn.executemany(
+        "INSERT INTO nexus_messages (role, content, timestamp, session_tag) VALUES (?, ?, ?, ?)",
+        rows,
+    )
+    conn.commit()
+    conn.close()

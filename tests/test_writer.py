@@ -1,0 +1,229 @@
+"""The writer actor in-process, on a real SQLite file (asyncio only)."""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+import anyio
+import pytest
+
+from nexusd.errors import NexusError, Overloaded, Unavailable
+from nexusd.writer import ClearAll, ClearSession, Insert, PopNewest, Writer
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+class Running:
+    def __init__(self, writer: Writer) -> None:
+        self.w = writer
+
+    async def append(self, tag: str, content: str, **kw: Any) -> int:
+        ids: list[int] = await self.w.call(Insert(tag, [("user", content, kw.get("ts"), None)]))
+        return ids[0]
+
+
+
+
+def _db_rows(db: Path, tag: str) -> list[tuple[int, str]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(
+            "SELECT id, content FROM nexus_messages WHERE session_tag = ? ORDER BY id", (tag,)
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+class WriterHarness:
+    """Open a writer, run its loop in a task group, close and checkpoint on exit."""
+
+    def __init__(self, db: Path, **kw: Any) -> None:
+        self.writer = Writer(db, **kw)
+
+    async def __aenter__(self) -> Writer:
+        await self.writer.open()
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._tg.start_soon(self.writer.run)
+        return self.writer
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.writer.close()
+        await self._tg.__aexit__(None, None, None)
+        await self.writer.aclose()
+
+
+async def test_concurrent_appends_are_batched_into_few_transactions(tmp_path: Path) -> None:
+    async with WriterHarness(tmp_path / "n.db", max_messages=0) as w:
+        ids: list[int] = []
+
+        async def one(i: int) -> None:
+            ids.extend(await w.call(Insert("t", [("user", f"m{i}", None, None)])))
+
+        async with anyio.create_task_group() as tg:
+            for i in range(500):
+                tg.start_soon(one, i)
+        assert len(ids) == 500 and len(set(ids)) == 500
+        assert w.stats.ops == 500
+        # Group commit: far fewer transactions than appends.
+        assert w.stats.batches < 100, w.stats.batches
+    assert len(_db_rows(tmp_path / "n.db", "t")) == 500
+
+
+async def test_jobs_from_one_task_commit_in_submission_order(tmp_path: Path) -> None:
+    async with WriterHarness(tmp_path / "n.db", max_messages=0) as w:
+        results: dict[int, list[int]] = {}
+
+        def keep(i: int) -> Any:
+            return lambda r: results.__setitem__(i, r)
+
+        for i in range(300):
+            await w.submit(Insert("t", [("user", str(i), None, None)]), keep(i))
+        await w.call(Insert("t", [("user", "last", None, None)]))
+        ids = [results[i][0] for i in range(300)]
+        assert ids == sorted(ids)
+    assert [c for _, c in _db_rows(tmp_path / "n.db", "t")][:300] == [str(i) for i in range(300)]
+
+
+async def test_pruning_keeps_exactly_the_newest_n(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=5) as w:
+        r = Running(w)
+        for i in range(12):
+            await r.append("a", f"a{i}")
+        await w.call(Insert("b", [("user", f"b{i}", None, None) for i in range(9)]))
+        await r.append("c", "c0")
+        assert w.stats.pruned == 7 + 4
+    assert [c for _, c in _db_rows(db, "a")] == [f"a{i}" for i in range(7, 12)]
+    assert [c for _, c in _db_rows(db, "b")] == [f"b{i}" for i in range(4, 9)]
+    assert [c for _, c in _db_rows(db, "c")] == ["c0"]
+
+
+async def test_pruning_counts_survive_restart_and_external_rows(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=3) as w:
+        for i in range(3):
+            await Running(w).append("s", f"x{i}")
+    # A new writer must count what is already there, not start from zero.
+    async with WriterHarness(db, max_messages=3) as w:
+        await Running(w).append("s", "x3")
+    assert [c for _, c in _db_rows(db, "s")] == ["x1", "x2", "x3"]
+
+
+async def test_counts_stay_right_after_pop_and_clear(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=3) as w:
+        r = Running(w)
+        for i in range(3):
+            await r.append("s", f"x{i}")
+        popped = await w.call(PopNewest("s"))
+        assert popped[2] == "x2"
+        await r.append("s", "y")  # 3 rows again: nothing pruned
+        assert [c for _, c in _db_rows(db, "s")] == ["x0", "x1", "y"]
+        assert await w.call(ClearSession("s")) == 3
+        for i in range(3):
+            await r.append("s", f"z{i}")
+        assert [c for _, c in _db_rows(db, "s")] == ["z0", "z1", "z2"]
+        await r.append("other", "o")
+        assert await w.call(ClearAll()) == 4
+        await r.append("s", "after")
+        assert await w.call(PopNewest("empty")) is None
+    assert [c for _, c in _db_rows(db, "s")] == ["after"]
+
+
+async def test_unbounded_when_max_messages_is_zero(tmp_path: Path) -> None:
+    async with WriterHarness(tmp_path / "n.db", max_messages=0) as w:
+        await w.call(Insert("s", [("u", str(i), None, None) for i in range(700)]))
+        assert w.stats.pruned == 0
+    assert len(_db_rows(tmp_path / "n.db", "s")) == 700
+
+
+async def test_insert_many_gets_consecutive_ids_and_one_timestamp(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    async with WriterHarness(db) as w:
+        ids = await w.call(Insert("s", [("u", str(i), None, None) for i in range(10)]))
+        assert ids == list(range(ids[0], ids[0] + 10))
+        given = await w.call(Insert("s", [("u", "mine", "yesterday", None)]))
+    conn = sqlite3.connect(db)
+    stamps = [r[0] for r in conn.execute("SELECT timestamp FROM nexus_messages ORDER BY id")]
+    conn.close()
+    assert len(set(stamps[:10])) == 1
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{6}Z", stamps[0])
+    assert stamps[10] == "yesterday" and given == [ids[-1] + 1]
+
+
+async def test_timestamps_are_non_decreasing(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    async with WriterHarness(db) as w:
+        for i in range(50):
+            await Running(w).append("s", str(i))
+    conn = sqlite3.connect(db)
+    stamps = [r[0] for r in conn.execute("SELECT timestamp FROM nexus_messages ORDER BY id")]
+    conn.close()
+    assert stamps == sorted(stamps)
+
+
+async def test_storage_fault_fails_the_whole_batch_and_the_writer_recovers(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=0) as w:
+        r = Running(w)
+        kept = [await r.append("s", f"ok{i}") for i in range(5)]
+        conn = w._conn
+        assert conn is not None
+        pages = conn.execute("PRAGMA page_count").fetchone()[0]
+        conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is now "full"
+        big = "x" * 50_000
+        errors: list[BaseException] = []
+
+        async def fail(i: int) -> None:
+            try:
+                await w.call(Insert("s", [("u", big, None, None), ("u", big, None, None)]))
+            except NexusError as exc:
+                errors.append(exc)
+
+        async with anyio.create_task_group() as tg:
+            for i in range(8):
+                tg.start_soon(fail, i)
+        assert len(errors) == 8
+        assert all(isinstance(e, Unavailable) for e in errors)
+        assert "nothing was written" in str(errors[0])
+        conn.execute("PRAGMA max_page_count = 1073741823")  # the fault clears
+        after = await r.append("s", "after")
+    rows = _db_rows(db, "s")
+    assert [i for i, _ in rows] == [*kept, after]
+    assert not any(c == big for _, c in rows)
+
+
+async def test_closed_writer_refuses_new_jobs(tmp_path: Path) -> None:
+    async with WriterHarness(tmp_path / "n.db") as w:
+        await Running(w).append("s", "x")
+        w.close()
+        with pytest.raises(Unavailable):
+            await Running(w).append("s", "y")
+
+
+async def test_full_queue_makes_producers_wait_then_overloaded(tmp_path: Path) -> None:
+    async with WriterHarness(tmp_path / "n.db", queue_size=2, batch_max=1, commit_delay=0.2) as w:
+        outcomes: list[str] = []
+
+        async def produce(i: int) -> None:
+            try:
+                await w.submit(Insert("s", [("u", str(i), None, None)]), lambda r: None, timeout=0.05)
+                outcomes.append("queued")
+            except Overloaded as exc:
+                assert exc.retry_after > 0
+                outcomes.append("overloaded")
+
+        async with anyio.create_task_group() as tg:
+            for i in range(10):
+                tg.start_soon(produce, i)
+        assert "overloaded" in outcomes
+        assert outcomes.count("queued") <= 4
