@@ -248,9 +248,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.func is None:
         return cmd_serve(args)
+    # Connects lazily, on the first call: usage errors come out before any I/O.
+    client = Client(args.socket, timeout=args.timeout)
     try:
-        with Client(args.socket, timeout=args.timeout) as client:
-            args.func(args, client)
+        args.func(args, client)
     except (DaemonNotRunning, ConnectionLost, Timeout) as exc:
         print(f"nexusd: {exc.message}", file=sys.stderr)
         return EXIT_UNREACHABLE
@@ -260,6 +261,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except BrokenPipeError:
         # stdout closed early (e.g. piped into head): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    finally:
+        client.close()
     return EXIT_OK
 
 

@@ -1,0 +1,127 @@
+"""Both Python clients against a real daemon subprocess; the async one on asyncio and trio."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import anyio
+import pytest
+
+from nexusd import AsyncClient, BadRequest, Client, DaemonNotRunning, Message, NexusError
+from nexusd.protocol import SessionInfo
+from tests.conftest import Daemon, _new_daemon
+
+pytestmark = pytest.mark.anyio
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return request.param  # type: ignore[no-any-return]
+
+
+async def test_async_client_every_operation(shared_daemon: Daemon, tag: str) -> None:
+    async with AsyncClient(shared_daemon.socket) as c:
+        await c.ping()
+        hello = await c.hello()
+        assert hello.version == 1 and hello.limits["max_content"] == 1024 * 1024
+        a = await c.append("user", "hello", session_tag=tag, meta={"model": "x", "n": [1, 2]})
+        b = await c.append("assistant", "hi", session_tag=tag, timestamp="custom")
+        assert b > a
+        ids = await c.append_many([("user", "m1"), {"role": "tool", "content": "m2", "meta": {"ok": True}}], session_tag=tag)
+        assert ids == [b + 1, b + 2]
+        hist = await c.get_history(tag)
+        assert [m.content for m in hist] == ["hello", "hi", "m1", "m2"]
+        assert isinstance(hist[0], Message) and hist[0].meta == {"model": "x", "n": [1, 2]}
+        assert hist[1].timestamp == "custom" and hist[0].session_tag == tag
+        assert [m.id for m in await c.get_history(tag, 2, before_id=ids[0])] == [a, b]
+        assert [m.id for m in await c.get_history(tag, 1, after_id=a)] == [b]
+        assert await c.message_count(tag) == 4
+        infos = {s.session_tag: s for s in await c.sessions()}
+        assert isinstance(infos[tag], SessionInfo)
+        assert (infos[tag].count, infos[tag].first_id, infos[tag].last_id) == (4, a, ids[1])
+        popped = await c.pop(tag)
+        assert popped is not None and popped.content == "m2" and popped.meta == {"ok": True}
+        assert await c.clear(tag) == 3
+        assert await c.pop(tag) is None
+        st = await c.stats()
+        assert st["rows_committed"] >= 4 and "commit_latency_p99_ms" in st
+
+
+async def test_async_client_errors_raise_typed_exceptions(shared_daemon: Daemon, tag: str) -> None:
+    async with AsyncClient(shared_daemon.socket) as c:
+        with pytest.raises(BadRequest) as info:
+            await c.append("", "x", session_tag=tag)
+        assert info.value.code == "bad_request" and info.value.field == "role"
+        with pytest.raises(BadRequest):
+            await c.get_history(tag, limit=0)
+        assert await c.append("user", "still fine", session_tag=tag) > 0
+
+
+async def test_many_tasks_share_one_async_client(shared_daemon: Daemon, tag: str) -> None:
+    async with AsyncClient(shared_daemon.socket) as c:
+        ids: list[int] = []
+
+        async def worker(w: int) -> None:
+            for i in range(10):
+                ids.append(await c.append("user", f"{w}:{i}", session_tag=tag))
+
+        async with anyio.create_task_group() as tg:
+            for w in range(40):
+                tg.start_soon(worker, w)
+        assert len(set(ids)) == 400
+        assert await c.message_count(tag) == 400
+
+
+async def test_64_clients_x_200_appends_lose_nothing(shared_daemon: Daemon, tag: str, anyio_backend: str) -> None:
+    per, clients = 200, 64
+    sent: dict[int, str] = {}
+
+    async def client(n: int) -> None:
+        async with AsyncClient(shared_daemon.socket) as c:
+            for i in range(per):
+                content = f"{n}-{i}"
+                sent[await c.append("user", content, session_tag=f"{tag}-{n}")] = content
+
+    async with anyio.create_task_group() as tg:
+        for n in range(clients):
+            tg.start_soon(client, n)
+    assert len(sent) == per * clients  # unique ids for all
+    async with AsyncClient(shared_daemon.socket) as c:
+        for n in range(clients):
+            hist = await c.get_history(f"{tag}-{n}", limit=per)
+            assert [m.content for m in hist] == [f"{n}-{i}" for i in range(per)]
+            assert all(sent[m.id] == m.content for m in hist)
+
+
+async def test_unreachable_daemon_says_how_to_start_it(short_dir: Path) -> None:
+    with pytest.raises(DaemonNotRunning) as info:
+        async with AsyncClient(short_dir / "nobody.sock"):
+            pass
+    assert "nexusd serve" in str(info.value)
+    assert isinstance(info.value, ConnectionError)
+
+
+async def test_history_pages_on_when_the_server_cuts_a_reply(short_dir: Path) -> None:
+    d = _new_daemon(short_dir, "--max-frame", "65536", "--max-content", "40000", "--max-messages", "0").start()
+    try:
+        async with AsyncClient(d.socket) as c:
+            ids = [await c.append("u", str(i) * 30_000) for i in range(7)]
+            got = await c.get_history(limit=6)
+            assert [m.id for m in got] == ids[1:]
+            fwd = await c.get_history(limit=5, after_id=ids[0])
+            assert [m.id for m in fwd] == ids[1:6]
+        with Client(d.socket) as sc:
+            assert [m.id for m in sc.get_history(limit=7)] == ids
+    finally:
+        d.stop()
+
+
+async def test_server_gone_mid_session_raises_connection_lost(short_dir: Path) -> None:
+    d = _new_daemon(short_dir).start()
+    async with AsyncClient(d.socket) as c:
+        await c.ping()
+        assert d.stop() == 0
+        with pytest.raises(NexusError) as info:
+            await c.ping()
+        assert isinstance(info.value, ConnectionError)

@@ -1,0 +1,73 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from nexusd.config import Config, ConfigError, load_config
+from nexusd.paths import default_db_path, default_socket_path, resolve_socket_path
+
+
+def test_defaults_follow_systemd_then_xdg_then_tmp() -> None:
+    assert default_db_path({"STATE_DIRECTORY": "/var/lib/nexusd"}) == Path("/var/lib/nexusd/nexus.db")
+    assert default_db_path({"XDG_STATE_HOME": "/x/state"}) == Path("/x/state/nexusd/nexus.db")
+    assert default_db_path({}).parts[-4:] == (".local", "state", "nexusd", "nexus.db")
+    assert default_socket_path({"RUNTIME_DIRECTORY": "/run/nexusd"}) == Path("/run/nexusd/nexusd.sock")
+    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/7"}) == Path("/run/user/7/nexusd.sock")
+    import os
+
+    assert default_socket_path({}) == Path(f"/tmp/nexusd-{os.getuid()}/nexusd.sock")
+
+
+def test_clients_resolve_the_same_default_as_the_daemon() -> None:
+    env = {"XDG_RUNTIME_DIR": "/run/user/7"}
+    assert resolve_socket_path(None, env) == load_config(env=env).socket
+    assert resolve_socket_path(None, {"NEXUSD_SOCKET": "/s"}) == Path("/s")
+    assert resolve_socket_path("/explicit", {"NEXUSD_SOCKET": "/s"}) == Path("/explicit")
+
+
+def test_flags_beat_env_beat_file_beat_defaults(tmp_path: Path) -> None:
+    f = tmp_path / "nexusd.toml"
+    f.write_text('db = "/file.db"\nsocket = "/file.sock"\nmax_messages = 7\nsynchronous = "normal"\n')
+    cfg = load_config(file=f, env={})
+    assert (cfg.db, cfg.socket, cfg.max_messages, cfg.synchronous) == (
+        Path("/file.db"), Path("/file.sock"), 7, "normal")
+    cfg = load_config(file=f, env={"NEXUSD_DB": "/env.db"})
+    assert cfg.db == Path("/env.db") and cfg.socket == Path("/file.sock")
+    cfg = load_config(file=f, env={"NEXUSD_DB": "/env.db"}, flags={"db": "/flag.db", "max_messages": None})
+    assert cfg.db == Path("/flag.db") and cfg.max_messages == 7
+    assert load_config(env={}).max_messages == 500
+
+
+def test_file_may_use_a_nexusd_table_and_dashes(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('[nexusd]\nmax-messages = 0\nsocket_mode = "0660"\n')
+    cfg = load_config(file=f, env={})
+    assert cfg.max_messages == 0 and cfg.socket_mode == 0o660
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("max_messages = -1", "max_messages"),
+        ('synchronous = "sometimes"', "synchronous"),
+        ("no_such_key = 1", "unknown setting"),
+        ("max_messages = 'many'", "max_messages"),
+        ("this is = not toml =", "not valid TOML"),
+        ("max_content = 999999999", "max_content"),
+    ],
+)
+def test_bad_settings_are_start_up_errors(tmp_path: Path, text: str, match: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(file=f, env={})
+
+
+def test_missing_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(file=tmp_path / "nope.toml", env={})
+
+
+def test_validate_defaults() -> None:
+    assert Config().validate().max_frame == 4 * 1024 * 1024
