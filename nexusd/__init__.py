@@ -9,8 +9,8 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .client import AsyncClient, Client  # noqa: E402
-from .errors import (  # noqa: E402
+from .client import AsyncClient, Client
+from .errors import (
     BadRequest,
     ConnectionLost,
     DaemonNotRunning,
@@ -22,7 +22,7 @@ from .errors import (  # noqa: E402
     TooLarge,
     Unavailable,
 )
-from .protocol import Message, SessionInfo  # noqa: E402
+from .protocol import Message, SessionInfo
 
 __all__ = [
     "AsyncClient",

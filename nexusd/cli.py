@@ -129,7 +129,9 @@ def cmd_append(args: argparse.Namespace, c: Client) -> None:
             _usage(f"--meta is not valid JSON: {exc}")
         if not isinstance(meta, dict):
             _usage("--meta must be a JSON object")
-    mid = c.append(args.role, content, session_tag=args.session, timestamp=args.timestamp, meta=meta)
+    mid = c.append(
+        args.role, content, session_tag=args.session, timestamp=args.timestamp, meta=meta
+    )
     _out(args, {"id": mid}, str(mid))
 
 
@@ -137,7 +139,11 @@ def cmd_history(args: argparse.Namespace, c: Client) -> None:
     msgs = c.get_history(args.session, args.limit, before_id=args.before, after_id=args.after)
     width = 0 if args.full else 80
     rows = [(m.id, m.timestamp, m.role, _one_line(m.content, width)) for m in msgs]
-    _out(args, msgs, _table(["ID", "TIMESTAMP", "ROLE", "CONTENT"], rows) if msgs else "(no messages)")
+    _out(
+        args,
+        msgs,
+        _table(["ID", "TIMESTAMP", "ROLE", "CONTENT"], rows) if msgs else "(no messages)",
+    )
 
 
 def cmd_count(args: argparse.Namespace, c: Client) -> None:
@@ -148,14 +154,23 @@ def cmd_count(args: argparse.Namespace, c: Client) -> None:
 def cmd_sessions(args: argparse.Namespace, c: Client) -> None:
     infos = c.sessions()
     rows = [(s.session_tag, s.count, s.first_id, s.last_id, s.last_timestamp) for s in infos]
-    human = _table(["SESSION", "COUNT", "FIRST", "LAST", "LAST TIMESTAMP"], rows) if infos else "(no sessions)"
+    human = (
+        _table(["SESSION", "COUNT", "FIRST", "LAST", "LAST TIMESTAMP"], rows)
+        if infos
+        else "(no sessions)"
+    )
     _out(args, infos, human)
 
 
 def cmd_pop(args: argparse.Namespace, c: Client) -> None:
     m = c.pop(args.session)
-    human = "(empty)" if m is None else _table(
-        ["ID", "TIMESTAMP", "ROLE", "CONTENT"], [(m.id, m.timestamp, m.role, _one_line(m.content, 0))]
+    human = (
+        "(empty)"
+        if m is None
+        else _table(
+            ["ID", "TIMESTAMP", "ROLE", "CONTENT"],
+            [(m.id, m.timestamp, m.role, _one_line(m.content, 0))],
+        )
     )
     _out(args, m, human)
 
@@ -180,8 +195,11 @@ def cmd_stats(args: argparse.Namespace, c: Client) -> None:
 def cmd_ping(args: argparse.Namespace, c: Client) -> None:
     hello = c.hello()
     c.ping()
-    _out(args, {"ok": True, "server": hello.server, "version": hello.version},
-         f"ok ({hello.server}, protocol {hello.version})")
+    _out(
+        args,
+        {"ok": True, "server": hello.server, "version": hello.version},
+        f"ok ({hello.server}, protocol {hello.version})",
+    )
 
 
 def _usage(message: str) -> NoReturn:
@@ -199,26 +217,40 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("serve", help="run the daemon in the foreground")
     s.add_argument("--db", help="database file (default: $STATE_DIRECTORY or XDG state dir)")
-    s.add_argument("--socket", help="socket path (default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp)")
+    s.add_argument(
+        "--socket", help="socket path (default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp)"
+    )
     s.add_argument("--config", help="TOML file with the same keys")
-    s.add_argument("--max-messages", type=int, help="rows kept per session (default 500, 0 = unbounded)")
-    s.add_argument("--synchronous", choices=["full", "normal"], help="SQLite durability (default full)")
+    s.add_argument(
+        "--max-messages", type=int, help="rows kept per session (default 500, 0 = unbounded)"
+    )
+    s.add_argument(
+        "--synchronous", choices=["full", "normal"], help="SQLite durability (default full)"
+    )
     s.add_argument("--queue-size", type=int, help="write queue capacity (default 10000)")
     s.add_argument("--batch-max", type=int, help="most writes per transaction (default 1000)")
     s.add_argument("--readers", type=int, help="read-only connections (default 4)")
     s.add_argument("--max-frame", type=int, help="frame limit in bytes (default 4 MiB)")
-    s.add_argument("--max-content", type=int, help="content limit in bytes of UTF-8 (default 1 MiB)")
+    s.add_argument(
+        "--max-content", type=int, help="content limit in bytes of UTF-8 (default 1 MiB)"
+    )
     s.add_argument("--shutdown-timeout", type=float, help="drain deadline in seconds (default 20)")
-    s.add_argument("--log-level", choices=["debug", "info", "warning", "error"], help="default info")
+    s.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="default info"
+    )
     s.set_defaults(func=None)
 
-    def client_cmd(name: str, func: Any, help: str, session: bool = True) -> argparse.ArgumentParser:
+    def client_cmd(
+        name: str, func: Any, help: str, session: bool = True
+    ) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
         c.add_argument("--socket", help="daemon socket (default: as the daemon resolves it)")
         c.add_argument("--json", action="store_true", help="machine-readable output")
         c.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
         if session:
-            c.add_argument("--session", default="nexus", metavar="TAG", help="session tag (default nexus)")
+            c.add_argument(
+                "--session", default="nexus", metavar="TAG", help="session tag (default nexus)"
+            )
         c.set_defaults(func=func)
         return c
 
@@ -236,7 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
     client_cmd("sessions", cmd_sessions, "list session tags", session=False)
     client_cmd("pop", cmd_pop, "remove and print the newest message of a session")
     client_cmd("clear", cmd_clear, "delete every message of a session")
-    ca = client_cmd("clear-all", cmd_clear_all, "delete every message of every session", session=False)
+    ca = client_cmd(
+        "clear-all", cmd_clear_all, "delete every message of every session", session=False
+    )
     ca.add_argument("--yes", action="store_true", help="confirm")
     client_cmd("stats", cmd_stats, "print the daemon's counters", session=False)
     client_cmd("ping", cmd_ping, "check that the daemon answers", session=False)

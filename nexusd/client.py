@@ -73,7 +73,7 @@ def _new_messages(messages: Iterable[MessageInput]) -> list[p.NewMessage]:
 
 def _expect(reply: Any, kind: type[R]) -> R:
     if type(reply) is kind:
-        return reply  # type: ignore[no-any-return]
+        return reply
     if isinstance(reply, p.ErrorReply):
         p.raise_for_error(reply)
     raise NexusError(f"unexpected reply {type(reply).__name__} to a {kind.__name__[:-5]} request")
@@ -85,10 +85,20 @@ def _page_on(req: p.History, got: list[Message], page: p.HistoryReply) -> p.Hist
         return None
     rest = req.limit - len(got)
     if req.after_id is None:  # paging back from the newest: continue below the oldest seen
-        return p.History(id=0, session_tag=req.session_tag, limit=rest,
-                         before_id=page.messages[0].id, after_id=None)
-    return p.History(id=0, session_tag=req.session_tag, limit=rest,
-                     before_id=req.before_id, after_id=page.messages[-1].id)
+        return p.History(
+            id=0,
+            session_tag=req.session_tag,
+            limit=rest,
+            before_id=page.messages[0].id,
+            after_id=None,
+        )
+    return p.History(
+        id=0,
+        session_tag=req.session_tag,
+        limit=rest,
+        before_id=req.before_id,
+        after_id=page.messages[-1].id,
+    )
 
 
 def _merge(req: p.History, got: list[Message], page: list[Message]) -> list[Message]:
@@ -229,8 +239,14 @@ class AsyncClient:
         meta: Mapping[str, Any] | None = None,
     ) -> int:
         """Store one message; return its id once it is committed."""
-        req = p.Append(id=0, role=role, content=content, session_tag=session_tag,
-                       timestamp=timestamp, meta=dict(meta) if meta is not None else None)
+        req = p.Append(
+            id=0,
+            role=role,
+            content=content,
+            session_tag=session_tag,
+            timestamp=timestamp,
+            meta=dict(meta) if meta is not None else None,
+        )
         return _expect(await self._call(req), p.AppendReply).message_id
 
     async def append_many(
@@ -249,11 +265,11 @@ class AsyncClient:
         after_id: int | None = None,
     ) -> list[Message]:
         """Messages oldest-first; see :class:`Client.get_history` for the cursors."""
-        req: p.History | None = p.History(
+        first = p.History(
             id=0, session_tag=session_tag, limit=limit, before_id=before_id, after_id=after_id
         )
         got: list[Message] = []
-        first = req
+        req: p.History | None = first
         while req is not None:
             page = _expect(await self._call(req), p.HistoryReply)
             got = _merge(first, got, page.messages)
@@ -281,7 +297,9 @@ class AsyncClient:
 
     async def clear(self, session_tag: str = DEFAULT_SESSION) -> int:
         """Delete every message of ``session_tag``; return how many."""
-        return _expect(await self._call(p.Clear(id=0, session_tag=session_tag)), p.ClearReply).deleted
+        return _expect(
+            await self._call(p.Clear(id=0, session_tag=session_tag)), p.ClearReply
+        ).deleted
 
     async def clear_all(self) -> int:
         """Delete every message of every session; return how many."""
@@ -420,8 +438,14 @@ class Client:
         meta: Mapping[str, Any] | None = None,
     ) -> int:
         """Store one message; return its id once it is committed (durable)."""
-        req = p.Append(id=0, role=role, content=content, session_tag=session_tag,
-                       timestamp=timestamp, meta=dict(meta) if meta is not None else None)
+        req = p.Append(
+            id=0,
+            role=role,
+            content=content,
+            session_tag=session_tag,
+            timestamp=timestamp,
+            meta=dict(meta) if meta is not None else None,
+        )
         return _expect(self._call(req), p.AppendReply).message_id
 
     def append_many(
@@ -447,11 +471,11 @@ class Client:
         from the ``after_id`` side.  Pages the server cut to fit its frame
         limit are continued transparently.
         """
-        req: p.History | None = p.History(
+        first = p.History(
             id=0, session_tag=session_tag, limit=limit, before_id=before_id, after_id=after_id
         )
         got: list[Message] = []
-        first = req
+        req: p.History | None = first
         while req is not None:
             page = _expect(self._call(req), p.HistoryReply)
             got = _merge(first, got, page.messages)

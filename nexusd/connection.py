@@ -208,7 +208,9 @@ class Connection:
         rows: list[NewRow] = []
         for i, m in enumerate(req.messages):
             self._check_content(m.content, f"messages[{i}].content")
-            rows.append((m.role, m.content, m.timestamp, self._meta_json(m.meta, f"messages[{i}].meta")))
+            rows.append(
+                (m.role, m.content, m.timestamp, self._meta_json(m.meta, f"messages[{i}].meta"))
+            )
         await self._submit(Insert(req.session_tag, rows), req.id, _append_many_reply)
 
     def _check_content(self, content: str, field: str) -> None:
@@ -258,10 +260,10 @@ class Connection:
         if type(req) is p.Count:
             return p.CountReply(id=req.id, count=await readers.count(req.session_tag))
         if type(req) is p.Sessions:
-            rows, more = await readers.sessions(after=req.after, limit=req.limit)
+            tags, more = await readers.sessions(after=req.after, limit=req.limit)
             infos = [
                 p.SessionInfo(session_tag=t, count=n, first_id=f, last_id=la, last_timestamp=ts)
-                for t, n, f, la, ts in rows
+                for t, n, f, la, ts in tags
             ]
             return p.SessionsReply(id=req.id, sessions=infos, truncated=more)
         raise BadRequest(f"unsupported operation {type(req).__name__}", field="op")

@@ -75,16 +75,16 @@ class _Req(Struct, frozen=True, kw_only=True, tag_field="op"):
     id: RequestId
 
 
-class Hello(_Req, tag="hello"):
+class Hello(_Req, frozen=True, tag="hello"):
     version: int = PROTOCOL_VERSION
     client: str = ""
 
 
-class Ping(_Req, tag="ping"):
+class Ping(_Req, frozen=True, tag="ping"):
     pass
 
 
-class Append(_Req, tag="append"):
+class Append(_Req, frozen=True, tag="append"):
     role: Role
     content: str
     session_tag: SessionTag = DEFAULT_SESSION
@@ -92,41 +92,41 @@ class Append(_Req, tag="append"):
     meta: MetaMap | None = None
 
 
-class AppendMany(_Req, tag="append_many"):
+class AppendMany(_Req, frozen=True, tag="append_many"):
     messages: Annotated[list[NewMessage], Meta(min_length=1, max_length=MAX_HISTORY_LIMIT)]
     session_tag: SessionTag = DEFAULT_SESSION
 
 
-class History(_Req, tag="history"):
+class History(_Req, frozen=True, tag="history"):
     session_tag: SessionTag = DEFAULT_SESSION
     limit: Limit = 200
     before_id: RowId | None = None
     after_id: RowId | None = None
 
 
-class Count(_Req, tag="count"):
+class Count(_Req, frozen=True, tag="count"):
     session_tag: SessionTag = DEFAULT_SESSION
 
 
-class Sessions(_Req, tag="sessions"):
+class Sessions(_Req, frozen=True, tag="sessions"):
     #: Page on: only tags sorting strictly after this one.
     after: str | None = None
     limit: Annotated[int, Meta(ge=1, le=MAX_SESSIONS_PAGE)] = MAX_SESSIONS_PAGE
 
 
-class Pop(_Req, tag="pop"):
+class Pop(_Req, frozen=True, tag="pop"):
     session_tag: SessionTag = DEFAULT_SESSION
 
 
-class Clear(_Req, tag="clear"):
+class Clear(_Req, frozen=True, tag="clear"):
     session_tag: SessionTag = DEFAULT_SESSION
 
 
-class ClearAll(_Req, tag="clear_all"):
+class ClearAll(_Req, frozen=True, tag="clear_all"):
     pass
 
 
-class Stats(_Req, tag="stats"):
+class Stats(_Req, frozen=True, tag="stats"):
     pass
 
 
@@ -142,57 +142,57 @@ class _Rep(Struct, frozen=True, kw_only=True, tag_field="op"):
     id: int | None
 
 
-class HelloReply(_Rep, tag="hello"):
+class HelloReply(_Rep, frozen=True, tag="hello"):
     version: int
     server: str
     limits: dict[str, int]
 
 
-class PingReply(_Rep, tag="ping"):
+class PingReply(_Rep, frozen=True, tag="ping"):
     pass
 
 
-class AppendReply(_Rep, tag="append"):
+class AppendReply(_Rep, frozen=True, tag="append"):
     message_id: int
 
 
-class AppendManyReply(_Rep, tag="append_many"):
+class AppendManyReply(_Rep, frozen=True, tag="append_many"):
     message_ids: list[int]
 
 
-class HistoryReply(_Rep, tag="history"):
+class HistoryReply(_Rep, frozen=True, tag="history"):
     messages: list[Message]
     #: True when the frame limit cut the page short: page on from its edge.
     truncated: bool = False
 
 
-class CountReply(_Rep, tag="count"):
+class CountReply(_Rep, frozen=True, tag="count"):
     count: int
 
 
-class SessionsReply(_Rep, tag="sessions"):
+class SessionsReply(_Rep, frozen=True, tag="sessions"):
     sessions: list[SessionInfo]
     #: True when more tags follow: ask again with ``after`` = the last tag.
     truncated: bool = False
 
 
-class PopReply(_Rep, tag="pop"):
+class PopReply(_Rep, frozen=True, tag="pop"):
     message: Message | None = None
 
 
-class ClearReply(_Rep, tag="clear"):
+class ClearReply(_Rep, frozen=True, tag="clear"):
     deleted: int
 
 
-class ClearAllReply(_Rep, tag="clear_all"):
+class ClearAllReply(_Rep, frozen=True, tag="clear_all"):
     deleted: int
 
 
-class StatsReply(_Rep, tag="stats"):
+class StatsReply(_Rep, frozen=True, tag="stats"):
     stats: dict[str, Any]
 
 
-class ErrorReply(_Rep, tag="error"):
+class ErrorReply(_Rep, frozen=True, tag="error"):
     code: str
     message: str
     field: str | None = None
@@ -224,7 +224,7 @@ _loose_decoder: Final = msgspec.msgpack.Decoder()
 def decode_request(body: bytes) -> Request:
     """Decode one request body; raise :class:`BadRequest` carrying the request id if known."""
     try:
-        return request_decoder.decode(body)
+        req: Request = request_decoder.decode(body)
     except msgspec.ValidationError as exc:
         raise _bad_request(str(exc), _salvage_id(body)) from None
     except msgspec.DecodeError as exc:
@@ -232,6 +232,7 @@ def decode_request(body: bytes) -> Request:
     except (ValueError, RecursionError, MemoryError) as exc:
         # e.g. invalid UTF-8 (lone surrogates) in a string, absurd nesting.
         raise _bad_request(f"body does not decode: {exc}", _salvage_id(body)) from None
+    return req
 
 
 class RequestError(BadRequest):

@@ -71,9 +71,9 @@ class ReaderPool:
         self._conns: list[aiosqlite.Connection] = []
         self._idle_send: MemoryObjectSendStream[aiosqlite.Connection]
         self._idle_recv: MemoryObjectReceiveStream[aiosqlite.Connection]
-        self._idle_send, self._idle_recv = anyio.create_memory_object_stream[
-            aiosqlite.Connection
-        ](size)
+        self._idle_send, self._idle_recv = anyio.create_memory_object_stream[aiosqlite.Connection](
+            size
+        )
 
     async def open(self) -> None:
         uri = reader_uri(self.db_path)
@@ -133,15 +133,13 @@ class ReaderPool:
         truncated = bool(rows) and rows[-1][6] > budget
         if truncated:
             rows.pop()
-        out: list[Row] = [tuple(r[:6]) for r in rows]  # type: ignore[misc]
+        out: list[Row] = [tuple(r[:6]) for r in rows]
         if newest_first:
             out.reverse()
         return out, truncated
 
     async def count(self, tag: str) -> int:
-        rows = await self.fetch(
-            "SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ?", (tag,)
-        )
+        rows = await self.fetch("SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ?", (tag,))
         return int(rows[0][0])
 
     async def sessions(
@@ -159,4 +157,4 @@ class ReaderPool:
             params,
         )
         more = len(rows) > limit
-        return [tuple(r) for r in rows[:limit]], more  # type: ignore[misc]
+        return [tuple(r) for r in rows[:limit]], more

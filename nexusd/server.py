@@ -69,7 +69,9 @@ class Server:
         """Begin a graceful shutdown (idempotent; safe from any task)."""
         self._stop.set()
 
-    async def serve(self, *, task_status: anyio.abc.TaskStatus[Server] = anyio.TASK_STATUS_IGNORED) -> None:
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[Server] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         """Open everything, report started, serve until shutdown, then close in order."""
         self._take_lock()
         try:
@@ -95,7 +97,11 @@ class Server:
                 conns.start_soon(self._accept_loop, listener, conns, accept_scope)
                 logger.info(
                     "nexusd %s serving %s on %s (max_messages=%d, synchronous=%s)",
-                    __version__, cfg.db, cfg.socket, cfg.max_messages, cfg.synchronous,
+                    __version__,
+                    cfg.db,
+                    cfg.socket,
+                    cfg.max_messages,
+                    cfg.synchronous,
                 )
                 task_status.started(self)
                 await self._stop.wait()
@@ -109,7 +115,8 @@ class Server:
                     if scope.cancelled_caught:
                         logger.warning(
                             "shutdown deadline of %gs passed with %d request(s) unanswered",
-                            cfg.shutdown_timeout, self.inflight,
+                            cfg.shutdown_timeout,
+                            self.inflight,
                         )
                 conns.cancel_scope.cancel()
             # No connection is left to submit: let the writer finish its queue.

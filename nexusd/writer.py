@@ -348,7 +348,7 @@ class Writer:
             return None
         conn.execute("DELETE FROM nexus_messages WHERE id = ?", (row[0],))
         counts.add(tag, -1)
-        return tuple(row)  # type: ignore[return-value]
+        return tuple(row)
 
     def _prune(self, conn: sqlite3.Connection, counts: _Counts) -> int:
         """Delete exactly the oldest overflow of every session this batch grew."""

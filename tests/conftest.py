@@ -39,7 +39,9 @@ def short_dir() -> Iterator[Path]:
         shutil.rmtree(d, ignore_errors=True)
 
 
-def wait_for_socket(path: Path, proc: subprocess.Popen[bytes] | None = None, deadline: float = 15.0) -> None:
+def wait_for_socket(
+    path: Path, proc: subprocess.Popen[bytes] | None = None, deadline: float = 15.0
+) -> None:
     """Poll until ``path`` accepts a connection (or the process died, or time ran out)."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
@@ -68,8 +70,18 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
 
     def start(self, *extra: str, env: dict[str, str] | None = None) -> Daemon:
-        cmd = [sys.executable, "-m", "nexusd", "serve", "--db", str(self.db),
-               "--socket", str(self.socket), *self.args, *extra]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nexusd",
+            "serve",
+            "--db",
+            str(self.db),
+            "--socket",
+            str(self.socket),
+            *self.args,
+            *extra,
+        ]
         self.proc = subprocess.Popen(
             cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or dict(os.environ)
         )
@@ -93,10 +105,16 @@ class Daemon:
         return run_cli(*args, "--socket", str(self.socket), input=input)
 
 
-def run_cli(*args: str, input: str | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(
+    *args: str, input: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "nexusd", *args],
-        input=input, capture_output=True, text=True, timeout=60, env=env,
+        input=input,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
     )
 
 

@@ -17,7 +17,16 @@ def test_append_history_count_sessions_pop_clear(shared_daemon: Daemon, tag: str
     r = d.cli("append", "user", "hello from the shell", "--session", tag)
     assert r.returncode == 0, r.stderr
     first = int(r.stdout)
-    r = d.cli("append", "assistant", "-", "--session", tag, "--meta", '{"model": "m"}', input="multi\nline\n")
+    r = d.cli(
+        "append",
+        "assistant",
+        "-",
+        "--session",
+        tag,
+        "--meta",
+        '{"model": "m"}',
+        input="multi\nline\n",
+    )
     assert r.returncode == 0 and int(r.stdout) == first + 1
 
     r = d.cli("history", "--session", tag)
@@ -48,9 +57,17 @@ def test_ping_and_stats(shared_daemon: Daemon) -> None:
     r = shared_daemon.cli("ping")
     assert r.returncode == 0 and r.stdout.startswith("ok (nexusd/")
     st = json.loads(shared_daemon.cli("stats", "--json").stdout)
-    assert {"queue_depth", "batches_committed", "rows_committed", "mean_batch_size",
-            "commit_latency_p50_ms", "commit_latency_p99_ms", "connections",
-            "uptime_s", "db_bytes"} <= set(st)
+    assert {
+        "queue_depth",
+        "batches_committed",
+        "rows_committed",
+        "mean_batch_size",
+        "commit_latency_p50_ms",
+        "commit_latency_p99_ms",
+        "connections",
+        "uptime_s",
+        "db_bytes",
+    } <= set(st)
     assert "batches_committed" in shared_daemon.cli("stats").stdout
 
 
@@ -101,8 +118,15 @@ def test_console_script_and_module_agree() -> None:
 
 
 def test_negative_max_messages_is_a_startup_error(short_dir: Path) -> None:
-    r = run_cli("serve", "--db", str(short_dir / "n.db"), "--socket", str(short_dir / "s"),
-                "--max-messages", "-1")
+    r = run_cli(
+        "serve",
+        "--db",
+        str(short_dir / "n.db"),
+        "--socket",
+        str(short_dir / "s"),
+        "--max-messages",
+        "-1",
+    )
     assert r.returncode == 2 and "max_messages" in r.stderr
     assert not (short_dir / "n.db").exists()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from pathlib import Path
 
 import anyio
@@ -28,7 +27,10 @@ async def test_async_client_every_operation(shared_daemon: Daemon, tag: str) -> 
         a = await c.append("user", "hello", session_tag=tag, meta={"model": "x", "n": [1, 2]})
         b = await c.append("assistant", "hi", session_tag=tag, timestamp="custom")
         assert b > a
-        ids = await c.append_many([("user", "m1"), {"role": "tool", "content": "m2", "meta": {"ok": True}}], session_tag=tag)
+        ids = await c.append_many(
+            [("user", "m1"), {"role": "tool", "content": "m2", "meta": {"ok": True}}],
+            session_tag=tag,
+        )
         assert ids == [b + 1, b + 2]
         hist = await c.get_history(tag)
         assert [m.content for m in hist] == ["hello", "hi", "m1", "m2"]
@@ -73,7 +75,9 @@ async def test_many_tasks_share_one_async_client(shared_daemon: Daemon, tag: str
         assert await c.message_count(tag) == 400
 
 
-async def test_64_clients_x_200_appends_lose_nothing(shared_daemon: Daemon, tag: str, anyio_backend: str) -> None:
+async def test_64_clients_x_200_appends_lose_nothing(
+    shared_daemon: Daemon, tag: str, anyio_backend: str
+) -> None:
     per, clients = 200, 64
     sent: dict[int, str] = {}
 
@@ -103,7 +107,9 @@ async def test_unreachable_daemon_says_how_to_start_it(short_dir: Path) -> None:
 
 
 async def test_history_pages_on_when_the_server_cuts_a_reply(short_dir: Path) -> None:
-    d = _new_daemon(short_dir, "--max-frame", "65536", "--max-content", "40000", "--max-messages", "0").start()
+    d = _new_daemon(
+        short_dir, "--max-frame", "65536", "--max-content", "40000", "--max-messages", "0"
+    ).start()
     try:
         async with AsyncClient(d.socket) as c:
             ids = [await c.append("u", str(i) * 30_000) for i in range(7)]

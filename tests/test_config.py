@@ -9,11 +9,17 @@ from nexusd.paths import default_db_path, default_socket_path, resolve_socket_pa
 
 
 def test_defaults_follow_systemd_then_xdg_then_tmp() -> None:
-    assert default_db_path({"STATE_DIRECTORY": "/var/lib/nexusd"}) == Path("/var/lib/nexusd/nexus.db")
+    assert default_db_path({"STATE_DIRECTORY": "/var/lib/nexusd"}) == Path(
+        "/var/lib/nexusd/nexus.db"
+    )
     assert default_db_path({"XDG_STATE_HOME": "/x/state"}) == Path("/x/state/nexusd/nexus.db")
     assert default_db_path({}).parts[-4:] == (".local", "state", "nexusd", "nexus.db")
-    assert default_socket_path({"RUNTIME_DIRECTORY": "/run/nexusd"}) == Path("/run/nexusd/nexusd.sock")
-    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/7"}) == Path("/run/user/7/nexusd.sock")
+    assert default_socket_path({"RUNTIME_DIRECTORY": "/run/nexusd"}) == Path(
+        "/run/nexusd/nexusd.sock"
+    )
+    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/7"}) == Path(
+        "/run/user/7/nexusd.sock"
+    )
     import os
 
     assert default_socket_path({}) == Path(f"/tmp/nexusd-{os.getuid()}/nexusd.sock")
@@ -28,13 +34,21 @@ def test_clients_resolve_the_same_default_as_the_daemon() -> None:
 
 def test_flags_beat_env_beat_file_beat_defaults(tmp_path: Path) -> None:
     f = tmp_path / "nexusd.toml"
-    f.write_text('db = "/file.db"\nsocket = "/file.sock"\nmax_messages = 7\nsynchronous = "normal"\n')
+    f.write_text(
+        'db = "/file.db"\nsocket = "/file.sock"\nmax_messages = 7\nsynchronous = "normal"\n'
+    )
     cfg = load_config(file=f, env={})
     assert (cfg.db, cfg.socket, cfg.max_messages, cfg.synchronous) == (
-        Path("/file.db"), Path("/file.sock"), 7, "normal")
+        Path("/file.db"),
+        Path("/file.sock"),
+        7,
+        "normal",
+    )
     cfg = load_config(file=f, env={"NEXUSD_DB": "/env.db"})
     assert cfg.db == Path("/env.db") and cfg.socket == Path("/file.sock")
-    cfg = load_config(file=f, env={"NEXUSD_DB": "/env.db"}, flags={"db": "/flag.db", "max_messages": None})
+    cfg = load_config(
+        file=f, env={"NEXUSD_DB": "/env.db"}, flags={"db": "/flag.db", "max_messages": None}
+    )
     assert cfg.db == Path("/flag.db") and cfg.max_messages == 7
     assert load_config(env={}).max_messages == 500
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import itertools
 import struct
 
 import pytest
@@ -53,7 +54,7 @@ def test_any_chunking_yields_the_same_frames(bodies: list[bytes], cuts: list[int
     points = sorted({c % (len(stream) + 1) for c in cuts} | {0, len(stream)})
     dec = FrameDecoder(1024)
     out: list[bytes] = []
-    for a, b in zip(points, points[1:]):
+    for a, b in itertools.pairwise(points):
         out += dec.feed(stream[a:b])
     assert out == bodies
     assert dec.pending == 0

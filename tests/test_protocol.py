@@ -13,7 +13,9 @@ from nexusd.errors import BadRequest, Overloaded, error_for_code
 REQUESTS: list[Any] = [
     p.Hello(id=1, version=1, client="t"),
     p.Ping(id=2),
-    p.Append(id=3, role="user", content="hi", session_tag="s", timestamp="t", meta={"k": [1, 2.5, None]}),
+    p.Append(
+        id=3, role="user", content="hi", session_tag="s", timestamp="t", meta={"k": [1, 2.5, None]}
+    ),
     p.AppendMany(id=4, messages=[p.NewMessage(role="a", content="b")], session_tag="s"),
     p.History(id=5, session_tag="s", limit=10, before_id=9, after_id=2),
     p.Count(id=6, session_tag="s"),
@@ -39,7 +41,12 @@ def test_every_reply_roundtrips() -> None:
         p.AppendManyReply(id=4, message_ids=[7, 8]),
         p.HistoryReply(id=5, messages=[msg], truncated=True),
         p.CountReply(id=6, count=3),
-        p.SessionsReply(id=7, sessions=[p.SessionInfo(session_tag="s", count=1, first_id=1, last_id=1, last_timestamp="t")]),
+        p.SessionsReply(
+            id=7,
+            sessions=[
+                p.SessionInfo(session_tag="s", count=1, first_id=1, last_id=1, last_timestamp="t")
+            ],
+        ),
         p.PopReply(id=8, message=msg),
         p.PopReply(id=8, message=None),
         p.ClearReply(id=9, deleted=2),
@@ -71,14 +78,24 @@ def _bad(obj: Any) -> p.RequestError:
         ({"op": "append", "id": 1, "role": "r" * 65, "content": "x"}, "role"),
         ({"op": "append", "id": 1, "role": "r", "content": 5}, "content"),
         ({"op": "append", "id": 1, "role": "r", "content": "x", "session_tag": ""}, "session_tag"),
-        ({"op": "append", "id": 1, "role": "r", "content": "x", "session_tag": "s" * 257}, "session_tag"),
+        (
+            {"op": "append", "id": 1, "role": "r", "content": "x", "session_tag": "s" * 257},
+            "session_tag",
+        ),
         ({"op": "append", "id": 1, "role": "r", "content": "x", "meta": {1: 2}}, "meta"),
         ({"op": "history", "id": 1, "limit": 0}, "limit"),
         ({"op": "history", "id": 1, "limit": 10_001}, "limit"),
         ({"op": "history", "id": 1, "before_id": -1}, "before_id"),
         ({"op": "frobnicate", "id": 1}, "op"),
         ({"id": 1}, "op"),
-        ({"op": "append_many", "id": 1, "messages": [{"role": "a", "content": "b"}, {"role": "", "content": "c"}]}, "messages[1].role"),
+        (
+            {
+                "op": "append_many",
+                "id": 1,
+                "messages": [{"role": "a", "content": "b"}, {"role": "", "content": "c"}],
+            },
+            "messages[1].role",
+        ),
         ({"op": "append_many", "id": 1, "messages": []}, "messages"),
     ],
 )
@@ -90,15 +107,22 @@ def test_invalid_fields_are_named_and_keep_the_request_id(obj: Any, field: str) 
 
 
 def test_role_of_64_chars_is_fine() -> None:
-    req = p.decode_request(msgspec.msgpack.encode({"op": "append", "id": 1, "role": "r" * 64, "content": ""}))
+    req = p.decode_request(
+        msgspec.msgpack.encode({"op": "append", "id": 1, "role": "r" * 64, "content": ""})
+    )
     assert isinstance(req, p.Append) and len(req.role) == 64
 
 
 @pytest.mark.parametrize(
     "body",
-    [b"\xc1", b"", b"\x93\x01\x02\x03", b"\x91" * 100_000,
-     # a str holding a CESU-encoded lone surrogate: not UTF-8
-     b"\x84\xa2op\xa6append\xa2id\x01\xa4role\xa1r\xa7content\xa3\xed\xa0\x80"],
+    [
+        b"\xc1",
+        b"",
+        b"\x93\x01\x02\x03",
+        b"\x91" * 100_000,
+        # a str holding a CESU-encoded lone surrogate: not UTF-8
+        b"\x84\xa2op\xa6append\xa2id\x01\xa4role\xa1r\xa7content\xa3\xed\xa0\x80",
+    ],
 )
 def test_undecodable_bodies_give_bad_request_without_id(body: bytes) -> None:
     assert _bad(body).request_id is None

@@ -36,7 +36,9 @@ def test_fresh_database_gets_the_v1_table_and_the_migrations(tmp_path: Path) -> 
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(nexus_messages)")}
         assert "idx_nexus_session_id" in indexes
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name='nexus_messages'").fetchone()[0]
+        sql = conn.execute("SELECT sql FROM sqlite_master WHERE name='nexus_messages'").fetchone()[
+            0
+        ]
         assert "AUTOINCREMENT" in sql
     finally:
         conn.close()

@@ -13,7 +13,6 @@ import anyio
 import msgspec
 import pytest
 
-from nexusd import protocol as p
 from nexusd.framing import FrameDecoder, encode_frame
 from nexusd.server import Server, StartupError
 from tests.conftest import make_config, make_v1_db, running_server
@@ -67,13 +66,26 @@ async def test_every_operation_roundtrips(short_dir: Path) -> None:
         hello = await c.call({"op": "hello", "id": 1, "version": 1})
         assert hello["op"] == "hello" and hello["limits"]["max_frame"] == 4 * 1024 * 1024
         assert await c.call({"op": "ping", "id": 2}) == {"op": "ping", "id": 2}
-        a = await c.call({"op": "append", "id": 3, "role": "user", "content": "hi", "meta": {"k": [1, "v"]}})
+        a = await c.call(
+            {"op": "append", "id": 3, "role": "user", "content": "hi", "meta": {"k": [1, "v"]}}
+        )
         assert a["op"] == "append" and a["message_id"] >= 1
-        m = await c.call({"op": "append_many", "id": 4, "session_tag": "s2",
-                          "messages": [{"role": "a", "content": "x"}, {"role": "b", "content": "y", "timestamp": "T"}]})
+        m = await c.call(
+            {
+                "op": "append_many",
+                "id": 4,
+                "session_tag": "s2",
+                "messages": [
+                    {"role": "a", "content": "x"},
+                    {"role": "b", "content": "y", "timestamp": "T"},
+                ],
+            }
+        )
         assert m["message_ids"] == [a["message_id"] + 1, a["message_id"] + 2]
         h = await c.call({"op": "history", "id": 5})
-        assert [x["content"] for x in h["messages"]] == ["hi"] and h["messages"][0]["meta"] == {"k": [1, "v"]}
+        assert [x["content"] for x in h["messages"]] == ["hi"] and h["messages"][0]["meta"] == {
+            "k": [1, "v"]
+        }
         assert (await c.call({"op": "count", "id": 6, "session_tag": "s2"}))["count"] == 2
         s = await c.call({"op": "sessions", "id": 7})
         assert [(x["session_tag"], x["count"]) for x in s["sessions"]] == [("nexus", 1), ("s2", 2)]
@@ -92,7 +104,9 @@ async def test_pipelined_appends_commit_in_send_order_and_batch(short_dir: Path)
         c = await Raw.connect(server.config.socket)
         n = 400
         frames = b"".join(
-            encode_frame(msgspec.msgpack.encode({"op": "append", "id": i, "role": "u", "content": str(i)}))
+            encode_frame(
+                msgspec.msgpack.encode({"op": "append", "id": i, "role": "u", "content": str(i)})
+            )
             for i in range(n)
         )
         await c.stream.send(frames)
@@ -121,12 +135,25 @@ async def test_reads_and_writes_interleave_out_of_order(short_dir: Path) -> None
     [
         ({"op": "append", "id": 5, "role": "", "content": "x"}, "role"),
         ({"op": "append", "id": 5, "role": "r" * 65, "content": "x"}, "role"),
-        ({"op": "append", "id": 5, "role": "r", "content": "x", "session_tag": "t" * 257}, "session_tag"),
+        (
+            {"op": "append", "id": 5, "role": "r", "content": "x", "session_tag": "t" * 257},
+            "session_tag",
+        ),
         ({"op": "append", "id": 5, "role": "r", "content": 42}, "content"),
         ({"op": "append", "id": 5, "role": "r", "content": "x" * 2000}, "content"),
         ({"op": "append", "id": 5, "role": "r", "content": "x", "meta": {"b": b"\x00"}}, "meta.b"),
-        ({"op": "append", "id": 5, "role": "r", "content": "x", "meta": {"f": float("nan")}}, "meta.f"),
-        ({"op": "append_many", "id": 5, "messages": [{"role": "r", "content": "ok"}, {"role": "r", "content": "é" * 1500}]}, "messages[1].content"),
+        (
+            {"op": "append", "id": 5, "role": "r", "content": "x", "meta": {"f": float("nan")}},
+            "meta.f",
+        ),
+        (
+            {
+                "op": "append_many",
+                "id": 5,
+                "messages": [{"role": "r", "content": "ok"}, {"role": "r", "content": "é" * 1500}],
+            },
+            "messages[1].content",
+        ),
         ({"op": "history", "id": 5, "limit": 0}, "limit"),
         ({"op": "history", "id": 5, "limit": 10_001}, "limit"),
         ({"op": "teleport", "id": 5}, "op"),
@@ -135,7 +162,9 @@ async def test_reads_and_writes_interleave_out_of_order(short_dir: Path) -> None
 async def test_bad_input_gets_bad_request_naming_the_field_and_the_connection_lives(
     short_dir: Path, request_: dict[str, Any], field: str
 ) -> None:
-    async with running_server(make_config(short_dir, max_content=1024, max_frame=64 * 1024)) as server:
+    async with running_server(
+        make_config(short_dir, max_content=1024, max_frame=64 * 1024)
+    ) as server:
         c = await Raw.connect(server.config.socket)
         err = await c.call(request_)
         assert err["op"] == "error" and err["code"] == "bad_request"
@@ -156,7 +185,9 @@ async def test_undecodable_body_gets_an_error_without_id(short_dir: Path) -> Non
 
 
 async def test_oversized_frame_gets_too_large_then_close(short_dir: Path) -> None:
-    async with running_server(make_config(short_dir, max_frame=64 * 1024, max_content=1024)) as server:
+    async with running_server(
+        make_config(short_dir, max_frame=64 * 1024, max_content=1024)
+    ) as server:
         c = await Raw.connect(server.config.socket)
         await c.stream.send(struct.pack(">I", 0xFFFFFFFF) + b"x" * 100)
         err = await c.recv()
@@ -178,7 +209,7 @@ async def test_history_reply_is_cut_to_the_frame_limit(short_dir: Path) -> None:
         h = await c.call({"op": "history", "id": 10, "limit": 10})
         assert h["truncated"] is True
         got = [m["id"] for m in h["messages"]]
-        assert got == ids[-len(got):] and 0 < len(got) < 6  # the newest, oldest-first
+        assert got == ids[-len(got) :] and 0 < len(got) < 6  # the newest, oldest-first
         fwd = await c.call({"op": "history", "id": 11, "limit": 10, "after_id": 0})
         assert fwd["truncated"] is True
         assert [m["id"] for m in fwd["messages"]] == ids[: len(fwd["messages"])]
@@ -189,7 +220,13 @@ async def test_history_reply_is_cut_to_the_frame_limit(short_dir: Path) -> None:
 async def test_history_cursors(short_dir: Path) -> None:
     async with running_server(make_config(short_dir, max_messages=0)) as server:
         c = await Raw.connect(server.config.socket)
-        r = await c.call({"op": "append_many", "id": 1, "messages": [{"role": "u", "content": str(i)} for i in range(20)]})
+        r = await c.call(
+            {
+                "op": "append_many",
+                "id": 1,
+                "messages": [{"role": "u", "content": str(i)} for i in range(20)],
+            }
+        )
         ids = r["message_ids"]
 
         async def hist(**kw: Any) -> list[int]:
@@ -209,9 +246,13 @@ async def test_sessions_page_on(short_dir: Path) -> None:
     async with running_server(make_config(short_dir)) as server:
         c = await Raw.connect(server.config.socket)
         for i in range(7):
-            await c.call({"op": "append", "id": i, "role": "u", "content": "x", "session_tag": f"tag{i}"})
+            await c.call(
+                {"op": "append", "id": i, "role": "u", "content": "x", "session_tag": f"tag{i}"}
+            )
         page = await c.call({"op": "sessions", "id": 9, "limit": 3})
-        assert [s["session_tag"] for s in page["sessions"]] == ["tag0", "tag1", "tag2"] and page["truncated"]
+        assert [s["session_tag"] for s in page["sessions"]] == ["tag0", "tag1", "tag2"] and page[
+            "truncated"
+        ]
         page = await c.call({"op": "sessions", "id": 9, "limit": 3, "after": "tag5"})
         assert [s["session_tag"] for s in page["sessions"]] == ["tag6"] and not page["truncated"]
 
@@ -227,12 +268,17 @@ async def test_read_your_acked_writes_from_another_connection(short_dir: Path) -
 
 
 async def test_v1_database_is_served_in_place(short_dir: Path) -> None:
-    make_v1_db(short_dir / "nexus.db", [("user", "old", "09:00:00", "nexus"), ("assistant", "older", "09:00:01", "nexus")])
+    make_v1_db(
+        short_dir / "nexus.db",
+        [("user", "old", "09:00:00", "nexus"), ("assistant", "older", "09:00:01", "nexus")],
+    )
     async with running_server(make_config(short_dir)) as server:
         c = await Raw.connect(server.config.socket)
         h = await c.call({"op": "history", "id": 1})
         assert [(m["id"], m["content"], m["timestamp"], m["meta"]) for m in h["messages"]] == [
-            (1, "old", "09:00:00", None), (2, "older", "09:00:01", None)]
+            (1, "old", "09:00:00", None),
+            (2, "older", "09:00:01", None),
+        ]
         a = await c.call({"op": "append", "id": 2, "role": "u", "content": "new"})
         assert a["message_id"] == 3
 
@@ -241,9 +287,16 @@ async def test_shutdown_answers_queued_writes_and_removes_the_socket(short_dir: 
     cfg = make_config(short_dir, max_messages=0, commit_delay=0.02)
     async with running_server(cfg) as server:
         c = await Raw.connect(cfg.socket)
-        await c.stream.send(b"".join(
-            encode_frame(msgspec.msgpack.encode({"op": "append", "id": i, "role": "u", "content": str(i)}))
-            for i in range(200)))
+        await c.stream.send(
+            b"".join(
+                encode_frame(
+                    msgspec.msgpack.encode(
+                        {"op": "append", "id": i, "role": "u", "content": str(i)}
+                    )
+                )
+                for i in range(200)
+            )
+        )
         first = await c.recv()  # at least one committed, the rest in flight
         server.request_shutdown()
         replies = [first] + [await c.recv() for _ in range(199)]

@@ -10,14 +10,22 @@ import pytest
 from nexusd import BadRequest, Client, DaemonNotRunning
 from tests.conftest import Daemon
 
+
 def test_sync_client_every_operation(shared_daemon: Daemon, tag: str) -> None:
     with Client(shared_daemon.socket) as c:
         c.ping()
         a = c.append("user", "one", session_tag=tag, meta={"x": 1})
-        ids = c.append_many([("assistant", "two"), {"role": "user", "content": "three", "timestamp": "T"}], session_tag=tag)
+        ids = c.append_many(
+            [("assistant", "two"), {"role": "user", "content": "three", "timestamp": "T"}],
+            session_tag=tag,
+        )
         assert ids == [a + 1, a + 2]
         hist = c.get_history(tag)
-        assert [(m.role, m.content) for m in hist] == [("user", "one"), ("assistant", "two"), ("user", "three")]
+        assert [(m.role, m.content) for m in hist] == [
+            ("user", "one"),
+            ("assistant", "two"),
+            ("user", "three"),
+        ]
         assert hist[0].meta == {"x": 1} and hist[2].timestamp == "T"
         assert [m.id for m in c.get_history(tag, 1, before_id=ids[1])] == [ids[0]]
         assert c.message_count(tag) == 3

@@ -30,8 +30,6 @@ class Running:
         return ids[0]
 
 
-
-
 def _db_rows(db: Path, tag: str) -> list[tuple[int, str]]:
     conn = sqlite3.connect(db)
     try:
@@ -216,7 +214,9 @@ async def test_full_queue_makes_producers_wait_then_overloaded(tmp_path: Path) -
 
         async def produce(i: int) -> None:
             try:
-                await w.submit(Insert("s", [("u", str(i), None, None)]), lambda r: None, timeout=0.05)
+                await w.submit(
+                    Insert("s", [("u", str(i), None, None)]), lambda r: None, timeout=0.05
+                )
                 outcomes.append("queued")
             except Overloaded as exc:
                 assert exc.retry_after > 0
