@@ -1,15 +1,20 @@
 """Python clients: :class:`Client` (blocking) and :class:`AsyncClient` (anyio).
 
-Both speak the protocol of :mod:`nexusd.protocol` over the framing of
-:mod:`nexusd.framing` and depend on nothing else of nexusd.  They are twins in
-the manner of httpcore: the same methods, the same arguments, the same
-results; the request building and reply reading they share lives in the
-module-level helpers below, only the I/O differs.
+Both speak :mod:`nexusd.protocol` over :mod:`nexusd.framing`.  They are twins
+in the manner of httpcore: the same methods, arguments and results; what they
+share (requests, replies, paging, retry policy) lives in :mod:`nexusd.calls`
+and only the I/O differs here.
 
 ``AsyncClient`` runs under asyncio and trio.  Many tasks may share one: their
-calls are pipelined over its single connection and their frames written
-together when they are ready in the same turn of the event loop.  ``Client``
-is safe to share between threads (one call at a time on its connection).
+calls are pipelined over one connection and frames ready in the same turn of
+the event loop go out in one write.  ``Client`` is safe to share between
+threads (one call at a time on its connection).
+
+Both survive a daemon restart: appends carry idempotency keys (unless
+``idempotent_appends=False``), so when the connection drops before the answer
+arrives the call reconnects and resends, and the daemon returns the original
+id instead of storing a copy.  Reads are retried the same way; ``pop``,
+``clear`` and ``clear_all`` never are.
 """
 
 from __future__ import annotations
@@ -19,15 +24,18 @@ import math
 import os
 import socket
 import threading
+import time
 from collections.abc import Iterable, Mapping
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 import msgspec
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from . import calls
 from . import protocol as p
+from .calls import MessageInput
 from .errors import ConnectionLost, DaemonNotRunning, NexusError, Timeout
 from .framing import FrameDecoder, encode_frame
 from .paths import resolve_socket_path
@@ -35,279 +43,7 @@ from .protocol import DEFAULT_SESSION, Message, SessionInfo
 
 __all__ = ["AsyncClient", "Client", "MessageInput"]
 
-#: An ``append_many`` item: ``(role, content)`` or a mapping with role/content
-#: and optional timestamp/meta.
-MessageInput = tuple[str, str] | Mapping[str, Any]
-R = TypeVar("R")
-
-_CLIENT_NAME = "nexusd-python"
-_RECV = 256 * 1024
-#: Replies may be as large as the server allows; we accept any sane frame.
-_CLIENT_MAX_FRAME = 64 * 1024 * 1024
-
-
-def _hint(path: os.PathLike[str] | str, why: str) -> str:
-    return (
-        f"cannot reach nexusd at {path} ({why}). Start the daemon with `nexusd serve`"
-        " (or `systemctl --user start nexusd`), or point NEXUSD_SOCKET / socket_path at it."
-    )
-
-
-def _new_messages(messages: Iterable[MessageInput]) -> list[p.NewMessage]:
-    out = []
-    for item in messages:
-        if isinstance(item, Mapping):
-            out.append(
-                p.NewMessage(
-                    role=item["role"],
-                    content=item["content"],
-                    timestamp=item.get("timestamp"),
-                    meta=item.get("meta"),
-                )
-            )
-        else:
-            role, content = item
-            out.append(p.NewMessage(role=role, content=content))
-    return out
-
-
-def _expect(reply: Any, kind: type[R]) -> R:
-    if type(reply) is kind:
-        return reply
-    if isinstance(reply, p.ErrorReply):
-        p.raise_for_error(reply)
-    raise NexusError(f"unexpected reply {type(reply).__name__} to a {kind.__name__[:-5]} request")
-
-
-def _page_on(req: p.History, got: list[Message], page: p.HistoryReply) -> p.History | None:
-    """The next history request when the server cut a page short, else None."""
-    if not page.truncated or not page.messages or len(got) >= req.limit:
-        return None
-    rest = req.limit - len(got)
-    if req.after_id is None:  # paging back from the newest: continue below the oldest seen
-        return p.History(
-            id=0,
-            session_tag=req.session_tag,
-            limit=rest,
-            before_id=page.messages[0].id,
-            after_id=None,
-        )
-    return p.History(
-        id=0,
-        session_tag=req.session_tag,
-        limit=rest,
-        before_id=req.before_id,
-        after_id=page.messages[-1].id,
-    )
-
-
-def _merge(req: p.History, got: list[Message], page: list[Message]) -> list[Message]:
-    return page + got if req.after_id is None else got + page
-
-
-# ── async ────────────────────────────────────────────────────────────────────
-class AsyncClient:
-    """Asynchronous client for asyncio or trio; use ``async with AsyncClient() as c``."""
-
-    def __init__(
-        self,
-        socket_path: str | os.PathLike[str] | None = None,
-        *,
-        timeout: float | None = 30.0,
-    ) -> None:
-        self.socket_path = resolve_socket_path(socket_path)
-        self.timeout = timeout
-        self._ids = itertools.count(1)
-        self._pending: dict[int, _Slot] = {}
-        self._stream: SocketStream | None = None
-        self._tg: TaskGroup | None = None
-        self._out_send: MemoryObjectSendStream[bytes] | None = None
-        self._broken: NexusError | None = None
-
-    async def __aenter__(self) -> AsyncClient:
-        await self.connect()
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.aclose()
-
-    async def connect(self) -> None:
-        try:
-            self._stream = await anyio.connect_unix(self.socket_path)
-        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-            raise DaemonNotRunning(_hint(self.socket_path, exc.strerror or str(exc))) from None
-        out_send, out_recv = anyio.create_memory_object_stream[bytes](math.inf)
-        self._out_send = out_send
-        self._tg = anyio.create_task_group()
-        await self._tg.__aenter__()
-        self._tg.start_soon(self._receiver, self._stream)
-        self._tg.start_soon(self._sender, self._stream, out_recv)
-
-    async def aclose(self) -> None:
-        tg, self._tg = self._tg, None
-        if tg is None:
-            return
-        tg.cancel_scope.cancel()
-        await tg.__aexit__(None, None, None)
-        if self._stream is not None:
-            await self._stream.aclose()
-        self._fail_all(ConnectionLost("client closed"))
-
-    # ── plumbing ──────────────────────────────────────────────────────────
-    async def _sender(self, stream: SocketStream, recv: MemoryObjectReceiveStream[bytes]) -> None:
-        try:
-            async for first in recv:
-                frames = [first]
-                while True:
-                    try:
-                        frames.append(recv.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                await stream.send(b"".join(frames))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            self._fail_all(ConnectionLost("connection to nexusd lost while sending"))
-
-    async def _receiver(self, stream: SocketStream) -> None:
-        decoder = FrameDecoder(_CLIENT_MAX_FRAME)
-        try:
-            while True:
-                chunk = await stream.receive(_RECV)
-                for body in decoder.feed(chunk):
-                    reply = p.reply_decoder.decode(body)
-                    if reply.id is None:
-                        # Not tied to a request: the server is dropping us.
-                        assert isinstance(reply, p.ErrorReply)
-                        try:
-                            p.raise_for_error(reply)
-                        except NexusError as err:
-                            self._fail_all(err)
-                        continue
-                    slot = self._pending.pop(reply.id, None)
-                    if slot is not None:
-                        slot.set(reply)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
-        except NexusError as err:
-            self._fail_all(err)
-            return
-        self._fail_all(ConnectionLost("nexusd closed the connection"))
-
-    def _fail_all(self, err: NexusError) -> None:
-        if self._broken is None:
-            self._broken = err
-        pending, self._pending = self._pending, {}
-        for slot in pending.values():
-            slot.set(err)
-
-    async def _call(self, req: Any) -> Any:
-        if self._broken is not None:
-            raise ConnectionLost(f"connection unusable: {self._broken.message}")
-        if self._out_send is None:
-            raise ConnectionLost("client is not connected; use `async with AsyncClient()`")
-        rid = next(self._ids)
-        req = _with_id(req, rid)
-        slot = _Slot()
-        self._pending[rid] = slot
-        self._out_send.send_nowait(encode_frame(p.encoder.encode(req)))
-        try:
-            with anyio.fail_after(self.timeout):
-                await slot.event.wait()
-        except TimeoutError:
-            self._pending.pop(rid, None)
-            raise Timeout(f"no reply from nexusd within {self.timeout}s") from None
-        result = slot.value
-        if isinstance(result, NexusError):
-            raise result
-        return result
-
-    # ── API ───────────────────────────────────────────────────────────────
-    async def ping(self) -> None:
-        """Round-trip to the daemon."""
-        _expect(await self._call(p.Ping(id=0)), p.PingReply)
-
-    async def hello(self) -> p.HelloReply:
-        """Protocol version and the server's limits."""
-        return _expect(await self._call(p.Hello(id=0, client=_CLIENT_NAME)), p.HelloReply)
-
-    async def append(
-        self,
-        role: str,
-        content: str,
-        *,
-        timestamp: str | None = None,
-        session_tag: str = DEFAULT_SESSION,
-        meta: Mapping[str, Any] | None = None,
-    ) -> int:
-        """Store one message; return its id once it is committed."""
-        req = p.Append(
-            id=0,
-            role=role,
-            content=content,
-            session_tag=session_tag,
-            timestamp=timestamp,
-            meta=dict(meta) if meta is not None else None,
-        )
-        return _expect(await self._call(req), p.AppendReply).message_id
-
-    async def append_many(
-        self, messages: Iterable[MessageInput], *, session_tag: str = DEFAULT_SESSION
-    ) -> list[int]:
-        """Store several messages atomically (all or none); return their ids in order."""
-        req = p.AppendMany(id=0, messages=_new_messages(messages), session_tag=session_tag)
-        return _expect(await self._call(req), p.AppendManyReply).message_ids
-
-    async def get_history(
-        self,
-        session_tag: str = DEFAULT_SESSION,
-        limit: int = 200,
-        *,
-        before_id: int | None = None,
-        after_id: int | None = None,
-    ) -> list[Message]:
-        """Messages oldest-first; see :class:`Client.get_history` for the cursors."""
-        first = p.History(
-            id=0, session_tag=session_tag, limit=limit, before_id=before_id, after_id=after_id
-        )
-        got: list[Message] = []
-        req: p.History | None = first
-        while req is not None:
-            page = _expect(await self._call(req), p.HistoryReply)
-            got = _merge(first, got, page.messages)
-            req = _page_on(first, got, page)
-        return got
-
-    async def message_count(self, session_tag: str = DEFAULT_SESSION) -> int:
-        """Number of messages stored for ``session_tag``."""
-        return _expect(await self._call(p.Count(id=0, session_tag=session_tag)), p.CountReply).count
-
-    async def sessions(self) -> list[SessionInfo]:
-        """Every session tag with its count, first/last id and last timestamp."""
-        out: list[SessionInfo] = []
-        after: str | None = None
-        while True:
-            page = _expect(await self._call(p.Sessions(id=0, after=after)), p.SessionsReply)
-            out += page.sessions
-            if not page.truncated or not page.sessions:
-                return out
-            after = page.sessions[-1].session_tag
-
-    async def pop(self, session_tag: str = DEFAULT_SESSION) -> Message | None:
-        """Remove and return the newest message of ``session_tag`` (None if empty)."""
-        return _expect(await self._call(p.Pop(id=0, session_tag=session_tag)), p.PopReply).message
-
-    async def clear(self, session_tag: str = DEFAULT_SESSION) -> int:
-        """Delete every message of ``session_tag``; return how many."""
-        return _expect(
-            await self._call(p.Clear(id=0, session_tag=session_tag)), p.ClearReply
-        ).deleted
-
-    async def clear_all(self) -> int:
-        """Delete every message of every session; return how many."""
-        return _expect(await self._call(p.ClearAll(id=0)), p.ClearAllReply).deleted
-
-    async def stats(self) -> dict[str, Any]:
-        """The daemon's counters (queue depth, batches, latencies, ...)."""
-        return _expect(await self._call(p.Stats(id=0)), p.StatsReply).stats
+_with_id = msgspec.structs.replace
 
 
 class _Slot:
@@ -322,15 +58,34 @@ class _Slot:
         self.event.set()
 
 
-def _with_id(req: Any, rid: int) -> Any:
-    return msgspec.structs.replace(req, id=rid)
+class _Link:
+    """One connection of an :class:`AsyncClient` and the calls waiting on it."""
+
+    def __init__(self, stream: SocketStream) -> None:
+        self.stream = stream
+        self.pending: dict[int, _Slot] = {}
+        self.broken: NexusError | None = None
+        self.out_send: MemoryObjectSendStream[bytes]
+        self.out_recv: MemoryObjectReceiveStream[bytes]
+        # Unbounded: a call puts exactly one frame and then waits for its reply.
+        self.out_send, self.out_recv = anyio.create_memory_object_stream[bytes](math.inf)
+
+    def fail(self, err: NexusError) -> None:
+        if self.broken is None:
+            self.broken = err
+        self.out_send.close()
+        pending, self.pending = self.pending, {}
+        for slot in pending.values():
+            slot.set(err)
 
 
-# ── sync ─────────────────────────────────────────────────────────────────────
-class Client:
-    """Blocking client.  A context manager; safe to share between threads.
+# ── async ────────────────────────────────────────────────────────────────────
+class AsyncClient:
+    """Asynchronous client for asyncio or trio: ``async with AsyncClient() as c``.
 
-    ``timeout`` (seconds, None for none) bounds connecting and each call.
+    ``timeout`` bounds each call (None: no bound).  ``retry_for`` is how long a
+    call may keep reconnecting and resending after the connection dropped or
+    the daemon said ``unavailable``/``overloaded`` (0 disables retries).
     """
 
     def __init__(
@@ -338,14 +93,258 @@ class Client:
         socket_path: str | os.PathLike[str] | None = None,
         *,
         timeout: float | None = 30.0,
+        retry_for: float = 30.0,
+        idempotent_appends: bool = True,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
         self.timeout = timeout
+        self.retry_for = retry_for
+        self._keys = calls.KeyMaker() if idempotent_appends else None
+        self._ids = itertools.count(1)
+        self._tg: TaskGroup | None = None
+        self._link: _Link | None = None
+        self._connect_lock = anyio.Lock()
+
+    async def __aenter__(self) -> AsyncClient:
+        stream = await self._open()  # first, so an unreachable daemon raises plainly
+        self._tg = anyio.create_task_group()
+        await self._tg.__aenter__()
+        self._install(stream)
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close the connection; pending calls fail with :class:`ConnectionLost`."""
+        tg, self._tg = self._tg, None
+        if tg is None:
+            return
+        link, self._link = self._link, None
+        if link is not None:
+            link.fail(ConnectionLost("client closed"))
+            # Close before cancelling: on asyncio, cancelling a receive() on a
+            # Unix stream can race its reader callback (anyio issue 1267).
+            # Closing ends the receiver and sender without cancellation.
+            with anyio.CancelScope(shield=True):
+                await link.stream.aclose()
+        tg.cancel_scope.cancel()
+        await tg.__aexit__(None, None, None)
+
+    # ── plumbing ──────────────────────────────────────────────────────────
+    async def _open(self) -> SocketStream:
+        try:
+            return await anyio.connect_unix(self.socket_path)
+        except OSError as exc:
+            raise calls.unreachable(self.socket_path, exc.strerror or str(exc)) from None
+
+    def _install(self, stream: SocketStream) -> _Link:
+        if self._tg is None:
+            raise ConnectionLost("client is not open; use `async with AsyncClient()`")
+        link = _Link(stream)
+        self._link = link
+        self._tg.start_soon(self._receiver, link)
+        self._tg.start_soon(self._sender, link)
+        return link
+
+    async def _current_link(self) -> _Link:
+        link = self._link
+        if link is not None and link.broken is None:
+            return link
+        async with self._connect_lock:  # one reconnect for all waiting callers
+            link = self._link
+            if link is not None and link.broken is None:
+                return link
+            if self._tg is None:
+                raise ConnectionLost("client is not open; use `async with AsyncClient()`")
+            return self._install(await self._open())
+
+    @staticmethod
+    async def _sender(link: _Link) -> None:
+        recv = link.out_recv
+        try:
+            async for first in recv:
+                frames = [first]
+                while True:
+                    try:
+                        frames.append(recv.receive_nowait())
+                    except (anyio.WouldBlock, anyio.EndOfStream):
+                        break
+                await link.stream.send(b"".join(frames))
+        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            link.fail(ConnectionLost("connection to nexusd lost while sending"))
+
+    @staticmethod
+    async def _receiver(link: _Link) -> None:
+        decoder = FrameDecoder(calls.CLIENT_MAX_FRAME)
+        err: NexusError = ConnectionLost("nexusd closed the connection")
+        try:
+            while True:
+                chunk = await link.stream.receive(calls.RECV_BYTES)
+                for body in decoder.feed(chunk):
+                    reply = p.reply_decoder.decode(body)
+                    if reply.id is None:  # not tied to a request: we are being dropped
+                        assert isinstance(reply, p.ErrorReply)
+                        err = p.error_for_reply(reply)
+                        continue
+                    slot = link.pending.pop(reply.id, None)
+                    if slot is not None:
+                        slot.set(reply)
+        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
+            pass
+        except (NexusError, msgspec.DecodeError) as exc:
+            err = exc if isinstance(exc, NexusError) else ConnectionLost(f"bad reply: {exc}")
+        link.fail(err)
+        with anyio.CancelScope(shield=True):
+            await link.stream.aclose()
+
+    async def _call_once(self, req: Any) -> Any:
+        link = await self._current_link()
+        rid = next(self._ids)
+        slot = _Slot()
+        link.pending[rid] = slot
+        try:
+            link.out_send.send_nowait(encode_frame(p.encoder.encode(_with_id(req, id=rid))))
+        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
+            link.pending.pop(rid, None)
+            raise ConnectionLost("connection to nexusd lost") from None
+        try:
+            with anyio.fail_after(self.timeout):
+                await slot.event.wait()
+        except TimeoutError:
+            link.pending.pop(rid, None)
+            raise Timeout(f"no reply from nexusd within {self.timeout}s") from None
+        if isinstance(slot.value, NexusError):
+            raise slot.value
+        if isinstance(slot.value, p.ErrorReply):
+            raise p.error_for_reply(slot.value)
+        return slot.value
+
+    async def _call(self, req: Any) -> Any:
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.0
+        while True:
+            try:
+                return await self._call_once(req)
+            except calls.RETRY_ON as exc:
+                delay = calls.backoff(exc, delay)
+                if not calls.retryable(req) or time.monotonic() + delay > deadline:
+                    raise
+            await anyio.sleep(delay)
+
+    # ── API ───────────────────────────────────────────────────────────────
+    async def ping(self) -> None:
+        """Round-trip to the daemon."""
+        calls.expect(await self._call(p.Ping(id=0)), p.PingReply)
+
+    async def hello(self) -> p.HelloReply:
+        """Protocol version and the server's limits."""
+        return calls.expect(await self._call(p.Hello(id=0, client=calls.CLIENT_NAME)), p.HelloReply)
+
+    async def append(
+        self,
+        role: str,
+        content: str,
+        *,
+        timestamp: str | None = None,
+        session_tag: str = DEFAULT_SESSION,
+        meta: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
+    ) -> int:
+        """Store one message; return its id once it is committed."""
+        req = calls.append_request(
+            self._keys, role, content, timestamp, session_tag, meta, idempotency_key
+        )
+        return calls.expect(await self._call(req), p.AppendReply).message_id
+
+    async def append_many(
+        self, messages: Iterable[MessageInput], *, session_tag: str = DEFAULT_SESSION
+    ) -> list[int]:
+        """Store several messages atomically (all or none); return their ids in order."""
+        req = calls.append_many_request(self._keys, messages, session_tag)
+        return calls.expect(await self._call(req), p.AppendManyReply).message_ids
+
+    async def get_history(
+        self,
+        session_tag: str = DEFAULT_SESSION,
+        limit: int = 200,
+        *,
+        before_id: int | None = None,
+        after_id: int | None = None,
+    ) -> list[Message]:
+        """Messages oldest-first; the cursors are those of :meth:`Client.get_history`."""
+        first = calls.history_request(session_tag, limit, before_id, after_id)
+        got: list[Message] = []
+        req: p.History | None = first
+        while req is not None:
+            page = calls.expect(await self._call(req), p.HistoryReply)
+            got = calls.merge(first, got, page.messages)
+            req = calls.next_page(first, got, page)
+        return got
+
+    async def message_count(self, session_tag: str = DEFAULT_SESSION) -> int:
+        """Number of messages stored for ``session_tag``."""
+        reply = await self._call(p.Count(id=0, session_tag=session_tag))
+        return calls.expect(reply, p.CountReply).count
+
+    async def sessions(self) -> list[SessionInfo]:
+        """Every session tag with its count, first/last id and last timestamp."""
+        out: list[SessionInfo] = []
+        after: str | None = None
+        while True:
+            page = calls.expect(await self._call(p.Sessions(id=0, after=after)), p.SessionsReply)
+            out += page.sessions
+            if not page.truncated or not page.sessions:
+                return out
+            after = page.sessions[-1].session_tag
+
+    async def pop(self, session_tag: str = DEFAULT_SESSION) -> Message | None:
+        """Remove and return the newest message of ``session_tag`` (None if empty)."""
+        return calls.expect(
+            await self._call(p.Pop(id=0, session_tag=session_tag)), p.PopReply
+        ).message
+
+    async def clear(self, session_tag: str = DEFAULT_SESSION) -> int:
+        """Delete every message of ``session_tag``; return how many."""
+        reply = await self._call(p.Clear(id=0, session_tag=session_tag))
+        return calls.expect(reply, p.ClearReply).deleted
+
+    async def clear_all(self) -> int:
+        """Delete every message of every session; return how many."""
+        return calls.expect(await self._call(p.ClearAll(id=0)), p.ClearAllReply).deleted
+
+    async def stats(self) -> dict[str, Any]:
+        """The daemon's counters (queue depth, batches, latencies, ...)."""
+        return calls.expect(await self._call(p.Stats(id=0)), p.StatsReply).stats
+
+
+# ── sync ─────────────────────────────────────────────────────────────────────
+class Client:
+    """Blocking client; a context manager, safe to share between threads.
+
+    ``timeout`` (seconds, None for none) bounds connecting and each call;
+    ``retry_for`` and ``idempotent_appends`` are as for :class:`AsyncClient`.
+    The connection is opened on first use and reopened after a failure.
+    """
+
+    def __init__(
+        self,
+        socket_path: str | os.PathLike[str] | None = None,
+        *,
+        timeout: float | None = 30.0,
+        retry_for: float = 30.0,
+        idempotent_appends: bool = True,
+    ) -> None:
+        self.socket_path = resolve_socket_path(socket_path)
+        self.timeout = timeout
+        self.retry_for = retry_for
+        self._keys = calls.KeyMaker() if idempotent_appends else None
         self._ids = itertools.count(1)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
-        self._decoder = FrameDecoder(_CLIENT_MAX_FRAME)
+        self._decoder = FrameDecoder(calls.CLIENT_MAX_FRAME)
         self._ready: list[bytes] = []
+        self._was_connected = False
 
     def __enter__(self) -> Client:
         self.connect()
@@ -355,78 +354,93 @@ class Client:
         self.close()
 
     def connect(self) -> None:
+        """Open the connection now rather than on first use."""
         with self._lock:
             self._connect()
-
-    def _connect(self) -> None:
-        if self._sock is not None:
-            return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        try:
-            sock.connect(str(self.socket_path))
-        except (FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
-            sock.close()
-            raise DaemonNotRunning(_hint(self.socket_path, exc.strerror or str(exc))) from None
-        except OSError:
-            sock.close()
-            raise
-        self._sock = sock
-        self._decoder = FrameDecoder(_CLIENT_MAX_FRAME)
-        self._ready = []
 
     def close(self) -> None:
         """Close the connection (idempotent); the next call reconnects."""
         with self._lock:
             self._drop()
 
+    def _connect(self) -> socket.socket:
+        if self._sock is not None:
+            return self._sock
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(str(self.socket_path))
+        except OSError as exc:
+            sock.close()
+            raise calls.unreachable(self.socket_path, exc.strerror or str(exc)) from None
+        self._sock = sock
+        self._decoder = FrameDecoder(calls.CLIENT_MAX_FRAME)
+        self._ready = []
+        self._was_connected = True
+        return sock
+
     def _drop(self) -> None:
         sock, self._sock = self._sock, None
         if sock is not None:
             sock.close()
 
-    def _call(self, req: Any) -> Any:
-        with self._lock:
-            self._connect()
-            sock = self._sock
-            assert sock is not None
-            rid = next(self._ids)
-            try:
-                sock.sendall(encode_frame(p.encoder.encode(_with_id(req, rid))))
-                while True:
-                    reply = self._next_reply(sock)
-                    if reply.id == rid:
-                        return reply
-                    if reply.id is None:
-                        self._drop()
-                        return reply
-                    # A stale reply to a call that timed out earlier: skip it.
-            except TimeoutError:
+    def _call_once(self, req: Any) -> Any:
+        sock = self._connect()
+        rid = next(self._ids)
+        try:
+            sock.sendall(encode_frame(p.encoder.encode(_with_id(req, id=rid))))
+            while True:
+                reply = self._next_reply(sock)
+                if reply.id == rid or reply.id is None:
+                    break
+                # else: a late reply to an earlier call that timed out; skip it.
+        except TimeoutError:
+            self._drop()
+            raise Timeout(f"no reply from nexusd within {self.timeout}s") from None
+        except OSError as exc:
+            self._drop()
+            raise ConnectionLost(f"connection to nexusd lost: {exc}") from None
+        except (NexusError, msgspec.DecodeError):
+            self._drop()
+            raise
+        if isinstance(reply, p.ErrorReply):
+            if reply.id is None:
                 self._drop()
-                raise Timeout(f"no reply from nexusd within {self.timeout}s") from None
-            except OSError as exc:
-                self._drop()
-                raise ConnectionLost(f"connection to nexusd lost: {exc}") from None
-            except NexusError:
-                self._drop()
-                raise
+            raise p.error_for_reply(reply)
+        return reply
 
     def _next_reply(self, sock: socket.socket) -> Any:
         while not self._ready:
-            chunk = sock.recv(_RECV)
+            chunk = sock.recv(calls.RECV_BYTES)
             if not chunk:
                 raise ConnectionLost("nexusd closed the connection")
             self._ready = self._decoder.feed(chunk)
         return p.reply_decoder.decode(self._ready.pop(0))
 
+    def _call(self, req: Any) -> Any:
+        deadline = time.monotonic() + self.retry_for
+        delay = 0.0
+        with self._lock:
+            while True:
+                try:
+                    return self._call_once(req)
+                except calls.RETRY_ON as exc:
+                    delay = calls.backoff(exc, delay)
+                    # Never wait for a daemon that was not running to begin with.
+                    first_contact = isinstance(exc, DaemonNotRunning) and not self._was_connected
+                    late = time.monotonic() + delay > deadline
+                    if first_contact or late or not calls.retryable(req):
+                        raise
+                time.sleep(delay)
+
     # ── API (the twin of AsyncClient) ─────────────────────────────────────
     def ping(self) -> None:
         """Round-trip to the daemon."""
-        _expect(self._call(p.Ping(id=0)), p.PingReply)
+        calls.expect(self._call(p.Ping(id=0)), p.PingReply)
 
     def hello(self) -> p.HelloReply:
         """Protocol version and the server's limits."""
-        return _expect(self._call(p.Hello(id=0, client=_CLIENT_NAME)), p.HelloReply)
+        return calls.expect(self._call(p.Hello(id=0, client=calls.CLIENT_NAME)), p.HelloReply)
 
     def append(
         self,
@@ -436,24 +450,20 @@ class Client:
         timestamp: str | None = None,
         session_tag: str = DEFAULT_SESSION,
         meta: Mapping[str, Any] | None = None,
+        idempotency_key: str | None = None,
     ) -> int:
         """Store one message; return its id once it is committed (durable)."""
-        req = p.Append(
-            id=0,
-            role=role,
-            content=content,
-            session_tag=session_tag,
-            timestamp=timestamp,
-            meta=dict(meta) if meta is not None else None,
+        req = calls.append_request(
+            self._keys, role, content, timestamp, session_tag, meta, idempotency_key
         )
-        return _expect(self._call(req), p.AppendReply).message_id
+        return calls.expect(self._call(req), p.AppendReply).message_id
 
     def append_many(
         self, messages: Iterable[MessageInput], *, session_tag: str = DEFAULT_SESSION
     ) -> list[int]:
         """Store several messages atomically (all or none); return their ids in order."""
-        req = p.AppendMany(id=0, messages=_new_messages(messages), session_tag=session_tag)
-        return _expect(self._call(req), p.AppendManyReply).message_ids
+        req = calls.append_many_request(self._keys, messages, session_tag)
+        return calls.expect(self._call(req), p.AppendManyReply).message_ids
 
     def get_history(
         self,
@@ -471,27 +481,25 @@ class Client:
         from the ``after_id`` side.  Pages the server cut to fit its frame
         limit are continued transparently.
         """
-        first = p.History(
-            id=0, session_tag=session_tag, limit=limit, before_id=before_id, after_id=after_id
-        )
+        first = calls.history_request(session_tag, limit, before_id, after_id)
         got: list[Message] = []
         req: p.History | None = first
         while req is not None:
-            page = _expect(self._call(req), p.HistoryReply)
-            got = _merge(first, got, page.messages)
-            req = _page_on(first, got, page)
+            page = calls.expect(self._call(req), p.HistoryReply)
+            got = calls.merge(first, got, page.messages)
+            req = calls.next_page(first, got, page)
         return got
 
     def message_count(self, session_tag: str = DEFAULT_SESSION) -> int:
         """Number of messages stored for ``session_tag``."""
-        return _expect(self._call(p.Count(id=0, session_tag=session_tag)), p.CountReply).count
+        return calls.expect(self._call(p.Count(id=0, session_tag=session_tag)), p.CountReply).count
 
     def sessions(self) -> list[SessionInfo]:
         """Every session tag with its count, first/last id and last timestamp."""
         out: list[SessionInfo] = []
         after: str | None = None
         while True:
-            page = _expect(self._call(p.Sessions(id=0, after=after)), p.SessionsReply)
+            page = calls.expect(self._call(p.Sessions(id=0, after=after)), p.SessionsReply)
             out += page.sessions
             if not page.truncated or not page.sessions:
                 return out
@@ -499,16 +507,18 @@ class Client:
 
     def pop(self, session_tag: str = DEFAULT_SESSION) -> Message | None:
         """Remove and return the newest message of ``session_tag`` (None if empty)."""
-        return _expect(self._call(p.Pop(id=0, session_tag=session_tag)), p.PopReply).message
+        return calls.expect(self._call(p.Pop(id=0, session_tag=session_tag)), p.PopReply).message
 
     def clear(self, session_tag: str = DEFAULT_SESSION) -> int:
         """Delete every message of ``session_tag``; return how many."""
-        return _expect(self._call(p.Clear(id=0, session_tag=session_tag)), p.ClearReply).deleted
+        return calls.expect(
+            self._call(p.Clear(id=0, session_tag=session_tag)), p.ClearReply
+        ).deleted
 
     def clear_all(self) -> int:
         """Delete every message of every session; return how many."""
-        return _expect(self._call(p.ClearAll(id=0)), p.ClearAllReply).deleted
+        return calls.expect(self._call(p.ClearAll(id=0)), p.ClearAllReply).deleted
 
     def stats(self) -> dict[str, Any]:
         """The daemon's counters (queue depth, batches, latencies, ...)."""
-        return _expect(self._call(p.Stats(id=0)), p.StatsReply).stats
+        return calls.expect(self._call(p.Stats(id=0)), p.StatsReply).stats

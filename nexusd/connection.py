@@ -55,22 +55,34 @@ class Connection:
         # Unbounded on purpose: the in-flight slots bound what can be in it.
         self._out_send, self._out_recv = anyio.create_memory_object_stream[bytes](math.inf)
         self._tg: anyio.abc.TaskGroup | None = None
+        self._progress = 0  # receives so far, for the stall watch
 
     # ── lifecycle ─────────────────────────────────────────────────────────
+    # Nothing here cancels a pending receive() on the socket: on asyncio that
+    # can race the stream's reader callback (anyio issue 1267).  A connection
+    # is ended by closing its stream, which wakes the receive cleanly.
     async def run(self) -> None:
         async with anyio.create_task_group() as tg:
             self._tg = tg
             tg.start_soon(self._sender)
             try:
                 await self._read_loop()
-                # Peer finished sending (or must be cut off): flush what is owed.
-                with anyio.move_on_after(self.server.config.shutdown_timeout):
-                    await self._wait_all_replied()
+                if not self.closed:
+                    # The peer finished sending (or must be cut off): flush what is owed.
+                    with anyio.move_on_after(self.server.config.shutdown_timeout):
+                        await self._wait_all_replied()
             finally:
                 self.closed = True
                 self._out_send.close()
+                await self.close_stream()
         self.server.forget_outstanding(self.outstanding)
         self.outstanding = 0
+
+    async def close_stream(self) -> None:
+        """End the connection: wakes the reader and the sender (idempotent)."""
+        self.closed = True
+        with anyio.CancelScope(shield=True):
+            await self.stream.aclose()
 
     async def _wait_all_replied(self) -> None:
         for _ in range(self.server.config.max_inflight):
@@ -82,29 +94,39 @@ class Connection:
     async def _read_loop(self) -> None:
         decoder = FrameDecoder(self.max_frame)
         stream = self.stream
-        idle = self.server.config.idle_timeout
+        watching = False
         while True:
             try:
-                if decoder.pending:
-                    # Half a frame is buffered: the peer must finish it in time.
-                    with anyio.fail_after(idle):
-                        chunk = await stream.receive(RECV_BYTES)
-                else:
-                    chunk = await stream.receive(RECV_BYTES)
+                chunk = await stream.receive(RECV_BYTES)
             except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError):
                 return
-            except TimeoutError:
-                logger.info("closing connection stalled mid-frame for %gs", idle)
-                return
+            self._progress += 1
             try:
                 frames = decoder.feed(chunk)
             except TooLarge as exc:
                 await self._take_slot()
                 self._send_reply(p.error_reply(None, exc))
                 return
+            if decoder.pending and not watching and self._tg is not None:
+                # Half a frame is buffered: the peer must finish it in time.
+                watching = True
+                self._tg.start_soon(self._watch_stall, decoder)
+            elif not decoder.pending:
+                watching = False
             for body in frames:
                 await self._take_slot()
                 await self._dispatch(body)
+
+    async def _watch_stall(self, decoder: FrameDecoder) -> None:
+        idle = self.server.config.idle_timeout
+        seen = -1
+        while decoder.pending and not self.closed:
+            if seen == self._progress:
+                logger.info("closing a connection stalled mid-frame for %gs", idle)
+                await self.close_stream()
+                return
+            seen = self._progress
+            await anyio.sleep(idle)
 
     async def _take_slot(self) -> None:
         try:
@@ -133,9 +155,7 @@ class Connection:
                     self._slots.release()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
             # The peer is gone: nobody is left to answer.
-            self.closed = True
-            if self._tg is not None:
-                self._tg.cancel_scope.cancel()
+            await self.close_stream()
 
     # ── replies ───────────────────────────────────────────────────────────
     def _send_reply(self, reply: Any) -> None:
@@ -201,16 +221,15 @@ class Connection:
     async def _append(self, req: p.Append) -> None:
         self._check_content(req.content, "content")
         meta = self._meta_json(req.meta, "meta")
-        row: NewRow = (req.role, req.content, req.timestamp, meta)
+        row: NewRow = (req.role, req.content, req.timestamp, meta, req.idem_key)
         await self._submit(Insert(req.session_tag, [row]), req.id, _append_reply)
 
     async def _append_many(self, req: p.AppendMany) -> None:
         rows: list[NewRow] = []
         for i, m in enumerate(req.messages):
             self._check_content(m.content, f"messages[{i}].content")
-            rows.append(
-                (m.role, m.content, m.timestamp, self._meta_json(m.meta, f"messages[{i}].meta"))
-            )
+            meta = self._meta_json(m.meta, f"messages[{i}].meta")
+            rows.append((m.role, m.content, m.timestamp, meta, m.idem_key))
         await self._submit(Insert(req.session_tag, rows), req.id, _append_many_reply)
 
     def _check_content(self, content: str, field: str) -> None:

@@ -35,6 +35,8 @@ SessionTag = Annotated[str, Meta(min_length=1, max_length=MAX_SESSION_CHARS)]
 RequestId = Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
 RowId = Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
 Limit = Annotated[int, Meta(ge=1, le=MAX_HISTORY_LIMIT)]
+MAX_IDEM_KEY_CHARS: Final = 128
+IdemKey = Annotated[str, Meta(min_length=1, max_length=MAX_IDEM_KEY_CHARS)]
 #: ``meta`` is any JSON-compatible mapping; the server checks the values.
 MetaMap = dict[str, Any]
 
@@ -68,6 +70,8 @@ class NewMessage(Struct, frozen=True, kw_only=True):
     content: str
     timestamp: str | None = None
     meta: MetaMap | None = None
+    #: A retry with the same key in the same session stores nothing new.
+    idem_key: IdemKey | None = None
 
 
 # ── Requests ──────────────────────────────────────────────────────────────────
@@ -90,6 +94,8 @@ class Append(_Req, frozen=True, tag="append"):
     session_tag: SessionTag = DEFAULT_SESSION
     timestamp: str | None = None
     meta: MetaMap | None = None
+    #: A retry with the same key in the same session returns the original id.
+    idem_key: IdemKey | None = None
 
 
 class AppendMany(_Req, frozen=True, tag="append_many"):
@@ -280,8 +286,13 @@ def error_reply(request_id: int | None, err: NexusError) -> ErrorReply:
     )
 
 
-def raise_for_error(reply: ErrorReply) -> None:
-    """Turn an error reply back into the matching exception and raise it."""
-    raise error_for_code(
+def error_for_reply(reply: ErrorReply) -> NexusError:
+    """The exception matching an error reply."""
+    return error_for_code(
         reply.code, reply.message, field=reply.field, retry_after=reply.retry_after
     )
+
+
+def raise_for_error(reply: ErrorReply) -> None:
+    """Turn an error reply back into the matching exception and raise it."""
+    raise error_for_reply(reply)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable
 from pathlib import Path
 from typing import Final
 
@@ -45,7 +44,16 @@ DROP INDEX IF EXISTS idx_nexus_session;
 DROP INDEX IF EXISTS idx_nexus_ts;
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1_DDL, _V2_DDL)
+# Migration 3: idempotency keys.  A retried append carrying the key of a row
+# its session still holds returns that row's id instead of storing a copy.
+# The partial index costs nothing for rows without a key.
+_V3_DDL: Final = """\
+ALTER TABLE nexus_messages ADD COLUMN idem_key TEXT;
+CREATE UNIQUE INDEX IF NOT EXISTS idx_nexus_idem ON nexus_messages(session_tag, idem_key)
+    WHERE idem_key IS NOT NULL;
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1_DDL, _V2_DDL, _V3_DDL)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
@@ -67,10 +75,6 @@ def migrate(conn: sqlite3.Connection) -> int:
             f"database schema version {found} is newer than this nexusd supports "
             f"({SCHEMA_VERSION}); upgrade nexusd"
         )
-    if found == 0 and _has_meta_column(conn):
-        # Defensive: a table with meta but no version is a v2 table whose
-        # version bump was lost; never ALTER it twice.
-        found = 2
     for number in range(found + 1, SCHEMA_VERSION + 1):
         script = MIGRATIONS[number - 1]
         logger.info("applying schema migration %d", number)
@@ -85,11 +89,6 @@ def migrate(conn: sqlite3.Connection) -> int:
             raise
         conn.execute("COMMIT")
     return found
-
-
-def _has_meta_column(conn: sqlite3.Connection) -> bool:
-    cols = conn.execute(f"PRAGMA table_info({TABLE})").fetchall()
-    return any(row[1] == "meta" for row in cols)
 
 
 def open_writer(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
@@ -149,7 +148,3 @@ def integrity_check(path: Path) -> list[str]:
         return [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
     finally:
         conn.close()
-
-
-#: Signature of the statements the writer runs inside one transaction.
-BatchFn = Callable[[sqlite3.Connection], object]

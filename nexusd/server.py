@@ -63,6 +63,7 @@ class Server:
         self._lock_fd: int | None = None
         self._created_socket: Path | None = None
         self._accepted = 0
+        self._live: set[Connection] = set()
 
     # ── public control ────────────────────────────────────────────────────
     def request_shutdown(self) -> None:
@@ -107,8 +108,10 @@ class Server:
                 await self._stop.wait()
                 logger.info("shutting down: draining %d request(s) in flight", self.inflight)
                 self.draining = True
-                accept_scope.cancel()
+                # Closing the listener ends accept() without cancelling it
+                # (see Connection: cancelled socket waits race on asyncio).
                 await self._close(listener)
+                accept_scope.cancel()
                 if self.inflight:
                     with anyio.move_on_after(cfg.shutdown_timeout) as scope:
                         await self._idle.wait()
@@ -118,7 +121,9 @@ class Server:
                             cfg.shutdown_timeout,
                             self.inflight,
                         )
-                conns.cancel_scope.cancel()
+                for conn in list(self._live):
+                    await conn.close_stream()
+                conns.cancel_scope.cancel()  # anything still blocked (not on a socket)
             # No connection is left to submit: let the writer finish its queue.
             self.writer.close()
 
@@ -202,11 +207,14 @@ class Server:
                 return
             self.connections += 1
             self._accepted += 1
+            conn = Connection(self, stream)
+            self._live.add(conn)
             try:
-                await Connection(self, stream).run()
+                await conn.run()
             except Exception:
                 logger.exception("connection handler failed")
             finally:
+                self._live.discard(conn)
                 self.connections -= 1
 
     async def _close(self, listener: SocketListener) -> None:

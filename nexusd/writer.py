@@ -33,8 +33,9 @@ from .schema import open_writer
 
 logger = logging.getLogger(__name__)
 
-#: One row to insert: (role, content, timestamp or None, meta as JSON text or None).
-NewRow: TypeAlias = tuple[str, str, "str | None", "str | None"]
+#: One row to insert: (role, content, timestamp or None, meta as JSON text or None,
+#: idempotency key or None).
+NewRow: TypeAlias = tuple[str, str, "str | None", "str | None", "str | None"]
 #: A stored row as the writer returns it (id, role, content, timestamp, tag, meta).
 Row: TypeAlias = tuple[int, str, str, str, str, "str | None"]
 
@@ -44,7 +45,11 @@ _LATENCY_SAMPLES: Final = 2_048
 
 @dataclass(frozen=True, slots=True)
 class Insert:
-    """Append rows to one session; result: their ids (``list[int]``), all or none."""
+    """Append rows to one session; result: their ids (``list[int]``), all or none.
+
+    A row whose idempotency key the session already holds is not stored again;
+    its id in the result is the original one.
+    """
 
     session_tag: str
     rows: list[NewRow]
@@ -273,41 +278,20 @@ class Writer:
             now = self._last_ts
         counts = _Counts(conn, self._counts)
         results: list[Any] = []
-        pending: list[tuple[str, str, str, str, str | None]] = []
-        pending_slices: list[tuple[int, int]] = []  # (index into results, rows)
+        inserts = _PendingInserts(conn, now)
         rows_added = 0
-
-        def flush() -> None:
-            if not pending:
-                return
-            conn.executemany(
-                "INSERT INTO nexus_messages (role, content, timestamp, session_tag, meta) "
-                "VALUES (?, ?, ?, ?, ?)",
-                pending,
-            )
-            # One writer, AUTOINCREMENT, one statement: the ids are consecutive.
-            last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-            first = last - len(pending) + 1
-            for index, n in pending_slices:
-                results[index] = list(range(first, first + n))
-                first += n
-            pending.clear()
-            pending_slices.clear()
 
         conn.execute("BEGIN IMMEDIATE")
         try:
             for job in batch:
                 op = job.op
                 if isinstance(op, Insert):
-                    tag = op.session_tag
-                    for role, content, ts, meta in op.rows:
-                        pending.append((role, content, ts or now, tag, meta))
-                    pending_slices.append((len(results), len(op.rows)))
-                    results.append(None)
-                    counts.add(tag, len(op.rows))
-                    rows_added += len(op.rows)
+                    ids, added = inserts.add(op)
+                    results.append(ids)
+                    counts.add(op.session_tag, added)
+                    rows_added += added
                     continue
-                flush()
+                inserts.flush()
                 if isinstance(op, PopNewest):
                     results.append(self._pop(conn, op.session_tag, counts))
                 elif isinstance(op, ClearSession):
@@ -320,7 +304,7 @@ class Writer:
                     n = conn.execute("DELETE FROM nexus_messages").rowcount
                     counts.clear_all()
                     results.append(n)
-            flush()
+            inserts.flush()
             pruned = self._prune(conn, counts)
             conn.execute("COMMIT")
         except BaseException:
@@ -383,6 +367,68 @@ class Writer:
             "commit_latency_p50_ms": round(_percentile(lat, 0.50) * 1000, 3),
             "commit_latency_p99_ms": round(_percentile(lat, 0.99) * 1000, 3),
         }
+
+
+class _PendingInserts:
+    """Rows waiting to go into one ``executemany``, and who gets which id.
+
+    A row carrying an idempotency key that its session already holds (in the
+    database, or earlier in this batch) is not inserted again: its caller gets
+    the original id.
+    """
+
+    __slots__ = ("_conn", "_fills", "_keys", "_now", "_rows")
+
+    def __init__(self, conn: sqlite3.Connection, now: str) -> None:
+        self._conn = conn
+        self._now = now
+        self._rows: list[tuple[str, str, str, str, str | None, str | None]] = []
+        self._fills: list[list[tuple[list[int], int]]] = []
+        self._keys: dict[tuple[str, str], int] = {}
+
+    def add(self, op: Insert) -> tuple[list[int], int]:
+        """Queue ``op``'s rows; return its (to be filled) id list and how many are new."""
+        tag = op.session_tag
+        ids = [0] * len(op.rows)
+        added = 0
+        for i, (role, content, ts, meta, key) in enumerate(op.rows):
+            if key is not None:
+                j = self._keys.get((tag, key))
+                if j is not None:  # the same key earlier in this batch
+                    self._fills[j].append((ids, i))
+                    continue
+                found = self._conn.execute(
+                    "SELECT id FROM nexus_messages WHERE session_tag = ? AND idem_key = ?",
+                    (tag, key),
+                ).fetchone()
+                if found is not None:
+                    ids[i] = found[0]
+                    continue
+                self._keys[(tag, key)] = len(self._rows)
+            self._rows.append((role, content, ts or self._now, tag, meta, key))
+            self._fills.append([(ids, i)])
+            added += 1
+        return ids, added
+
+    def flush(self) -> None:
+        rows = self._rows
+        if not rows:
+            return
+        conn = self._conn
+        conn.executemany(
+            "INSERT INTO nexus_messages (role, content, timestamp, session_tag, meta, idem_key) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        # One writer, AUTOINCREMENT, one statement: the new ids are consecutive.
+        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        first = last - len(rows) + 1
+        for j, fills in enumerate(self._fills):
+            for ids, i in fills:
+                ids[i] = first + j
+        self._rows = []
+        self._fills = []
+        self._keys.clear()
 
 
 class _Counts:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import anyio
@@ -123,11 +124,112 @@ async def test_history_pages_on_when_the_server_cuts_a_reply(short_dir: Path) ->
         d.stop()
 
 
-async def test_server_gone_mid_session_raises_connection_lost(short_dir: Path) -> None:
+async def test_daemon_gone_raises_connection_error_after_the_retry_window(short_dir: Path) -> None:
     d = _new_daemon(short_dir).start()
-    async with AsyncClient(d.socket) as c:
+    async with AsyncClient(d.socket, retry_for=0.3) as c:
         await c.ping()
         assert d.stop() == 0
         with pytest.raises(NexusError) as info:
             await c.ping()
         assert isinstance(info.value, ConnectionError)
+
+
+async def test_daemon_restart_mid_stream_neither_loses_nor_duplicates(short_dir: Path) -> None:
+    d = _new_daemon(short_dir, "--max-messages", "0").start()
+    acked: list[int] = []
+    restarted = anyio.Event()
+    under_way = anyio.Event()
+    try:
+        async with AsyncClient(d.socket) as c:
+
+            async def writer(w: int) -> None:
+                i = 0
+                while not restarted.is_set() or i < 30:
+                    acked.append(await c.append("user", f"{w}:{i}"))
+                    i += 1
+                    if len(acked) >= 200:
+                        under_way.set()
+
+            async with anyio.create_task_group() as tg:
+                for w in range(8):
+                    tg.start_soon(writer, w)
+                await under_way.wait()
+                d.stop(signal.SIGKILL)  # answers in flight are lost with it
+                d.start()
+                restarted.set()
+            hist = await c.get_history(limit=10_000)
+    finally:
+        d.stop()
+    contents = [m.content for m in hist]
+    assert len(contents) == len(set(contents)), "a retried append was stored twice"
+    assert sorted(acked) == [m.id for m in hist]  # every ack is there, nothing else
+
+
+class ReplyEatingProxy:
+    """Forwards to the daemon, but the first ``eat`` connections lose their first reply.
+
+    The request reaches the daemon and commits; the connection then drops before
+    the answer gets back: exactly the case idempotent retries exist for.
+    """
+
+    def __init__(self, upstream: Path, listen: Path, eat: int = 1) -> None:
+        self.upstream, self.listen, self.eat = upstream, listen, eat
+        self.eaten = 0
+
+    async def serve(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
+        async with await anyio.create_unix_listener(self.listen) as listener:
+            task_status.started()
+            await listener.serve(self._handle)
+
+    async def _handle(self, client: anyio.abc.SocketStream) -> None:
+        async with client, await anyio.connect_unix(self.upstream) as up:
+            if self.eaten < self.eat:
+                self.eaten += 1
+                await up.send(await client.receive())
+                await up.receive()  # the daemon's answer: swallowed
+                return  # and the client's connection dropped
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(_pipe, client, up)
+                await _pipe(up, client)
+                await client.aclose()  # ends the other pipe without cancelling it
+
+
+async def _pipe(src: anyio.abc.SocketStream, dst: anyio.abc.SocketStream) -> None:
+    try:
+        async for chunk in src:
+            await dst.send(chunk)
+    except (anyio.BrokenResourceError, anyio.ClosedResourceError):
+        pass
+
+
+async def test_append_whose_answer_was_lost_is_retried_and_stored_once(
+    shared_daemon: Daemon, short_dir: Path, tag: str
+) -> None:
+    proxy = ReplyEatingProxy(shared_daemon.socket, short_dir / "proxy.sock")
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        async with AsyncClient(proxy.listen) as c:
+            mid = await c.append("user", "only once", session_tag=tag)
+            assert proxy.eaten == 1
+        tg.cancel_scope.cancel()
+    async with AsyncClient(shared_daemon.socket) as c:
+        hist = await c.get_history(tag)
+    assert [(m.id, m.content) for m in hist] == [(mid, "only once")]
+
+
+async def test_without_keys_the_same_loss_would_duplicate(
+    shared_daemon: Daemon, short_dir: Path, tag: str
+) -> None:
+    """The control for the test above: the proxy really does lose committed answers."""
+    proxy = ReplyEatingProxy(shared_daemon.socket, short_dir / "proxy.sock")
+    async with anyio.create_task_group() as tg:
+        await tg.start(proxy.serve)
+        async with AsyncClient(proxy.listen, idempotent_appends=False) as c:
+            with pytest.raises(NexusError):  # not retried: no key makes it safe
+                await c.append("user", "maybe twice", session_tag=tag)
+            await c.append("user", "maybe twice", session_tag=tag)  # the caller's own retry
+        tg.cancel_scope.cancel()
+    async with AsyncClient(shared_daemon.socket) as c:
+        assert await c.message_count(tag) == 2

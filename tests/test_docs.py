@@ -20,7 +20,9 @@ def test_every_config_key_is_documented() -> None:
     from nexusd.config import Config
 
     readme = (ROOT / "README.md").read_text()
-    undocumented = [f.name for f in fields(Config) if f"`{f.name}`" not in readme and f.name != "commit_delay"]
+    undocumented = [
+        f.name for f in fields(Config) if f"`{f.name}`" not in readme and f.name != "commit_delay"
+    ]
     assert undocumented == []
 
 

@@ -32,7 +32,7 @@ def test_fresh_database_gets_the_v1_table_and_the_migrations(tmp_path: Path) -> 
     try:
         assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
         cols = [r[1] for r in conn.execute("PRAGMA table_info(nexus_messages)")]
-        assert cols == ["id", "role", "content", "timestamp", "session_tag", "meta"]
+        assert cols == ["id", "role", "content", "timestamp", "session_tag", "meta", "idem_key"]
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(nexus_messages)")}
         assert "idx_nexus_session_id" in indexes
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

@@ -21,12 +21,16 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+def row(content: str, *, ts: str | None = None, key: str | None = None) -> tuple[Any, ...]:
+    return ("user", content, ts, None, key)
+
+
 class Running:
     def __init__(self, writer: Writer) -> None:
         self.w = writer
 
     async def append(self, tag: str, content: str, **kw: Any) -> int:
-        ids: list[int] = await self.w.call(Insert(tag, [("user", content, kw.get("ts"), None)]))
+        ids: list[int] = await self.w.call(Insert(tag, [row(content, ts=kw.get("ts"))]))
         return ids[0]
 
 
@@ -64,7 +68,7 @@ async def test_concurrent_appends_are_batched_into_few_transactions(tmp_path: Pa
         ids: list[int] = []
 
         async def one(i: int) -> None:
-            ids.extend(await w.call(Insert("t", [("user", f"m{i}", None, None)])))
+            ids.extend(await w.call(Insert("t", [row(f"m{i}")])))
 
         async with anyio.create_task_group() as tg:
             for i in range(500):
@@ -84,8 +88,8 @@ async def test_jobs_from_one_task_commit_in_submission_order(tmp_path: Path) -> 
             return lambda r: results.__setitem__(i, r)
 
         for i in range(300):
-            await w.submit(Insert("t", [("user", str(i), None, None)]), keep(i))
-        await w.call(Insert("t", [("user", "last", None, None)]))
+            await w.submit(Insert("t", [row(str(i))]), keep(i))
+        await w.call(Insert("t", [row("last")]))
         ids = [results[i][0] for i in range(300)]
         assert ids == sorted(ids)
     assert [c for _, c in _db_rows(tmp_path / "n.db", "t")][:300] == [str(i) for i in range(300)]
@@ -97,7 +101,7 @@ async def test_pruning_keeps_exactly_the_newest_n(tmp_path: Path) -> None:
         r = Running(w)
         for i in range(12):
             await r.append("a", f"a{i}")
-        await w.call(Insert("b", [("user", f"b{i}", None, None) for i in range(9)]))
+        await w.call(Insert("b", [row(f"b{i}") for i in range(9)]))
         await r.append("c", "c0")
         assert w.stats.pruned == 7 + 4
     assert [c for _, c in _db_rows(db, "a")] == [f"a{i}" for i in range(7, 12)]
@@ -139,7 +143,7 @@ async def test_counts_stay_right_after_pop_and_clear(tmp_path: Path) -> None:
 
 async def test_unbounded_when_max_messages_is_zero(tmp_path: Path) -> None:
     async with WriterHarness(tmp_path / "n.db", max_messages=0) as w:
-        await w.call(Insert("s", [("u", str(i), None, None) for i in range(700)]))
+        await w.call(Insert("s", [row(str(i)) for i in range(700)]))
         assert w.stats.pruned == 0
     assert len(_db_rows(tmp_path / "n.db", "s")) == 700
 
@@ -147,9 +151,9 @@ async def test_unbounded_when_max_messages_is_zero(tmp_path: Path) -> None:
 async def test_insert_many_gets_consecutive_ids_and_one_timestamp(tmp_path: Path) -> None:
     db = tmp_path / "n.db"
     async with WriterHarness(db) as w:
-        ids = await w.call(Insert("s", [("u", str(i), None, None) for i in range(10)]))
+        ids = await w.call(Insert("s", [row(str(i)) for i in range(10)]))
         assert ids == list(range(ids[0], ids[0] + 10))
-        given = await w.call(Insert("s", [("u", "mine", "yesterday", None)]))
+        given = await w.call(Insert("s", [row("mine", ts="yesterday")]))
     conn = sqlite3.connect(db)
     stamps = [r[0] for r in conn.execute("SELECT timestamp FROM nexus_messages ORDER BY id")]
     conn.close()
@@ -183,7 +187,7 @@ async def test_storage_fault_fails_the_whole_batch_and_the_writer_recovers(tmp_p
 
         async def fail(i: int) -> None:
             try:
-                await w.call(Insert("s", [("u", big, None, None), ("u", big, None, None)]))
+                await w.call(Insert("s", [row(big), row(big)]))
             except NexusError as exc:
                 errors.append(exc)
 
@@ -214,9 +218,7 @@ async def test_full_queue_makes_producers_wait_then_overloaded(tmp_path: Path) -
 
         async def produce(i: int) -> None:
             try:
-                await w.submit(
-                    Insert("s", [("u", str(i), None, None)]), lambda r: None, timeout=0.05
-                )
+                await w.submit(Insert("s", [row(str(i))]), lambda r: None, timeout=0.05)
                 outcomes.append("queued")
             except Overloaded as exc:
                 assert exc.retry_after > 0
@@ -227,3 +229,37 @@ async def test_full_queue_makes_producers_wait_then_overloaded(tmp_path: Path) -
                 tg.start_soon(produce, i)
         assert "overloaded" in outcomes
         assert outcomes.count("queued") <= 4
+
+
+async def test_idempotency_key_returns_the_original_id_and_stores_nothing(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=0) as w:
+        first = await w.call(Insert("s", [row("a", key="k1")]))
+        again = await w.call(Insert("s", [row("a (retry)", key="k1")]))
+        assert again == first
+        other_session = await w.call(Insert("t", [row("a", key="k1")]))
+        assert other_session != first  # keys are per session
+        # A retry racing its original into the same batch, and mixed batches.
+        results: list[list[int]] = []
+        async with anyio.create_task_group() as tg:
+            for _ in range(3):
+                tg.start_soon(
+                    lambda: _collect(w, results, [row("b", key="k2"), row("c", key="k3")])
+                )
+        assert results[0] == results[1] == results[2]
+        mixed = await w.call(Insert("s", [row("d", key="k2"), row("e"), row("f", key="k4")]))
+        assert mixed[0] == results[0][0] and mixed[1] < mixed[2]
+        assert w.stats.rows == 1 + 1 + 2 + 2
+    assert [c for _, c in _db_rows(db, "s")] == ["a", "b", "c", "e", "f"]
+
+
+async def _collect(w: Writer, out: list[list[int]], rows: list[Any]) -> None:
+    out.append(await w.call(Insert("s", rows)))
+
+
+async def test_a_key_is_free_again_once_its_row_is_gone(tmp_path: Path) -> None:
+    async with WriterHarness(tmp_path / "n.db", max_messages=0) as w:
+        first = await w.call(Insert("s", [row("a", key="k")]))
+        await w.call(ClearSession("s"))
+        second = await w.call(Insert("s", [row("a", key="k")]))
+        assert second[0] > first[0]
