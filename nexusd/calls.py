@@ -12,7 +12,8 @@ from __future__ import annotations
 import itertools
 import os
 import secrets
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from . import protocol as p
@@ -24,6 +25,9 @@ R = TypeVar("R")
 #: An ``append_many`` item: ``(role, content)`` or a mapping with ``role``,
 #: ``content`` and optionally ``timestamp``, ``meta``, ``idempotency_key``.
 MessageInput = tuple[str, str] | Mapping[str, Any]
+
+#: Backup progress callback: ``progress(bytes_done, bytes_total)``.
+Progress = Callable[[int, int], None]
 
 CLIENT_NAME: Final = "nexusd-python"
 RECV_BYTES: Final = 256 * 1024
@@ -151,3 +155,32 @@ def next_page(first: p.History, got: list[Message], page: p.HistoryReply) -> p.H
 def merge(first: p.History, got: list[Message], page: list[Message]) -> list[Message]:
     """Join a continued page to what came before, keeping oldest-first order."""
     return page + got if first.after_id is None else got + page
+
+
+def backup_chunk(hello: p.HelloReply) -> int:
+    """The largest backup chunk whose reply fits the server's frame limit."""
+    return max(4096, min(p.MAX_BACKUP_CHUNK, hello.limits.get("max_frame", 0) - 4096))
+
+
+class BackupTarget:
+    """The file a backup is written to: a ``.partial`` sibling, renamed when complete."""
+
+    def __init__(self, dest: str | os.PathLike[str]) -> None:
+        self.dest = Path(dest)
+        self.partial = self.dest.with_name(self.dest.name + ".partial")
+        self._fh = self.partial.open("wb")
+
+    def write(self, data: bytes) -> None:
+        self._fh.write(data)
+
+    def commit(self) -> None:
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        os.replace(self.partial, self.dest)
+
+    def discard(self) -> None:
+        """Remove the partial file unless :meth:`commit` renamed it (idempotent)."""
+        if not self._fh.closed:
+            self._fh.close()
+        self.partial.unlink(missing_ok=True)

@@ -12,8 +12,10 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, NoReturn
 
 import msgspec
@@ -62,6 +64,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(f"nexusd: {exc.message}", file=sys.stderr)
         return EXIT_USAGE
     _setup_logging(cfg.log_level)
+    # The database, its WAL and the lock hold people's conversations: owner only.
+    os.umask(0o077)
 
     import anyio
 
@@ -202,6 +206,59 @@ def cmd_ping(args: argparse.Namespace, c: Client) -> None:
     )
 
 
+def cmd_backup(args: argparse.Namespace, c: Client) -> None:
+    bar = _ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    size = c.backup(args.dest, progress=bar)
+    if bar is not None:
+        bar.done()
+    _out(args, {"dest": args.dest, "bytes": size}, f"wrote {size} bytes to {args.dest}")
+
+
+class _ProgressBar:
+    """``[#####.....]  45%  12.3/27.0 MiB`` on a terminal, redrawn in place."""
+
+    def __init__(self, stream: Any, width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        filled = int(frac * self.width)
+        bar = "#" * filled + "." * (self.width - filled)
+        mib = 1024 * 1024
+        self.stream.write(f"\r[{bar}] {frac:4.0%}  {done / mib:.1f}/{total / mib:.1f} MiB")
+        self.stream.flush()
+
+    def done(self) -> None:
+        self.stream.write("\n")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .paths import default_db_path
+    from .schema import StorageError, describe, integrity_check
+
+    db = Path(args.db or os.environ.get("NEXUSD_DB") or default_db_path())
+    if not db.exists():
+        print(f"nexusd: {db} does not exist", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        problems = integrity_check(db)
+        info = describe(db) if problems == ["ok"] else {}
+    except (StorageError, sqlite3.Error) as exc:
+        problems, info = [str(exc)], {}
+    ok = problems == ["ok"]
+    verdict = {"db": str(db), "ok": ok, "problems": [] if ok else problems, **info}
+    if ok:
+        human = (
+            f"{db}: ok (schema {info['schema_version']}, {info['messages']} messages "
+            f"in {info['sessions']} sessions)"
+        )
+    else:
+        human = f"{db}: DAMAGED\n" + "\n".join(f"  {line}" for line in problems[:20])
+    _out(args, verdict, human)
+    return EXIT_OK if ok else EXIT_ERROR
+
+
 def _usage(message: str) -> NoReturn:
     print(f"nexusd: {message}", file=sys.stderr)
     raise SystemExit(EXIT_USAGE)
@@ -274,6 +331,12 @@ def build_parser() -> argparse.ArgumentParser:
     ca.add_argument("--yes", action="store_true", help="confirm")
     client_cmd("stats", cmd_stats, "print the daemon's counters", session=False)
     client_cmd("ping", cmd_ping, "check that the daemon answers", session=False)
+    b = client_cmd("backup", cmd_backup, "write a consistent copy of the database", session=False)
+    b.add_argument("dest", help="file to write (replaced atomically when complete)")
+    ck = sub.add_parser("check", help="run integrity checks on a database file and print a verdict")
+    ck.add_argument("--db", help="database file (default: as the daemon resolves it)")
+    ck.add_argument("--json", action="store_true", help="machine-readable output")
+    ck.set_defaults(func="check")
     return parser
 
 
@@ -282,6 +345,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.func is None:
         return cmd_serve(args)
+    if args.func == "check":
+        return cmd_check(args)
     # Connects lazily, on the first call: usage errors come out before any I/O.
     client = Client(args.socket, timeout=args.timeout)
     try:

@@ -22,7 +22,7 @@ from anyio.abc import SocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import protocol as p
-from .errors import BadRequest, Internal, NexusError, TooLarge, Unavailable
+from .errors import BadRequest, Internal, NexusError, NotFound, TooLarge, Unavailable
 from .framing import FrameDecoder, encode_frame
 from .writer import ClearAll, ClearSession, Insert, NewRow, PopNewest
 
@@ -56,6 +56,7 @@ class Connection:
         self._out_send, self._out_recv = anyio.create_memory_object_stream[bytes](math.inf)
         self._tg: anyio.abc.TaskGroup | None = None
         self._progress = 0  # receives so far, for the stall watch
+        self._backups: set[str] = set()  # snapshot tokens this connection owns
 
     # ── lifecycle ─────────────────────────────────────────────────────────
     # Nothing here cancels a pending receive() on the socket: on asyncio that
@@ -75,6 +76,7 @@ class Connection:
                 self.closed = True
                 self._out_send.close()
                 await self.close_stream()
+                self.server.snapshots.end_all(self._backups)
         self.server.forget_outstanding(self.outstanding)
         self.outstanding = 0
 
@@ -104,8 +106,8 @@ class Connection:
             try:
                 frames = decoder.feed(chunk)
             except TooLarge as exc:
-                await self._take_slot()
-                self._send_reply(p.error_reply(None, exc))
+                if await self._take_slot():
+                    self._send_reply(p.error_reply(None, exc))
                 return
             if decoder.pending and not watching and self._tg is not None:
                 # Half a frame is buffered: the peer must finish it in time.
@@ -114,7 +116,8 @@ class Connection:
             elif not decoder.pending:
                 watching = False
             for body in frames:
-                await self._take_slot()
+                if not await self._take_slot():
+                    return  # the peer is gone
                 await self._dispatch(body)
 
     async def _watch_stall(self, decoder: FrameDecoder) -> None:
@@ -128,13 +131,17 @@ class Connection:
             seen = self._progress
             await anyio.sleep(idle)
 
-    async def _take_slot(self) -> None:
+    async def _take_slot(self) -> bool:
+        """Wait for in-flight room; False when the connection ended meanwhile."""
         try:
             self._slots.acquire_nowait()
         except anyio.WouldBlock:
             await self._slots.acquire()
+        if self.closed:
+            return False
         self.outstanding += 1
         self.server.inflight += 1
+        return True
 
     async def _sender(self) -> None:
         recv = self._out_recv
@@ -154,8 +161,11 @@ class Connection:
                 for _ in range(n):
                     self._slots.release()
         except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            # The peer is gone: nobody is left to answer.
+            # The peer is gone: nobody is left to answer.  Wake a reader that
+            # waits for in-flight room, so it sees the connection is over.
             await self.close_stream()
+            for _ in range(self.server.config.max_inflight):
+                self._slots.release()
 
     # ── replies ───────────────────────────────────────────────────────────
     def _send_reply(self, reply: Any) -> None:
@@ -285,6 +295,19 @@ class Connection:
                 for t, n, f, la, ts in tags
             ]
             return p.SessionsReply(id=req.id, sessions=infos, truncated=more)
+        if type(req) is p.BackupBegin:
+            token, size = await self.server.snapshots.begin()
+            self._backups.add(token)
+            return p.BackupBeginReply(id=req.id, backup=token, size=size)
+        if isinstance(req, (p.BackupRead, p.BackupEnd)) and req.backup not in self._backups:
+            raise NotFound("no such backup on this connection", field="backup")
+        if isinstance(req, p.BackupRead):
+            data, eof = await self.server.snapshots.read(req.backup, req.offset, req.length)
+            return p.BackupReadReply(id=req.id, data=data, eof=eof)
+        if isinstance(req, p.BackupEnd):
+            self._backups.discard(req.backup)
+            self.server.snapshots.end(req.backup)
+            return p.BackupEndReply(id=req.id)
         raise BadRequest(f"unsupported operation {type(req).__name__}", field="op")
 
 

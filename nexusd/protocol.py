@@ -36,6 +36,8 @@ RequestId = Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
 RowId = Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
 Limit = Annotated[int, Meta(ge=1, le=MAX_HISTORY_LIMIT)]
 MAX_IDEM_KEY_CHARS: Final = 128
+#: Largest backup chunk a client may ask for (well under any frame limit).
+MAX_BACKUP_CHUNK: Final = 1024 * 1024
 IdemKey = Annotated[str, Meta(min_length=1, max_length=MAX_IDEM_KEY_CHARS)]
 #: ``meta`` is any JSON-compatible mapping; the server checks the values.
 MetaMap = dict[str, Any]
@@ -136,8 +138,35 @@ class Stats(_Req, frozen=True, tag="stats"):
     pass
 
 
+class BackupBegin(_Req, frozen=True, tag="backup_begin"):
+    pass
+
+
+class BackupRead(_Req, frozen=True, tag="backup_read"):
+    backup: str
+    offset: Annotated[int, Meta(ge=0)]
+    length: Annotated[int, Meta(ge=1, le=MAX_BACKUP_CHUNK)] = MAX_BACKUP_CHUNK
+
+
+class BackupEnd(_Req, frozen=True, tag="backup_end"):
+    backup: str
+
+
 Request = Union[
-    Hello, Ping, Append, AppendMany, History, Count, Sessions, Pop, Clear, ClearAll, Stats
+    Hello,
+    Ping,
+    Append,
+    AppendMany,
+    History,
+    Count,
+    Sessions,
+    Pop,
+    Clear,
+    ClearAll,
+    Stats,
+    BackupBegin,
+    BackupRead,
+    BackupEnd,
 ]
 #: Requests that mutate and therefore go through the writer's queue.
 WRITE_OPS: Final = (Append, AppendMany, Pop, Clear, ClearAll)
@@ -198,6 +227,21 @@ class StatsReply(_Rep, frozen=True, tag="stats"):
     stats: dict[str, Any]
 
 
+class BackupBeginReply(_Rep, frozen=True, tag="backup_begin"):
+    #: Handle for ``backup_read``/``backup_end``; valid on this connection only.
+    backup: str
+    size: int
+
+
+class BackupReadReply(_Rep, frozen=True, tag="backup_read"):
+    data: bytes
+    eof: bool
+
+
+class BackupEndReply(_Rep, frozen=True, tag="backup_end"):
+    pass
+
+
 class ErrorReply(_Rep, frozen=True, tag="error"):
     code: str
     message: str
@@ -217,6 +261,9 @@ Reply = Union[
     ClearReply,
     ClearAllReply,
     StatsReply,
+    BackupBeginReply,
+    BackupReadReply,
+    BackupEndReply,
     ErrorReply,
 ]
 

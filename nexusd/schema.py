@@ -148,3 +148,37 @@ def integrity_check(path: Path) -> list[str]:
         return [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
     finally:
         conn.close()
+
+
+def snapshot(path: Path, dest: Path) -> int:
+    """Copy the database consistently to ``dest`` (a new file); return its size.
+
+    One-step online backup on a read-only connection: it reads one snapshot
+    of the database in a single read transaction, so under WAL the writer is
+    never blocked and the copy holds exactly what was committed when it began.
+    The copy is switched to the rollback journal so it is one self-contained file.
+    """
+    src = sqlite3.connect(reader_uri(path), uri=True)
+    try:
+        dst = sqlite3.connect(dest)
+        try:
+            src.backup(dst)
+            dst.execute("PRAGMA journal_mode=DELETE")
+        finally:
+            dst.close()
+    finally:
+        src.close()
+    return dest.stat().st_size
+
+
+def describe(path: Path) -> dict[str, int]:
+    """Schema version, messages and sessions of a database, read-only."""
+    conn = sqlite3.connect(reader_uri(path), uri=True)
+    try:
+        version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        messages, sessions = conn.execute(
+            f"SELECT COUNT(*), COUNT(DISTINCT session_tag) FROM {TABLE}"
+        ).fetchone()
+        return {"schema_version": version, "messages": messages, "sessions": sessions}
+    finally:
+        conn.close()

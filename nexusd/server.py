@@ -24,6 +24,7 @@ from anyio.abc import SocketListener, SocketStream
 
 from . import __version__
 from . import protocol as p
+from .backups import Snapshots
 from .config import Config
 from .connection import Connection
 from .errors import NexusError, Overloaded
@@ -54,6 +55,7 @@ class Server:
             commit_delay=config.commit_delay,
         )
         self.readers = ReaderPool(config.db, size=config.readers)
+        self.snapshots = Snapshots(config.db)
         self.draining = False
         self.inflight = 0
         self.connections = 0
@@ -78,6 +80,7 @@ class Server:
         try:
             await self.writer.open()
             await self.readers.open()
+            self.snapshots.remove_stale()
             listener = await self._listen()
             try:
                 await self._serve(listener, task_status)

@@ -193,3 +193,65 @@ CREATE INDEX IF NOT EXISTS idx_nexus_ts ON nexus_messages(timestamp);
     )
     conn.commit()
     conn.close()
+
+
+class RawSync:
+    """A blocking raw-frame client for tests that misbehave on purpose."""
+
+    def __init__(self, path: Path, timeout: float = 10.0) -> None:
+        import msgspec  # noqa: F401  (kept local: conftest stays light)
+
+        from nexusd.framing import FrameDecoder
+
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        self.sock.connect(str(path))
+        self.dec = FrameDecoder(64 * 1024 * 1024)
+        self.ready: list[bytes] = []
+
+    def send(self, obj: Any) -> None:
+        import msgspec
+
+        from nexusd.framing import encode_frame
+
+        body = obj if isinstance(obj, bytes) else msgspec.msgpack.encode(obj)
+        self.sock.sendall(encode_frame(body))
+
+    def recv(self) -> dict[str, Any]:
+        import msgspec
+
+        while not self.ready:
+            chunk = self.sock.recv(1 << 16)
+            if not chunk:
+                raise ConnectionError("closed by the daemon")
+            self.ready = self.dec.feed(chunk)
+        return msgspec.msgpack.decode(self.ready.pop(0))  # type: ignore[no-any-return]
+
+    def call(self, obj: Any) -> dict[str, Any]:
+        self.send(obj)
+        return self.recv()
+
+    def closed_by_peer(self) -> bool:
+        try:
+            return self.sock.recv(1) == b""
+        except ConnectionResetError:
+            return True
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def write_config(path: Path, **settings: Any) -> Path:
+    """A TOML config file with ``settings`` (numbers and strings only)."""
+    lines = [
+        f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in settings.items()
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def rss_bytes(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmRSS")
