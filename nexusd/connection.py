@@ -56,6 +56,7 @@ class Connection:
         self._out_send, self._out_recv = anyio.create_memory_object_stream[bytes](math.inf)
         self._tg: anyio.abc.TaskGroup | None = None
         self._progress = 0  # receives so far, for the stall watch
+        self._watch_scope = anyio.CancelScope()
         self._backups: set[str] = set()  # snapshot tokens this connection owns
 
     # ── lifecycle ─────────────────────────────────────────────────────────
@@ -74,6 +75,7 @@ class Connection:
                         await self._wait_all_replied()
             finally:
                 self.closed = True
+                self._watch_scope.cancel()
                 self._out_send.close()
                 await self.close_stream()
                 self.server.snapshots.end_all(self._backups)
@@ -110,11 +112,10 @@ class Connection:
                     self._send_reply(p.error_reply(None, exc))
                 return
             if decoder.pending and not watching and self._tg is not None:
-                # Half a frame is buffered: the peer must finish it in time.
+                # Half a frame is buffered: from now on the peer must finish
+                # every frame it starts within idle_timeout.
                 watching = True
                 self._tg.start_soon(self._watch_stall, decoder)
-            elif not decoder.pending:
-                watching = False
             for body in frames:
                 if not await self._take_slot():
                     return  # the peer is gone
@@ -123,13 +124,14 @@ class Connection:
     async def _watch_stall(self, decoder: FrameDecoder) -> None:
         idle = self.server.config.idle_timeout
         seen = -1
-        while decoder.pending and not self.closed:
-            if seen == self._progress:
-                logger.info("closing a connection stalled mid-frame for %gs", idle)
-                await self.close_stream()
-                return
-            seen = self._progress
-            await anyio.sleep(idle)
+        with self._watch_scope:  # cancelled when the connection ends (it only sleeps)
+            while not self.closed:
+                if decoder.pending and seen == self._progress:
+                    logger.info("closing a connection stalled mid-frame for %gs", idle)
+                    await self.close_stream()
+                    return
+                seen = self._progress
+                await anyio.sleep(idle)
 
     async def _take_slot(self) -> bool:
         """Wait for in-flight room; False when the connection ended meanwhile."""
