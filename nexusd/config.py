@@ -56,6 +56,17 @@ class Config:
     idle_timeout: float = 30.0
     shutdown_timeout: float = 20.0
     socket_mode: int = 0o600
+    #: Group (name or number) given to a socket the daemon creates; its members
+    #: are allowed in as well.
+    socket_group: str = ""
+    #: Peers allowed to connect, by uid; empty means the daemon's own uid and root.
+    allow_uids: list[int] = dataclasses.field(default_factory=list)
+    #: Peers allowed to connect by group (primary or supplementary gid).
+    allow_gids: list[int] = dataclasses.field(default_factory=list)
+    #: Give every peer uid its own namespace of session tags.
+    isolate_peers: bool = False
+    #: Uids that see and manage every namespace when isolate_peers is on.
+    admin_uids: list[int] = dataclasses.field(default_factory=lambda: [0])
     log_level: str = "info"
     uvloop: bool = True
     #: Test hook: seconds the writer sleeps in every batch.
@@ -83,7 +94,31 @@ class Config:
         need(self.shutdown_timeout > 0, "shutdown_timeout must be > 0")
         need(0 <= self.socket_mode <= 0o777, "socket_mode must be a file mode like 0o660")
         need(self.commit_delay >= 0, "commit_delay must be >= 0")
+        need(all(u >= 0 for u in self.allow_uids + self.admin_uids), "uids must be >= 0")
+        need(all(g >= 0 for g in self.allow_gids), "gids must be >= 0")
+        if self.socket_group:
+            self.socket_gid()  # fails here, at start-up, if the group does not exist
         return self
+
+    def socket_gid(self) -> int | None:
+        """The numeric group of ``socket_group`` (None when unset)."""
+        if not self.socket_group:
+            return None
+        if self.socket_group.isdigit():
+            return int(self.socket_group)
+        import grp
+
+        try:
+            return grp.getgrnam(self.socket_group).gr_gid
+        except KeyError:
+            raise ConfigError(f"socket_group {self.socket_group!r} does not exist") from None
+
+    def allowed_uids(self) -> set[int]:
+        return set(self.allow_uids) if self.allow_uids else {os.getuid(), 0}
+
+    def allowed_gids(self) -> set[int]:
+        gid = self.socket_gid()
+        return set(self.allow_gids) | ({gid} if gid is not None else set())
 
 
 _ENV = {"NEXUSD_DB": "db", "NEXUSD_SOCKET": "socket"}
@@ -105,6 +140,11 @@ def _coerce(name: str, value: Any) -> Any:
             return int(value)
         if kind == "float":
             return float(value)
+        if kind == "list[int]":
+            items = value.split(",") if isinstance(value, str) else value
+            if not isinstance(items, list) or any(isinstance(i, bool) for i in items):
+                raise TypeError
+            return [int(i) for i in items if str(i).strip() != ""]
         if kind == "bool":
             if isinstance(value, str):
                 return value.lower() in ("1", "true", "yes", "on")

@@ -22,8 +22,9 @@ from anyio.abc import SocketStream
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import protocol as p
-from .errors import BadRequest, Internal, NexusError, NotFound, TooLarge, Unavailable
+from .errors import BadRequest, Forbidden, Internal, NexusError, NotFound, TooLarge, Unavailable
 from .framing import FrameDecoder, encode_frame
+from .peers import Namespace
 from .writer import ClearAll, ClearSession, Insert, NewRow, PopNewest
 
 if TYPE_CHECKING:
@@ -41,9 +42,11 @@ _json_decode = msgspec.json.decode
 class Connection:
     """Serves one accepted stream until the peer leaves or the server stops."""
 
-    def __init__(self, server: Server, stream: SocketStream) -> None:
+    def __init__(self, server: Server, stream: SocketStream, ns: Namespace | None = None) -> None:
         self.server = server
         self.stream = stream
+        #: The peer's namespace of session tags (None: tags pass through).
+        self.ns = ns
         cfg = server.config
         self.max_frame = cfg.max_frame
         self.max_content = cfg.max_content
@@ -203,11 +206,14 @@ class Connection:
             elif kind is p.AppendMany:
                 await self._append_many(req)  # type: ignore[arg-type]
             elif kind is p.Pop:
-                await self._submit(PopNewest(req.session_tag), req.id, _pop_reply)  # type: ignore[union-attr]
+                tag = self._inner(req.session_tag)  # type: ignore[union-attr]
+                await self._submit(PopNewest(tag), req.id, self._pop_reply)
             elif kind is p.Clear:
-                await self._submit(ClearSession(req.session_tag), req.id, _clear_reply)  # type: ignore[union-attr]
+                tag = self._inner(req.session_tag)  # type: ignore[union-attr]
+                await self._submit(ClearSession(tag), req.id, _clear_reply)
             elif kind is p.ClearAll:
-                await self._submit(ClearAll(), req.id, _clear_all_reply)
+                scope = None if self.ns is None else self.ns.scope
+                await self._submit(ClearAll(scope), req.id, _clear_all_reply)
             elif kind is p.Ping:
                 self._send_reply(p.PingReply(id=req.id))
             elif kind is p.Hello:
@@ -224,6 +230,22 @@ class Connection:
         done = functools.partial(self._write_done, request_id, build)
         await self.server.writer.submit(op, done, timeout=self.server.config.enqueue_timeout)
 
+    # ── namespaces (isolate_peers) ─────────────────────────────────────────
+    def _inner(self, tag: str) -> str:
+        return tag if self.ns is None else self.ns.inner(tag)
+
+    def _outer(self, stored: str) -> str:
+        return stored if self.ns is None else self.ns.outer(stored)
+
+    def _message(self, row: tuple[Any, ...]) -> p.Message:
+        msg = row_to_message(row)
+        if self.ns is None or not self.ns.prefix:
+            return msg
+        return msgspec.structs.replace(msg, session_tag=self.ns.outer(msg.session_tag))
+
+    def _pop_reply(self, rid: int, row: tuple[Any, ...] | None) -> p.PopReply:
+        return p.PopReply(id=rid, message=self._message(row) if row is not None else None)
+
     def _write_done(self, request_id: int, build: Any, result: Any) -> None:
         if isinstance(result, NexusError):
             self._send_error(request_id, result)
@@ -234,7 +256,7 @@ class Connection:
         self._check_content(req.content, "content")
         meta = self._meta_json(req.meta, "meta")
         row: NewRow = (req.role, req.content, req.timestamp, meta, req.idem_key)
-        await self._submit(Insert(req.session_tag, [row]), req.id, _append_reply)
+        await self._submit(Insert(self._inner(req.session_tag), [row]), req.id, _append_reply)
 
     async def _append_many(self, req: p.AppendMany) -> None:
         rows: list[NewRow] = []
@@ -242,7 +264,8 @@ class Connection:
             self._check_content(m.content, f"messages[{i}].content")
             meta = self._meta_json(m.meta, f"messages[{i}].meta")
             rows.append((m.role, m.content, m.timestamp, meta, m.idem_key))
-        await self._submit(Insert(req.session_tag, rows), req.id, _append_many_reply)
+        tag = self._inner(req.session_tag)
+        await self._submit(Insert(tag, rows), req.id, _append_many_reply)
 
     def _check_content(self, content: str, field: str) -> None:
         # A code point is at most 4 bytes of UTF-8: skip the encode when it cannot matter.
@@ -280,24 +303,33 @@ class Connection:
         readers = self.server.readers
         if type(req) is p.History:
             rows, cut = await readers.history(
-                req.session_tag,
+                self._inner(req.session_tag),
                 req.limit,
                 before_id=req.before_id,
                 after_id=req.after_id,
                 budget=self.max_frame - _ENVELOPE,
             )
-            msgs = [row_to_message(r) for r in rows]
+            msgs = [self._message(r) for r in rows]
             return _fit_history(req, msgs, cut, self.max_frame - _ENVELOPE)
         if type(req) is p.Count:
-            return p.CountReply(id=req.id, count=await readers.count(req.session_tag))
+            return p.CountReply(id=req.id, count=await readers.count(self._inner(req.session_tag)))
         if type(req) is p.Sessions:
-            tags, more = await readers.sessions(after=req.after, limit=req.limit)
+            ns = self.ns
+            after = req.after if ns is None or req.after is None else ns.inner(req.after)
+            scope = None if ns is None else ns.scope
+            tags, more = await readers.sessions(after=after, limit=req.limit, scope=scope)
+            outer = self._outer
             infos = [
-                p.SessionInfo(session_tag=t, count=n, first_id=f, last_id=la, last_timestamp=ts)
+                p.SessionInfo(
+                    session_tag=outer(t), count=n, first_id=f, last_id=la, last_timestamp=ts
+                )
                 for t, n, f, la, ts in tags
             ]
             return p.SessionsReply(id=req.id, sessions=infos, truncated=more)
         if type(req) is p.BackupBegin:
+            if self.ns is not None and self.ns.scope != "":
+                # A copy holds every namespace: only those who may see them all.
+                raise Forbidden("backups need an admin uid when isolate_peers is on")
             token, size = await self.server.snapshots.begin()
             self._backups.add(token)
             return p.BackupBeginReply(id=req.id, backup=token, size=size)
@@ -374,10 +406,6 @@ def _append_reply(rid: int, ids: list[int]) -> p.AppendReply:
 
 def _append_many_reply(rid: int, ids: list[int]) -> p.AppendManyReply:
     return p.AppendManyReply(id=rid, message_ids=ids)
-
-
-def _pop_reply(rid: int, row: tuple[Any, ...] | None) -> p.PopReply:
-    return p.PopReply(id=rid, message=row_to_message(row) if row is not None else None)
 
 
 def _clear_reply(rid: int, n: int) -> p.ClearReply:

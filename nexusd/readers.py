@@ -23,6 +23,7 @@ import aiosqlite
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .peers import NS_MARK, scope_bounds
 from .schema import reader_uri
 
 logger = logging.getLogger(__name__)
@@ -143,18 +144,32 @@ class ReaderPool:
         return int(rows[0][0])
 
     async def sessions(
-        self, *, after: str | None, limit: int
+        self, *, after: str | None, limit: int, scope: str | None = None
     ) -> tuple[list[tuple[str, int, int, int, str]], bool]:
-        """Per tag: (tag, count, first id, last id, last timestamp), by tag; more follow?"""
-        where = "WHERE session_tag > ?" if after is not None else ""
-        params: tuple[Any, ...] = (after, limit + 1) if after is not None else (limit + 1,)
+        """Per tag: (tag, count, first id, last id, last timestamp), by tag; more follow?
+
+        ``scope`` as for :class:`~nexusd.writer.ClearAll`: None for every tag,
+        ``""`` for the unprefixed tags, else the tags under that prefix.
+        """
+        where: list[str] = []
+        params: list[Any] = []
+        if after is not None:
+            where.append("session_tag > ?")
+            params.append(after)
+        if scope == "":
+            where.append("NOT (session_tag >= ? AND session_tag < ?)")
+            params += scope_bounds(NS_MARK)
+        elif scope is not None:
+            where.append("session_tag >= ? AND session_tag < ?")
+            params += scope_bounds(scope)
+        clause = f"WHERE {' AND '.join(where)}" if where else ""
         rows = await self.fetch(
             "SELECT s.session_tag, s.n, s.first, s.last, m.timestamp FROM ("
             "  SELECT session_tag, COUNT(*) AS n, MIN(id) AS first, MAX(id) AS last"
-            f"  FROM nexus_messages {where} GROUP BY session_tag"
+            f"  FROM nexus_messages {clause} GROUP BY session_tag"
             "  ORDER BY session_tag LIMIT ?"
             ") AS s JOIN nexus_messages AS m ON m.id = s.last ORDER BY s.session_tag",
-            params,
+            (*params, limit + 1),
         )
         more = len(rows) > limit
         return [tuple(r) for r in rows[:limit]], more

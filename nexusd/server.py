@@ -1,10 +1,11 @@
-"""The daemon: owns the lock, the writer, the reader pool and the listening socket.
+"""The daemon: owns the lock, the writer, the reader pool and the listening sockets.
 
 :class:`Server` opens everything in order (lock → database → readers →
-socket), accepts connections into one task group, and shuts down in the order
-that loses nothing: stop accepting, answer new requests with ``unavailable``,
-wait (bounded) until every accepted request is answered, commit what the writer
-still holds, checkpoint the WAL, remove the socket it created.
+sockets, its own or systemd's), tells systemd it is ready, checks every peer's
+credentials at accept, and shuts down in the order that loses nothing: stop
+accepting, answer new requests with ``unavailable``, wait (bounded) until every
+accepted request is answered, commit what the writer still holds, checkpoint
+the WAL, remove the socket it created (never one systemd passed it).
 """
 
 from __future__ import annotations
@@ -20,16 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import SocketListener, SocketStream
+from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 from . import __version__
 from . import protocol as p
 from .backups import Snapshots
 from .config import Config
 from .connection import Connection
-from .errors import NexusError, Overloaded
+from .errors import Forbidden, NexusError, Overloaded
 from .framing import encode_frame
+from .peers import allowed, namespace_for, peer_of
 from .readers import ReaderPool
+from .systemd import ActivationError, Notifier, listen_fds
 from .writer import Writer
 
 logger = logging.getLogger(__name__)
@@ -56,6 +59,7 @@ class Server:
         )
         self.readers = ReaderPool(config.db, size=config.readers)
         self.snapshots = Snapshots(config.db)
+        self.notifier = Notifier()
         self.draining = False
         self.inflight = 0
         self.connections = 0
@@ -64,8 +68,13 @@ class Server:
         self._idle = anyio.Event()
         self._lock_fd: int | None = None
         self._created_socket: Path | None = None
+        self._where: list[str] = []
         self._accepted = 0
         self._live: set[Connection] = set()
+        self._reporting = anyio.CancelScope()
+        self._allowed_uids = config.allowed_uids()
+        self._allowed_gids = config.allowed_gids()
+        self._admins = set(config.admin_uids)
 
     # ── public control ────────────────────────────────────────────────────
     def request_shutdown(self) -> None:
@@ -76,49 +85,60 @@ class Server:
         self, *, task_status: anyio.abc.TaskStatus[Server] = anyio.TASK_STATUS_IGNORED
     ) -> None:
         """Open everything, report started, serve until shutdown, then close in order."""
+        try:
+            activated = listen_fds()  # first: systemd's sockets must not leak to children
+        except ActivationError as exc:
+            raise StartupError(str(exc)) from None
         self._take_lock()
+        listeners: list[SocketListener] = []
         try:
             await self.writer.open()
             await self.readers.open()
             self.snapshots.remove_stale()
-            listener = await self._listen()
-            try:
-                await self._serve(listener, task_status)
-            finally:
-                await self._close(listener)
+            listeners = await self._listen(activated)
+            await self._serve(listeners, task_status)
         finally:
+            await self._close(listeners)
             await self.readers.aclose()
             await self.writer.aclose()
             self._release_lock()
+            self.notifier.close()
         logger.info("nexusd stopped")
 
-    async def _serve(self, listener: SocketListener, task_status: Any) -> None:
+    async def _serve(self, listeners: list[SocketListener], task_status: Any) -> None:
         cfg = self.config
         async with anyio.create_task_group() as root:
             root.start_soon(self.writer.run)
             async with anyio.create_task_group() as conns:
-                accept_scope = anyio.CancelScope()
-                conns.start_soon(self._accept_loop, listener, conns, accept_scope)
+                accept_scopes = [anyio.CancelScope() for _ in listeners]
+                for listener, scope in zip(listeners, accept_scopes, strict=True):
+                    conns.start_soon(self._accept_loop, listener, conns, scope)
+                where = ", ".join(self._where)
                 logger.info(
                     "nexusd %s serving %s on %s (max_messages=%d, synchronous=%s)",
                     __version__,
                     cfg.db,
-                    cfg.socket,
+                    where,
                     cfg.max_messages,
                     cfg.synchronous,
                 )
                 task_status.started(self)
+                self.notifier.ready(f"serving on {where}")
+                if self.notifier.enabled:
+                    root.start_soon(self._report_to_systemd)
                 await self._stop.wait()
                 logger.info("shutting down: draining %d request(s) in flight", self.inflight)
+                self.notifier.stopping(f"draining {self.inflight} request(s)")
                 self.draining = True
-                # Closing the listener ends accept() without cancelling it
+                # Closing the listeners ends accept() without cancelling it
                 # (see Connection: cancelled socket waits race on asyncio).
-                await self._close(listener)
-                accept_scope.cancel()
+                await self._close(listeners)
+                for scope in accept_scopes:
+                    scope.cancel()
                 if self.inflight:
-                    with anyio.move_on_after(cfg.shutdown_timeout) as scope:
+                    with anyio.move_on_after(cfg.shutdown_timeout) as waited:
                         await self._idle.wait()
-                    if scope.cancelled_caught:
+                    if waited.cancelled_caught:
                         logger.warning(
                             "shutdown deadline of %gs passed with %d request(s) unanswered",
                             cfg.shutdown_timeout,
@@ -129,6 +149,25 @@ class Server:
                 conns.cancel_scope.cancel()  # anything still blocked (not on a socket)
             # No connection is left to submit: let the writer finish its queue.
             self.writer.close()
+            self._reporting.cancel()
+
+    async def _report_to_systemd(self) -> None:
+        """``WATCHDOG=1`` at half the watchdog timeout, and a ``STATUS=`` line.
+
+        Sent by a task of the event loop itself: when the loop stalls, the
+        pings stop and systemd restarts the service.
+        """
+        interval = self.notifier.watchdog_interval
+        period = min(interval, 5.0) if interval else 5.0
+        with self._reporting:
+            while True:
+                if interval:
+                    self.notifier.watchdog()
+                self.notifier.status(
+                    f"{self.connections} connection(s), {self.writer.stats.rows} rows committed, "
+                    f"queue depth {self.writer.queue_depth}"
+                )
+                await anyio.sleep(period)
 
     # ── accounting used by connections ────────────────────────────────────
     def replied(self, n: int) -> None:
@@ -173,18 +212,28 @@ class Server:
         return out
 
     # ── sockets ───────────────────────────────────────────────────────────
-    async def _listen(self) -> SocketListener:
+    async def _listen(self, activated: list[tuple[socket.socket, str]]) -> list[SocketListener]:
+        if activated:
+            # Socket activation: serve what systemd passed, and never unlink it.
+            listeners = []
+            for sock, name in activated:
+                listeners.append(await SocketListener.from_socket(sock))
+                self._where.append(f"{sock.getsockname() or name} (from systemd)")
+            return listeners
         path = self.config.socket
-        parent = path.parent
-        if not parent.exists():
-            parent.mkdir(parents=True, mode=0o700)
+        if not path.parent.exists():
+            path.parent.mkdir(parents=True, mode=0o700)
         _clear_stale_socket(path)
         try:
             listener = await anyio.create_unix_listener(path, mode=self.config.socket_mode)
         except OSError as exc:
             raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
         self._created_socket = path
-        return listener
+        gid = self.config.socket_gid()
+        if gid is not None:
+            os.chown(path, -1, gid)
+        self._where.append(str(path))
+        return [listener]
 
     async def _accept_loop(
         self, listener: SocketListener, conns: anyio.abc.TaskGroup, scope: anyio.CancelScope
@@ -208,9 +257,25 @@ class Server:
             if self.connections >= self.config.max_connections:
                 await _refuse(stream, Overloaded("too many connections", retry_after=1.0))
                 return
+            try:
+                peer = peer_of(stream.extra(SocketAttribute.raw_socket))
+            except OSError as exc:
+                logger.warning("cannot read peer credentials (%s); refusing", exc)
+                await _refuse(stream, Forbidden("peer credentials unavailable"))
+                return
+            if not allowed(peer, self._allowed_uids, self._allowed_gids):
+                logger.warning(
+                    "refused pid %d (uid %d, gid %d): not in allow_uids / allow_gids",
+                    peer.pid,
+                    peer.uid,
+                    peer.gid,
+                )
+                await _refuse(stream, Forbidden(f"uid {peer.uid} may not use this daemon"))
+                return
+            ns = namespace_for(peer, isolate=self.config.isolate_peers, admin_uids=self._admins)
             self.connections += 1
             self._accepted += 1
-            conn = Connection(self, stream)
+            conn = Connection(self, stream, ns)
             self._live.add(conn)
             try:
                 await conn.run()
@@ -220,9 +285,10 @@ class Server:
                 self._live.discard(conn)
                 self.connections -= 1
 
-    async def _close(self, listener: SocketListener) -> None:
+    async def _close(self, listeners: list[SocketListener]) -> None:
         with anyio.CancelScope(shield=True):
-            await listener.aclose()
+            for listener in listeners:
+                await listener.aclose()
         path, self._created_socket = self._created_socket, None
         if path is not None:
             try:

@@ -29,6 +29,7 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from .errors import Internal, NexusError, Overloaded, Unavailable
+from .peers import NS_MARK, scope_bounds
 from .schema import open_writer
 
 logger = logging.getLogger(__name__)
@@ -71,7 +72,13 @@ class ClearSession:
 
 @dataclass(frozen=True, slots=True)
 class ClearAll:
-    """Delete every row; result: rows deleted."""
+    """Delete every row in ``scope``; result: rows deleted.
+
+    ``scope`` None: every row.  ``""``: rows whose tag is not namespaced.
+    Otherwise: rows whose tag starts with ``scope`` (see :mod:`nexusd.peers`).
+    """
+
+    scope: str | None = None
 
 
 Op: TypeAlias = Insert | PopNewest | ClearSession | ClearAll
@@ -301,7 +308,7 @@ class Writer:
                     counts.set(op.session_tag, 0)
                     results.append(n)
                 else:
-                    n = conn.execute("DELETE FROM nexus_messages").rowcount
+                    n = conn.execute(*_clear_all_sql(op.scope)).rowcount
                     counts.clear_all()
                     results.append(n)
             inserts.flush()
@@ -475,6 +482,19 @@ class _Counts:
         if self._cleared:
             self._cache.clear()
         self._cache.update(self._work)
+
+
+def _clear_all_sql(scope: str | None) -> tuple[str, tuple[str, ...]]:
+    if scope is None:
+        return "DELETE FROM nexus_messages", ()
+    if scope == "":
+        lo, hi = scope_bounds(NS_MARK)
+        return "DELETE FROM nexus_messages WHERE NOT (session_tag >= ? AND session_tag < ?)", (
+            lo,
+            hi,
+        )
+    lo, hi = scope_bounds(scope)
+    return "DELETE FROM nexus_messages WHERE session_tag >= ? AND session_tag < ?", (lo, hi)
 
 
 def _storage_error(exc: sqlite3.Error) -> NexusError:
