@@ -31,11 +31,17 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
 
 # ── serve ────────────────────────────────────────────────────────────────────
 def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper(), logging.INFO),
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from .systemd import JournalFormatter, journal_stream_is_stderr
+
+    handler = logging.StreamHandler(sys.stderr)
+    if journal_stream_is_stderr():
+        # journald adds the timestamp; the <N> prefix carries the priority.
+        handler.setFormatter(JournalFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(getattr(logging, level.upper(), logging.INFO))
     # aiosqlite logs every statement at debug: that is its noise, not ours.
     logging.getLogger("aiosqlite").setLevel(logging.INFO)
 

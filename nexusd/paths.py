@@ -12,7 +12,10 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["default_db_path", "default_socket_path", "resolve_socket_path"]
+__all__ = ["SYSTEM_SOCKET", "default_db_path", "default_socket_path", "resolve_socket_path"]
+
+#: Where the system service's socket unit listens.
+SYSTEM_SOCKET = Path("/run/nexusd.sock")
 
 
 def default_db_path(env: Mapping[str, str] | None = None) -> Path:
@@ -38,10 +41,19 @@ def default_socket_path(env: Mapping[str, str] | None = None) -> Path:
 def resolve_socket_path(
     explicit: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
 ) -> Path:
-    """What clients connect to: the explicit path, else ``$NEXUSD_SOCKET``, else the default."""
+    """What clients connect to.
+
+    The explicit path, else ``$NEXUSD_SOCKET``, else the per-user default when
+    a daemon listens there, else the system service's ``/run/nexusd.sock``
+    when it exists, else the per-user default (for the error message).
+    """
     env = os.environ if env is None else env
     if explicit is not None:
         return Path(explicit)
     if env.get("NEXUSD_SOCKET"):
         return Path(env["NEXUSD_SOCKET"])
-    return default_socket_path(env)
+    own = default_socket_path(env)
+    # A per-user daemon wins; else the system service's socket (systemd/nexusd.socket).
+    if not own.exists() and SYSTEM_SOCKET.exists():
+        return SYSTEM_SOCKET
+    return own

@@ -242,10 +242,14 @@ class RawSync:
 
 
 def write_config(path: Path, **settings: Any) -> Path:
-    """A TOML config file with ``settings`` (numbers and strings only)."""
-    lines = [
-        f"{k} = {v!r}" if not isinstance(v, str) else f'{k} = "{v}"' for k, v in settings.items()
-    ]
+    """A TOML config file with ``settings`` (numbers, booleans, strings)."""
+
+    def toml(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        return f'"{v}"' if isinstance(v, str) else repr(v)
+
+    lines = [f"{k} = {toml(v)}" for k, v in settings.items()]
     path.write_text("\n".join(lines) + "\n")
     return path
 
