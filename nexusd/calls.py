@@ -58,7 +58,9 @@ class KeyMaker:
         self._counter = itertools.count(1)
 
     def __call__(self) -> str:
-        return f"{self._prefix}{next(self._counter):x}"
+        # Fixed width, so keys sort in the order they are made: the daemon's
+        # key index then grows at one end instead of everywhere.
+        return f"{self._prefix}{next(self._counter):012x}"
 
 
 def append_request(

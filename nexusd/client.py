@@ -392,12 +392,14 @@ class Client:
         if self._sock is not None:
             return self._sock
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
+        # Connect blocking: a full accept backlog then waits instead of failing
+        # with EAGAIN (which a socket with a timeout reports at once).
         try:
             sock.connect(str(self.socket_path))
         except OSError as exc:
             sock.close()
             raise calls.unreachable(self.socket_path, exc.strerror or str(exc)) from None
+        sock.settimeout(self.timeout)
         self._sock = sock
         self._decoder = FrameDecoder(calls.CLIENT_MAX_FRAME)
         self._ready = []

@@ -46,10 +46,12 @@ DROP INDEX IF EXISTS idx_nexus_ts;
 
 # Migration 3: idempotency keys.  A retried append carrying the key of a row
 # its session still holds returns that row's id instead of storing a copy.
-# The partial index costs nothing for rows without a key.
+# The partial index costs nothing for rows without a key, and leads with the
+# key rather than the tag: clients number their keys in order, so a batch's
+# new entries land together at the end of the index, not on a page per session.
 _V3_DDL: Final = """\
 ALTER TABLE nexus_messages ADD COLUMN idem_key TEXT;
-CREATE UNIQUE INDEX IF NOT EXISTS idx_nexus_idem ON nexus_messages(session_tag, idem_key)
+CREATE UNIQUE INDEX IF NOT EXISTS idx_nexus_idem ON nexus_messages(idem_key, session_tag)
     WHERE idem_key IS NOT NULL;
 """
 

@@ -10,7 +10,7 @@ the WAL, remove the socket it created (never one systemd passed it).
 
 from __future__ import annotations
 
-import errno
+import asyncio
 import fcntl
 import logging
 import os
@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import SocketAttribute, SocketListener, SocketStream
 
 from . import __version__
 from . import protocol as p
@@ -29,8 +28,7 @@ from .backups import Snapshots
 from .config import Config
 from .connection import Connection
 from .errors import Forbidden, NexusError, Overloaded
-from .framing import encode_frame
-from .peers import allowed, namespace_for, peer_of
+from .peers import Namespace, allowed, namespace_for, peer_of
 from .readers import ReaderPool
 from .systemd import ActivationError, Notifier, listen_fds
 from .writer import Writer
@@ -90,63 +88,69 @@ class Server:
         except ActivationError as exc:
             raise StartupError(str(exc)) from None
         self._take_lock()
-        listeners: list[SocketListener] = []
+        socks: list[socket.socket] = []
         try:
             await self.writer.open()
             await self.readers.open()
             self.snapshots.remove_stale()
-            listeners = await self._listen(activated)
-            await self._serve(listeners, task_status)
+            socks = self._listen(activated)
+            await self._serve(socks, task_status)
         finally:
-            await self._close(listeners)
+            self._unlink_socket()
+            for sock in socks:
+                sock.close()
             await self.readers.aclose()
             await self.writer.aclose()
             self._release_lock()
             self.notifier.close()
         logger.info("nexusd stopped")
 
-    async def _serve(self, listeners: list[SocketListener], task_status: Any) -> None:
+    async def _serve(self, socks: list[socket.socket], task_status: Any) -> None:
         cfg = self.config
+        loop = asyncio.get_running_loop()
         async with anyio.create_task_group() as root:
             root.start_soon(self.writer.run)
-            async with anyio.create_task_group() as conns:
-                accept_scopes = [anyio.CancelScope() for _ in listeners]
-                for listener, scope in zip(listeners, accept_scopes, strict=True):
-                    conns.start_soon(self._accept_loop, listener, conns, scope)
-                where = ", ".join(self._where)
-                logger.info(
-                    "nexusd %s serving %s on %s (max_messages=%d, synchronous=%s)",
-                    __version__,
-                    cfg.db,
-                    where,
-                    cfg.max_messages,
-                    cfg.synchronous,
+            servers = [
+                await loop.create_unix_server(
+                    lambda: Connection(self), sock=sock, backlog=socket.SOMAXCONN
                 )
-                task_status.started(self)
-                self.notifier.ready(f"serving on {where}")
-                if self.notifier.enabled:
-                    root.start_soon(self._report_to_systemd)
-                await self._stop.wait()
-                logger.info("shutting down: draining %d request(s) in flight", self.inflight)
-                self.notifier.stopping(f"draining {self.inflight} request(s)")
-                self.draining = True
-                # Closing the listeners ends accept() without cancelling it
-                # (see Connection: cancelled socket waits race on asyncio).
-                await self._close(listeners)
-                for scope in accept_scopes:
-                    scope.cancel()
-                if self.inflight:
-                    with anyio.move_on_after(cfg.shutdown_timeout) as waited:
-                        await self._idle.wait()
-                    if waited.cancelled_caught:
-                        logger.warning(
-                            "shutdown deadline of %gs passed with %d request(s) unanswered",
-                            cfg.shutdown_timeout,
-                            self.inflight,
-                        )
-                for conn in list(self._live):
-                    await conn.close_stream()
-                conns.cancel_scope.cancel()  # anything still blocked (not on a socket)
+                for sock in socks
+            ]
+            where = ", ".join(self._where)
+            logger.info(
+                "nexusd %s serving %s on %s (max_messages=%d, synchronous=%s)",
+                __version__,
+                cfg.db,
+                where,
+                cfg.max_messages,
+                cfg.synchronous,
+            )
+            task_status.started(self)
+            self.notifier.ready(f"serving on {where}")
+            if self.notifier.enabled:
+                root.start_soon(self._report_to_systemd)
+            await self._stop.wait()
+            logger.info("shutting down: draining %d request(s) in flight", self.inflight)
+            self.notifier.stopping(f"draining {self.inflight} request(s)")
+            self.draining = True
+            for server in servers:
+                server.close()  # no new connections
+            self._unlink_socket()
+            if self.inflight > 0:
+                with anyio.move_on_after(cfg.shutdown_timeout) as waited:
+                    await self._idle.wait()
+                if waited.cancelled_caught:
+                    logger.warning(
+                        "shutdown deadline of %gs passed with %d request(s) unanswered",
+                        cfg.shutdown_timeout,
+                        self.inflight,
+                    )
+            live = list(self._live)
+            for conn in live:
+                conn.close()
+            with anyio.move_on_after(5):
+                for conn in live:
+                    await conn.finished.wait()
             # No connection is left to submit: let the writer finish its queue.
             self.writer.close()
             self._reporting.cancel()
@@ -170,15 +174,43 @@ class Server:
                 await anyio.sleep(period)
 
     # ── accounting used by connections ────────────────────────────────────
+    def admit(
+        self, sock: socket.socket, conn: Connection
+    ) -> tuple[NexusError | None, Namespace | None]:
+        """Decide on a new connection: a refusal to send, or its tag namespace."""
+        if self.connections >= self.config.max_connections:
+            return Overloaded("too many connections", retry_after=1.0), None
+        try:
+            peer = peer_of(sock)
+        except OSError as exc:
+            logger.warning("cannot read peer credentials (%s); refusing", exc)
+            return Forbidden("peer credentials unavailable"), None
+        if not allowed(peer, self._allowed_uids, self._allowed_gids):
+            logger.warning(
+                "refused pid %d (uid %d, gid %d): not in allow_uids / allow_gids",
+                peer.pid,
+                peer.uid,
+                peer.gid,
+            )
+            return Forbidden(f"uid {peer.uid} may not use this daemon"), None
+        self.connections += 1
+        self._accepted += 1
+        self._live.add(conn)
+        return None, namespace_for(peer, isolate=self.config.isolate_peers, admin_uids=self._admins)
+
+    def forget(self, conn: Connection) -> None:
+        """An admitted connection ended; the replies it was owed can no longer go out."""
+        if conn in self._live:
+            self._live.discard(conn)
+            self.connections -= 1
+        if conn.outstanding:
+            self.replied(conn.outstanding)
+            conn.outstanding = 0
+
     def replied(self, n: int) -> None:
         self.inflight -= n
         if self.draining and self.inflight <= 0:
             self._idle.set()
-
-    def forget_outstanding(self, n: int) -> None:
-        """A connection ended owing ``n`` replies that can no longer be delivered."""
-        if n:
-            self.replied(n)
 
     def hello(self, request_id: int) -> p.HelloReply:
         cfg = self.config
@@ -212,83 +244,34 @@ class Server:
         return out
 
     # ── sockets ───────────────────────────────────────────────────────────
-    async def _listen(self, activated: list[tuple[socket.socket, str]]) -> list[SocketListener]:
+    def _listen(self, activated: list[tuple[socket.socket, str]]) -> list[socket.socket]:
         if activated:
             # Socket activation: serve what systemd passed, and never unlink it.
-            listeners = []
             for sock, name in activated:
-                listeners.append(await SocketListener.from_socket(sock))
+                sock.setblocking(False)
                 self._where.append(f"{sock.getsockname() or name} (from systemd)")
-            return listeners
+            return [sock for sock, _ in activated]
         path = self.config.socket
         if not path.parent.exists():
             path.parent.mkdir(parents=True, mode=0o700)
         _clear_stale_socket(path)
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            listener = await anyio.create_unix_listener(path, mode=self.config.socket_mode)
+            sock.bind(str(path))
+            self._created_socket = path
+            os.chmod(path, self.config.socket_mode)
+            gid = self.config.socket_gid()
+            if gid is not None:
+                os.chown(path, -1, gid)
+            sock.listen(socket.SOMAXCONN)
         except OSError as exc:
+            sock.close()
             raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from None
-        self._created_socket = path
-        gid = self.config.socket_gid()
-        if gid is not None:
-            os.chown(path, -1, gid)
+        sock.setblocking(False)
         self._where.append(str(path))
-        return [listener]
+        return [sock]
 
-    async def _accept_loop(
-        self, listener: SocketListener, conns: anyio.abc.TaskGroup, scope: anyio.CancelScope
-    ) -> None:
-        with scope:
-            while True:
-                try:
-                    stream = await listener.accept()
-                except OSError as exc:
-                    if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                        logger.error("accept failed (%s); backing off", exc)
-                        await anyio.sleep(0.1)
-                        continue
-                    raise
-                except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-                    return
-                conns.start_soon(self._handle, stream)
-
-    async def _handle(self, stream: SocketStream) -> None:
-        async with stream:
-            if self.connections >= self.config.max_connections:
-                await _refuse(stream, Overloaded("too many connections", retry_after=1.0))
-                return
-            try:
-                peer = peer_of(stream.extra(SocketAttribute.raw_socket))
-            except OSError as exc:
-                logger.warning("cannot read peer credentials (%s); refusing", exc)
-                await _refuse(stream, Forbidden("peer credentials unavailable"))
-                return
-            if not allowed(peer, self._allowed_uids, self._allowed_gids):
-                logger.warning(
-                    "refused pid %d (uid %d, gid %d): not in allow_uids / allow_gids",
-                    peer.pid,
-                    peer.uid,
-                    peer.gid,
-                )
-                await _refuse(stream, Forbidden(f"uid {peer.uid} may not use this daemon"))
-                return
-            ns = namespace_for(peer, isolate=self.config.isolate_peers, admin_uids=self._admins)
-            self.connections += 1
-            self._accepted += 1
-            conn = Connection(self, stream, ns)
-            self._live.add(conn)
-            try:
-                await conn.run()
-            except Exception:
-                logger.exception("connection handler failed")
-            finally:
-                self._live.discard(conn)
-                self.connections -= 1
-
-    async def _close(self, listeners: list[SocketListener]) -> None:
-        with anyio.CancelScope(shield=True):
-            for listener in listeners:
-                await listener.aclose()
+    def _unlink_socket(self) -> None:
         path, self._created_socket = self._created_socket, None
         if path is not None:
             try:
@@ -341,15 +324,6 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise StartupError(f"another nexusd is already listening on {path}")
-
-
-async def _refuse(stream: SocketStream, err: NexusError) -> None:
-    body = p.encoder.encode(p.error_reply(None, err))
-    with anyio.move_on_after(1.0):
-        try:
-            await stream.send(encode_frame(body))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError):
-            pass
 
 
 def _size(path: Path) -> int:

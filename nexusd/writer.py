@@ -199,6 +199,18 @@ class Writer:
     def queue_depth(self) -> int:
         return self._send.statistics().current_buffer_used
 
+    def submit_nowait(self, op: Op, done: Done) -> bool:
+        """Queue ``op`` if there is room now; False when the queue is full."""
+        if self._closing:
+            raise Unavailable("nexusd is shutting down")
+        try:
+            self._send.send_nowait(_Job(op, done))
+        except anyio.WouldBlock:
+            return False
+        except anyio.ClosedResourceError:
+            raise Unavailable("nexusd is shutting down") from None
+        return True
+
     async def submit(self, op: Op, done: Done, *, timeout: float = 5.0) -> None:
         """Queue ``op``; ``done`` is called after its commit.
 
@@ -263,7 +275,12 @@ class Writer:
         if self.commit_delay:
             time.sleep(self.commit_delay)
         try:
-            results = self._transaction(conn, batch)
+            try:
+                results = self._transaction(conn, batch, lookup=False)
+            except sqlite3.IntegrityError:
+                # A key already stored: a resend whose original committed.  Redo
+                # the batch looking every key up (rare: only after lost answers).
+                results = self._transaction(conn, batch, lookup=True)
         except sqlite3.Error as exc:
             self.stats.failed_batches += 1
             if len(batch) == 1:
@@ -274,18 +291,20 @@ class Writer:
             results = []
             for job in batch:
                 try:
-                    results.extend(self._transaction(conn, [job]))
+                    results.extend(self._transaction(conn, [job], lookup=True))
                 except sqlite3.Error as one:
                     results.append(_storage_error(one))
         return results
 
-    def _transaction(self, conn: sqlite3.Connection, batch: list[_Job]) -> list[Any]:
+    def _transaction(
+        self, conn: sqlite3.Connection, batch: list[_Job], *, lookup: bool
+    ) -> list[Any]:
         now = utc_now()
         if now < self._last_ts:  # the clock stepped back: keep timestamps monotonic
             now = self._last_ts
         counts = _Counts(conn, self._counts)
         results: list[Any] = []
-        inserts = _PendingInserts(conn, now)
+        inserts = _PendingInserts(conn, now, lookup=lookup)
         rows_added = 0
 
         conn.execute("BEGIN IMMEDIATE")
@@ -381,14 +400,18 @@ class _PendingInserts:
 
     A row carrying an idempotency key that its session already holds (in the
     database, or earlier in this batch) is not inserted again: its caller gets
-    the original id.
+    the original id.  Keys are looked up in the database only with ``lookup``;
+    the fast path inserts optimistically and the unique index turns a stored
+    key into an IntegrityError, after which the writer redoes the batch with
+    lookups.
     """
 
-    __slots__ = ("_conn", "_fills", "_keys", "_now", "_rows")
+    __slots__ = ("_conn", "_fills", "_keys", "_lookup", "_now", "_rows")
 
-    def __init__(self, conn: sqlite3.Connection, now: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, now: str, *, lookup: bool) -> None:
         self._conn = conn
         self._now = now
+        self._lookup = lookup
         self._rows: list[tuple[str, str, str, str, str | None, str | None]] = []
         self._fills: list[list[tuple[list[int], int]]] = []
         self._keys: dict[tuple[str, str], int] = {}
@@ -404,13 +427,14 @@ class _PendingInserts:
                 if j is not None:  # the same key earlier in this batch
                     self._fills[j].append((ids, i))
                     continue
-                found = self._conn.execute(
-                    "SELECT id FROM nexus_messages WHERE session_tag = ? AND idem_key = ?",
-                    (tag, key),
-                ).fetchone()
-                if found is not None:
-                    ids[i] = found[0]
-                    continue
+                if self._lookup:
+                    found = self._conn.execute(
+                        "SELECT id FROM nexus_messages WHERE idem_key = ? AND session_tag = ?",
+                        (key, tag),
+                    ).fetchone()
+                    if found is not None:
+                        ids[i] = found[0]
+                        continue
                 self._keys[(tag, key)] = len(self._rows)
             self._rows.append((role, content, ts or self._now, tag, meta, key))
             self._fills.append([(ids, i)])

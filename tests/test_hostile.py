@@ -110,10 +110,17 @@ def _still_fine(target: tuple[Daemon, Client, list[Any]]) -> None:
 
 
 def _raw(d: Daemon) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.settimeout(5)
-    s.connect(str(d.socket))
-    return s
+    deadline = time.monotonic() + 10
+    while True:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        try:
+            s.connect(str(d.socket))
+            return s
+        except BlockingIOError:  # the accept backlog is full for a moment: poll again
+            s.close()
+            assert time.monotonic() < deadline
+            time.sleep(0.001)
 
 
 def _drain(s: socket.socket) -> None:

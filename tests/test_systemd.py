@@ -226,10 +226,11 @@ def _as_uid(uid: int, path: Path, requests: list[dict[str, Any]]) -> list[dict[s
             dec = FrameDecoder(1 << 24)
             out: list[Any] = []
             for req in requests:
+                sent = True
                 try:
                     s.sendall(encode_frame(msgspec.msgpack.encode(req)))
                 except OSError:
-                    break
+                    sent = False  # refused already: still read what it said
                 frames: list[bytes] = []
                 while not frames:
                     try:
@@ -243,6 +244,8 @@ def _as_uid(uid: int, path: Path, requests: list[dict[str, Any]]) -> list[dict[s
                     out.append({"op": "closed"})
                     break
                 out.append(msgspec.msgpack.decode(frames[0]))
+                if not sent:
+                    break
             os.write(w, msgspec.msgpack.encode(out))
         except BaseException:
             code = 1

@@ -1,0 +1,249 @@
+"""What each request means: validation, writer jobs, reader queries, replies.
+
+No I/O here.  :class:`Dispatcher` holds one connection's view of the daemon
+(its tag namespace, its backups, the limits) and turns a decoded request into
+either an immediate reply, a writer job with the function that builds its
+reply, or a query to await.  :mod:`nexusd.connection` moves the bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Final
+
+import msgspec
+
+from . import protocol as p
+from .errors import BadRequest, Forbidden, NotFound
+from .peers import Namespace
+from .writer import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest
+
+if TYPE_CHECKING:
+    from .server import Server
+
+logger = logging.getLogger(__name__)
+
+_ENVELOPE: Final = 1024
+_MAX_META_DEPTH: Final = 32
+_json_encode = msgspec.json.encode
+_json_decode = msgspec.json.decode
+
+#: Builds the reply to a write from its request id and the writer's result.
+Build = Callable[[int, Any], Any]
+READS: Final = (p.History, p.Count, p.Sessions, p.BackupBegin, p.BackupRead, p.BackupEnd)
+
+
+class Dispatcher:
+    """One connection's request handling."""
+
+    def __init__(self, server: Server, ns: Namespace | None) -> None:
+        self.server = server
+        #: The peer's namespace of session tags (None: tags pass through).
+        self.ns = ns
+        self.max_frame = server.config.max_frame
+        self.max_content = server.config.max_content
+        self.backups: set[str] = set()  # snapshot tokens this connection owns
+
+    # ── requests answered on the spot ─────────────────────────────────────
+    def immediate(self, req: Any) -> Any | None:
+        kind = type(req)
+        if kind is p.Ping:
+            return p.PingReply(id=req.id)
+        if kind is p.Hello:
+            return self.server.hello(req.id)
+        if kind is p.Stats:
+            return p.StatsReply(id=req.id, stats=self.server.stats())
+        return None
+
+    # ── writes ────────────────────────────────────────────────────────────
+    def write_job(self, req: Any) -> tuple[Op, Build] | None:
+        """The writer job for a mutating request (raises BadRequest), else None."""
+        kind = type(req)
+        if kind is p.Append:
+            self._check_content(req.content, "content")
+            row: NewRow = (
+                req.role,
+                req.content,
+                req.timestamp,
+                _meta_json(req.meta, "meta"),
+                req.idem_key,
+            )
+            return Insert(self._inner(req.session_tag), [row]), _append_reply
+        if kind is p.AppendMany:
+            rows: list[NewRow] = []
+            for i, m in enumerate(req.messages):
+                self._check_content(m.content, f"messages[{i}].content")
+                meta = _meta_json(m.meta, f"messages[{i}].meta")
+                rows.append((m.role, m.content, m.timestamp, meta, m.idem_key))
+            return Insert(self._inner(req.session_tag), rows), _append_many_reply
+        if kind is p.Pop:
+            return PopNewest(self._inner(req.session_tag)), self._pop_reply
+        if kind is p.Clear:
+            return ClearSession(self._inner(req.session_tag)), _clear_reply
+        if kind is p.ClearAll:
+            return ClearAll(None if self.ns is None else self.ns.scope), _clear_all_reply
+        return None
+
+    def _check_content(self, content: str, field: str) -> None:
+        # A code point is at most 4 bytes of UTF-8: skip the encode when it cannot matter.
+        if len(content) * 4 > self.max_content:
+            try:
+                size = len(content.encode("utf-8"))
+            except UnicodeEncodeError:
+                raise BadRequest(f"{field} is not valid UTF-8", field=field) from None
+            if size > self.max_content:
+                raise BadRequest(
+                    f"{field} is {size} bytes of UTF-8; the limit is {self.max_content}",
+                    field=field,
+                )
+
+    # ── namespaces (isolate_peers) ─────────────────────────────────────────
+    def _inner(self, tag: str) -> str:
+        return tag if self.ns is None else self.ns.inner(tag)
+
+    def _outer(self, stored: str) -> str:
+        return stored if self.ns is None else self.ns.outer(stored)
+
+    def _message(self, row: tuple[Any, ...]) -> p.Message:
+        msg = row_to_message(row)
+        if self.ns is None or not self.ns.prefix:
+            return msg
+        return msgspec.structs.replace(msg, session_tag=self.ns.outer(msg.session_tag))
+
+    def _pop_reply(self, rid: int, row: tuple[Any, ...] | None) -> p.PopReply:
+        return p.PopReply(id=rid, message=self._message(row) if row is not None else None)
+
+    # ── reads ─────────────────────────────────────────────────────────────
+    async def query(self, req: Any) -> Any:
+        readers = self.server.readers
+        if type(req) is p.History:
+            budget = self.max_frame - _ENVELOPE
+            rows, cut = await readers.history(
+                self._inner(req.session_tag),
+                req.limit,
+                before_id=req.before_id,
+                after_id=req.after_id,
+                budget=budget,
+            )
+            return _fit_history(req, [self._message(r) for r in rows], cut, budget)
+        if type(req) is p.Count:
+            return p.CountReply(id=req.id, count=await readers.count(self._inner(req.session_tag)))
+        if type(req) is p.Sessions:
+            ns = self.ns
+            after = req.after if ns is None or req.after is None else ns.inner(req.after)
+            scope = None if ns is None else ns.scope
+            tags, more = await readers.sessions(after=after, limit=req.limit, scope=scope)
+            outer = self._outer
+            infos = [
+                p.SessionInfo(
+                    session_tag=outer(t), count=n, first_id=f, last_id=la, last_timestamp=ts
+                )
+                for t, n, f, la, ts in tags
+            ]
+            return p.SessionsReply(id=req.id, sessions=infos, truncated=more)
+        return await self._backup(req)
+
+    async def _backup(self, req: Any) -> Any:
+        snapshots = self.server.snapshots
+        if type(req) is p.BackupBegin:
+            if self.ns is not None and self.ns.scope != "":
+                # A copy holds every namespace: only those who may see them all.
+                raise Forbidden("backups need an admin uid when isolate_peers is on")
+            token, size = await snapshots.begin()
+            self.backups.add(token)
+            return p.BackupBeginReply(id=req.id, backup=token, size=size)
+        if isinstance(req, (p.BackupRead, p.BackupEnd)) and req.backup not in self.backups:
+            raise NotFound("no such backup on this connection", field="backup")
+        if isinstance(req, p.BackupRead):
+            data, eof = await snapshots.read(req.backup, req.offset, req.length)
+            return p.BackupReadReply(id=req.id, data=data, eof=eof)
+        if isinstance(req, p.BackupEnd):
+            self.backups.discard(req.backup)
+            snapshots.end(req.backup)
+            return p.BackupEndReply(id=req.id)
+        raise BadRequest(f"unsupported operation {type(req).__name__}", field="op")
+
+    def release(self) -> None:
+        """The connection is gone: drop its snapshots."""
+        self.server.snapshots.end_all(self.backups)
+        self.backups.clear()
+
+
+def _meta_json(meta: dict[str, Any] | None, field: str) -> str | None:
+    if meta is None:
+        return None
+    _check_json(meta, field, 0)
+    return _json_encode(meta).decode()
+
+
+def _fit_history(req: p.History, msgs: list[p.Message], cut: bool, budget: int) -> p.HistoryReply:
+    """Guard the SQL size estimate: drop rows from the far edge until the reply fits."""
+    reply = p.HistoryReply(id=req.id, messages=msgs, truncated=cut)
+    if len(p.encoder.encode(reply)) <= budget:
+        return reply
+    # Keep the side the page starts from: the newest for back-paging, else the oldest.
+    keep_newest = req.after_id is None
+    ordered = list(reversed(msgs)) if keep_newest else list(msgs)
+    total, kept = 64, []
+    for m in ordered:
+        total += len(p.encoder.encode(m))
+        if total > budget:
+            break
+        kept.append(m)
+    if keep_newest:
+        kept.reverse()
+    return p.HistoryReply(id=req.id, messages=kept, truncated=True)
+
+
+def row_to_message(row: tuple[Any, ...]) -> p.Message:
+    meta = row[5]
+    return p.Message(
+        id=row[0],
+        role=row[1],
+        content=row[2],
+        timestamp=row[3],
+        session_tag=row[4],
+        meta=_json_decode(meta) if meta is not None else None,
+    )
+
+
+def _check_json(value: Any, field: str, depth: int) -> None:
+    """Accept only what JSON can hold: no bytes, extensions, or non-finite floats."""
+    if depth > _MAX_META_DEPTH:
+        raise BadRequest(f"{field} nests deeper than {_MAX_META_DEPTH}", field=field)
+    t = type(value)
+    if t is str or t is bool or t is int or value is None:
+        return
+    if t is float:
+        if not math.isfinite(value):
+            raise BadRequest(f"{field} holds a non-finite number", field=field)
+        return
+    if t is dict:
+        for k, v in value.items():
+            if type(k) is not str:
+                raise BadRequest(f"{field} has a non-string key", field=field)
+            _check_json(v, f"{field}.{k}", depth + 1)
+        return
+    if t is list:
+        for i, v in enumerate(value):
+            _check_json(v, f"{field}[{i}]", depth + 1)
+        return
+    raise BadRequest(f"{field} holds a {t.__name__}, which JSON cannot represent", field=field)
+
+
+def _append_reply(rid: int, ids: list[int]) -> p.AppendReply:
+    return p.AppendReply(id=rid, message_id=ids[0])
+
+
+def _append_many_reply(rid: int, ids: list[int]) -> p.AppendManyReply:
+    return p.AppendManyReply(id=rid, message_ids=ids)
+
+
+def _clear_reply(rid: int, n: int) -> p.ClearReply:
+    return p.ClearReply(id=rid, deleted=n)
+
+
+def _clear_all_reply(rid: int, n: int) -> p.ClearAllReply:
+    return p.ClearAllReply(id=rid, deleted=n)
