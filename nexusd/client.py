@@ -20,7 +20,6 @@ id instead of storing a copy.  Reads are retried the same way; ``pop``,
 from __future__ import annotations
 
 import itertools
-import math
 import os
 import socket
 import threading
@@ -30,53 +29,20 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import SocketStream, TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
+from anyio.abc import TaskGroup
 
 from . import calls
 from . import protocol as p
 from .calls import MessageInput, Progress
 from .errors import ConnectionLost, DaemonNotRunning, NexusError, Timeout
 from .framing import FrameDecoder, encode_frame
+from .links import AnyioLink, AsyncioLink, on_asyncio
 from .paths import resolve_socket_path
 from .protocol import DEFAULT_SESSION, Message, SessionInfo
 
 __all__ = ["AsyncClient", "Client", "MessageInput"]
 
 _with_id = msgspec.structs.replace
-
-
-class _Slot:
-    __slots__ = ("event", "value")
-
-    def __init__(self) -> None:
-        self.event = anyio.Event()
-        self.value: Any = None
-
-    def set(self, value: Any) -> None:
-        self.value = value
-        self.event.set()
-
-
-class _Link:
-    """One connection of an :class:`AsyncClient` and the calls waiting on it."""
-
-    def __init__(self, stream: SocketStream) -> None:
-        self.stream = stream
-        self.pending: dict[int, _Slot] = {}
-        self.broken: NexusError | None = None
-        self.out_send: MemoryObjectSendStream[bytes]
-        self.out_recv: MemoryObjectReceiveStream[bytes]
-        # Unbounded: a call puts exactly one frame and then waits for its reply.
-        self.out_send, self.out_recv = anyio.create_memory_object_stream[bytes](math.inf)
-
-    def fail(self, err: NexusError) -> None:
-        if self.broken is None:
-            self.broken = err
-        self.out_send.close()
-        pending, self.pending = self.pending, {}
-        for slot in pending.values():
-            slot.set(err)
 
 
 # ── async ────────────────────────────────────────────────────────────────────
@@ -102,14 +68,20 @@ class AsyncClient:
         self._keys = calls.KeyMaker() if idempotent_appends else None
         self._ids = itertools.count(1)
         self._tg: TaskGroup | None = None
-        self._link: _Link | None = None
+        self._link: AnyioLink | AsyncioLink | None = None
         self._connect_lock = anyio.Lock()
 
     async def __aenter__(self) -> AsyncClient:
-        stream = await self._open()  # first, so an unreachable daemon raises plainly
+        # Connect first, so an unreachable daemon raises plainly.
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
-        self._install(stream)
+        try:
+            self._link = await self._open()
+        except BaseException:
+            tg, self._tg = self._tg, None
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:
@@ -122,32 +94,22 @@ class AsyncClient:
             return
         link, self._link = self._link, None
         if link is not None:
-            link.fail(ConnectionLost("client closed"))
-            # Close before cancelling: on asyncio, cancelling a receive() on a
-            # Unix stream can race its reader callback (anyio issue 1267).
-            # Closing ends the receiver and sender without cancellation.
-            with anyio.CancelScope(shield=True):
-                await link.stream.aclose()
+            await link.aclose()
         tg.cancel_scope.cancel()
         await tg.__aexit__(None, None, None)
 
     # ── plumbing ──────────────────────────────────────────────────────────
-    async def _open(self) -> SocketStream:
+    async def _open(self) -> AnyioLink | AsyncioLink:
+        if self._tg is None:
+            raise ConnectionLost("client is not open; use `async with AsyncClient()`")
         try:
-            return await anyio.connect_unix(self.socket_path)
+            if on_asyncio():
+                return await AsyncioLink.open(str(self.socket_path))
+            return AnyioLink(await anyio.connect_unix(self.socket_path), self._tg)
         except OSError as exc:
             raise calls.unreachable(self.socket_path, exc.strerror or str(exc)) from None
 
-    def _install(self, stream: SocketStream) -> _Link:
-        if self._tg is None:
-            raise ConnectionLost("client is not open; use `async with AsyncClient()`")
-        link = _Link(stream)
-        self._link = link
-        self._tg.start_soon(self._receiver, link)
-        self._tg.start_soon(self._sender, link)
-        return link
-
-    async def _current_link(self) -> _Link:
+    async def _current_link(self) -> AnyioLink | AsyncioLink:
         link = self._link
         if link is not None and link.broken is None:
             return link
@@ -155,70 +117,14 @@ class AsyncClient:
             link = self._link
             if link is not None and link.broken is None:
                 return link
-            if self._tg is None:
-                raise ConnectionLost("client is not open; use `async with AsyncClient()`")
-            return self._install(await self._open())
-
-    @staticmethod
-    async def _sender(link: _Link) -> None:
-        recv = link.out_recv
-        try:
-            async for first in recv:
-                frames = [first]
-                while True:
-                    try:
-                        frames.append(recv.receive_nowait())
-                    except (anyio.WouldBlock, anyio.EndOfStream):
-                        break
-                await link.stream.send(b"".join(frames))
-        except (anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            link.fail(ConnectionLost("connection to nexusd lost while sending"))
-
-    @staticmethod
-    async def _receiver(link: _Link) -> None:
-        decoder = FrameDecoder(calls.CLIENT_MAX_FRAME)
-        err: NexusError = ConnectionLost("nexusd closed the connection")
-        try:
-            while True:
-                chunk = await link.stream.receive(calls.RECV_BYTES)
-                for body in decoder.feed(chunk):
-                    reply = p.reply_decoder.decode(body)
-                    if reply.id is None:  # not tied to a request: we are being dropped
-                        assert isinstance(reply, p.ErrorReply)
-                        err = p.error_for_reply(reply)
-                        continue
-                    slot = link.pending.pop(reply.id, None)
-                    if slot is not None:
-                        slot.set(reply)
-        except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
-            pass
-        except (NexusError, msgspec.DecodeError) as exc:
-            err = exc if isinstance(exc, NexusError) else ConnectionLost(f"bad reply: {exc}")
-        link.fail(err)
-        with anyio.CancelScope(shield=True):
-            await link.stream.aclose()
+            self._link = await self._open()
+            return self._link
 
     async def _call_once(self, req: Any) -> Any:
         link = await self._current_link()
         rid = next(self._ids)
-        slot = _Slot()
-        link.pending[rid] = slot
-        try:
-            link.out_send.send_nowait(encode_frame(p.encoder.encode(_with_id(req, id=rid))))
-        except (anyio.ClosedResourceError, anyio.BrokenResourceError):
-            link.pending.pop(rid, None)
-            raise ConnectionLost("connection to nexusd lost") from None
-        try:
-            with anyio.fail_after(self.timeout):
-                await slot.event.wait()
-        except TimeoutError:
-            link.pending.pop(rid, None)
-            raise Timeout(f"no reply from nexusd within {self.timeout}s") from None
-        if isinstance(slot.value, NexusError):
-            raise slot.value
-        if isinstance(slot.value, p.ErrorReply):
-            raise p.error_for_reply(slot.value)
-        return slot.value
+        frame = encode_frame(p.encoder.encode(_with_id(req, id=rid)))
+        return await link.roundtrip(rid, frame, self.timeout)
 
     async def _call(self, req: Any) -> Any:
         deadline = time.monotonic() + self.retry_for
