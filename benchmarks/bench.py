@@ -165,7 +165,7 @@ async def bench_nexusd(sock: Path, secs: float, conc: tuple[int, ...]) -> dict[s
 
     batch = [("user", CONTENT)] * 100
     async with AsyncClient(sock) as c:
-        b = await timed_tasks(4, secs, lambda t: c.append_many(batch, session_tag=f"b{t}"))
+        b = await timed_tasks(16, secs, lambda t: c.append_many(batch, session_tag=f"b{t}"))
     b["rows_per_s"] = round(b["per_s"] * 100, 1)
     out["B"] = b
     print(f"  B append_many(100): {b['rows_per_s']:.0f} rows/s", flush=True)

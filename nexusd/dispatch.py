@@ -73,9 +73,11 @@ class Dispatcher:
             return Insert(self._inner(req.session_tag), [row]), _append_reply
         if kind is p.AppendMany:
             rows: list[NewRow] = []
+            limit = self.max_content // 4  # below this many characters, no need to measure
             for i, m in enumerate(req.messages):
-                self._check_content(m.content, f"messages[{i}].content")
-                meta = _meta_json(m.meta, f"messages[{i}].meta")
+                if len(m.content) > limit:
+                    self._check_content(m.content, f"messages[{i}].content")
+                meta = None if m.meta is None else _meta_json(m.meta, f"messages[{i}].meta")
                 rows.append((m.role, m.content, m.timestamp, meta, m.idem_key))
             return Insert(self._inner(req.session_tag), rows), _append_many_reply
         if kind is p.Pop:

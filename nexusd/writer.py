@@ -304,7 +304,7 @@ class Writer:
             now = self._last_ts
         counts = _Counts(conn, self._counts)
         results: list[Any] = []
-        inserts = _PendingInserts(conn, now, lookup=lookup)
+        inserts = _CheckedInserts(conn, now) if lookup else _PendingInserts(conn, now)
         rows_added = 0
 
         conn.execute("BEGIN IMMEDIATE")
@@ -398,26 +398,66 @@ class Writer:
 class _PendingInserts:
     """Rows waiting to go into one ``executemany``, and who gets which id.
 
-    A row carrying an idempotency key that its session already holds (in the
-    database, or earlier in this batch) is not inserted again: its caller gets
-    the original id.  Keys are looked up in the database only with ``lookup``;
-    the fast path inserts optimistically and the unique index turns a stored
-    key into an IntegrityError, after which the writer redoes the batch with
-    lookups.
+    This is the fast path: rows go in as they are.  A row whose idempotency key
+    its session already holds makes the unique index raise IntegrityError; the
+    writer then redoes the batch with :class:`_CheckedInserts`.
     """
 
-    __slots__ = ("_conn", "_fills", "_keys", "_lookup", "_now", "_rows")
+    __slots__ = ("_conn", "_now", "_rows", "_spans")
 
-    def __init__(self, conn: sqlite3.Connection, now: str, *, lookup: bool) -> None:
+    def __init__(self, conn: sqlite3.Connection, now: str) -> None:
         self._conn = conn
         self._now = now
-        self._lookup = lookup
         self._rows: list[tuple[str, str, str, str, str | None, str | None]] = []
-        self._fills: list[list[tuple[list[int], int]]] = []
-        self._keys: dict[tuple[str, str], int] = {}
+        self._spans: list[tuple[list[int], int]] = []  # (ids to fill, how many)
 
     def add(self, op: Insert) -> tuple[list[int], int]:
-        """Queue ``op``'s rows; return its (to be filled) id list and how many are new."""
+        """Queue ``op``'s rows; return its id list (filled by :meth:`flush`) and its size."""
+        tag, now, n = op.session_tag, self._now, len(op.rows)
+        self._rows += [(r, c, ts or now, tag, m, k) for r, c, ts, m, k in op.rows]
+        ids: list[int] = []
+        self._spans.append((ids, n))
+        return ids, n
+
+    def _insert(self) -> int:
+        """Insert the queued rows; return the first new id."""
+        rows = self._rows
+        conn = self._conn
+        conn.executemany(
+            "INSERT INTO nexus_messages (role, content, timestamp, session_tag, meta, idem_key) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        # One writer, AUTOINCREMENT, one statement: the new ids are consecutive.
+        last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        return last - len(rows) + 1
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        first = self._insert()
+        for ids, n in self._spans:
+            ids += range(first, first + n)
+            first += n
+        self._rows = []
+        self._spans = []
+
+
+class _CheckedInserts(_PendingInserts):
+    """The careful path: every key is looked up, in the database and in the batch.
+
+    A row whose key its session already holds is not inserted again; its
+    caller gets the original id.
+    """
+
+    __slots__ = ("_fills", "_keys")
+
+    def __init__(self, conn: sqlite3.Connection, now: str) -> None:
+        super().__init__(conn, now)
+        self._fills: list[list[tuple[list[int], int]]] = []  # per queued row: who gets its id
+        self._keys: dict[tuple[str, str], int] = {}  # (tag, key) -> queued row
+
+    def add(self, op: Insert) -> tuple[list[int], int]:
         tag = op.session_tag
         ids = [0] * len(op.rows)
         added = 0
@@ -427,14 +467,13 @@ class _PendingInserts:
                 if j is not None:  # the same key earlier in this batch
                     self._fills[j].append((ids, i))
                     continue
-                if self._lookup:
-                    found = self._conn.execute(
-                        "SELECT id FROM nexus_messages WHERE idem_key = ? AND session_tag = ?",
-                        (key, tag),
-                    ).fetchone()
-                    if found is not None:
-                        ids[i] = found[0]
-                        continue
+                found = self._conn.execute(
+                    "SELECT id FROM nexus_messages WHERE idem_key = ? AND session_tag = ?",
+                    (key, tag),
+                ).fetchone()
+                if found is not None:
+                    ids[i] = found[0]
+                    continue
                 self._keys[(tag, key)] = len(self._rows)
             self._rows.append((role, content, ts or self._now, tag, meta, key))
             self._fills.append([(ids, i)])
@@ -442,18 +481,9 @@ class _PendingInserts:
         return ids, added
 
     def flush(self) -> None:
-        rows = self._rows
-        if not rows:
+        if not self._rows:
             return
-        conn = self._conn
-        conn.executemany(
-            "INSERT INTO nexus_messages (role, content, timestamp, session_tag, meta, idem_key) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            rows,
-        )
-        # One writer, AUTOINCREMENT, one statement: the new ids are consecutive.
-        last = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-        first = last - len(rows) + 1
+        first = self._insert()
         for j, fills in enumerate(self._fills):
             for ids, i in fills:
                 ids[i] = first + j
