@@ -129,7 +129,10 @@ class Dispatcher:
                 after_id=req.after_id,
                 budget=budget,
             )
-            return _fit_history(req, [self._message(r) for r in rows], cut, budget)
+            # The size estimate is an upper bound: the reply fits the frame.
+            return p.HistoryReply(
+                id=req.id, messages=[self._message(r) for r in rows], truncated=cut
+            )
         if type(req) is p.Count:
             return p.CountReply(id=req.id, count=await readers.count(self._inner(req.session_tag)))
         if type(req) is p.Sessions:
@@ -178,25 +181,6 @@ def _meta_json(meta: dict[str, Any] | None, field: str) -> str | None:
         return None
     _check_json(meta, field, 0)
     return _json_encode(meta).decode()
-
-
-def _fit_history(req: p.History, msgs: list[p.Message], cut: bool, budget: int) -> p.HistoryReply:
-    """Guard the SQL size estimate: drop rows from the far edge until the reply fits."""
-    reply = p.HistoryReply(id=req.id, messages=msgs, truncated=cut)
-    if len(p.encoder.encode(reply)) <= budget:
-        return reply
-    # Keep the side the page starts from: the newest for back-paging, else the oldest.
-    keep_newest = req.after_id is None
-    ordered = list(reversed(msgs)) if keep_newest else list(msgs)
-    total, kept = 64, []
-    for m in ordered:
-        total += len(p.encoder.encode(m))
-        if total > budget:
-            break
-        kept.append(m)
-    if keep_newest:
-        kept.reverse()
-    return p.HistoryReply(id=req.id, messages=kept, truncated=True)
 
 
 def row_to_message(row: tuple[Any, ...]) -> p.Message:

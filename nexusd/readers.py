@@ -30,23 +30,20 @@ logger = logging.getLogger(__name__)
 
 Row = tuple[int, str, str, str, str, "str | None"]
 
-#: msgpack overhead per message map (keys, headers, the id) with room to spare.
+#: msgpack bytes per message map besides its strings (keys, headers, the id), with room.
 ROW_OVERHEAD: Final = 96
 
 _COLS: Final = "id, role, content, timestamp, session_tag, meta"
-# The running byte estimate of each row, in query order.  ``run - size`` is what
-# came before it: rows are kept while that is under the budget, which returns
-# one row past the budget as a sentinel that tells "cut" from "complete".
-_SIZED: Final = (
-    f"SELECT {_COLS}, "
-    f"SUM(length(CAST(content AS BLOB)) + length(CAST(role AS BLOB)) "
-    f"+ length(CAST(timestamp AS BLOB)) + length(CAST(session_tag AS BLOB)) "
-    f"+ coalesce(length(CAST(meta AS BLOB)), 0) + {ROW_OVERHEAD}) "
-    "OVER (ORDER BY id {order} ROWS UNBOUNDED PRECEDING) AS run, "
+# An upper bound of each row's size in the reply: its strings' bytes, meta at
+# three times its JSON (a float like 0.5 is 3 bytes of JSON, 9 of msgpack), and
+# the map's overhead.  Rows are kept while the running sum *before* them is
+# under the budget, which returns one row past the budget as a sentinel that
+# tells "cut" from "complete".  The window runs over (id, size) only, so no
+# content is copied into SQLite's temporary table.
+_SIZE: Final = (
     "length(CAST(content AS BLOB)) + length(CAST(role AS BLOB)) "
     "+ length(CAST(timestamp AS BLOB)) + length(CAST(session_tag AS BLOB)) "
-    f"+ coalesce(length(CAST(meta AS BLOB)), 0) + {ROW_OVERHEAD} AS size "
-    "FROM nexus_messages WHERE session_tag = ? {where} ORDER BY id {order} LIMIT ?"
+    f"+ 3 * coalesce(length(CAST(meta AS BLOB)), 0) + {ROW_OVERHEAD}"
 )
 
 
@@ -57,8 +54,14 @@ def _history_sql(*, before: bool, after: bool, newest_first: bool) -> str:
     if before:
         where += " AND id < ?"
     order = "DESC" if newest_first else "ASC"
-    inner = _SIZED.format(where=where, order=order)
-    return f"SELECT {_COLS}, run FROM ({inner}) WHERE run - size < ?"
+    return (
+        f"SELECT m.id, m.role, m.content, m.timestamp, m.session_tag, m.meta, w.run FROM ("
+        f"  SELECT id, size, SUM(size) OVER (ORDER BY id {order} ROWS UNBOUNDED PRECEDING) AS run"
+        f"  FROM (SELECT id, {_SIZE} AS size FROM nexus_messages"
+        f"        WHERE session_tag = ?{where} ORDER BY id {order} LIMIT ?)"
+        f") AS w JOIN nexus_messages AS m ON m.id = w.id"
+        f" WHERE w.run - w.size < ? ORDER BY m.id {order}"
+    )
 
 
 class ReaderPool:

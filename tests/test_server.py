@@ -341,3 +341,17 @@ async def test_socket_is_private_by_default(short_dir: Path) -> None:
     cfg = make_config(short_dir)
     async with running_server(cfg):
         assert (cfg.socket.stat().st_mode & 0o777) == 0o600
+
+
+async def test_history_of_float_heavy_meta_still_fits_the_frame(short_dir: Path) -> None:
+    # 0.5 is 4 bytes of JSON ("0.5,") but 9 of msgpack: the size bound must hold.
+    cfg = make_config(short_dir, max_frame=64 * 1024, max_content=1024, max_messages=0)
+    async with running_server(cfg) as server:
+        c = await Raw.connect(server.config.socket)
+        for i in range(10):
+            r = await c.call({"op": "append", "id": i, "role": "u", "content": "x", "meta": {"f": [0.5] * 2000}})
+            assert r["op"] == "append", r
+        h = await c.call({"op": "history", "id": 99, "limit": 10})
+        assert h["op"] == "history", h
+        assert h["truncated"] is True and 1 <= len(h["messages"]) < 10
+        assert h["messages"][-1]["meta"] == {"f": [0.5] * 2000}
