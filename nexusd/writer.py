@@ -41,6 +41,11 @@ NewRow: TypeAlias = tuple[str, str, "str | None", "str | None", "str | None"]
 Row: TypeAlias = tuple[int, str, str, str, str, "str | None"]
 
 _COUNT_CACHE_MAX: Final = 65_536
+#: Sessions pruned per DELETE (SQLite allows 500 terms in a compound SELECT).
+_PRUNE_CHUNK: Final = 200
+_PRUNE_ONE: Final = (
+    "SELECT id FROM (SELECT id FROM nexus_messages WHERE session_tag = ? ORDER BY id LIMIT ?)"
+)
 _LATENCY_SAMPLES: Final = 2_048
 
 
@@ -361,22 +366,27 @@ class Writer:
         return tuple(row)
 
     def _prune(self, conn: sqlite3.Connection, counts: _Counts) -> int:
-        """Delete exactly the oldest overflow of every session this batch grew."""
+        """Delete exactly the oldest overflow of every session this batch grew.
+
+        One statement for up to :data:`_PRUNE_CHUNK` sessions: each session's
+        overflow is an index range scan of ``(session_tag, id)``, and a single
+        statement saves a round of statement overhead per session.
+        """
         keep = self.max_messages
         if not keep:
             return 0
-        pruned = 0
+        over: list[tuple[str, int]] = []
         for tag in counts.grown:
             excess = counts.get(tag) - keep
             if excess > 0:
-                conn.execute(
-                    "DELETE FROM nexus_messages WHERE id IN (SELECT id FROM nexus_messages "
-                    "WHERE session_tag = ? ORDER BY id LIMIT ?)",
-                    (tag, excess),
-                )
+                over.append((tag, excess))
                 counts.set(tag, keep)
-                pruned += excess
-        return pruned
+        for i in range(0, len(over), _PRUNE_CHUNK):
+            chunk = over[i : i + _PRUNE_CHUNK]
+            union = " UNION ALL ".join([_PRUNE_ONE] * len(chunk))
+            params = [x for pair in chunk for x in pair]
+            conn.execute(f"DELETE FROM nexus_messages WHERE id IN ({union})", params)
+        return sum(n for _, n in over)
 
     def snapshot(self, *, queue_depth: bool = True) -> dict[str, Any]:
         """Writer figures for the ``stats`` operation."""

@@ -349,7 +349,9 @@ async def test_history_of_float_heavy_meta_still_fits_the_frame(short_dir: Path)
     async with running_server(cfg) as server:
         c = await Raw.connect(server.config.socket)
         for i in range(10):
-            r = await c.call({"op": "append", "id": i, "role": "u", "content": "x", "meta": {"f": [0.5] * 2000}})
+            r = await c.call(
+                {"op": "append", "id": i, "role": "u", "content": "x", "meta": {"f": [0.5] * 2000}}
+            )
             assert r["op"] == "append", r
         h = await c.call({"op": "history", "id": 99, "limit": 10})
         assert h["op"] == "history", h

@@ -263,3 +263,21 @@ async def test_a_key_is_free_again_once_its_row_is_gone(tmp_path: Path) -> None:
         await w.call(ClearSession("s"))
         second = await w.call(Insert("s", [row("a", key="k")]))
         assert second[0] > first[0]
+
+
+async def test_pruning_many_sessions_in_one_batch(tmp_path: Path) -> None:
+    # More sessions than one DELETE statement takes: the prune is chunked.
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=1, batch_max=10_000) as w:
+        done: list[Any] = []
+        for i in range(450):
+            await w.submit(Insert(f"s{i}", [row("old"), row("new")]), done.append)
+        await w.call(Insert("last", [row("x")]))
+        assert w.stats.pruned == 450
+        assert w.stats.batches <= 3  # they really shared a transaction or two
+    conn = sqlite3.connect(db)
+    contents = conn.execute(
+        "SELECT session_tag, content FROM nexus_messages WHERE session_tag LIKE 's%'"
+    ).fetchall()
+    conn.close()
+    assert len(contents) == 450 and {c for _, c in contents} == {"new"}
