@@ -52,6 +52,10 @@ class AsyncClient:
     ``timeout`` bounds each call (None: no bound).  ``retry_for`` is how long a
     call may keep reconnecting and resending after the connection dropped or
     the daemon said ``unavailable``/``overloaded`` (0 disables retries).
+
+    Like any anyio task group, a client is entered and left by the same task;
+    several clients opened in one task close in reverse order (``async with``,
+    or :class:`contextlib.AsyncExitStack`).
     """
 
     def __init__(
@@ -72,7 +76,6 @@ class AsyncClient:
         self._connect_lock = anyio.Lock()
 
     async def __aenter__(self) -> AsyncClient:
-        # Connect first, so an unreachable daemon raises plainly.
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         try:
@@ -253,7 +256,7 @@ class AsyncClient:
 class Client:
     """Blocking client; a context manager, safe to share between threads.
 
-    ``timeout`` (seconds, None for none) bounds connecting and each call;
+    ``timeout`` (seconds, None for none) bounds each call;
     ``retry_for`` and ``idempotent_appends`` are as for :class:`AsyncClient`.
     The connection is opened on first use and reopened after a failure.
     """
