@@ -72,13 +72,19 @@ class Dispatcher:
             )
             return Insert(self._inner(req.session_tag), [row]), _append_reply
         if kind is p.AppendMany:
-            rows: list[NewRow] = []
+            msgs = req.messages
             limit = self.max_content // 4  # below this many characters, no need to measure
-            for i, m in enumerate(req.messages):
-                if len(m.content) > limit:
-                    self._check_content(m.content, f"messages[{i}].content")
-                meta = None if m.meta is None else _meta_json(m.meta, f"messages[{i}].meta")
-                rows.append((m.role, m.content, m.timestamp, meta, m.idem_key))
+            rows: list[NewRow]
+            if all(m.meta is None and len(m.content) <= limit for m in msgs):
+                # The common case, without per-item checks.
+                rows = [(m.role, m.content, m.timestamp, None, m.idem_key) for m in msgs]
+            else:
+                rows = []
+                for i, m in enumerate(msgs):
+                    if len(m.content) > limit:
+                        self._check_content(m.content, f"messages[{i}].content")
+                    meta = None if m.meta is None else _meta_json(m.meta, f"messages[{i}].meta")
+                    rows.append((m.role, m.content, m.timestamp, meta, m.idem_key))
             return Insert(self._inner(req.session_tag), rows), _append_many_reply
         if kind is p.Pop:
             return PopNewest(self._inner(req.session_tag)), self._pop_reply
