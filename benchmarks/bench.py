@@ -325,7 +325,7 @@ async def bench_scaling(base: Path, secs: float) -> dict[str, Any]:
                 text = "y" * size
                 out["message_size"][str(size)] = await timed_tasks(
                     32, secs, lambda t, text=text: c.append("user", text, session_tag=f"m{t % 8}"))
-                print(f"  S message {size:>6} B @32: {out['message_size'][size]['per_s']:.0f}/s", flush=True)
+                print(f"  S message {size:>6} B @32: {out['message_size'][str(size)]['per_s']:.0f}/s", flush=True)
             for bs in (1, 10, 100, 1000):
                 batch = [("user", CONTENT)] * bs
                 r = await timed_tasks(4, secs, lambda t, batch=batch: c.append_many(batch, session_tag=f"b{t}"))
@@ -373,6 +373,21 @@ def table(res: dict[str, Any]) -> str:
         if "per_s" in v:
             lines.append(f"D v1 NexusStore, {k} thread(s): {v['per_s']:.0f}/s, p99 {v['p99_ms']:.2f} ms, "
                          f"errors {v['errors']} {v['error_kinds']}, lost rows {v['lost_rows']}")
+    return "\n".join(lines)
+
+
+def scaling_table(sc: dict[str, Any]) -> str:
+    lines = ["| message size (B) | appends/s @32 | p99 ms |", "|---:|---:|---:|"]
+    for size, r in sc["message_size"].items():
+        lines.append(f"| {size} | {r['per_s']:.0f} | {r['p99_ms']:.2f} |")
+    lines += ["", "| append_many batch | rows/s (4 tasks) | p99 ms per call |", "|---:|---:|---:|"]
+    for bs, r in sc["batch_size"].items():
+        lines.append(f"| {bs} | {r['rows_per_s']:.0f} | {r['p99_ms']:.2f} |")
+    lines += ["", "| rows in database | appends/s @32 | p99 ms | history(200) p50 ms | p99 ms |",
+              "|---:|---:|---:|---:|---:|"]
+    for rows, r in sc["db_size"].items():
+        a, h = r["append_32"], r["history_200"]
+        lines.append(f"| {rows} | {a['per_s']:.0f} | {a['p99_ms']:.2f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} |")
     return "\n".join(lines)
 
 
@@ -467,6 +482,9 @@ def main() -> None:
     args.json.write_text(json.dumps(res, indent=1, default=str))
     print()
     print(table(res))
+    if "scaling" in res:
+        print()
+        print(scaling_table(res["scaling"]))
     if args.plot:
         plot(res, args.plot)
         print(f"chart: {args.plot}")
