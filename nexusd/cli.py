@@ -92,10 +92,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
             options["use_uvloop"] = True
     try:
         anyio.run(main, backend="asyncio", backend_options=options)
-    except (StartupError, StorageError, ConfigError) as exc:
-        logger.error("%s", exc.message)
+    except BaseException as exc:
+        # Task groups wrap what failed in exception groups: find the reason.
+        reason = _find(exc, (StartupError, StorageError, ConfigError))
+        if reason is None:
+            raise
+        logger.error("%s", reason.message)
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _find(exc: BaseException, kinds: tuple[type[NexusError], ...]) -> NexusError | None:
+    """The first exception of ``kinds`` in ``exc`` or the groups nested in it."""
+    if isinstance(exc, kinds):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _find(inner, kinds)
+            if found is not None:
+                return found
+    return None
 
 
 async def _on_signals(server: Any) -> None:

@@ -134,6 +134,7 @@ def test_negative_max_messages_is_a_startup_error(short_dir: Path) -> None:
 def test_live_daemon_is_not_stolen(daemon: Daemon) -> None:
     r = run_cli("serve", "--db", str(daemon.dir / "other.db"), "--socket", str(daemon.socket))
     assert r.returncode == 1 and "already listening" in r.stderr
+    assert "Traceback" not in r.stderr  # a clear message, not a crash
     assert daemon.cli("ping").returncode == 0
 
 
@@ -142,6 +143,7 @@ def test_not_a_database_is_refused_untouched(short_dir: Path) -> None:
     db.write_text("definitely not sqlite")
     r = run_cli("serve", "--db", str(db), "--socket", str(short_dir / "s"))
     assert r.returncode == 1 and "not an SQLite database" in r.stderr
+    assert "Traceback" not in r.stderr
     assert db.read_text() == "definitely not sqlite"
 
 

@@ -80,6 +80,7 @@ def test_second_daemon_on_the_same_database_names_the_holder(daemon: Daemon) -> 
     r = run_cli("serve", "--db", str(daemon.db), "--socket", str(daemon.dir / "other.sock"))
     assert r.returncode == 1
     assert f"pid {daemon.proc.pid}" in r.stderr and str(daemon.db) in r.stderr
+    assert "Traceback" not in r.stderr
     assert daemon.cli("ping").returncode == 0
 
 
@@ -247,6 +248,7 @@ def test_corrupt_database_is_reported_and_left_untouched(short_dir: Path) -> Non
     r = run_cli("serve", "--db", str(db), "--socket", str(short_dir / "s.sock"))
     assert r.returncode == 1
     assert "quick_check" in r.stderr or "malformed" in r.stderr
+    assert "Traceback" not in r.stderr
     assert db.read_bytes() == before
     check = run_cli("check", "--db", str(db))
     assert check.returncode == 1 and "DAMAGED" in check.stdout
