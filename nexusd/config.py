@@ -48,6 +48,10 @@ class Config:
     queue_size: int = 10_000
     batch_max: int = 1_000
     readers: int = 4
+    #: WAL pages after which a commit checkpoints.  SQLite's default, 1000,
+    #: checkpoints after nearly every large batch; 4000 (16 MiB of WAL) copies
+    #: each hot index page once per checkpoint instead of once per few commits.
+    wal_autocheckpoint: int = 4000
     max_frame: int = 4 * MiB
     max_content: int = 1 * MiB
     max_inflight: int = 1_024
@@ -82,6 +86,7 @@ class Config:
         need(self.queue_size >= 1, "queue_size must be >= 1")
         need(self.batch_max >= 1, "batch_max must be >= 1")
         need(1 <= self.readers <= 64, "readers must be between 1 and 64")
+        need(self.wal_autocheckpoint >= 0, "wal_autocheckpoint must be >= 0")
         need(self.max_frame >= 64 * 1024, "max_frame must be >= 65536")
         need(
             1 <= self.max_content <= self.max_frame - 16 * 1024,

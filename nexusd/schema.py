@@ -93,7 +93,9 @@ def migrate(conn: sqlite3.Connection) -> int:
     return found
 
 
-def open_writer(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
+def open_writer(
+    path: Path, *, synchronous: str = "full", wal_autocheckpoint: int = 1000
+) -> sqlite3.Connection:
     """Open (creating if needed) the read-write connection and migrate it.
 
     Raises :class:`StorageError` with a clear message when the file is not a
@@ -110,6 +112,7 @@ def open_writer(path: Path, *, synchronous: str = "full") -> sqlite3.Connection:
         _check_quick(conn, path)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        conn.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
         conn.execute("PRAGMA busy_timeout=5000")
         migrate(conn)
     except sqlite3.Error as exc:

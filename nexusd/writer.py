@@ -131,12 +131,14 @@ class Writer:
         queue_size: int = 10_000,
         batch_max: int = 1_000,
         commit_delay: float = 0.0,
+        wal_autocheckpoint: int = 1000,
     ) -> None:
         if max_messages < 0:
             raise ValueError("max_messages must be >= 0")
         self.db_path = db_path
         self.max_messages = max_messages
         self.synchronous = synchronous
+        self.wal_autocheckpoint = wal_autocheckpoint
         self.batch_max = batch_max
         #: Test hook: seconds to sleep inside every batch, to make the writer slow.
         self.commit_delay = commit_delay
@@ -155,7 +157,11 @@ class Writer:
     async def open(self) -> None:
         """Open and migrate the database (in a thread: it may take a while)."""
         self._conn = await anyio.to_thread.run_sync(
-            lambda: open_writer(self.db_path, synchronous=self.synchronous)
+            lambda: open_writer(
+                self.db_path,
+                synchronous=self.synchronous,
+                wal_autocheckpoint=self.wal_autocheckpoint,
+            )
         )
 
     async def run(self) -> None:
