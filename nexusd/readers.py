@@ -5,13 +5,16 @@ with ``query_only`` on, and thanks to WAL a read runs concurrently with the
 writer's transaction; a read that starts after an append was acknowledged sees
 it.  Every query is a single ``execute_fetchall`` (one thread hop).
 
-History pages are bounded by bytes in SQL, with a running sum over the rows in
-query order, so a request for 10 000 rows of 1 MiB never materialises more than
-one frame's worth of rows in the daemon.
+History pages are bounded by bytes in SQL, so a request for 10 000 rows of
+1 MiB never materialises more than one frame's worth of rows in the daemon: a
+plain query guarded by the page's total size answers when everything fits (the
+usual case); otherwise a running sum over the rows in query order finds where
+to cut.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
@@ -47,14 +50,22 @@ _SIZE: Final = (
 )
 
 
-def _history_sql(*, before: bool, after: bool, newest_first: bool) -> str:
+@functools.cache
+def _history_queries(before: bool, after: bool, newest_first: bool) -> tuple[str, str]:
+    """(guarded, windowed) SQL for one shape of history request."""
     where = ""
     if after:
         where += " AND id > ?"
     if before:
         where += " AND id < ?"
     order = "DESC" if newest_first else "ASC"
-    return (
+    guarded = (
+        f"SELECT {_COLS} FROM nexus_messages WHERE session_tag = ?{where}"
+        f" AND (SELECT SUM(size) FROM (SELECT {_SIZE} AS size FROM nexus_messages"
+        f"      WHERE session_tag = ?{where} ORDER BY id {order} LIMIT ?)) <= ?"
+        f" ORDER BY id {order} LIMIT ?"
+    )
+    windowed = (
         f"SELECT m.id, m.role, m.content, m.timestamp, m.session_tag, m.meta, w.run FROM ("
         f"  SELECT id, size, SUM(size) OVER (ORDER BY id {order} ROWS UNBOUNDED PRECEDING) AS run"
         f"  FROM (SELECT id, {_SIZE} AS size FROM nexus_messages"
@@ -62,6 +73,7 @@ def _history_sql(*, before: bool, after: bool, newest_first: bool) -> str:
         f") AS w JOIN nexus_messages AS m ON m.id = w.id"
         f" WHERE w.run - w.size < ? ORDER BY m.id {order}"
     )
+    return guarded, windowed
 
 
 class ReaderPool:
@@ -124,19 +136,23 @@ class ReaderPool:
         side the page starts from, so the caller pages on from the edge.
         """
         newest_first = after_id is None
-        sql = _history_sql(
-            before=before_id is not None, after=after_id is not None, newest_first=newest_first
-        )
-        params: list[Any] = [tag]
+        where: list[Any] = [tag]
         if after_id is not None:
-            params.append(after_id)
+            where.append(after_id)
         if before_id is not None:
-            params.append(before_id)
-        params += [limit, budget]
-        rows = await self.fetch(sql, tuple(params))
-        truncated = bool(rows) and rows[-1][6] > budget
-        if truncated:
-            rows.pop()
+            where.append(before_id)
+        shape = (before_id is not None, after_id is not None, newest_first)
+        # Usually the whole page fits: one plain query, guarded by the page's
+        # size bound.  Only when the guard says no (or the page is empty) does
+        # the windowed query work out where to cut.
+        guarded, windowed = _history_queries(*shape)
+        rows = await self.fetch(guarded, (*where, *where, limit, budget, limit))
+        truncated = False
+        if not rows:
+            rows = await self.fetch(windowed, (*where, limit, budget))
+            truncated = bool(rows) and rows[-1][6] > budget
+            if truncated:
+                rows.pop()
         out: list[Row] = [tuple(r[:6]) for r in rows]
         if newest_first:
             out.reverse()
