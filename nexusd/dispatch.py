@@ -16,9 +16,9 @@ from typing import TYPE_CHECKING, Any, Final
 import msgspec
 
 from . import protocol as p
+from .batch import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest
 from .errors import BadRequest, Forbidden, NotFound
 from .peers import Namespace
-from .writer import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest
 
 if TYPE_CHECKING:
     from .server import Server

@@ -168,8 +168,6 @@ Request = Union[
     BackupRead,
     BackupEnd,
 ]
-#: Requests that mutate and therefore go through the writer's queue.
-WRITE_OPS: Final = (Append, AppendMany, Pop, Clear, ClearAll)
 
 
 # ── Replies ───────────────────────────────────────────────────────────────────

@@ -1,0 +1,334 @@
+"""One batch of writes as one SQLite transaction: statements, ids, counts, pruning.
+
+The writer actor (:mod:`nexusd.writer`) decides *when* a batch runs; this
+module is *what* it runs, synchronously, in the writer's thread, on the
+writer's connection: the inserts as one ``executemany`` (ids are consecutive:
+there is one writer and the table is AUTOINCREMENT), pops and clears in order,
+then the exact pruning of every session the batch grew, then COMMIT.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass
+from typing import Any, Final, TypeAlias
+
+from .peers import NS_MARK, scope_bounds
+
+__all__ = [
+    "ClearAll",
+    "ClearSession",
+    "Insert",
+    "NewRow",
+    "Op",
+    "PopNewest",
+    "Row",
+    "Outcome",
+    "run",
+]
+
+#: One row to insert: (role, content, timestamp or None, meta as JSON text or None,
+#: idempotency key or None).
+NewRow: TypeAlias = tuple[str, str, "str | None", "str | None", "str | None"]
+#: A stored row as the writer returns it (id, role, content, timestamp, tag, meta).
+Row: TypeAlias = tuple[int, str, str, str, str, "str | None"]
+
+#: Sessions pruned per DELETE (SQLite allows 500 terms in a compound SELECT).
+_PRUNE_CHUNK: Final = 200
+_PRUNE_ONE: Final = (
+    "SELECT id FROM (SELECT id FROM nexus_messages WHERE session_tag = ? ORDER BY id LIMIT ?)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Insert:
+    """Append rows to one session; result: their ids (``list[int]``), all or none.
+
+    A row whose idempotency key the session already holds is not stored again;
+    its id in the result is the original one.
+    """
+
+    session_tag: str
+    rows: list[NewRow]
+
+
+@dataclass(frozen=True, slots=True)
+class PopNewest:
+    """Remove and return the newest row of a session; result: ``Row | None``."""
+
+    session_tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClearSession:
+    """Delete one session; result: rows deleted."""
+
+    session_tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClearAll:
+    """Delete every row in ``scope``; result: rows deleted.
+
+    ``scope`` None: every row.  ``""``: rows whose tag is not namespaced.
+    Otherwise: rows whose tag starts with ``scope`` (see :mod:`nexusd.peers`).
+    """
+
+    scope: str | None = None
+
+
+Op: TypeAlias = Insert | PopNewest | ClearSession | ClearAll
+
+
+@dataclass(slots=True)
+class Outcome:
+    """What a committed batch did: per-op results, rows stored, rows pruned."""
+
+    results: list[Any]
+    rows_added: int
+    pruned: int
+
+
+def run(
+    conn: sqlite3.Connection,
+    ops: list[Op],
+    *,
+    now: str,
+    counts_cache: dict[str, int],
+    max_messages: int,
+    lookup: bool,
+) -> Outcome:
+    """Run ``ops`` as one transaction and commit; roll back and raise on any error.
+
+    ``now`` is the timestamp of rows that bring none.  ``counts_cache`` holds
+    committed per-session row counts; it is updated only if the commit
+    succeeds.  ``lookup`` looks every idempotency key up first (the careful
+    path, after an IntegrityError told us a key is already stored).
+    """
+    counts = _Counts(conn, counts_cache)
+    results: list[Any] = []
+    inserts = _CheckedInserts(conn, now) if lookup else _PendingInserts(conn, now)
+    rows_added = 0
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            if isinstance(op, Insert):
+                ids, added = inserts.add(op)
+                results.append(ids)
+                counts.add(op.session_tag, added)
+                rows_added += added
+                continue
+            inserts.flush()
+            if isinstance(op, PopNewest):
+                results.append(_pop(conn, op.session_tag, counts))
+            elif isinstance(op, ClearSession):
+                n = conn.execute(
+                    "DELETE FROM nexus_messages WHERE session_tag = ?", (op.session_tag,)
+                ).rowcount
+                counts.set(op.session_tag, 0)
+                results.append(n)
+            else:
+                n = conn.execute(*_clear_all_sql(op.scope)).rowcount
+                counts.clear_all()
+                results.append(n)
+        inserts.flush()
+        pruned = _prune(conn, counts, max_messages)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    counts.commit()
+    return Outcome(results, rows_added, pruned)
+
+
+def _pop(conn: sqlite3.Connection, tag: str, counts: _Counts) -> Row | None:
+    row = conn.execute(
+        "SELECT id, role, content, timestamp, session_tag, meta FROM nexus_messages "
+        "WHERE session_tag = ? ORDER BY id DESC LIMIT 1",
+        (tag,),
+    ).fetchone()
+    if row is None:
+        return None
+    conn.execute("DELETE FROM nexus_messages WHERE id = ?", (row[0],))
+    counts.add(tag, -1)
+    return tuple(row)
+
+
+def _prune(conn: sqlite3.Connection, counts: _Counts, keep: int) -> int:
+    """Delete exactly the oldest overflow of every session this batch grew.
+
+    The writer is the only writer, so it knows every session's count and can
+    delete exactly the overflow: an index range scan of ``(session_tag, id)``
+    per session, up to :data:`_PRUNE_CHUNK` sessions per statement.
+    """
+    if not keep:
+        return 0
+    over: list[tuple[str, int]] = []
+    for tag in counts.grown:
+        excess = counts.get(tag) - keep
+        if excess > 0:
+            over.append((tag, excess))
+            counts.set(tag, keep)
+    for i in range(0, len(over), _PRUNE_CHUNK):
+        chunk = over[i : i + _PRUNE_CHUNK]
+        union = " UNION ALL ".join([_PRUNE_ONE] * len(chunk))
+        params = [x for pair in chunk for x in pair]
+        conn.execute(f"DELETE FROM nexus_messages WHERE id IN ({union})", params)
+    return sum(n for _, n in over)
+
+
+class _PendingInserts:
+    """Rows waiting to go into one ``executemany``, and who gets which id.
+
+    This is the fast path: rows go in as they are.  A row whose idempotency key
+    its session already holds makes the unique index raise IntegrityError; the
+    writer then redoes the batch with :class:`_CheckedInserts`.
+    """
+
+    __slots__ = ("_conn", "_now", "_rows", "_spans")
+
+    def __init__(self, conn: sqlite3.Connection, now: str) -> None:
+        self._conn = conn
+        self._now = now
+        self._rows: list[tuple[str, str, str, str, str | None, str | None]] = []
+        self._spans: list[tuple[list[int], int]] = []  # (ids to fill, how many)
+
+    def add(self, op: Insert) -> tuple[list[int], int]:
+        """Queue ``op``'s rows; return its id list (filled by :meth:`flush`) and its size."""
+        tag, now, n = op.session_tag, self._now, len(op.rows)
+        self._rows += [(r, c, ts or now, tag, m, k) for r, c, ts, m, k in op.rows]
+        ids: list[int] = []
+        self._spans.append((ids, n))
+        return ids, n
+
+    def _insert(self) -> int:
+        """Insert the queued rows; return the first new id."""
+        rows = self._rows
+        conn = self._conn
+        conn.executemany(
+            "INSERT INTO nexus_messages (role, content, timestamp, session_tag, meta, idem_key) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            rows,
+        )
+        # One writer, AUTOINCREMENT, one statement: the new ids are consecutive.
+        last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
+        return last - len(rows) + 1
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        first = self._insert()
+        for ids, n in self._spans:
+            ids += range(first, first + n)
+            first += n
+        self._rows = []
+        self._spans = []
+
+
+class _CheckedInserts(_PendingInserts):
+    """The careful path: every key is looked up, in the database and in the batch.
+
+    A row whose key its session already holds is not inserted again; its
+    caller gets the original id.
+    """
+
+    __slots__ = ("_fills", "_keys")
+
+    def __init__(self, conn: sqlite3.Connection, now: str) -> None:
+        super().__init__(conn, now)
+        self._fills: list[list[tuple[list[int], int]]] = []  # per queued row: who gets its id
+        self._keys: dict[tuple[str, str], int] = {}  # (tag, key) -> queued row
+
+    def add(self, op: Insert) -> tuple[list[int], int]:
+        tag = op.session_tag
+        ids = [0] * len(op.rows)
+        added = 0
+        for i, (role, content, ts, meta, key) in enumerate(op.rows):
+            if key is not None:
+                j = self._keys.get((tag, key))
+                if j is not None:  # the same key earlier in this batch
+                    self._fills[j].append((ids, i))
+                    continue
+                found = self._conn.execute(
+                    "SELECT id FROM nexus_messages WHERE idem_key = ? AND session_tag = ?",
+                    (key, tag),
+                ).fetchone()
+                if found is not None:
+                    ids[i] = found[0]
+                    continue
+                self._keys[(tag, key)] = len(self._rows)
+            self._rows.append((role, content, ts or self._now, tag, meta, key))
+            self._fills.append([(ids, i)])
+            added += 1
+        return ids, added
+
+    def flush(self) -> None:
+        if not self._rows:
+            return
+        first = self._insert()
+        for j, fills in enumerate(self._fills):
+            for ids, i in fills:
+                ids[i] = first + j
+        self._rows = []
+        self._fills = []
+        self._keys.clear()
+
+
+class _Counts:
+    """Per-session row counts for one transaction, over the committed cache.
+
+    The writer is the only writer, so counts cached after a commit stay true
+    until its next commit; a session not cached is counted once (index scan).
+    Nothing reaches the cache unless the transaction commits.
+    """
+
+    __slots__ = ("_cache", "_cleared", "_conn", "_work", "grown")
+
+    def __init__(self, conn: sqlite3.Connection, cache: dict[str, int]) -> None:
+        self._conn = conn
+        self._cache = cache
+        self._work: dict[str, int] = {}
+        self._cleared = False
+        self.grown: set[str] = set()
+
+    def get(self, tag: str) -> int:
+        n = self._work.get(tag)
+        if n is None:
+            n = None if self._cleared else self._cache.get(tag)
+            if n is None:
+                n = self._conn.execute(
+                    "SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ?", (tag,)
+                ).fetchone()[0]
+            self._work[tag] = n
+        return n
+
+    def add(self, tag: str, n: int) -> None:
+        self._work[tag] = self.get(tag) + n
+        if n > 0:
+            self.grown.add(tag)
+
+    def set(self, tag: str, n: int) -> None:
+        self._work[tag] = n
+
+    def clear_all(self) -> None:
+        self._cleared = True
+        self._work.clear()
+
+    def commit(self) -> None:
+        if self._cleared:
+            self._cache.clear()
+        self._cache.update(self._work)
+
+
+def _clear_all_sql(scope: str | None) -> tuple[str, tuple[str, ...]]:
+    if scope is None:
+        return "DELETE FROM nexus_messages", ()
+    if scope == "":
+        lo, hi = scope_bounds(NS_MARK)
+        return "DELETE FROM nexus_messages WHERE NOT (session_tag >= ? AND session_tag < ?)", (
+            lo,
+            hi,
+        )
+    lo, hi = scope_bounds(scope)
+    return "DELETE FROM nexus_messages WHERE session_tag >= ? AND session_tag < ?", (lo, hi)
