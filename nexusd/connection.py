@@ -60,7 +60,6 @@ class Connection(asyncio.Protocol):
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading = True
         self._write_paused = False
-        self._eof = False
         self._close_when_flushed = False
         self._progress = 0
         self._stall_timer: asyncio.TimerHandle | None = None
@@ -105,7 +104,6 @@ class Connection(asyncio.Protocol):
 
     def eof_received(self) -> bool:
         # The peer is done sending; answer what it asked, then close.
-        self._eof = True
         self._close_when_flushed = True
         self._maybe_close()
         return True
@@ -170,6 +168,8 @@ class Connection(asyncio.Protocol):
             task = self.loop.create_task(self._read(req))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
+        else:  # every request type is one of the above; never leave a frame unanswered
+            self._error(req.id, Internal(f"no handler for {type(req).__name__}"))
         return True
 
     async def _work_backlog(self) -> None:

@@ -30,21 +30,11 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import batch as batch_sql
-from .batch import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest, Row
+from .batch import Op
 from .errors import Internal, NexusError, Overloaded, Unavailable
 from .schema import open_writer
 
-__all__ = [
-    "ClearAll",
-    "ClearSession",
-    "Insert",
-    "NewRow",
-    "Op",
-    "PopNewest",
-    "Row",
-    "Writer",
-    "utc_now",
-]
+__all__ = ["Done", "Writer", "utc_now"]
 
 logger = logging.getLogger(__name__)
 

@@ -10,8 +10,9 @@ from typing import Any
 import anyio
 import pytest
 
+from nexusd.batch import ClearAll, ClearSession, Insert, PopNewest
 from nexusd.errors import NexusError, Overloaded, Unavailable
-from nexusd.writer import ClearAll, ClearSession, Insert, PopNewest, Writer
+from nexusd.writer import Writer
 
 pytestmark = pytest.mark.anyio
 
