@@ -37,6 +37,13 @@ logger = logging.getLogger(__name__)
 
 #: The transport's buffer size above which we stop reading the peer.
 WRITE_HIGH_WATER: Final = 1024 * 1024
+#: Queries one connection may have running at once.  A reply can be a whole
+#: frame, so this (not max_inflight) bounds what a peer that does not read
+#: can make the daemon hold: about this many frames, plus the write buffer.
+MAX_READS: Final = 16
+
+# What _handle did with a frame.
+_DONE, _QUEUE_FULL, _READS_BUSY = 0, 1, 2
 
 
 class Connection(asyncio.Protocol):
@@ -128,49 +135,67 @@ class Connection(asyncio.Protocol):
             self._backlog.extend(frames)
         else:
             for i, body in enumerate(frames):
-                if self.outstanding >= self.max_inflight or not self._handle(body):
+                if self.outstanding >= self.max_inflight or self._handle(body) != _DONE:
                     self._backlog.extend(frames[i:])
                     break
         if self._backlog and self._backlog_task is None:
             self._backlog_task = self.loop.create_task(self._work_backlog())
         self._set_reading()
 
-    def _handle(self, body: bytes) -> bool:
-        """Handle one frame now; False (nothing done) when the writer's queue is full."""
+    def _handle(self, body: bytes) -> int:
+        """Handle one frame now, or say why it must wait (then nothing was done)."""
         try:
             req = p.decode_request(body)
         except p.RequestError as exc:
             self._take()
             self._reply(p.error_reply(exc.request_id, exc))
-            return True
+            return _DONE
         if self.server.draining:
             self._take()
             self._error(req.id, Unavailable("nexusd is shutting down"))
-            return True
+            return _DONE
         assert self.dispatcher is not None
         try:
             job = self.dispatcher.write_job(req)
             if job is not None:
                 op, build = job
                 if not self.server.writer.submit_nowait(op, self._done(req.id, build)):
-                    return False
+                    return _QUEUE_FULL
                 self._take()
-                return True
+                return _DONE
         except NexusError as exc:
             self._take()
             self._error(req.id, exc)
-            return True
-        self._take()
+            return _DONE
         reply = self.dispatcher.immediate(req)
         if reply is not None:
+            self._take()
             self._reply(reply)
         elif isinstance(req, READS):
+            if self._write_paused or len(self._tasks) >= MAX_READS:
+                return _READS_BUSY
+            self._take()
             task = self.loop.create_task(self._read(req))
             self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            task.add_done_callback(self._read_done)
         else:  # every request type is one of the above; never leave a frame unanswered
+            self._take()
             self._error(req.id, Internal(f"no handler for {type(req).__name__}"))
-        return True
+        return _DONE
+
+    def _read_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        self._wake()
+
+    def _wake(self) -> None:
+        """Something the backlog may be waiting for happened."""
+        room = self._room
+        if room is not None and not room.done():
+            room.set_result(None)
+
+    async def _wait(self) -> None:
+        self._room = self.loop.create_future()
+        await self._room
 
     async def _work_backlog(self) -> None:
         """Frames that had to wait (in-flight limit or full queue), in order."""
@@ -178,12 +203,15 @@ class Connection(asyncio.Protocol):
         try:
             while self._backlog and not self.closed:
                 if self.outstanding >= self.max_inflight:
-                    self._room = self.loop.create_future()
-                    await self._room
+                    await self._wait()
                     continue
                 body = self._backlog[0]
-                if self._handle(body):
+                status = self._handle(body)
+                if status == _DONE:
                     self._backlog.popleft()
+                    continue
+                if status == _READS_BUSY:
+                    await self._wait()
                     continue
                 # The writer's queue is full: wait for room, in order, up to the deadline.
                 self._backlog.popleft()
@@ -285,9 +313,7 @@ class Connection(asyncio.Protocol):
         n = len(out)
         self.outstanding -= n
         self.server.replied(n)
-        room = self._room
-        if room is not None and not room.done():
-            room.set_result(None)
+        self._wake()
         self._set_reading()
         self._maybe_close()
 
@@ -308,4 +334,5 @@ class Connection(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self._write_paused = False
+        self._wake()
         self._set_reading()

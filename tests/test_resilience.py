@@ -305,3 +305,45 @@ def test_backup_api_reports_progress(daemon: Daemon, short_dir: Path) -> None:
         size = c.backup(short_dir / "b.db", progress=lambda done, total: seen.append((done, total)))
     assert seen and seen[-1] == (size, size)
     assert (short_dir / "b.db").stat().st_size == size
+
+
+def test_big_replies_to_a_client_that_never_reads_stay_bounded(short_dir: Path) -> None:
+    d = _new_daemon(short_dir, "--max-messages", "0").start()
+    assert d.proc is not None
+    try:
+        with Client(d.socket) as c:
+            c.append_many([("u", "z" * 100_000)] * 40)  # a 4 MB history page
+        baseline = rss_bytes(d.proc.pid)
+        greedy = RawSync(d.socket, timeout=2)
+        frames = b"".join(
+            encode_frame(msgspec.msgpack.encode({"op": "history", "id": i, "limit": 40}))
+            for i in range(300)
+        )
+        try:
+            greedy.sock.sendall(frames)  # 300 pages asked for, none read
+        except TimeoutError:
+            pass  # the daemon stopped reading us: that is the point
+        samples = [baseline]
+        stop = threading.Event()
+
+        def sample() -> None:  # the RSS probe, every 20 ms while the daemon works
+            assert d.proc is not None
+            while not stop.wait(0.02):
+                samples.append(rss_bytes(d.proc.pid))
+
+        probe = threading.Thread(target=sample)
+        probe.start()
+        try:
+            with Client(d.socket) as good:
+                for _ in range(20):  # other clients are still served meanwhile
+                    assert good.message_count() == 40
+            stop.wait(3)  # long enough for 300 unbounded pages to pile up (~1.2 GB)
+        finally:
+            stop.set()
+            probe.join()
+        peak = max(samples)
+        print(f"300 unread 4 MB pages: RSS {baseline >> 20} MiB -> peak {peak >> 20} MiB")
+        assert peak - baseline < 200 * 2**20  # not 300 x 4 MB
+        greedy.close()
+    finally:
+        d.stop()
