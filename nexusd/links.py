@@ -206,6 +206,7 @@ class AsyncioLink(asyncio.Protocol):
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(err)
+        self.resume_writing()  # wake callers waiting for write room: they will see `broken`
 
     def _write_out(self) -> None:
         self._flush = None
@@ -218,6 +219,8 @@ class AsyncioLink(asyncio.Protocol):
             raise ConnectionLost(f"connection unusable: {self.broken.message}")
         if self._can_write is not None:  # the daemon is not reading: do not pile up
             await self._can_write
+            if self.broken is not None:
+                raise ConnectionLost(f"connection unusable: {self.broken.message}")
         fut = self.loop.create_future()
         self.pending[rid] = fut
         self._out.append(frame)
