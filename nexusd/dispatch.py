@@ -26,6 +26,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ENVELOPE: Final = 1024
+_SESSION_ENTRY_MAX: Final = 4 * p.MAX_SESSION_CHARS + 128
 _MAX_META_DEPTH: Final = 32
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
@@ -145,7 +146,11 @@ class Dispatcher:
             ns = self.ns
             after = req.after if ns is None or req.after is None else ns.inner(req.after)
             scope = None if ns is None else ns.scope
-            tags, more = await readers.sessions(after=after, limit=req.limit, scope=scope)
+            # A tag is at most 256 characters (1 KiB of UTF-8) plus the entry's
+            # overhead: never ask for more entries than the frame can carry.
+            fits = max(1, (self.max_frame - _ENVELOPE) // _SESSION_ENTRY_MAX)
+            limit = min(req.limit, fits)
+            tags, more = await readers.sessions(after=after, limit=limit, scope=scope)
             outer = self._outer
             infos = [
                 p.SessionInfo(

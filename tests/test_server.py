@@ -357,3 +357,22 @@ async def test_history_of_float_heavy_meta_still_fits_the_frame(short_dir: Path)
         assert h["op"] == "history", h
         assert h["truncated"] is True and 1 <= len(h["messages"]) < 10
         assert h["messages"][-1]["meta"] == {"f": [0.5] * 2000}
+
+
+async def test_sessions_pages_fit_a_small_frame(short_dir: Path) -> None:
+    cfg = make_config(short_dir, max_frame=64 * 1024, max_content=1024)
+    async with running_server(cfg) as server:
+        c = await Raw.connect(server.config.socket)
+        tags = [f"{i:03d}" + "é" * 250 for i in range(120)]  # ~500 bytes of UTF-8 each
+        for i, t in enumerate(tags):
+            await c.call({"op": "append", "id": i, "role": "u", "content": "x", "session_tag": t})
+        seen: list[str] = []
+        after = None
+        while True:
+            page = await c.call({"op": "sessions", "id": 1, "after": after})
+            assert page["op"] == "sessions", page  # never too_large
+            seen += [s["session_tag"] for s in page["sessions"]]
+            if not page["truncated"]:
+                break
+            after = seen[-1]
+        assert seen == sorted(tags)
