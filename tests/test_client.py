@@ -233,3 +233,25 @@ async def test_without_keys_the_same_loss_would_duplicate(
         tg.cancel_scope.cancel()
     async with AsyncClient(shared_daemon.socket) as c:
         assert await c.message_count(tag) == 2
+
+
+async def test_a_flood_through_one_client_is_throttled_not_lost(short_dir: Path, tag: str) -> None:
+    # The daemon reads slowly (slow writer, small queue): the client's writes
+    # back up, its transport pauses, and every call still completes.
+    cfg = short_dir / "c.toml"
+    cfg.write_text("commit_delay = 0.01\nqueue_size = 16\nmax_messages = 0\n")
+    d = _new_daemon(short_dir, "--config", str(cfg)).start()
+    try:
+        async with AsyncClient(d.socket) as c:
+            ids: list[int] = []
+
+            async def one(i: int) -> None:
+                ids.append(await c.append("user", f"{i}:" + "w" * 20_000, session_tag=tag))
+
+            async with anyio.create_task_group() as tg:
+                for i in range(600):
+                    tg.start_soon(one, i)
+            assert len(set(ids)) == 600
+            assert await c.message_count(tag) == 600
+    finally:
+        d.stop()
