@@ -49,9 +49,9 @@ class Config:
     batch_max: int = 1_000
     readers: int = 4
     #: WAL pages after which a commit checkpoints.  SQLite's default, 1000,
-    #: checkpoints after nearly every large batch; 4000 (16 MiB of WAL) copies
+    #: checkpoints after nearly every large batch; 8000 (32 MiB of WAL) copies
     #: each hot index page once per checkpoint instead of once per few commits.
-    wal_autocheckpoint: int = 4000
+    wal_autocheckpoint: int = 8000
     max_frame: int = 4 * MiB
     max_content: int = 1 * MiB
     max_inflight: int = 1_024
