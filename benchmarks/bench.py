@@ -90,10 +90,15 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], deadline: float = 30)
 
 def prefill(db: Path, sessions: int, per: int) -> None:
     conn = open_writer(db)
-    rows = [("user", CONTENT, "2026-01-01T00:00:00.000000Z", f"s{i}") for i in range(sessions) for _ in range(per)]
+    rows = [
+        ("user", CONTENT, "2026-01-01T00:00:00.000000Z", f"s{i}")
+        for i in range(sessions)
+        for _ in range(per)
+    ]
     conn.execute("BEGIN")
     conn.executemany(
-        "INSERT INTO nexus_messages (role, content, timestamp, session_tag) VALUES (?, ?, ?, ?)", rows
+        "INSERT INTO nexus_messages (role, content, timestamp, session_tag) VALUES (?, ?, ?, ?)",
+        rows,
     )
     conn.execute("COMMIT")
     conn.close()
@@ -107,8 +112,19 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Daemon:
-        cmd = [sys.executable, "-m", "nexusd", "serve", "--db", str(self.db), "--socket",
-               str(self.sock), "--log-level", "warning", *self.args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nexusd",
+            "serve",
+            "--db",
+            str(self.db),
+            "--socket",
+            str(self.sock),
+            "--log-level",
+            "warning",
+            *self.args,
+        ]
         self.proc = subprocess.Popen(cmd)
         wait_socket(self.sock, self.proc)
         return self
@@ -157,18 +173,16 @@ async def bench_nexusd(sock: Path, secs: float, conc: tuple[int, ...]) -> dict[s
         async with contextlib.AsyncExitStack() as stack:  # closes them in LIFO order
             clients = [await stack.enter_async_context(AsyncClient(sock)) for _ in range(n)]
             out["A_own"][str(n)] = await timed_tasks(
-                n, secs, lambda t: clients[t].append("user", CONTENT, session_tag=f"s{t % SESSIONS}")
+                n,
+                secs,
+                lambda t: clients[t].append("user", CONTENT, session_tag=f"s{t % SESSIONS}"),
             )
-        print(f"  A {n:>3} tasks: shared {out['A_shared'][str(n)]['per_s']:>8.0f}/s "
-              f"p99 {out['A_shared'][str(n)]['p99_ms']:.2f} ms | own {out['A_own'][str(n)]['per_s']:>8.0f}/s "
-              f"p99 {out['A_own'][str(n)]['p99_ms']:.2f} ms", flush=True)
-
-    batch = [("user", CONTENT)] * 100
-    async with AsyncClient(sock) as c:
-        b = await timed_tasks(16, secs, lambda t: c.append_many(batch, session_tag=f"b{t}"))
-    b["rows_per_s"] = round(b["per_s"] * 100, 1)
-    out["B"] = b
-    print(f"  B append_many(100): {b['rows_per_s']:.0f} rows/s", flush=True)
+        print(
+            f"  A {n:>3} tasks: shared {out['A_shared'][str(n)]['per_s']:>8.0f}/s "
+            f"p99 {out['A_shared'][str(n)]['p99_ms']:.2f} ms | own {out['A_own'][str(n)]['per_s']:>8.0f}/s "
+            f"p99 {out['A_own'][str(n)]['p99_ms']:.2f} ms",
+            flush=True,
+        )
 
     # C: history latency while A runs at 32 tasks on another connection.
     async with AsyncClient(sock) as w, AsyncClient(sock) as r:
@@ -187,11 +201,27 @@ async def bench_nexusd(sock: Path, secs: float, conc: tuple[int, ...]) -> dict[s
             tg.start_soon(reads)
     out["C"] = result["C"]
     out["C_under_load"] = result["A"]
-    print(f"  C history(200) under A@32: p50 {out['C']['p50_ms']:.2f} ms "
-          f"p99 {out['C']['p99_ms']:.2f} ms", flush=True)
+    print(
+        f"  C history(200) under A@32: p50 {out['C']['p50_ms']:.2f} ms "
+        f"p99 {out['C']['p99_ms']:.2f} ms",
+        flush=True,
+    )
     async with AsyncClient(sock) as c:
         out["daemon_stats"] = await c.stats()
     return out
+
+
+async def bench_batched(base: Path, secs: float) -> dict[str, Any]:
+    """B on a database in the same state as E's: freshly pre-filled, its own daemon."""
+    (base / "b").mkdir()
+    prefill(base / "b" / "nexus.db", SESSIONS, PREFILL)
+    batch = [("user", CONTENT)] * 100
+    with Daemon(base / "b") as d:
+        async with AsyncClient(d.sock) as c:
+            b = await timed_tasks(16, secs, lambda t: c.append_many(batch, session_tag=f"s{t}"))
+    b["rows_per_s"] = round(b["per_s"] * 100, 1)
+    print(f"  B append_many(100): {b['rows_per_s']:.0f} rows/s", flush=True)
+    return b
 
 
 # ── D: the v1 store ──────────────────────────────────────────────────────────
@@ -257,8 +287,9 @@ def bench_v1(base: Path, secs: float, threads: int) -> dict[str, Any]:
     should = {rid for ids in keep.values() for rid in sorted(ids)[-PREFILL:]}
     lost = sum(1 for rid in should if stored.get(rid) != acked[rid][1]) + len(bad_ids)
     res = summary(len(acked) + len(bad_ids), elapsed, lat)
-    res.update(errors=len(errors), error_kinds=sorted(set(errors)), lost_rows=lost,
-               bad_ids=len(bad_ids))
+    res.update(
+        errors=len(errors), error_kinds=sorted(set(errors)), lost_rows=lost, bad_ids=len(bad_ids)
+    )
     return res
 
 
@@ -268,13 +299,17 @@ def bench_ceiling(base: Path, rows: int) -> dict[str, Any]:
     prefill(db, SESSIONS, PREFILL)
     conn = sqlite3.connect(db, isolation_level=None)
     conn.execute("PRAGMA synchronous=FULL")
-    data = [("user", CONTENT, "2026-01-01T00:00:00.000000Z", f"s{i % SESSIONS}", None, f"k{i}")
-            for i in range(rows)]
+    data = [
+        ("user", CONTENT, "2026-01-01T00:00:00.000000Z", f"s{i % SESSIONS}", None, f"k{i}")
+        for i in range(rows)
+    ]
     t0 = time.perf_counter()
     conn.execute("BEGIN IMMEDIATE")
     conn.executemany(
         "INSERT INTO nexus_messages (role, content, timestamp, session_tag, meta, idem_key) "
-        "VALUES (?, ?, ?, ?, ?, ?)", data)
+        "VALUES (?, ?, ?, ?, ?, ?)",
+        data,
+    )
     conn.execute("COMMIT")
     dt = time.perf_counter() - t0
     conn.close()
@@ -292,8 +327,23 @@ async def bench_redis(base: Path, secs: float, conc: tuple[int, ...]) -> dict[st
         return {"skipped": "redis-server not on PATH"}
     sock = base / "redis.sock"
     proc = subprocess.Popen(
-        [server, "--port", "0", "--unixsocket", str(sock), "--unixsocketperm", "700",
-         "--appendonly", "yes", "--appendfsync", "always", "--save", "", "--dir", str(base)],
+        [
+            server,
+            "--port",
+            "0",
+            "--unixsocket",
+            str(sock),
+            "--unixsocketperm",
+            "700",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            "always",
+            "--save",
+            "",
+            "--dir",
+            str(base),
+        ],
         stdout=subprocess.DEVNULL,
     )
     out: dict[str, Any] = {"A_shared": {}}
@@ -303,13 +353,22 @@ async def bench_redis(base: Path, secs: float, conc: tuple[int, ...]) -> dict[st
             client = aioredis.Redis(unix_socket_path=str(sock), max_connections=max(n, 1))
             try:
                 out["A_shared"][str(n)] = await timed_tasks(
-                    n, secs, lambda t, client=client: client.xadd(
-                        f"s{t % SESSIONS}", {"role": "user", "content": CONTENT},
-                        maxlen=PREFILL, approximate=False))
+                    n,
+                    secs,
+                    lambda t, client=client: client.xadd(
+                        f"s{t % SESSIONS}",
+                        {"role": "user", "content": CONTENT},
+                        maxlen=PREFILL,
+                        approximate=False,
+                    ),
+                )
             finally:
                 await client.aclose()
-            print(f"  R {n:>3} tasks: {out['A_shared'][str(n)]['per_s']:>8.0f}/s "
-                  f"p99 {out['A_shared'][str(n)]['p99_ms']:.2f} ms", flush=True)
+            print(
+                f"  R {n:>3} tasks: {out['A_shared'][str(n)]['per_s']:>8.0f}/s "
+                f"p99 {out['A_shared'][str(n)]['p99_ms']:.2f} ms",
+                flush=True,
+            )
     finally:
         proc.terminate()
         proc.wait(30)
@@ -324,11 +383,17 @@ async def bench_scaling(base: Path, secs: float) -> dict[str, Any]:
             for size in (100, 1_000, 10_000, 100_000):
                 text = "y" * size
                 out["message_size"][str(size)] = await timed_tasks(
-                    32, secs, lambda t, text=text: c.append("user", text, session_tag=f"m{t % 8}"))
-                print(f"  S message {size:>6} B @32: {out['message_size'][str(size)]['per_s']:.0f}/s", flush=True)
+                    32, secs, lambda t, text=text: c.append("user", text, session_tag=f"m{t % 8}")
+                )
+                print(
+                    f"  S message {size:>6} B @32: {out['message_size'][str(size)]['per_s']:.0f}/s",
+                    flush=True,
+                )
             for bs in (1, 10, 100, 1000):
                 batch = [("user", CONTENT)] * bs
-                r = await timed_tasks(4, secs, lambda t, batch=batch: c.append_many(batch, session_tag=f"b{t}"))
+                r = await timed_tasks(
+                    4, secs, lambda t, batch=batch: c.append_many(batch, session_tag=f"b{t}")
+                )
                 r["rows_per_s"] = round(r["per_s"] * bs, 1)
                 out["batch_size"][str(bs)] = r
                 print(f"  S batch {bs:>4}: {r['rows_per_s']:.0f} rows/s", flush=True)
@@ -338,11 +403,16 @@ async def bench_scaling(base: Path, secs: float) -> dict[str, Any]:
         prefill(d_base / "nexus.db", max(1, rows // 500), 500)
         with Daemon(d_base, "--max-messages", "500") as d:
             async with AsyncClient(d.sock) as c:
-                a = await timed_tasks(32, secs, lambda t: c.append("user", CONTENT, session_tag=f"s{t % 2}"))
+                a = await timed_tasks(
+                    32, secs, lambda t: c.append("user", CONTENT, session_tag=f"s{t % 2}")
+                )
                 h = await timed_tasks(1, secs, lambda t: c.get_history("s1", 200))
         out["db_size"][str(rows)] = {"append_32": a, "history_200": h}
-        print(f"  S db {rows:>7} rows: append@32 {a['per_s']:.0f}/s p99 {a['p99_ms']:.2f} ms, "
-              f"history p99 {h['p99_ms']:.2f} ms", flush=True)
+        print(
+            f"  S db {rows:>7} rows: append@32 {a['per_s']:.0f}/s p99 {a['p99_ms']:.2f} ms, "
+            f"history p99 {h['p99_ms']:.2f} ms",
+            flush=True,
+        )
     return out
 
 
@@ -350,8 +420,10 @@ async def bench_scaling(base: Path, secs: float) -> dict[str, Any]:
 def table(res: dict[str, Any]) -> str:
     a, d, r = res["nexusd"], res["v1"], res.get("redis", {})
     d1 = d.get("1", {}).get("per_s")
-    lines = ["| tasks | nexusd shared /s | p50 ms | p99 ms | nexusd conn-each /s | p50 ms | p99 ms | Redis /s | p99 ms | A/D | A/R |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| tasks | nexusd shared /s | p50 ms | p99 ms | nexusd conn-each /s | p50 ms | p99 ms | Redis /s | p99 ms | A/D | A/R |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for n in res["concurrency"]:
         s, o = a["A_shared"][str(n)], a["A_own"][str(n)]
         rr = r.get("A_shared", {}).get(str(n))
@@ -360,7 +432,8 @@ def table(res: dict[str, Any]) -> str:
         lines.append(
             f"| {n} | {s['per_s']:.0f} | {s['p50_ms']:.2f} | {s['p99_ms']:.2f} | {o['per_s']:.0f} | "
             f"{o['p50_ms']:.2f} | {o['p99_ms']:.2f} | {rr['per_s'] if rr else '-'} | "
-            f"{rr['p99_ms'] if rr else '-'} | {ad} | {ar} |")
+            f"{rr['p99_ms'] if rr else '-'} | {ad} | {ar} |"
+        )
     b, e = a["B"], res["ceiling"]
     lines += [
         "",
@@ -371,8 +444,10 @@ def table(res: dict[str, Any]) -> str:
     for k in ("1", "8"):
         v = d.get(k, {})
         if "per_s" in v:
-            lines.append(f"D v1 NexusStore, {k} thread(s): {v['per_s']:.0f}/s, p99 {v['p99_ms']:.2f} ms, "
-                         f"errors {v['errors']} {v['error_kinds']}, lost rows {v['lost_rows']}")
+            lines.append(
+                f"D v1 NexusStore, {k} thread(s): {v['per_s']:.0f}/s, p99 {v['p99_ms']:.2f} ms, "
+                f"errors {v['errors']} {v['error_kinds']}, lost rows {v['lost_rows']}"
+            )
     return "\n".join(lines)
 
 
@@ -383,11 +458,16 @@ def scaling_table(sc: dict[str, Any]) -> str:
     lines += ["", "| append_many batch | rows/s (4 tasks) | p99 ms per call |", "|---:|---:|---:|"]
     for bs, r in sc["batch_size"].items():
         lines.append(f"| {bs} | {r['rows_per_s']:.0f} | {r['p99_ms']:.2f} |")
-    lines += ["", "| rows in database | appends/s @32 | p99 ms | history(200) p50 ms | p99 ms |",
-              "|---:|---:|---:|---:|---:|"]
+    lines += [
+        "",
+        "| rows in database | appends/s @32 | p99 ms | history(200) p50 ms | p99 ms |",
+        "|---:|---:|---:|---:|---:|",
+    ]
     for rows, r in sc["db_size"].items():
         a, h = r["append_32"], r["history_200"]
-        lines.append(f"| {rows} | {a['per_s']:.0f} | {a['p99_ms']:.2f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} |")
+        lines.append(
+            f"| {rows} | {a['per_s']:.0f} | {a['p99_ms']:.2f} | {h['p50_ms']:.2f} | {h['p99_ms']:.2f} |"
+        )
     return "\n".join(lines)
 
 
@@ -400,11 +480,22 @@ def plot(res: dict[str, Any], path: Path) -> None:
     conc = res["concurrency"]
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
     a = res["nexusd"]
-    ax1.plot(conc, [a["A_shared"][str(n)]["per_s"] for n in conc], "o-", label="nexusd (one shared client)")
-    ax1.plot(conc, [a["A_own"][str(n)]["per_s"] for n in conc], "o--", label="nexusd (connection each)")
+    ax1.plot(
+        conc,
+        [a["A_shared"][str(n)]["per_s"] for n in conc],
+        "o-",
+        label="nexusd (one shared client)",
+    )
+    ax1.plot(
+        conc, [a["A_own"][str(n)]["per_s"] for n in conc], "o--", label="nexusd (connection each)"
+    )
     if "A_shared" in res.get("redis", {}):
-        ax1.plot(conc, [res["redis"]["A_shared"][str(n)]["per_s"] for n in conc], "s-",
-                 label="Redis XADD, appendfsync always")
+        ax1.plot(
+            conc,
+            [res["redis"]["A_shared"][str(n)]["per_s"] for n in conc],
+            "s-",
+            label="Redis XADD, appendfsync always",
+        )
     for k, style in (("1", ":"), ("8", "-.")):
         v = res["v1"].get(k, {})
         if "per_s" in v:
@@ -418,8 +509,18 @@ def plot(res: dict[str, Any], path: Path) -> None:
     ax2.plot(conc, [a["A_shared"][str(n)]["p50_ms"] for n in conc], "o-", label="nexusd p50")
     ax2.plot(conc, [a["A_shared"][str(n)]["p99_ms"] for n in conc], "o--", label="nexusd p99")
     if "A_shared" in res.get("redis", {}):
-        ax2.plot(conc, [res["redis"]["A_shared"][str(n)]["p50_ms"] for n in conc], "s-", label="Redis p50")
-        ax2.plot(conc, [res["redis"]["A_shared"][str(n)]["p99_ms"] for n in conc], "s--", label="Redis p99")
+        ax2.plot(
+            conc,
+            [res["redis"]["A_shared"][str(n)]["p50_ms"] for n in conc],
+            "s-",
+            label="Redis p50",
+        )
+        ax2.plot(
+            conc,
+            [res["redis"]["A_shared"][str(n)]["p99_ms"] for n in conc],
+            "s--",
+            label="Redis p99",
+        )
     ax2.set_xscale("log", base=2)
     ax2.set_yscale("log")
     ax2.set_xlabel("concurrent tasks")
@@ -446,6 +547,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         prefill(base / "nexus.db", SESSIONS, PREFILL)
         with Daemon(base) as d:
             res["nexusd"] = await bench_nexusd(d.sock, secs, conc)
+        res["nexusd"]["B"] = await bench_batched(base, secs)
         print("v1 NexusStore", flush=True)
         res["v1"] = {}
         for threads in (1, 8):

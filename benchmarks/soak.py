@@ -40,8 +40,20 @@ class Daemon:
         self.log = open(base / "daemon.log", "ab")  # noqa: SIM115 - lives as long as the daemon
 
     def start(self) -> None:
-        cmd = [sys.executable, "-m", "nexusd", "serve", "--db", str(self.db),
-               "--socket", str(self.socket), "--max-messages", "0", "--shutdown-timeout", "5"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "nexusd",
+            "serve",
+            "--db",
+            str(self.db),
+            "--socket",
+            str(self.socket),
+            "--max-messages",
+            "0",
+            "--shutdown-timeout",
+            "5",
+        ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log)
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline:
@@ -61,8 +73,16 @@ class Daemon:
         self.proc.wait(30)
 
 
-async def client(d: Daemon, n: int, rng: random.Random, end: float, stats: dict[str, int],
-                 errors: collections.Counter[str], acked: dict[int, str], budget: list[int]) -> None:
+async def client(
+    d: Daemon,
+    n: int,
+    rng: random.Random,
+    end: float,
+    stats: dict[str, int],
+    errors: collections.Counter[str],
+    acked: dict[int, str],
+    budget: list[int],
+) -> None:
     async with AsyncClient(d.socket, retry_for=15) as c:
         i = 0
         while time.monotonic() < end and budget[0] > 0:
@@ -114,7 +134,9 @@ async def soak(args: argparse.Namespace) -> int:
     async with anyio.create_task_group() as tg:
         tg.start_soon(killer, d, random.Random(rng.random()), end, args.kill_every, kills)
         for n in range(args.clients):
-            tg.start_soon(client, d, n, random.Random(rng.random()), end, stats, errors, acked, budget)
+            tg.start_soon(
+                client, d, n, random.Random(rng.random()), end, stats, errors, acked, budget
+            )
     elapsed = time.monotonic() - started
     d.stop(signal.SIGTERM)
 
