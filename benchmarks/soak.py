@@ -37,7 +37,7 @@ class Daemon:
         self.db = base / "nexus.db"
         self.socket = base / "nexusd.sock"
         self.proc: subprocess.Popen[bytes] | None = None
-        self.log = open(base / "daemon.log", "ab")  # noqa: SIM115 - lives as long as the daemon
+        self.log = open(base / "daemon.log", "ab")
 
     def start(self) -> None:
         cmd = [
