@@ -159,7 +159,7 @@ def _prune(conn: sqlite3.Connection, counts: _Counts, keep: int) -> int:
     """Delete exactly the oldest overflow of every session this batch grew.
 
     The writer is the only writer, so it knows every session's count and can
-    delete exactly the overflow: an index range scan of ``(session_tag, id)``
+    delete exactly the overflow: an index range scan of ``idx_nexus_session``
     per session, up to :data:`_PRUNE_CHUNK` sessions per statement.
     """
     if not keep:

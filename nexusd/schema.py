@@ -33,14 +33,15 @@ CREATE INDEX IF NOT EXISTS idx_nexus_session ON nexus_messages(session_tag);
 CREATE INDEX IF NOT EXISTS idx_nexus_ts ON nexus_messages(timestamp);
 """
 
-# Migration 2: per-message metadata, and the index every query of the daemon
-# uses.  (session_tag, id) makes idx_nexus_session redundant, and nothing reads
-# by timestamp; dropping both saves two index updates per insert.  v1, if ever
-# run again on this file, recreates them with IF NOT EXISTS.
+# Migration 2: per-message metadata.  Every query of the daemon is a range of
+# one session in id order, and v1's own idx_nexus_session serves it as is: an
+# index entry ends with the rowid, which *is* id, so (session_tag) orders by id
+# within a tag and seeks on id ranges with no second index.  Nothing reads by
+# timestamp: dropping idx_nexus_ts saves an index update per insert and per
+# pruned row (v1, if ever run again on this file, recreates it).
 _V2_DDL: Final = """\
 ALTER TABLE nexus_messages ADD COLUMN meta TEXT;
-CREATE INDEX IF NOT EXISTS idx_nexus_session_id ON nexus_messages(session_tag, id);
-DROP INDEX IF EXISTS idx_nexus_session;
+CREATE INDEX IF NOT EXISTS idx_nexus_session ON nexus_messages(session_tag);
 DROP INDEX IF EXISTS idx_nexus_ts;
 """
 

@@ -34,7 +34,16 @@ def test_fresh_database_gets_the_v1_table_and_the_migrations(tmp_path: Path) -> 
         cols = [r[1] for r in conn.execute("PRAGMA table_info(nexus_messages)")]
         assert cols == ["id", "role", "content", "timestamp", "session_tag", "meta", "idem_key"]
         indexes = {r[1] for r in conn.execute("PRAGMA index_list(nexus_messages)")}
-        assert "idx_nexus_session_id" in indexes
+        assert "idx_nexus_session" in indexes and "idx_nexus_ts" not in indexes
+        # v1's session index serves id-ordered ranges: no sort, no second index.
+        plan = conn.execute(
+            "EXPLAIN QUERY PLAN SELECT id FROM nexus_messages "
+            "WHERE session_tag = ? AND id < ? ORDER BY id DESC LIMIT 5",
+            ("s", 9),
+        ).fetchall()
+        assert [r[-1] for r in plan] == [
+            "SEARCH nexus_messages USING COVERING INDEX idx_nexus_session (session_tag=? AND rowid<?)"
+        ]
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         sql = conn.execute("SELECT sql FROM sqlite_master WHERE name='nexus_messages'").fetchone()[
             0
