@@ -282,3 +282,14 @@ async def test_pruning_many_sessions_in_one_batch(tmp_path: Path) -> None:
     ).fetchall()
     conn.close()
     assert len(contents) == 450 and {c for _, c in contents} == {"new"}
+
+
+async def test_large_overflow_is_pruned_exactly(tmp_path: Path) -> None:
+    # The range path: one session over its cap by many rows in one batch.
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=10) as w:
+        await w.call(Insert("big", [row(f"a{i}") for i in range(10)]))
+        await w.call(Insert("big", [row(f"b{i}") for i in range(50)]))
+        assert w.stats.pruned == 50
+        await w.call(Insert("big", [row("c")]))
+    assert [c for _, c in _db_rows(db, "big")] == [f"b{i}" for i in range(41, 50)] + ["c"]
