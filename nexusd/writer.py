@@ -184,16 +184,9 @@ class Writer:
         once the writer is closing.  Jobs submitted by one task are committed
         in submission order.
         """
-        if self._closing:
-            raise Unavailable("nexusd is shutting down")
-        job = _Job(op, done)
-        try:
-            self._send.send_nowait(job)
+        if self.submit_nowait(op, done):
             return
-        except anyio.WouldBlock:
-            pass
-        except anyio.ClosedResourceError:
-            raise Unavailable("nexusd is shutting down") from None
+        job = _Job(op, done)
         with anyio.move_on_after(timeout):
             try:
                 await self._send.send(job)
