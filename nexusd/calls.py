@@ -93,12 +93,8 @@ def append_many_request(
 ) -> p.AppendMany:
     items = []
     for item in messages:
-        if type(item) is tuple:  # the common case first: isinstance(Mapping) is slow
-            role, content = item
-            items.append(
-                p.NewMessage(role=role, content=content, idem_key=keys() if keys else None)
-            )
-        elif isinstance(item, Mapping):
+        # Tuples are the common case: test for them first (isinstance(Mapping) is slow).
+        if type(item) is not tuple and isinstance(item, Mapping):
             key = item.get("idempotency_key")
             meta = item.get("meta")
             items.append(
