@@ -69,8 +69,9 @@ class Daemon:
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
 
-    def start(self, *extra: str, env: dict[str, str] | None = None) -> Daemon:
-        cmd = [
+    def command(self, *extra: str) -> list[str]:
+        """The ``nexusd serve`` command line for this daemon's files."""
+        return [
             sys.executable,
             "-m",
             "nexusd",
@@ -82,10 +83,17 @@ class Daemon:
             *self.args,
             *extra,
         ]
+
+    def start(self, *extra: str, env: dict[str, str] | None = None, wait: bool = True) -> Daemon:
+        """Spawn it (``env`` adds to this process's environment) and wait for its socket."""
         self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, env=env or dict(os.environ)
+            self.command(*extra),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env={**os.environ, **(env or {})},
         )
-        wait_for_socket(self.socket, self.proc)
+        if wait:
+            wait_for_socket(self.socket, self.proc)
         return self
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:

@@ -48,8 +48,9 @@ class NotifySocket:
 
 
 def _start(d: Daemon, env: dict[str, str]) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "nexusd", "serve", "--db", str(d.db), "--socket", str(d.socket)]
-    d.proc = subprocess.Popen(cmd, env={**os.environ, **env}, stderr=subprocess.PIPE)
+    # No wait for the socket: READY on the notify socket is what these tests wait for.
+    d.start(env=env, wait=False)
+    assert d.proc is not None
     return d.proc
 
 
@@ -124,17 +125,8 @@ def _activated(short_dir: Path, sock: socket.socket, *extra: str) -> subprocess.
         os.dup2(fd, 3)
         os.environ.update(LISTEN_PID=str(os.getpid()), LISTEN_FDS="1", LISTEN_FDNAMES="nexusd")
 
-    cmd = [
-        sys.executable,
-        "-m",
-        "nexusd",
-        "serve",
-        "--db",
-        str(short_dir / "nexus.db"),
-        "--socket",
-        str(short_dir / "unused.sock"),
-        *extra,
-    ]
+    d = Daemon(dir=short_dir, db=short_dir / "nexus.db", socket=short_dir / "unused.sock")
+    cmd = d.command(*extra)
     # env=None: the child execs with the environment preexec_fn just set.
     return subprocess.Popen(cmd, pass_fds=(3,), preexec_fn=as_systemd_would, stderr=subprocess.PIPE)
 
@@ -178,7 +170,7 @@ def test_journal_lines_carry_priority_and_no_timestamp(short_dir: Path) -> None:
     d = _new_daemon(short_dir)
     env = {**os.environ, "JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nexusd", "serve", "--db", str(d.db), "--socket", str(d.socket)],
+        d.command(),
         stderr=w,
         env=env,
     )
