@@ -18,7 +18,6 @@ import collections
 import os
 import random
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -27,6 +26,7 @@ import time
 from pathlib import Path
 
 import anyio
+from bench import wait_socket  # the sibling script: python benchmarks/soak.py
 
 from nexusd import AsyncClient, NexusError
 from nexusd.schema import integrity_check
@@ -55,17 +55,7 @@ class Daemon:
             "5",
         ]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            s = socket.socket(socket.AF_UNIX)
-            try:
-                s.connect(str(self.socket))
-                return
-            except OSError:
-                time.sleep(0.02)
-            finally:
-                s.close()
-        raise RuntimeError("daemon did not come up")
+        wait_socket(self.socket, self.proc, deadline=20)
 
     def stop(self, sig: int) -> None:
         assert self.proc is not None
