@@ -6,18 +6,23 @@ the whole batch in one transaction on its own SQLite connection, prunes the
 sessions the batch grew, commits, and only then answers every caller.  While a
 batch commits the next one fills up: group commit.
 
-The batch runs as one call in a worker thread (one thread hop per batch, not
-one per statement), which is why the writer uses a plain :mod:`sqlite3`
-connection rather than aiosqlite; what the transaction does is
-:mod:`nexusd.batch`.  Jobs are answered through a callback so the server can
-route replies without a task per request.
+The batch runs as one call in the writer's own thread (one thread hop per
+batch, not one per statement), which is why the writer uses a plain
+:mod:`sqlite3` connection rather than aiosqlite; what the transaction does is
+:mod:`nexusd.batch`.  Every use of that connection happens on that one thread.
+Jobs are answered through a callback, run in the event loop as soon as the
+thread hands the results back, so the server can route replies without a task
+per request.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
+import queue
 import sqlite3
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -101,7 +106,7 @@ class Writer:
         self._recv: MemoryObjectReceiveStream[_Job]
         self._send, self._recv = anyio.create_memory_object_stream[_Job](queue_size)
         self._conn: sqlite3.Connection | None = None
-        self._limiter = anyio.CapacityLimiter(1)
+        self._thread = _SQLiteThread()
         self._counts: dict[str, int] = {}
         self._last_ts = ""
         self._closing = False
@@ -109,8 +114,9 @@ class Writer:
 
     # ── lifecycle ─────────────────────────────────────────────────────────
     async def open(self) -> None:
-        """Open and migrate the database (in a thread: it may take a while)."""
-        self._conn = await anyio.to_thread.run_sync(
+        """Open and migrate the database (in the writer's thread: it may take a while)."""
+        self._thread.start()
+        self._conn = await self._thread.call(
             lambda: open_writer(
                 self.db_path,
                 synchronous=self.synchronous,
@@ -143,9 +149,10 @@ class Writer:
         self._send.close()
 
     async def aclose(self) -> None:
-        """Checkpoint the WAL into the database and close the connection."""
+        """Checkpoint the WAL into the database, close the connection, end the thread."""
         conn, self._conn = self._conn, None
         if conn is None:
+            self._thread.stop()
             return
 
         def finish() -> None:
@@ -157,7 +164,10 @@ class Writer:
                 conn.close()
 
         with anyio.CancelScope(shield=True):
-            await anyio.to_thread.run_sync(finish, limiter=self._limiter)
+            try:
+                await self._thread.call(finish)
+            finally:
+                self._thread.stop()
 
     # ── submitting ────────────────────────────────────────────────────────
     @property
@@ -217,8 +227,16 @@ class Writer:
         started = time.perf_counter()
         with anyio.CancelScope(shield=True):
             # Shielded: a batch handed to SQLite always finishes and is answered.
-            results = await anyio.to_thread.run_sync(self._apply, batch, limiter=self._limiter)
+            # The callers are answered by _answer, straight from the thread's
+            # hand-back, before this task is even resumed.
+            try:
+                await self._thread.call(self._apply, batch, then=self._answer)
+            except Exception as exc:  # a bug, not a storage error: _apply maps those
+                logger.exception("writer batch crashed")
+                self._answer(batch, [Internal(f"write failed: {type(exc).__name__}")] * len(batch))
         self.stats.latencies.append(time.perf_counter() - started)
+
+    def _answer(self, batch: list[_Job], results: list[Any]) -> None:
         for job, result in zip(batch, results, strict=True):
             try:
                 job.done(result)
@@ -293,6 +311,92 @@ class Writer:
             "commit_latency_p50_ms": round(_percentile(lat, 0.50) * 1000, 3),
             "commit_latency_p99_ms": round(_percentile(lat, 0.99) * 1000, 3),
         }
+
+
+class _SQLiteThread:
+    """One long-lived thread that runs every call on the writer's connection.
+
+    Why not ``anyio.to_thread``: a batch is one hop there and back, and that
+    round trip measured ~110 us here against ~40 us for a dedicated thread that
+    hands results back with ``call_soon_threadsafe`` (at 32 concurrent
+    appends a whole cycle is ~1.2 ms).  The daemon runs on asyncio (aiosqlite
+    needs it), so the hand-back is an asyncio future.
+    """
+
+    def __init__(self) -> None:
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None:
+            # daemon=True: a process that dies abnormally must not hang on it;
+            # an orderly stop() lets every queued call finish first.
+            self._thread = threading.Thread(target=self._main, name="nexusd-writer", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Let the thread finish the calls queued so far, then end (no waiting)."""
+        if self._thread is not None:
+            self._calls.put(None)
+            self._thread = None
+
+    async def call(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        then: Callable[[Any, Any], None] | None = None,
+    ) -> Any:
+        """Run ``fn(*args)`` on the thread; return its result or raise its exception.
+
+        ``then(*args, result)`` runs in the event loop as soon as the result is
+        back, before the awaiting task resumes.
+        """
+        if self._thread is None:
+            raise Unavailable("the writer is not running")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[Any] = loop.create_future()
+        self._calls.put(_Call(fn, args, then, loop, future))
+        return await future
+
+    def _main(self) -> None:
+        get = self._calls.get
+        while (job := get()) is not None:
+            try:
+                result = job.fn(*job.args)
+            except BaseException as exc:  # handed to the awaiting task
+                job.hand_back(_fail, exc)
+            else:
+                job.hand_back(_succeed, result)
+
+
+@dataclass(slots=True)
+class _Call:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    then: Callable[..., None] | None
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future[Any]
+
+    def hand_back(self, how: Callable[[_Call, Any], None], value: Any) -> None:
+        try:
+            self.loop.call_soon_threadsafe(how, self, value)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            logger.warning("writer call finished after its event loop closed")
+
+
+def _succeed(call: _Call, result: Any) -> None:
+    if call.then is not None:
+        try:
+            call.then(*call.args, result)
+        except Exception:
+            logger.exception("writer hand-back failed")
+    if not call.future.done():
+        call.future.set_result(result)
+
+
+def _fail(call: _Call, exc: BaseException) -> None:
+    if not call.future.done():
+        call.future.set_exception(exc)
 
 
 def _storage_error(exc: sqlite3.Error) -> NexusError:
