@@ -6,10 +6,10 @@ the whole batch in one transaction on its own SQLite connection, prunes the
 sessions the batch grew, commits, and only then answers every caller.  While a
 batch commits the next one fills up: group commit.
 
-The batch runs as one call in the writer's own thread (one thread hop per
-batch, not one per statement), which is why the writer uses a plain
-:mod:`sqlite3` connection rather than aiosqlite; what the transaction does is
-:mod:`nexusd.batch`.  Every use of that connection happens on that one thread.
+The batch runs as one call on the writer's own thread
+(:mod:`nexusd.sqlthread`: one hop per batch, not one per statement), on a
+plain :mod:`sqlite3` connection used only from that thread; what the
+transaction does is :mod:`nexusd.batch`.
 Jobs are answered through a callback, run in the event loop as soon as the
 thread hands the results back, so the server can route replies without a task
 per request.
@@ -17,12 +17,9 @@ per request.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
-import queue
 import sqlite3
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -38,6 +35,7 @@ from . import batch as batch_sql
 from .batch import Op
 from .errors import Internal, NexusError, Overloaded, Unavailable
 from .schema import open_writer
+from .sqlthread import SQLiteThread
 
 __all__ = ["Done", "Writer", "utc_now"]
 
@@ -106,7 +104,7 @@ class Writer:
         self._recv: MemoryObjectReceiveStream[_Job]
         self._send, self._recv = anyio.create_memory_object_stream[_Job](queue_size)
         self._conn: sqlite3.Connection | None = None
-        self._thread = _SQLiteThread()
+        self._thread = SQLiteThread("nexusd-writer")
         self._counts: dict[str, int] = {}
         self._last_ts = ""
         self._closing = False
@@ -311,92 +309,6 @@ class Writer:
             "commit_latency_p50_ms": round(_percentile(lat, 0.50) * 1000, 3),
             "commit_latency_p99_ms": round(_percentile(lat, 0.99) * 1000, 3),
         }
-
-
-class _SQLiteThread:
-    """One long-lived thread that runs every call on the writer's connection.
-
-    Why not ``anyio.to_thread``: a batch is one hop there and back, and that
-    round trip measured ~110 us here against ~40 us for a dedicated thread that
-    hands results back with ``call_soon_threadsafe`` (at 32 concurrent
-    appends a whole cycle is ~1.2 ms).  The daemon runs on asyncio (aiosqlite
-    needs it), so the hand-back is an asyncio future.
-    """
-
-    def __init__(self) -> None:
-        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is None:
-            # daemon=True: a process that dies abnormally must not hang on it;
-            # an orderly stop() lets every queued call finish first.
-            self._thread = threading.Thread(target=self._main, name="nexusd-writer", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        """Let the thread finish the calls queued so far, then end (no waiting)."""
-        if self._thread is not None:
-            self._calls.put(None)
-            self._thread = None
-
-    async def call(
-        self,
-        fn: Callable[..., Any],
-        *args: Any,
-        then: Callable[[Any, Any], None] | None = None,
-    ) -> Any:
-        """Run ``fn(*args)`` on the thread; return its result or raise its exception.
-
-        ``then(*args, result)`` runs in the event loop as soon as the result is
-        back, before the awaiting task resumes.
-        """
-        if self._thread is None:
-            raise Unavailable("the writer is not running")
-        loop = asyncio.get_running_loop()
-        future: asyncio.Future[Any] = loop.create_future()
-        self._calls.put(_Call(fn, args, then, loop, future))
-        return await future
-
-    def _main(self) -> None:
-        get = self._calls.get
-        while (job := get()) is not None:
-            try:
-                result = job.fn(*job.args)
-            except BaseException as exc:  # handed to the awaiting task
-                job.hand_back(_fail, exc)
-            else:
-                job.hand_back(_succeed, result)
-
-
-@dataclass(slots=True)
-class _Call:
-    fn: Callable[..., Any]
-    args: tuple[Any, ...]
-    then: Callable[..., None] | None
-    loop: asyncio.AbstractEventLoop
-    future: asyncio.Future[Any]
-
-    def hand_back(self, how: Callable[[_Call, Any], None], value: Any) -> None:
-        try:
-            self.loop.call_soon_threadsafe(how, self, value)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            logger.warning("writer call finished after its event loop closed")
-
-
-def _succeed(call: _Call, result: Any) -> None:
-    if call.then is not None:
-        try:
-            call.then(*call.args, result)
-        except Exception:
-            logger.exception("writer hand-back failed")
-    if not call.future.done():
-        call.future.set_result(result)
-
-
-def _fail(call: _Call, exc: BaseException) -> None:
-    if not call.future.done():
-        call.future.set_exception(exc)
 
 
 def _storage_error(exc: sqlite3.Error) -> NexusError:
