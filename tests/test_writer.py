@@ -11,7 +11,7 @@ import anyio
 import pytest
 
 from nexusd.batch import ClearAll, ClearSession, Insert, PopNewest
-from nexusd.errors import NexusError, Overloaded, Unavailable
+from nexusd.errors import Internal, NexusError, Overloaded, Unavailable
 from nexusd.writer import Writer
 
 pytestmark = pytest.mark.anyio
@@ -293,3 +293,16 @@ async def test_large_overflow_is_pruned_exactly(tmp_path: Path) -> None:
         assert w.stats.pruned == 50
         await w.call(Insert("big", [row("c")]))
     assert [c for _, c in _db_rows(db, "big")] == [f"b{i}" for i in range(41, 50)] + ["c"]
+
+
+async def test_a_crash_inside_a_batch_answers_internal_and_the_writer_goes_on(
+    tmp_path: Path,
+) -> None:
+    async with WriterHarness(tmp_path / "n.db") as w:
+        # Not an Op: batch.run trips over it (AttributeError), which is a bug
+        # rather than a storage error; its caller must still get an answer.
+        with pytest.raises(Internal, match="AttributeError"):
+            await w.call(object())  # type: ignore[arg-type]
+        ids = await w.call(Insert("t", [row("after the crash")]))
+        assert len(ids) == 1
+    assert _db_rows(tmp_path / "n.db", "t") == [(ids[0], "after the crash")]
