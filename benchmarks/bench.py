@@ -104,6 +104,11 @@ def prefill(db: Path, sessions: int, per: int) -> None:
     conn.close()
 
 
+def serve_command(db: Path, sock: Path, *args: str) -> list[str]:
+    """The ``nexusd serve`` command line for a daemon on these files (soak.py uses it too)."""
+    return [sys.executable, "-m", "nexusd", "serve", "--db", str(db), "--socket", str(sock), *args]
+
+
 class Daemon:
     def __init__(self, base: Path, *args: str) -> None:
         self.db = base / "nexus.db"
@@ -112,19 +117,7 @@ class Daemon:
         self.proc: subprocess.Popen[bytes] | None = None
 
     def __enter__(self) -> Daemon:
-        cmd = [
-            sys.executable,
-            "-m",
-            "nexusd",
-            "serve",
-            "--db",
-            str(self.db),
-            "--socket",
-            str(self.sock),
-            "--log-level",
-            "warning",
-            *self.args,
-        ]
+        cmd = serve_command(self.db, self.sock, "--log-level", "warning", *self.args)
         self.proc = subprocess.Popen(cmd)
         wait_socket(self.sock, self.proc)
         return self

@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 import anyio
-from bench import wait_socket  # the sibling script: python benchmarks/soak.py
+from bench import serve_command, wait_socket  # the sibling script: python benchmarks/soak.py
 
 from nexusd import AsyncClient, NexusError
 from nexusd.schema import integrity_check
@@ -40,20 +40,7 @@ class Daemon:
         self.log = open(base / "daemon.log", "ab")
 
     def start(self) -> None:
-        cmd = [
-            sys.executable,
-            "-m",
-            "nexusd",
-            "serve",
-            "--db",
-            str(self.db),
-            "--socket",
-            str(self.socket),
-            "--max-messages",
-            "0",
-            "--shutdown-timeout",
-            "5",
-        ]
+        cmd = serve_command(self.db, self.socket, "--max-messages", "0", "--shutdown-timeout", "5")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log)
         wait_socket(self.socket, self.proc, deadline=20)
 
