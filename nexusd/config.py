@@ -56,8 +56,21 @@ class Config:
     max_content: int = 1 * MiB
     max_inflight: int = 1_024
     max_connections: int = 1_024
+    #: Connections one peer uid may hold at once (below max_connections, so no
+    #: single uid can lock the others out).
+    max_connections_per_uid: int = 512
+    #: Encoded size of one message's ``meta`` (JSON bytes).
+    max_meta: int = 64 * 1024
+    #: Bytes the daemon may hold in total for large partial frames and unsent
+    #: replies, over all connections.
+    max_buffered: int = 256 * MiB
+    #: Backup snapshots held at once, over all connections (one per connection).
+    max_snapshots: int = 2
     enqueue_timeout: float = 5.0
-    idle_timeout: float = 30.0
+    #: Seconds a connection may send nothing while nothing of its is in flight.
+    idle_timeout: float = 300.0
+    #: Seconds one frame may take from its first byte to its last.
+    frame_timeout: float = 30.0
     shutdown_timeout: float = 20.0
     socket_mode: int = 0o600
     #: Group (name or number) given to a socket the daemon creates; its members
@@ -73,8 +86,6 @@ class Config:
     admin_uids: list[int] = dataclasses.field(default_factory=lambda: [0])
     log_level: str = "info"
     uvloop: bool = True
-    #: Test hook: seconds the writer sleeps in every batch.
-    commit_delay: float = 0.0
 
     def validate(self) -> Config:
         def need(ok: bool, message: str) -> None:
@@ -98,7 +109,6 @@ class Config:
         need(self.idle_timeout > 0, "idle_timeout must be > 0")
         need(self.shutdown_timeout > 0, "shutdown_timeout must be > 0")
         need(0 <= self.socket_mode <= 0o777, "socket_mode must be a file mode like 0o660")
-        need(self.commit_delay >= 0, "commit_delay must be >= 0")
         need(all(u >= 0 for u in self.allow_uids + self.admin_uids), "uids must be >= 0")
         need(all(g >= 0 for g in self.allow_gids), "gids must be >= 0")
         if self.socket_group:

@@ -53,7 +53,6 @@ class Server:
             synchronous=config.synchronous,
             queue_size=config.queue_size,
             batch_max=config.batch_max,
-            commit_delay=config.commit_delay,
             wal_autocheckpoint=config.wal_autocheckpoint,
         )
         self.readers = ReaderPool(config.db, size=config.readers)

@@ -87,7 +87,6 @@ class Writer:
         synchronous: str = "full",
         queue_size: int = 10_000,
         batch_max: int = 1_000,
-        commit_delay: float = 0.0,
         wal_autocheckpoint: int = 1000,
     ) -> None:
         if max_messages < 0:
@@ -97,8 +96,6 @@ class Writer:
         self.synchronous = synchronous
         self.wal_autocheckpoint = wal_autocheckpoint
         self.batch_max = batch_max
-        #: Test hook: seconds to sleep inside every batch, to make the writer slow.
-        self.commit_delay = commit_delay
         self.stats = WriterStats()
         self._send: MemoryObjectSendStream[_Job]
         self._recv: MemoryObjectReceiveStream[_Job]
@@ -246,8 +243,6 @@ class Writer:
         conn = self._conn
         if conn is None:
             return [Unavailable("database is closed")] * len(batch)
-        if self.commit_delay:
-            time.sleep(self.commit_delay)
         try:
             try:
                 results = self._transaction(conn, batch, lookup=False)

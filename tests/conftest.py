@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +28,7 @@ from nexusd.config import Config
 from nexusd.server import Server
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "nexus_store_v1.py"
+SLOW_DAEMON = Path(__file__).resolve().parent / "slow_daemon.py"
 
 
 @pytest.fixture
@@ -68,13 +69,17 @@ class Daemon:
     socket: Path
     args: list[str] = field(default_factory=list)
     proc: subprocess.Popen[bytes] | None = None
+    #: Test hook (tests/slow_daemon.py): seconds the writer sleeps in every batch.
+    commit_delay: float = 0.0
 
     def command(self, *extra: str) -> list[str]:
         """The ``nexusd serve`` command line for this daemon's files."""
+        if self.commit_delay:
+            program = [sys.executable, str(SLOW_DAEMON), str(self.commit_delay)]
+        else:
+            program = [sys.executable, "-m", "nexusd"]
         return [
-            sys.executable,
-            "-m",
-            "nexusd",
+            *program,
             "serve",
             "--db",
             str(self.db),
@@ -126,8 +131,25 @@ def run_cli(
     )
 
 
-def _new_daemon(base: Path, *args: str) -> Daemon:
-    return Daemon(dir=base, db=base / "nexus.db", socket=base / "s.sock", args=list(args))
+def _new_daemon(base: Path, *args: str, commit_delay: float = 0.0) -> Daemon:
+    return Daemon(
+        dir=base,
+        db=base / "nexus.db",
+        socket=base / "s.sock",
+        args=list(args),
+        commit_delay=commit_delay,
+    )
+
+
+@pytest.fixture
+def slow_writer() -> Iterator[Callable[[float], None]]:
+    """``slow_writer(s)``: this process's write transactions take ``s`` longer (undone after)."""
+    from tests.slow_daemon import slowed
+
+    undo: list[Callable[[], None]] = []
+    yield lambda delay: undo.append(slowed(delay))
+    for u in reversed(undo):
+        u()
 
 
 @pytest.fixture

@@ -239,8 +239,8 @@ async def test_a_flood_through_one_client_is_throttled_not_lost(short_dir: Path,
     # The daemon reads slowly (slow writer, small queue): the client's writes
     # back up, its transport pauses, and every call still completes.
     cfg = short_dir / "c.toml"
-    cfg.write_text("commit_delay = 0.01\nqueue_size = 16\nmax_messages = 0\n")
-    d = _new_daemon(short_dir, "--config", str(cfg)).start()
+    cfg.write_text("queue_size = 16\nmax_messages = 0\n")
+    d = _new_daemon(short_dir, "--config", str(cfg), commit_delay=0.01).start()
     try:
         async with AsyncClient(d.socket) as c:
             ids: list[int] = []

@@ -49,8 +49,8 @@ def _stored_ids(db: Path) -> set[int]:
 
 # ── graceful shutdown ─────────────────────────────────────────────────────────
 def test_sigterm_with_thousands_in_flight_answers_every_request(short_dir: Path) -> None:
-    cfg = write_config(short_dir / "c.toml", commit_delay=0.002, max_messages=0, queue_size=500)
-    d = _new_daemon(short_dir, "--config", str(cfg)).start()
+    cfg = write_config(short_dir / "c.toml", max_messages=0, queue_size=500)
+    d = _new_daemon(short_dir, "--config", str(cfg), commit_delay=0.002).start()
     conns = [RawSync(d.socket, timeout=30) for _ in range(6)]
     per = 1000
     for k, c in enumerate(conns):
@@ -87,9 +87,9 @@ def test_second_daemon_on_the_same_database_names_the_holder(daemon: Daemon) -> 
 # ── backpressure and overload ─────────────────────────────────────────────────
 def test_slow_writer_full_queue_gives_overloaded_while_reads_flow(short_dir: Path) -> None:
     cfg = write_config(
-        short_dir / "c.toml", queue_size=4, batch_max=2, commit_delay=0.2, enqueue_timeout=0.05
+        short_dir / "c.toml", queue_size=4, batch_max=2, enqueue_timeout=0.05
     )
-    d = _new_daemon(short_dir, "--config", str(cfg)).start()
+    d = _new_daemon(short_dir, "--config", str(cfg), commit_delay=0.2).start()
     try:
         writers = [RawSync(d.socket, timeout=30) for _ in range(4)]
         for k, w in enumerate(writers):
@@ -209,8 +209,8 @@ def test_half_a_frame_then_silence_is_cut_off(short_dir: Path) -> None:
 
 
 def test_per_connection_in_flight_limit(short_dir: Path) -> None:
-    cfg = write_config(short_dir / "c.toml", max_inflight=8, commit_delay=0.02)
-    d = _new_daemon(short_dir, "--config", str(cfg)).start()
+    cfg = write_config(short_dir / "c.toml", max_inflight=8)
+    d = _new_daemon(short_dir, "--config", str(cfg), commit_delay=0.02).start()
     try:
         greedy = RawSync(d.socket)
         greedy.sock.sendall(_frames(200))

@@ -6,6 +6,7 @@ import os
 import socket
 import sqlite3
 import struct
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -120,8 +121,11 @@ async def test_pipelined_appends_commit_in_send_order_and_batch(short_dir: Path)
         assert stats["mean_batch_size"] > 4
 
 
-async def test_reads_and_writes_interleave_out_of_order(short_dir: Path) -> None:
-    async with running_server(make_config(short_dir, commit_delay=0.05)) as server:
+async def test_reads_and_writes_interleave_out_of_order(
+    short_dir: Path, slow_writer: Callable[[float], None]
+) -> None:
+    slow_writer(0.05)
+    async with running_server(make_config(short_dir)) as server:
         c = await Raw.connect(server.config.socket)
         await c.send({"op": "append", "id": 1, "role": "u", "content": "x"})
         await c.send({"op": "ping", "id": 2})
@@ -283,8 +287,11 @@ async def test_v1_database_is_served_in_place(short_dir: Path) -> None:
         assert a["message_id"] == 3
 
 
-async def test_shutdown_answers_queued_writes_and_removes_the_socket(short_dir: Path) -> None:
-    cfg = make_config(short_dir, max_messages=0, commit_delay=0.02)
+async def test_shutdown_answers_queued_writes_and_removes_the_socket(
+    short_dir: Path, slow_writer: Callable[[float], None]
+) -> None:
+    slow_writer(0.02)
+    cfg = make_config(short_dir, max_messages=0)
     async with running_server(cfg) as server:
         c = await Raw.connect(cfg.socket)
         await c.stream.send(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,8 +214,11 @@ async def test_closed_writer_refuses_new_jobs(tmp_path: Path) -> None:
             await Running(w).append("s", "y")
 
 
-async def test_full_queue_makes_producers_wait_then_overloaded(tmp_path: Path) -> None:
-    async with WriterHarness(tmp_path / "n.db", queue_size=2, batch_max=1, commit_delay=0.2) as w:
+async def test_full_queue_makes_producers_wait_then_overloaded(
+    tmp_path: Path, slow_writer: Callable[[float], None]
+) -> None:
+    slow_writer(0.2)
+    async with WriterHarness(tmp_path / "n.db", queue_size=2, batch_max=1) as w:
         outcomes: list[str] = []
 
         async def produce(i: int) -> None:

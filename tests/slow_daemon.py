@@ -1,0 +1,38 @@
+"""Test hook, kept out of the product: ``nexusd`` whose writer sleeps in every batch.
+
+Run as ``python tests/slow_daemon.py SECONDS serve ...``.  The delay wraps
+:func:`nexusd.batch.run` (the one call per transaction) in this process only,
+so no setting, variable or flag of the daemon can make it slow.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+
+def slowed(delay: float) -> Callable[[], None]:
+    """Make every write transaction of this process take ``delay`` s longer; return an undo."""
+    import nexusd.batch as batch
+
+    real = batch.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        time.sleep(delay)
+        return real(*args, **kwargs)
+
+    batch.run = run
+
+    def undo() -> None:
+        batch.run = real
+
+    return undo
+
+
+if __name__ == "__main__":
+    slowed(float(sys.argv[1]))
+    from nexusd.cli import main
+
+    sys.exit(main(sys.argv[2:]))
