@@ -1,25 +1,35 @@
-"""Daemon and client configuration: defaults, TOML file, environment, flags.
+"""Daemon configuration: one declaration of every setting, read strictly.
 
-Precedence is flags > environment > file > defaults.  The default paths follow
-systemd first (``$STATE_DIRECTORY``, ``$RUNTIME_DIRECTORY``), then XDG, then a
-private directory under /tmp, and clients resolve the socket the same way so
-zero configuration works on one machine.
+:class:`Config` declares each setting once: its type, its allowed range and
+its default.  Values come from defaults < a TOML file < the environment
+(``NEXUSD_DB``, ``NEXUSD_SOCKET``) < flags, and every value is checked
+against that declaration with msgspec: a wrong type (``max_messages = 1.9``,
+``isolate_peers = "ture"``), an out-of-range number, an unknown choice
+(``log_level = "verbose"``) or an unknown key is a :class:`ConfigError` naming
+the key, never a silent fallback.  The default paths follow systemd first
+(``$STATE_DIRECTORY``, ``$RUNTIME_DIRECTORY``), then XDG, then a private
+directory under /tmp; clients resolve the socket the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import re
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Final, Literal
+
+import msgspec
+from msgspec import Meta
 
 from .errors import NexusError
 from .paths import default_db_path, default_socket_path, resolve_socket_path
 
 __all__ = [
+    "MAX_FRAME_CAP",
     "Config",
     "ConfigError",
     "default_db_path",
@@ -29,6 +39,12 @@ __all__ = [
 ]
 
 MiB = 1024 * 1024
+#: The largest frame limit accepted: every connection may buffer one frame.
+MAX_FRAME_CAP: Final = 64 * MiB
+
+Count = Annotated[int, Meta(ge=1)]
+Seconds = Annotated[float, Meta(gt=0, le=86_400)]
+Id = Annotated[int, Meta(ge=0, le=2**32 - 1)]
 
 
 class ConfigError(NexusError):
@@ -43,74 +59,71 @@ class Config:
 
     db: Path = dataclasses.field(default_factory=default_db_path)
     socket: Path = dataclasses.field(default_factory=default_socket_path)
-    max_messages: int = 500
-    synchronous: str = "full"
-    queue_size: int = 10_000
-    batch_max: int = 1_000
-    readers: int = 4
+    #: Rows kept per session tag; 0 keeps every row.
+    max_messages: Annotated[int, Meta(ge=0)] = 500
+    synchronous: Literal["full", "normal"] = "full"
+    queue_size: Count = 10_000
+    batch_max: Count = 1_000
+    readers: Annotated[int, Meta(ge=1, le=64)] = 4
     #: WAL pages after which a commit checkpoints.  SQLite's default, 1000,
     #: checkpoints after nearly every large batch; 8000 (32 MiB of WAL) copies
     #: each hot index page once per checkpoint instead of once per few commits.
-    wal_autocheckpoint: int = 8000
-    max_frame: int = 4 * MiB
-    max_content: int = 1 * MiB
-    max_inflight: int = 1_024
-    max_connections: int = 1_024
+    wal_autocheckpoint: Annotated[int, Meta(ge=0)] = 8000
+    max_frame: Annotated[int, Meta(ge=64 * 1024, le=MAX_FRAME_CAP)] = 4 * MiB
+    max_content: Count = 1 * MiB
+    max_inflight: Count = 1_024
+    max_connections: Count = 1_024
     #: Connections one peer uid may hold at once (below max_connections, so no
     #: single uid can lock the others out).
-    max_connections_per_uid: int = 512
+    max_connections_per_uid: Count = 512
     #: Encoded size of one message's ``meta`` (JSON bytes).
-    max_meta: int = 64 * 1024
+    max_meta: Count = 64 * 1024
     #: Bytes the daemon may hold in total for large partial frames and unsent
     #: replies, over all connections.
-    max_buffered: int = 256 * MiB
+    max_buffered: Annotated[int, Meta(ge=MiB)] = 256 * MiB
     #: Backup snapshots held at once, over all connections (one per connection).
-    max_snapshots: int = 2
-    enqueue_timeout: float = 5.0
+    max_snapshots: Count = 2
+    enqueue_timeout: Seconds = 5.0
     #: Seconds a connection may send nothing while nothing of its is in flight.
-    idle_timeout: float = 300.0
+    idle_timeout: Seconds = 300.0
     #: Seconds one frame may take from its first byte to its last.
-    frame_timeout: float = 30.0
-    shutdown_timeout: float = 20.0
-    socket_mode: int = 0o600
+    frame_timeout: Seconds = 30.0
+    shutdown_timeout: Seconds = 20.0
+    socket_mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o600
     #: Group (name or number) given to a socket the daemon creates; its members
     #: are allowed in as well.
     socket_group: str = ""
     #: Peers allowed to connect, by uid; empty means the daemon's own uid and root.
-    allow_uids: list[int] = dataclasses.field(default_factory=list)
+    allow_uids: list[Id] = dataclasses.field(default_factory=list)
     #: Peers allowed to connect by group (primary or supplementary gid).
-    allow_gids: list[int] = dataclasses.field(default_factory=list)
+    allow_gids: list[Id] = dataclasses.field(default_factory=list)
     #: Give every peer uid its own namespace of session tags.
     isolate_peers: bool = False
     #: Uids that see and manage every namespace when isolate_peers is on.
-    admin_uids: list[int] = dataclasses.field(default_factory=lambda: [0])
-    log_level: str = "info"
+    admin_uids: list[Id] = dataclasses.field(default_factory=lambda: [0])
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
     uvloop: bool = True
 
     def validate(self) -> Config:
+        """Check every value against its declaration, then the rules between settings."""
+        _convert({f.name: getattr(self, f.name) for f in fields(Config)}, "setting", strict=True)
+
         def need(ok: bool, message: str) -> None:
             if not ok:
                 raise ConfigError(message)
 
-        need(self.max_messages >= 0, "max_messages must be >= 0 (0 means unbounded)")
-        need(self.synchronous in ("full", "normal"), "synchronous must be 'full' or 'normal'")
-        need(self.queue_size >= 1, "queue_size must be >= 1")
-        need(self.batch_max >= 1, "batch_max must be >= 1")
-        need(1 <= self.readers <= 64, "readers must be between 1 and 64")
-        need(self.wal_autocheckpoint >= 0, "wal_autocheckpoint must be >= 0")
-        need(self.max_frame >= 64 * 1024, "max_frame must be >= 65536")
         need(
-            1 <= self.max_content <= self.max_frame - 16 * 1024,
-            "max_content must be >= 1 and leave 16 KiB of max_frame for the envelope",
+            self.max_content <= self.max_frame - 16 * 1024,
+            "max_content must leave 16 KiB of max_frame for the envelope",
         )
-        need(self.max_inflight >= 1, "max_inflight must be >= 1")
-        need(self.max_connections >= 1, "max_connections must be >= 1")
-        need(self.enqueue_timeout > 0, "enqueue_timeout must be > 0")
-        need(self.idle_timeout > 0, "idle_timeout must be > 0")
-        need(self.shutdown_timeout > 0, "shutdown_timeout must be > 0")
-        need(0 <= self.socket_mode <= 0o777, "socket_mode must be a file mode like 0o660")
-        need(all(u >= 0 for u in self.allow_uids + self.admin_uids), "uids must be >= 0")
-        need(all(g >= 0 for g in self.allow_gids), "gids must be >= 0")
+        need(
+            self.max_meta <= self.max_frame - 16 * 1024,
+            "max_meta must leave 16 KiB of max_frame for the envelope",
+        )
+        need(
+            self.max_connections_per_uid <= self.max_connections,
+            "max_connections_per_uid must be <= max_connections",
+        )
         if self.socket_group:
             self.socket_gid()  # fails here, at start-up, if the group does not exist
         return self
@@ -136,37 +149,65 @@ class Config:
         return set(self.allow_gids) | ({gid} if gid is not None else set())
 
 
-_ENV = {"NEXUSD_DB": "db", "NEXUSD_SOCKET": "socket"}
+_ENV: Final = {"NEXUSD_DB": "db", "NEXUSD_SOCKET": "socket"}
+_NAMES: Final = frozenset(f.name for f in fields(Config))
+_OCTAL: Final = re.compile(r"0?o?([0-7]{3,4})")
+_LOWERED: Final = ("synchronous", "log_level")
 
 
-def _coerce(name: str, value: Any) -> Any:
-    kinds = {f.name: f.type for f in fields(Config)}
-    kind = kinds.get(name)
-    if kind is None:
-        raise ConfigError(f"unknown setting {name!r}")
+def _dec_hook(kind: type, value: Any) -> Any:
+    if kind is Path and isinstance(value, (str, Path)) and str(value):
+        return Path(os.path.expanduser(str(value)))
+    raise NotImplementedError
+
+
+def _convert(values: dict[str, Any], source: str, *, strict: bool) -> dict[str, Any]:
+    """``values`` checked and converted by :class:`Config`'s declaration.
+
+    ``strict``: types must match exactly (TOML, flags); otherwise strings are
+    parsed (the environment).  The error names the key and the source.
+    """
+    for key in values:
+        if key not in _NAMES:
+            raise ConfigError(f"{source}: unknown setting {key!r}")
+    prepared = dict(values)
+    for key in _LOWERED:
+        if isinstance(prepared.get(key), str):
+            prepared[key] = prepared[key].lower()
+    mode = prepared.get("socket_mode")
+    if isinstance(mode, str):
+        m = _OCTAL.fullmatch(mode.strip())
+        if m is None:
+            raise ConfigError(
+                f"{source}: socket_mode must be a file mode like \"0660\", not {mode!r}"
+            )
+        prepared["socket_mode"] = int(m.group(1), 8)
     try:
-        if kind == "Path":
-            return Path(os.path.expanduser(str(value)))
-        if kind == "int":
-            if isinstance(value, bool):
-                raise TypeError
-            if name == "socket_mode" and isinstance(value, str):
-                return int(value, 8)
-            return int(value)
-        if kind == "float":
-            return float(value)
-        if kind == "list[int]":
-            items = value.split(",") if isinstance(value, str) else value
-            if not isinstance(items, list) or any(isinstance(i, bool) for i in items):
-                raise TypeError
-            return [int(i) for i in items if str(i).strip() != ""]
-        if kind == "bool":
-            if isinstance(value, str):
-                return value.lower() in ("1", "true", "yes", "on")
-            return bool(value)
-        return str(value).lower() if name in ("synchronous", "log_level") else str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"bad value for {name}: {value!r}") from None
+        cfg = msgspec.convert(prepared, Config, strict=strict, dec_hook=_dec_hook)
+    except msgspec.ValidationError as exc:
+        raise ConfigError(_explain(str(exc), source, values)) from None
+    return {key: getattr(cfg, key) for key in values}
+
+
+def _explain(message: str, source: str, values: Mapping[str, Any]) -> str:
+    """msgspec's "Expected `int` >= 0 - at `$.max_messages`" as "KEY: ... (got VALUE)"."""
+    text, _, where = message.partition(" - at `$.")
+    key = re.split(r"[.\[`]", where, maxsplit=1)[0] if where else ""
+    if not key:
+        return f"{source}: {text}"
+    got = values.get(key)
+    text = text.replace("Expected", "expected").split(", got ")[0]
+    if key in ("synchronous", "log_level"):
+        choices = _choices(key)
+        text = f"must be one of {', '.join(choices)}"
+    return f"{source}: bad value for {key}: {text} (got {got!r})"
+
+
+def _choices(key: str) -> tuple[str, ...]:
+    import typing
+
+    hint = typing.get_type_hints(Config)[key]
+    return tuple(typing.get_args(hint))
 
 
 def load_config(
@@ -179,24 +220,33 @@ def load_config(
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
     if file is not None:
-        try:
-            with open(file, "rb") as fh:
-                data = tomllib.load(fh)
-        except OSError as exc:
-            raise ConfigError(f"cannot read config file {file}: {exc}") from None
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
-        # Accept either top-level keys or a [nexusd] table.
-        data = data.get("nexusd", data)
-        for key, value in data.items():
-            values[key.replace("-", "_")] = _coerce(key.replace("-", "_"), value)
-    for var, key in _ENV.items():
-        if env.get(var):
-            values[key] = _coerce(key, env[var])
-    for key, value in (flags or {}).items():
-        if value is not None:
-            values[key] = _coerce(key, value)
+        values.update(_convert(_read_file(file), f"config file {file}", strict=True))
+    from_env = {key: env[var] for var, key in _ENV.items() if env.get(var)}
+    values.update(_convert(from_env, "environment", strict=False))
+    given = {k: v for k, v in (flags or {}).items() if v is not None}
+    values.update(_convert(given, "command line", strict=True))
     values.setdefault("db", default_db_path(env))
     values.setdefault("socket", default_socket_path(env))
-    cfg = Config(**values)
-    return cfg.validate()
+    return Config(**values).validate()
+
+
+def _read_file(file: str | os.PathLike[str]) -> dict[str, Any]:
+    try:
+        with open(file, "rb") as fh:
+            data = tomllib.load(fh)
+    except IsADirectoryError:
+        raise ConfigError(f"config file {file} is a directory") from None
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {file}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"config file {file} is not a text (UTF-8 TOML) file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {file} is not valid TOML: {exc}") from None
+    # Either top-level keys or one [nexusd] table.
+    table = data.get("nexusd")
+    if isinstance(table, dict):
+        others = sorted(k for k in data if k != "nexusd")
+        if others:
+            raise ConfigError(f"config file {file}: unknown setting {others[0]!r} beside [nexusd]")
+        data = table
+    return {key.replace("-", "_"): value for key, value in data.items()}

@@ -78,6 +78,65 @@ def test_bad_settings_are_start_up_errors(tmp_path: Path, text: str, match: str)
         load_config(file=f, env={})
 
 
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('isolate_peers = "ture"', r"isolate_peers: expected `bool` \(got 'ture'\)"),
+        ("isolate_peers = 1", "isolate_peers: expected `bool`"),
+        ("max_messages = 1.9", r"max_messages: expected `int` \(got 1.9\)"),
+        ("max_messages = true", "max_messages: expected `int`"),
+        ('log_level = "verbose"', "log_level: must be one of debug, info, warning, error"),
+        ("readers = 0", "readers: expected `int` >= 1"),
+        ("max_frame = 1073741824", "max_frame: expected `int` <= 67108864"),
+        ("idle_timeout = 0", "idle_timeout: expected `float` > 0"),
+        ("allow_uids = [1, -2]", "allow_uids: expected `int` >= 0"),
+        ('allow_uids = "1,2"', "allow_uids: expected `array`"),
+        ('socket_mode = "999"', "socket_mode must be a file mode"),
+        ("commit_delay = 0.5", "unknown setting 'commit_delay'"),
+        ("max_connections = 10\nmax_connections_per_uid = 20", "max_connections_per_uid"),
+        ("[nexusd]\nreaders = 2\n[other]\nx = 1", "unknown setting 'other'"),
+    ],
+)
+def test_every_value_is_checked_by_type_and_range(tmp_path: Path, text: str, match: str) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        load_config(file=f, env={})
+
+
+def test_a_valid_file_keeps_its_values_exactly(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(
+        'isolate_peers = true\nlog_level = "WARNING"\nshutdown_timeout = 3\n'
+        "allow_uids = [1000, 1001]\nsocket_mode = 0o660\n"
+    )
+    cfg = load_config(file=f, env={})
+    assert cfg.isolate_peers is True and cfg.log_level == "warning"
+    assert cfg.shutdown_timeout == 3.0 and cfg.allow_uids == [1000, 1001]
+    assert cfg.socket_mode == 0o660
+
+
+def test_a_binary_or_directory_config_is_a_clear_error(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_bytes(b"\x7fELF\x02\x01\x01\x00\xff\xfe")
+    with pytest.raises(ConfigError, match="not a text"):
+        load_config(file=f, env={})
+    with pytest.raises(ConfigError, match="is a directory"):
+        load_config(file=tmp_path, env={})
+
+
+def test_flags_are_checked_like_the_file() -> None:
+    with pytest.raises(ConfigError, match="command line: bad value for max_messages"):
+        load_config(flags={"max_messages": -1}, env={})
+
+
+def test_validate_checks_a_config_built_in_code() -> None:
+    cfg = Config()
+    cfg.max_messages = 1.9  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match="max_messages"):
+        cfg.validate()
+
+
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="cannot read"):
         load_config(file=tmp_path / "nope.toml", env={})
