@@ -144,3 +144,25 @@ def test_missing_file_is_an_error(tmp_path: Path) -> None:
 
 def test_validate_defaults() -> None:
     assert Config().validate().max_frame == 4 * 1024 * 1024
+
+
+def test_the_readme_table_states_each_declared_default() -> None:
+    import re
+    from dataclasses import fields
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `(\w+)` \|[^|]*\| ([^|]+) \|", readme, re.M))
+    cfg = Config()
+    for f in fields(Config):
+        value = getattr(cfg, f.name)
+        if f.name in ("db", "socket", "allow_uids", "allow_gids", "socket_group"):
+            continue  # computed or "(none)": described in words
+        shown = rows[f.name].strip().strip("`")
+        if isinstance(value, bool):
+            assert shown == str(value).lower(), f.name
+        elif f.name == "socket_mode":
+            assert int(shown, 8) == value, f.name
+        elif isinstance(value, list):
+            assert shown == str(value), f.name
+        else:
+            assert type(value)(shown) == value, (f.name, shown, value)
