@@ -9,16 +9,33 @@ after the connection dropped.
 
 from __future__ import annotations
 
+import errno
 import itertools
+import logging
 import os
 import secrets
+import socket
+import stat
+import struct
+import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
 from . import protocol as p
-from .errors import ConnectionLost, DaemonNotRunning, NexusError, Overloaded, Unavailable
+from .errors import (
+    BadRequest,
+    ConnectionLost,
+    DaemonNotRunning,
+    Forbidden,
+    NexusError,
+    Overloaded,
+    TooLarge,
+    Unavailable,
+)
 from .protocol import Message
+
+logger = logging.getLogger(__name__)
 
 R = TypeVar("R")
 
@@ -41,11 +58,103 @@ FIRST_BACKOFF: Final = 0.05
 MAX_BACKOFF: Final = 1.0
 
 
+#: Frames up to this size are sent without checking the server's max_frame
+#: (every server accepts at least this much), so small calls cost nothing extra.
+SMALL_FRAME: Final = 64 * 1024
+#: The user the system service runs as (systemd/nexusd.service).
+SERVICE_USER: Final = "nexusd"
+TRUSTED_UIDS_ENV: Final = "NEXUSD_TRUSTED_UIDS"
+_UCRED: Final = struct.Struct("3i")
+
+
 def unreachable(path: os.PathLike[str] | str, why: str) -> DaemonNotRunning:
     return DaemonNotRunning(
         f"cannot reach nexusd at {path} ({why}). Start the daemon with `nexusd serve`"
         " (or `systemctl --user start nexusd`), or point NEXUSD_SOCKET / socket_path at it."
     )
+
+
+def connect_error(path: os.PathLike[str] | str, exc: OSError) -> NexusError:
+    """The error for a failed connect: "permission denied" is not "not running"."""
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        try:
+            st = os.stat(path)
+            whose = f" (owned by uid {st.st_uid}, mode {stat.S_IMODE(st.st_mode):04o})"
+        except OSError:
+            whose = ""
+        return Forbidden(
+            f"permission denied: you may not open nexusd's socket at {path}{whose}. "
+            "Ask its owner to let you in (socket_group / allow_uids), or use your own daemon."
+        )
+    return unreachable(path, exc.strerror or str(exc))
+
+
+# ── who may answer us ────────────────────────────────────────────────────────
+def trusted_uids(extra: Iterable[int] | None = None) -> frozenset[int]:
+    """Uids a client accepts as the daemon: its own, root, the service user, and more.
+
+    Root covers socket activation (systemd owns the listening socket); the
+    service user is the system service's.  ``extra`` and ``$NEXUSD_TRUSTED_UIDS``
+    (comma-separated uids) add others.
+    """
+    uids = {os.getuid(), 0}
+    try:
+        import pwd
+
+        uids.add(pwd.getpwnam(SERVICE_USER).pw_uid)
+    except (ImportError, KeyError):
+        pass
+    uids.update(extra or ())
+    raw = os.environ.get(TRUSTED_UIDS_ENV, "")
+    for item in raw.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        if not item.isdigit():
+            raise BadRequest(
+                f"{TRUSTED_UIDS_ENV} must list uids separated by commas, not {raw!r}",
+                field=TRUSTED_UIDS_ENV,
+            )
+        uids.add(int(item))
+    return frozenset(uids)
+
+
+def server_uid(sock: Any) -> int:
+    """The uid of the process that listens at the other end (``SO_PEERCRED``)."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    return int(_UCRED.unpack(raw)[1])
+
+
+def check_server(sock: Any, path: os.PathLike[str] | str, trusted: frozenset[int]) -> None:
+    """Refuse to talk to a socket served by an untrusted uid (nothing is sent before).
+
+    Anyone able to create the socket's directory first (``/tmp/nexusd-<uid>``
+    without ``XDG_RUNTIME_DIR``) could otherwise serve a fake daemon and read
+    every message.
+    """
+    try:
+        uid = server_uid(sock)
+    except OSError as exc:
+        raise Forbidden(f"cannot tell who serves {path} ({exc.strerror}); refusing") from None
+    if uid not in trusted:
+        raise Forbidden(
+            f"refusing to talk to {path}: it is served by uid {uid}, which is not trusted "
+            f"(trusted: {', '.join(str(u) for u in sorted(trusted))}). If that daemon is "
+            f"yours, add its uid to {TRUSTED_UIDS_ENV} or trusted_uids=."
+        )
+
+
+def frame_limit(hello: p.HelloReply) -> int | None:
+    return hello.limits.get("max_frame")
+
+
+def check_frame(size: int, max_frame: int | None) -> None:
+    """Refuse locally a request the daemon would reject by closing the connection."""
+    if max_frame is not None and size > max_frame:
+        raise TooLarge(
+            f"the request is {size} bytes, over the daemon's frame limit of {max_frame} "
+            "bytes (max_frame); send less at once"
+        )
 
 
 class KeyMaker:
@@ -170,24 +279,94 @@ def backup_chunk(hello: p.HelloReply) -> int:
 
 
 class BackupTarget:
-    """The file a backup is written to: a ``.partial`` sibling, renamed when complete."""
+    """The file a backup is written to.
+
+    The bytes go to a new temporary file in the destination's directory
+    (``mkstemp``: ``O_CREAT|O_EXCL|O_NOFOLLOW``, mode 0600, so a planted
+    symlink is never followed and the copy is as private as the database),
+    which is fsynced, renamed over ``dest`` and the directory fsynced.  Every
+    check a user can get wrong happens here, before the daemon is asked for
+    anything; :meth:`discard` removes the temporary file on any failure.
+    """
 
     def __init__(self, dest: str | os.PathLike[str]) -> None:
         self.dest = Path(dest)
-        self.partial = self.dest.with_name(self.dest.name + ".partial")
-        self._fh = self.partial.open("wb")
+        self.dir = self.dest.parent
+        if os.path.isdir(self.dest):
+            raise BadRequest(
+                f"backup destination {self.dest} is a directory; give a file name "
+                f"(e.g. {self.dest / 'nexus-backup.db'})",
+                field="dest",
+            )
+        if not self.dir.exists():
+            raise BadRequest(
+                f"cannot write the backup: directory {self.dir} does not exist", field="dest"
+            )
+        if not self.dir.is_dir():
+            raise BadRequest(
+                f"cannot write the backup: {self.dir} is not a directory", field="dest"
+            )
+        try:
+            fd, name = tempfile.mkstemp(
+                dir=self.dir, prefix=f".{self.dest.name}.", suffix=".partial"
+            )
+        except OSError as exc:
+            why = "permission denied" if exc.errno in (errno.EACCES, errno.EPERM) else exc.strerror
+            raise BadRequest(
+                f"cannot write the backup into {self.dir}: {why}", field="dest"
+            ) from None
+        self.partial = Path(name)
+        self._fd: int | None = fd
+        self._done = False
+
+    def refuse_live(self, files: Iterable[Iterable[int]]) -> None:
+        """Refuse a destination that is one of the daemon's live files (any name for it).
+
+        Renaming over the live database would leave the daemon writing to an
+        unlinked file: every row acknowledged after that is lost at restart.
+        """
+        live = {tuple(f) for f in files}
+        try:
+            st = os.stat(self.dest)  # follows symlinks; hard links share the inode
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            raise BadRequest(f"cannot use {self.dest}: {exc.strerror}", field="dest") from None
+        if (st.st_dev, st.st_ino) in live:
+            raise BadRequest(
+                f"{self.dest} is the daemon's live database (or its WAL, shared-memory or "
+                "lock file); writing the backup there would destroy it. Choose another file.",
+                field="dest",
+            )
 
     def write(self, data: bytes) -> None:
-        self._fh.write(data)
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self._fd, view) :]
 
     def commit(self) -> None:
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-        self._fh.close()
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
         os.replace(self.partial, self.dest)
+        self._done = True
+        try:  # the rename is durable once the directory is
+            dfd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return
+        try:
+            os.fsync(dfd)
+        except OSError as exc:
+            logger.debug("fsync of %s failed: %s", self.dir, exc)
+        finally:
+            os.close(dfd)
 
     def discard(self) -> None:
-        """Remove the partial file unless :meth:`commit` renamed it (idempotent)."""
-        if not self._fh.closed:
-            self._fh.close()
-        self.partial.unlink(missing_ok=True)
+        """Remove the temporary file unless :meth:`commit` renamed it (idempotent)."""
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+        if not self._done:
+            self.partial.unlink(missing_ok=True)

@@ -1,8 +1,12 @@
 """The ``nexusd`` command: ``serve`` runs the daemon, the rest are clients.
 
 Exit codes: 0 ok, 1 the server answered an error (or the daemon could not
-start), 2 usage, 3 cannot reach the daemon.  ``--json`` gives machine output;
-otherwise a readable table.  This is the only module that writes to stdout.
+start, or refused us, or is not one we trust), 2 usage (including what the
+daemon rejected as ``bad_request``/``too_large``), 3 cannot reach the daemon,
+130 interrupted (Ctrl-C).  Every mistake is one line on stderr, never a
+traceback.  ``--json`` gives machine output; otherwise a readable table, in
+which control characters are shown escaped.  This is the only module that
+writes to stdout.
 """
 
 from __future__ import annotations
@@ -10,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
+import re
 import signal
 import sqlite3
 import sys
@@ -21,12 +27,15 @@ from typing import Any, NoReturn
 import msgspec
 
 from . import __version__
+from . import protocol as p
 from .client import Client
-from .errors import ConnectionLost, DaemonNotRunning, NexusError, Timeout
+from .errors import BadRequest, ConnectionLost, DaemonNotRunning, NexusError, Timeout, TooLarge
 
 logger = logging.getLogger("nexusd")
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNREACHABLE = 0, 1, 2, 3
+#: What a shell reports for a command ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED = 130
 
 
 # ── serve ────────────────────────────────────────────────────────────────────
@@ -67,8 +76,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     try:
         cfg = load_config(file=args.config, flags=flags)
     except ConfigError as exc:
-        print(f"nexusd: {exc.message}", file=sys.stderr)
-        return EXIT_USAGE
+        return _fail(exc.message, EXIT_USAGE)
+    except (OSError, ValueError) as exc:  # config.py maps these; never a traceback regardless
+        return _fail(f"cannot load the configuration: {exc}", EXIT_USAGE)
     _setup_logging(cfg.log_level)
     # The database, its WAL and the lock hold people's conversations: owner only.
     os.umask(0o077)
@@ -94,24 +104,33 @@ def cmd_serve(args: argparse.Namespace) -> int:
         anyio.run(main, backend="asyncio", backend_options=options)
     except BaseException as exc:
         # Task groups wrap what failed in exception groups: find the reason.
-        reason = _find(exc, (StartupError, StorageError, ConfigError))
+        reason = _find(exc, (StartupError, StorageError, ConfigError, OSError, sqlite3.Error))
         if reason is None:
             raise
-        logger.error("%s", reason.message)
+        logger.error("cannot serve: %s", _reason(reason))
         return EXIT_ERROR
     return EXIT_OK
 
 
-def _find(exc: BaseException, kinds: tuple[type[NexusError], ...]) -> NexusError | None:
+def _reason(exc: BaseException) -> str:
+    """One line saying what went wrong, without Python's wording where it can."""
+    if isinstance(exc, NexusError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror.lower()}{where}"
+    return str(exc) or type(exc).__name__
+
+
+def _find(exc: BaseException, kinds: tuple[type[BaseException], ...]) -> BaseException | None:
     """The first exception of ``kinds`` in ``exc`` or the groups nested in it."""
-    if isinstance(exc, kinds):
-        return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
             found = _find(inner, kinds)
             if found is not None:
                 return found
-    return None
+        return None
+    return exc if isinstance(exc, kinds) else None
 
 
 async def _on_signals(server: Any) -> None:
@@ -123,16 +142,42 @@ async def _on_signals(server: Any) -> None:
             server.request_shutdown()
 
 
-# ── client commands ──────────────────────────────────────────────────────────
+# ── output ───────────────────────────────────────────────────────────────────
+#: Control characters (C0, DEL, C1) and the bidirectional overrides and
+#: isolates: sent raw to a terminal they can rewrite the screen or reorder what
+#: is shown, so stored text shows them escaped.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    named = _NAMED.get(c)
+    if named is not None:
+        return named
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+
+def _safe(text: str) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``, ``\\u202e``)."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def _fail(message: str, code: int) -> int:
+    """Print one line to stderr; return ``code``."""
+    print(f"nexusd: {_safe(message)}", file=sys.stderr)
+    return code
+
+
 def _out(args: argparse.Namespace, value: Any, human: str) -> None:
-    if args.json:
+    if args.json:  # exact: JSON escapes control characters itself
         sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
     else:
         sys.stdout.write(human + ("\n" if human and not human.endswith("\n") else ""))
 
 
 def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(c) for c in r] for r in rows]
+    cells = [[_safe(str(c)) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
     line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
     out = [line.rstrip(), "  ".join("-" * w for w in widths)]
@@ -141,12 +186,32 @@ def _table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 
 def _one_line(text: str, width: int) -> str:
-    flat = text.replace("\r", "\\r").replace("\n", "\\n").replace("\t", " ")
+    flat = _safe(text)
     return flat if width <= 0 or len(flat) <= width else flat[: width - 1] + "…"
 
 
+# ── client commands ──────────────────────────────────────────────────────────
+def _read_stdin(raw: bool) -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        _usage(
+            f"stdin is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "convert it first, e.g. with iconv"
+        )
+    # `echo text |` and here-documents end with a newline that is not part of
+    # the message; --raw keeps everything.
+    return text if raw or not text.endswith("\n") else text[:-1]
+
+
+def _check_length(name: str, value: str, most: int) -> None:
+    if not 1 <= len(value) <= most:
+        _usage(f"{name} must be 1 to {most} characters, not {len(value)}")
+
+
 def cmd_append(args: argparse.Namespace, c: Client) -> None:
-    content = sys.stdin.read() if args.content == "-" else args.content
+    _check_length("role", args.role, p.MAX_ROLE_CHARS)
     meta = None
     if args.meta is not None:
         try:
@@ -154,7 +219,23 @@ def cmd_append(args: argparse.Namespace, c: Client) -> None:
         except json.JSONDecodeError as exc:
             _usage(f"--meta is not valid JSON: {exc}")
         if not isinstance(meta, dict):
-            _usage("--meta must be a JSON object")
+            _usage("--meta must be a JSON object, like '{\"model\": \"m1\"}'")
+    content = _read_stdin(args.raw) if args.content == "-" else args.content
+    if not content and not args.allow_empty:
+        _usage("the content is empty; pass --allow-empty to store an empty message")
+    limits = c.hello().limits
+    size = len(content.encode("utf-8"))
+    max_content = limits.get("max_content")
+    if max_content is not None and size > max_content:
+        _usage(
+            f"the content is {size} bytes of UTF-8; this daemon accepts at most "
+            f"{max_content} (max_content)"
+        )
+    max_meta = limits.get("max_meta")
+    if meta is not None and max_meta is not None:
+        meta_size = len(msgspec.json.encode(meta))
+        if meta_size > max_meta:
+            _usage(f"--meta is {meta_size} bytes of JSON; this daemon accepts at most {max_meta}")
     mid = c.append(
         args.role, content, session_tag=args.session, timestamp=args.timestamp, meta=meta
     )
@@ -165,10 +246,24 @@ def cmd_history(args: argparse.Namespace, c: Client) -> None:
     msgs = c.get_history(args.session, args.limit, before_id=args.before, after_id=args.after)
     width = 0 if args.full else 80
     rows = [(m.id, m.timestamp, m.role, _one_line(m.content, width)) for m in msgs]
-    _out(
-        args,
-        msgs,
-        _table(["ID", "TIMESTAMP", "ROLE", "CONTENT"], rows) if msgs else "(no messages)",
+    human = _table(["ID", "TIMESTAMP", "ROLE", "CONTENT"], rows) if msgs else "(no messages)"
+    if msgs and len(msgs) >= args.limit and not args.json and sys.stdout.isatty():
+        human += "\n" + _more_hint(args, c, msgs)
+    _out(args, msgs, human)
+
+
+def _more_hint(args: argparse.Namespace, c: Client, msgs: list[p.Message]) -> str:
+    """The footer saying a full page on a terminal may not be everything."""
+    if args.after is not None:
+        return f"(showing {len(msgs)}; newer ones may follow: --after {msgs[-1].id})"
+    if args.before is not None:
+        return f"(showing {len(msgs)}; older ones may exist: --before {msgs[0].id})"
+    total = c.message_count(args.session)
+    if total <= len(msgs):
+        return f"(showing all {total})"
+    return (
+        f"(showing the newest {len(msgs)} of {total}; --limit N or --before {msgs[0].id} "
+        "to see more)"
     )
 
 
@@ -203,7 +298,7 @@ def cmd_pop(args: argparse.Namespace, c: Client) -> None:
 
 def cmd_clear(args: argparse.Namespace, c: Client) -> None:
     n = c.clear(args.session)
-    _out(args, {"deleted": n}, f"deleted {n} message(s) from {args.session!r}")
+    _out(args, {"deleted": n}, f"deleted {n} message(s) from {_safe(repr(args.session))}")
 
 
 def cmd_clear_all(args: argparse.Namespace, c: Client) -> None:
@@ -224,7 +319,7 @@ def cmd_ping(args: argparse.Namespace, c: Client) -> None:
     _out(
         args,
         {"ok": True, "server": hello.server, "version": hello.version},
-        f"ok ({hello.server}, protocol {hello.version})",
+        f"ok ({_safe(hello.server)}, protocol {hello.version})",
     )
 
 
@@ -233,7 +328,7 @@ def cmd_backup(args: argparse.Namespace, c: Client) -> None:
     size = c.backup(args.dest, progress=bar)
     if bar is not None:
         bar.done()
-    _out(args, {"dest": args.dest, "bytes": size}, f"wrote {size} bytes to {args.dest}")
+    _out(args, {"dest": args.dest, "bytes": size}, f"wrote {size} bytes to {_safe(args.dest)}")
 
 
 class _ProgressBar:
@@ -260,38 +355,118 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .schema import StorageError, describe, integrity_check
 
     db = Path(args.db or os.environ.get("NEXUSD_DB") or default_db_path())
+    if db.is_dir():
+        return _fail(f"{db} is a directory, not a database file", EXIT_USAGE)
     if not db.exists():
-        print(f"nexusd: {db} does not exist", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(f"{db} does not exist", EXIT_ERROR)
     try:
         problems = integrity_check(db)
         info = describe(db) if problems == ["ok"] else {}
-    except (StorageError, sqlite3.Error) as exc:
+    except StorageError as exc:  # not a database at all: one line, not a verdict table
+        return _fail(exc.message, EXIT_ERROR)
+    except OSError as exc:
+        return _fail(f"cannot read {db}: {_reason(exc)}", EXIT_ERROR)
+    except sqlite3.Error as exc:
         problems, info = [str(exc)], {}
     ok = problems == ["ok"]
     verdict = {"db": str(db), "ok": ok, "problems": [] if ok else problems, **info}
     if ok:
         human = (
-            f"{db}: ok (schema {info['schema_version']}, {info['messages']} messages "
+            f"{_safe(str(db))}: ok (schema {info['schema_version']}, {info['messages']} messages "
             f"in {info['sessions']} sessions)"
         )
     else:
-        human = f"{db}: DAMAGED\n" + "\n".join(f"  {line}" for line in problems[:20])
+        human = f"{_safe(str(db))}: DAMAGED\n" + "\n".join(
+            f"  {_safe(line)}" for line in problems[:20]
+        )
     _out(args, verdict, human)
     return EXIT_OK if ok else EXIT_ERROR
 
 
 def _usage(message: str) -> NoReturn:
-    print(f"nexusd: {message}", file=sys.stderr)
-    raise SystemExit(EXIT_USAGE)
+    raise SystemExit(_fail(message, EXIT_USAGE))
+
+
+_MSGSPEC_WORDING = re.compile(r"^Expected `(\w+)`(?: of length)? (<=|>=|<|>) (\d+)")
+
+
+def _plain(err: NexusError) -> str:
+    """A validation error in plain words, naming the field."""
+    message = err.message.split(" - at `$", 1)[0]
+    m = _MSGSPEC_WORDING.match(message)
+    if m is not None:
+        kind, op, n = m.groups()
+        bound = {"<=": "at most", ">=": "at least", "<": "under", ">": "over"}[op]
+        unit = " characters" if kind == "str" else ""
+        message = f"must be {bound} {n}{unit}"
+    field = err.field
+    if field and field not in message:
+        return f"{field}: {message}"
+    return message
 
 
 # ── parser ───────────────────────────────────────────────────────────────────
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a mistake is one line (with where to get help), exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        _usage(f"{message} (see `{self.prog} --help`)")
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if not value > 0 or not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
+    return value
+
+
+def _bounded(low: int, high: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, not {value}")
+        return value
+
+    return parse
+
+
+def _add_client_options(parser: argparse.ArgumentParser, prefix: str = "") -> None:
+    """``--socket``, ``--json``, ``--timeout``: accepted before and after the command."""
+    d = argparse.SUPPRESS if prefix else None  # the command's own value wins when given
+    parser.add_argument(
+        "--socket",
+        dest=f"{prefix}socket",
+        default=d,
+        help="daemon socket (default: as the daemon resolves it)",
+    )
+    parser.add_argument(
+        "--json",
+        dest=f"{prefix}json",
+        action="store_true",
+        default=d if prefix else False,
+        help="machine-readable output",
+    )
+    parser.add_argument(
+        "--timeout",
+        dest=f"{prefix}timeout",
+        type=_seconds,
+        default=d,
+        help="seconds to wait for each answer (default 30)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="nexusd", description="Durable local conversation history over a Unix socket."
     )
     parser.add_argument("--version", action="version", version=f"nexusd {__version__}")
+    _add_client_options(parser, prefix="global_")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     s = sub.add_parser("serve", help="run the daemon in the foreground")
@@ -323,9 +498,7 @@ def build_parser() -> argparse.ArgumentParser:
         name: str, func: Any, help: str, session: bool = True
     ) -> argparse.ArgumentParser:
         c = sub.add_parser(name, help=help)
-        c.add_argument("--socket", help="daemon socket (default: as the daemon resolves it)")
-        c.add_argument("--json", action="store_true", help="machine-readable output")
-        c.add_argument("--timeout", type=float, default=30.0, help="seconds to wait (default 30)")
+        _add_client_options(c)
         if session:
             c.add_argument(
                 "--session", default="nexus", metavar="TAG", help="session tag (default nexus)"
@@ -336,10 +509,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = client_cmd("append", cmd_append, "store one message and print its id")
     a.add_argument("role")
     a.add_argument("content", help="message text, or - to read it from stdin")
-    a.add_argument("--timestamp", help="keep this timestamp instead of the commit time")
+    a.add_argument("--timestamp", help="keep this RFC 3339 timestamp instead of the commit time")
     a.add_argument("--meta", help="JSON object stored with the message")
+    a.add_argument(
+        "--raw", action="store_true", help="with -: keep the final newline"
+    )
+    a.add_argument("--allow-empty", action="store_true", help="store an empty message")
     h = client_cmd("history", cmd_history, "print a session's messages, oldest first")
-    h.add_argument("--limit", type=int, default=200)
+    h.add_argument("--limit", type=_bounded(1, p.MAX_HISTORY_LIMIT), default=200)
     h.add_argument("--before", type=int, metavar="ID", help="page back: messages older than ID")
     h.add_argument("--after", type=int, metavar="ID", help="page forward: messages newer than ID")
     h.add_argument("--full", action="store_true", help="do not shorten long contents")
@@ -362,23 +539,72 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: Arguments that are text sent to the daemon (paths may be any bytes).
+_TEXT_ARGS = ("role", "content", "session", "meta", "timestamp")
+
+
+def _merge_globals(args: argparse.Namespace) -> None:
+    """Options given before the command apply unless the command repeats them."""
+    for name in ("socket", "json", "timeout"):
+        given = getattr(args, f"global_{name}", None)
+        if given is not None and getattr(args, name, None) in (None, False):
+            setattr(args, name, given)
+    if getattr(args, "timeout", None) is None:
+        args.timeout = 30.0
+
+
+def _check_text(args: argparse.Namespace) -> None:
+    """Arguments with bytes that are not UTF-8 arrive as lone surrogates: refuse them."""
+    for name in _TEXT_ARGS:
+        value = getattr(args, name, None)
+        if not isinstance(value, str):
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            byte = ord(value[exc.start]) - 0xDC00
+            what = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else "a surrogate"
+            _usage(
+                f"the {name} argument is not UTF-8 text ({what} at position {exc.start}); "
+                "convert it first, e.g. with iconv"
+            )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:
+        # Ctrl-C: what was interrupted has cleaned up on its way out (a
+        # backup's temporary file is gone); a message, not a traceback.
+        print("nexusd: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    _merge_globals(args)
     if args.func is None:
         return cmd_serve(args)
     if args.func == "check":
         return cmd_check(args)
+    _check_text(args)
+    if getattr(args, "session", None) is not None:
+        _check_length("--session", args.session, p.MAX_SESSION_CHARS)
     # Connects lazily, on the first call: usage errors come out before any I/O.
-    client = Client(args.socket, timeout=args.timeout)
+    try:
+        client = Client(args.socket, timeout=args.timeout)
+    except NexusError as exc:  # e.g. a malformed NEXUSD_TRUSTED_UIDS
+        return _fail(exc.message, EXIT_USAGE)
     try:
         args.func(args, client)
     except (DaemonNotRunning, ConnectionLost, Timeout) as exc:
-        print(f"nexusd: {exc.message}", file=sys.stderr)
-        return EXIT_UNREACHABLE
+        return _fail(exc.message, EXIT_UNREACHABLE)
+    except (BadRequest, TooLarge) as exc:
+        # The daemon (or the client, before sending) rejected what was asked.
+        return _fail(_plain(exc), EXIT_USAGE)
     except NexusError as exc:
-        print(f"nexusd: error ({exc.code}): {exc.message}", file=sys.stderr)
-        return EXIT_ERROR
+        return _fail(f"error ({exc.code}): {exc.message}", EXIT_ERROR)
     except BrokenPipeError:
         # stdout closed early (e.g. piped into head): not an error of ours.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

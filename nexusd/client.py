@@ -10,6 +10,14 @@ calls are pipelined over one connection and frames ready in the same turn of
 the event loop go out in one write.  ``Client`` is safe to share between
 threads (one call at a time on its connection).
 
+Before sending anything on a new connection, both check who serves the socket
+(``SO_PEERCRED``): their own uid, root (socket activation), the ``nexusd``
+service user, or a uid given in ``trusted_uids=`` / ``$NEXUSD_TRUSTED_UIDS``;
+anyone else gets :class:`~nexusd.errors.Forbidden` and not one byte.  A
+request over 64 KiB is checked against the server's ``max_frame`` (learnt from
+``hello`` once per connection) and refused locally with
+:class:`~nexusd.errors.TooLarge` rather than sent to be cut off.
+
 Both survive a daemon restart: appends carry idempotency keys (unless
 ``idempotent_appends=False``), so when the connection drops before the answer
 arrives the call reconnects and resends, and the daemon returns the original
@@ -20,7 +28,9 @@ id instead of storing a copy.  Reads are retried the same way; ``pop``,
 from __future__ import annotations
 
 import itertools
+import logging
 import os
+import select
 import socket
 import threading
 import time
@@ -29,7 +39,7 @@ from typing import Any
 
 import anyio
 import msgspec
-from anyio.abc import TaskGroup
+from anyio.abc import SocketAttribute, TaskGroup
 
 from . import calls
 from . import protocol as p
@@ -42,6 +52,8 @@ from .protocol import DEFAULT_SESSION, Message, SessionInfo
 
 __all__ = ["AsyncClient", "Client", "MessageInput"]
 
+logger = logging.getLogger(__name__)
+
 _with_id = msgspec.structs.replace
 
 
@@ -52,6 +64,7 @@ class AsyncClient:
     ``timeout`` bounds each call (None: no bound).  ``retry_for`` is how long a
     call may keep reconnecting and resending after the connection dropped or
     the daemon said ``unavailable``/``overloaded`` (0 disables retries).
+    ``trusted_uids`` adds uids accepted as the daemon's (see the module doc).
 
     Like any anyio task group, a client is entered and left by the same task;
     several clients opened in one task close in reverse order (``async with``,
@@ -65,10 +78,12 @@ class AsyncClient:
         timeout: float | None = 30.0,
         retry_for: float = 30.0,
         idempotent_appends: bool = True,
+        trusted_uids: Iterable[int] | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
         self.timeout = timeout
         self.retry_for = retry_for
+        self._trusted = calls.trusted_uids(trusted_uids)
         self._keys = calls.KeyMaker() if idempotent_appends else None
         self._ids = itertools.count(1)
         self._tg: TaskGroup | None = None
@@ -105,12 +120,27 @@ class AsyncClient:
     async def _open(self) -> AnyioLink | AsyncioLink:
         if self._tg is None:
             raise ConnectionLost("client is not open; use `async with AsyncClient()`")
+        path = self.socket_path
         try:
             if on_asyncio():
-                return await AsyncioLink.open(str(self.socket_path))
-            return AnyioLink(await anyio.connect_unix(self.socket_path), self._tg)
+                link = await AsyncioLink.open(str(path))
+                try:
+                    calls.check_server(link.raw_socket(), path, self._trusted)
+                except BaseException:
+                    await link.aclose()
+                    raise
+                return link
+            stream = await anyio.connect_unix(path)
         except OSError as exc:
-            raise calls.unreachable(self.socket_path, exc.strerror or str(exc)) from None
+            raise calls.connect_error(path, exc) from None
+        try:
+            # Before the link exists: its sender cannot have sent anything.
+            calls.check_server(stream.extra(SocketAttribute.raw_socket), path, self._trusted)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        return AnyioLink(stream, self._tg)
 
     async def _current_link(self) -> AnyioLink | AsyncioLink:
         link = self._link
@@ -126,8 +156,15 @@ class AsyncClient:
     async def _call_once(self, req: Any) -> Any:
         link = await self._current_link()
         rid = next(self._ids)
-        frame = encode_frame(p.encoder.encode(_with_id(req, id=rid)))
-        return await link.roundtrip(rid, frame, self.timeout)
+        body = p.encoder.encode(_with_id(req, id=rid))
+        if len(body) > calls.SMALL_FRAME:
+            if link.max_frame is None:
+                hello = p.Hello(id=next(self._ids), client=calls.CLIENT_NAME)
+                frame = encode_frame(p.encoder.encode(hello))
+                reply = await link.roundtrip(hello.id, frame, self.timeout)
+                link.max_frame = calls.frame_limit(calls.expect(reply, p.HelloReply)) or 0
+            calls.check_frame(len(body), link.max_frame or None)
+        return await link.roundtrip(rid, encode_frame(body), self.timeout)
 
     async def _call(self, req: Any) -> Any:
         deadline = time.monotonic() + self.retry_for
@@ -229,26 +266,35 @@ class AsyncClient:
     async def backup(
         self, dest: str | os.PathLike[str], *, progress: Progress | None = None
     ) -> int:
-        """Write a consistent copy of the database to ``dest``; return its size in bytes."""
-        chunk = calls.backup_chunk(await self.hello())
-        begin = calls.expect(await self._call(p.BackupBegin(id=0)), p.BackupBeginReply)
-        target = calls.BackupTarget(dest)
+        """Write a consistent copy of the database to ``dest``; return its size in bytes.
+
+        As :meth:`Client.backup`.
+        """
+        target = calls.BackupTarget(dest)  # the caller's mistakes first, before any I/O
         try:
-            offset = 0
-            while True:
-                req = p.BackupRead(id=0, backup=begin.backup, offset=offset, length=chunk)
-                part = calls.expect(await self._call(req), p.BackupReadReply)
-                await anyio.to_thread.run_sync(target.write, part.data)
-                offset += len(part.data)
-                if progress is not None:
-                    progress(offset, begin.size)
-                if part.eof or not part.data:
-                    break
-            await anyio.to_thread.run_sync(target.commit)
+            chunk = calls.backup_chunk(await self.hello())
+            begin = calls.expect(await self._call(p.BackupBegin(id=0)), p.BackupBeginReply)
+            try:
+                target.refuse_live(begin.files)
+                offset = 0
+                while True:
+                    req = p.BackupRead(id=0, backup=begin.backup, offset=offset, length=chunk)
+                    part = calls.expect(await self._call(req), p.BackupReadReply)
+                    await anyio.to_thread.run_sync(target.write, part.data)
+                    offset += len(part.data)
+                    if progress is not None:
+                        progress(offset, begin.size)
+                    if part.eof or not part.data:
+                        break
+                await anyio.to_thread.run_sync(target.commit)
+            finally:
+                with anyio.CancelScope(shield=True):
+                    try:
+                        await self._call(p.BackupEnd(id=0, backup=begin.backup))
+                    except NexusError as exc:  # closing the connection releases it too
+                        logger.debug("backup_end failed: %s", exc)
         finally:
             target.discard()
-            with anyio.CancelScope(shield=True):
-                await self._call(p.BackupEnd(id=0, backup=begin.backup))
         return offset
 
 
@@ -257,8 +303,11 @@ class Client:
     """Blocking client; a context manager, safe to share between threads.
 
     ``timeout`` (seconds, None for none) bounds each call;
-    ``retry_for`` and ``idempotent_appends`` are as for :class:`AsyncClient`.
-    The connection is opened on first use and reopened after a failure.
+    ``retry_for``, ``idempotent_appends`` and ``trusted_uids`` are as for
+    :class:`AsyncClient`.  The connection is opened on first use and reopened
+    after a failure, or when the daemon closed it meanwhile (idle timeout,
+    restart): that is noticed before a call is sent, so even a ``pop`` that is
+    never resent does not fail for it.
     """
 
     def __init__(
@@ -268,12 +317,16 @@ class Client:
         timeout: float | None = 30.0,
         retry_for: float = 30.0,
         idempotent_appends: bool = True,
+        trusted_uids: Iterable[int] | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket_path)
         self.timeout = timeout
         self.retry_for = retry_for
+        self._trusted = calls.trusted_uids(trusted_uids)
         self._keys = calls.KeyMaker() if idempotent_appends else None
         self._ids = itertools.count(1)
+        self._max_frame: int | None = None  # the server's, learnt when first needed
+        self._poller: select.poll | None = None
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
         self._decoder = FrameDecoder(calls.CLIENT_MAX_FRAME)
@@ -299,21 +352,51 @@ class Client:
 
     def _connect(self) -> socket.socket:
         if self._sock is not None:
-            return self._sock
+            if self._still_open(self._sock):
+                return self._sock
+            self._drop()
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Connect blocking: a full accept backlog then waits instead of failing
         # with EAGAIN (which a socket with a timeout reports at once).
         try:
             sock.connect(str(self.socket_path))
+            calls.check_server(sock, self.socket_path, self._trusted)
         except OSError as exc:
             sock.close()
-            raise calls.unreachable(self.socket_path, exc.strerror or str(exc)) from None
+            raise calls.connect_error(self.socket_path, exc) from None
+        except BaseException:
+            sock.close()
+            raise
         sock.settimeout(self.timeout)
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
         self._sock = sock
         self._decoder = FrameDecoder(calls.CLIENT_MAX_FRAME)
         self._ready = []
+        self._max_frame = None
         self._was_connected = True
         return sock
+
+    def _still_open(self, sock: socket.socket) -> bool:
+        """Whether the daemon has not closed (or begun closing) this connection.
+
+        One zero-timeout ``poll``: usually nothing to read.  Bytes waiting
+        between calls are late replies to calls that timed out (skipped as
+        usual) or the daemon's parting error (id nil); EOF means it closed.
+        """
+        poller = self._poller
+        try:
+            while poller is not None and poller.poll(0):
+                chunk = sock.recv(calls.RECV_BYTES)  # readable: returns at once
+                if not chunk:
+                    return False
+                self._ready += self._decoder.feed(chunk)
+                for body in self._ready:
+                    if p.reply_decoder.decode(body).id is None:
+                        return False
+        except (OSError, NexusError, msgspec.DecodeError):
+            return False
+        return True
 
     def _drop(self) -> None:
         sock, self._sock = self._sock, None
@@ -323,8 +406,20 @@ class Client:
     def _call_once(self, req: Any) -> Any:
         sock = self._connect()
         rid = next(self._ids)
+        body = p.encoder.encode(_with_id(req, id=rid))
+        if len(body) > calls.SMALL_FRAME:
+            if self._max_frame is None:
+                hello = p.Hello(id=next(self._ids), client=calls.CLIENT_NAME)
+                reply = self._roundtrip(sock, hello.id, encode_frame(p.encoder.encode(hello)))
+                self._max_frame = calls.frame_limit(calls.expect(reply, p.HelloReply)) or 0
+            # Refused here, before sending: the connection stays usable.
+            calls.check_frame(len(body), self._max_frame or None)
+        return self._roundtrip(sock, rid, encode_frame(body))
+
+    def _roundtrip(self, sock: socket.socket, rid: int, frame: bytes) -> Any:
+        """Send one frame and return its reply; errors raised, the socket dropped if unusable."""
         try:
-            sock.sendall(encode_frame(p.encoder.encode(_with_id(req, id=rid))))
+            sock.sendall(frame)
             while True:
                 reply = self._next_reply(sock)
                 if reply.id == rid or reply.id is None:
@@ -463,25 +558,49 @@ class Client:
         """Write a consistent copy of the database to ``dest``; return its size in bytes.
 
         The daemon snapshots without blocking writers and streams the copy; this
-        process writes ``dest`` (atomically: a partial file is renamed at the end).
+        process writes ``dest``: into a new private (0600) temporary file in the
+        same directory, renamed over ``dest`` when complete, so ``dest`` is
+        never half written and a planted symlink is never followed.
         ``progress(done, total)`` is called after every chunk.
+
+        Raises :class:`~nexusd.errors.BadRequest` (``field="dest"``) before
+        asking the daemon for anything when ``dest`` is a directory or its
+        directory is missing or not writable, and before writing anything when
+        ``dest`` is (any name of) the daemon's live database, WAL, shared
+        memory or lock file.  The temporary file is removed on any failure.
         """
-        chunk = calls.backup_chunk(self.hello())
-        begin = calls.expect(self._call(p.BackupBegin(id=0)), p.BackupBeginReply)
-        target = calls.BackupTarget(dest)
+        target = calls.BackupTarget(dest)  # the caller's mistakes first, before any I/O
         try:
-            offset = 0
-            while True:
-                req = p.BackupRead(id=0, backup=begin.backup, offset=offset, length=chunk)
-                part = calls.expect(self._call(req), p.BackupReadReply)
-                target.write(part.data)
-                offset += len(part.data)
-                if progress is not None:
-                    progress(offset, begin.size)
-                if part.eof or not part.data:
-                    break
-            target.commit()
+            chunk = calls.backup_chunk(self.hello())
+            begin = calls.expect(self._call(p.BackupBegin(id=0)), p.BackupBeginReply)
+            try:
+                target.refuse_live(begin.files)
+                offset = 0
+                while True:
+                    req = p.BackupRead(id=0, backup=begin.backup, offset=offset, length=chunk)
+                    part = calls.expect(self._call(req), p.BackupReadReply)
+                    target.write(part.data)
+                    offset += len(part.data)
+                    if progress is not None:
+                        progress(offset, begin.size)
+                    if part.eof or not part.data:
+                        break
+                target.commit()
+            except Exception:
+                self._end_backup(begin.backup)
+                raise
+            except BaseException:
+                # Ctrl-C and the like: no round trip now; dropping the
+                # connection makes the daemon delete the snapshot at once.
+                self.close()
+                raise
+            self._end_backup(begin.backup)
         finally:
             target.discard()
-            self._call(p.BackupEnd(id=0, backup=begin.backup))
         return offset
+
+    def _end_backup(self, token: str) -> None:
+        try:
+            self._call(p.BackupEnd(id=0, backup=token))
+        except NexusError as exc:  # closing the connection releases it too
+            logger.debug("backup_end failed: %s", exc)

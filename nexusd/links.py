@@ -1,7 +1,7 @@
 """How :class:`~nexusd.client.AsyncClient` moves frames: one "link" per connection.
 
 Two implementations of the same small interface (``roundtrip``, ``broken``,
-``aclose``):
+``max_frame``, ``aclose``):
 
 * :class:`AnyioLink` works on every backend anyio supports (trio included): a
   receiver task and a sender task around an anyio Unix stream.
@@ -69,6 +69,8 @@ class AnyioLink:
         self.stream = stream
         self.pending: dict[int, _Slot] = {}
         self.broken: NexusError | None = None
+        #: The server's frame limit once learnt (0: it states none).
+        self.max_frame: int | None = None
         self.out_send: MemoryObjectSendStream[bytes]
         self.out_recv: MemoryObjectReceiveStream[bytes]
         # Unbounded: a call puts exactly one frame and then waits for its reply.
@@ -156,6 +158,8 @@ class AsyncioLink(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.broken: NexusError | None = None
+        #: The server's frame limit once learnt (0: it states none).
+        self.max_frame: int | None = None
         self.transport: asyncio.Transport | None = None
         self._decoder = FrameDecoder(CLIENT_MAX_FRAME)
         self._out: list[bytes] = []
@@ -167,6 +171,11 @@ class AsyncioLink(asyncio.Protocol):
     async def open(cls, path: str) -> AsyncioLink:
         _, link = await asyncio.get_running_loop().create_unix_connection(cls, path)
         return link
+
+    def raw_socket(self) -> Any:
+        """The connected socket (for ``SO_PEERCRED``)."""
+        assert self.transport is not None
+        return self.transport.get_extra_info("socket")
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:

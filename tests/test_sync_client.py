@@ -16,7 +16,7 @@ def test_sync_client_every_operation(shared_daemon: Daemon, tag: str) -> None:
         c.ping()
         a = c.append("user", "one", session_tag=tag, meta={"x": 1})
         ids = c.append_many(
-            [("assistant", "two"), {"role": "user", "content": "three", "timestamp": "T"}],
+            [("assistant", "two"), {"role": "user", "content": "three", "timestamp": "2024-01-02T03:04:05Z"}],
             session_tag=tag,
         )
         assert ids == [a + 1, a + 2]
@@ -26,7 +26,7 @@ def test_sync_client_every_operation(shared_daemon: Daemon, tag: str) -> None:
             ("assistant", "two"),
             ("user", "three"),
         ]
-        assert hist[0].meta == {"x": 1} and hist[2].timestamp == "T"
+        assert hist[0].meta == {"x": 1} and hist[2].timestamp.startswith("2024-01-02T03:04:05")
         assert [m.id for m in c.get_history(tag, 1, before_id=ids[1])] == [ids[0]]
         assert c.message_count(tag) == 3
         assert any(s.session_tag == tag and s.count == 3 for s in c.sessions())
