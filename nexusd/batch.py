@@ -5,6 +5,12 @@ module is *what* it runs, synchronously, in the writer's thread, on the
 writer's connection: the inserts as one ``executemany`` (ids are consecutive:
 there is one writer and the table is AUTOINCREMENT), pops and clears in order,
 then the exact pruning of every session the batch grew, then COMMIT.
+
+Pruning is exact only while the per-session counts are: the counts cached
+between batches (:class:`CountCache`) are dropped whenever ``PRAGMA
+data_version``, read inside the write transaction, says another connection
+(the ``sqlite3`` shell, the v1 store, anything) committed to the file since our
+last commit.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from .peers import NS_MARK, scope_bounds
 __all__ = [
     "ClearAll",
     "ClearSession",
+    "CountCache",
     "Insert",
     "NewRow",
     "Op",
@@ -87,6 +94,37 @@ class ClearAll:
 Op: TypeAlias = Insert | PopNewest | ClearSession | ClearAll
 
 
+class CountCache:
+    """Committed per-session row counts, and the ``data_version`` they are true for.
+
+    ``data_version`` of a connection changes when *another* connection commits
+    to the database (our own commits leave it alone).  Read after ``BEGIN
+    IMMEDIATE`` nobody else can commit until our COMMIT, so a value equal to
+    the one seen in our previous transaction proves the counts are still
+    exact; a different one drops them all and sessions are counted afresh.
+    """
+
+    __slots__ = ("counts", "data_version", "external_changes")
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.data_version: int | None = None
+        #: Transactions that found another writer's commit before them.
+        self.external_changes = 0
+
+    def sync(self, conn: sqlite3.Connection) -> bool:
+        """Inside the write transaction: drop the counts if someone else wrote; True if so."""
+        version: int = conn.execute("PRAGMA data_version").fetchone()[0]
+        if version == self.data_version:
+            return False
+        changed = self.data_version is not None
+        self.data_version = version
+        self.counts.clear()
+        if changed:
+            self.external_changes += 1
+        return changed
+
+
 @dataclass(slots=True)
 class Outcome:
     """What a committed batch did: per-op results, rows stored, rows pruned."""
@@ -101,23 +139,26 @@ def run(
     ops: list[Op],
     *,
     now: str,
-    counts_cache: dict[str, int],
+    counts_cache: CountCache,
     max_messages: int,
     lookup: bool,
 ) -> Outcome:
     """Run ``ops`` as one transaction and commit; roll back and raise on any error.
 
     ``now`` is the timestamp of rows that bring none.  ``counts_cache`` holds
-    committed per-session row counts; it is updated only if the commit
-    succeeds.  ``lookup`` looks every idempotency key up first (the careful
-    path, after an IntegrityError told us a key is already stored).
+    committed per-session row counts; it is checked against ``data_version``
+    once the write lock is held, and updated only if the commit succeeds.
+    ``lookup`` looks every idempotency key up first (the careful path, after
+    an IntegrityError told us a key is already stored).
     """
-    counts = _Counts(conn, counts_cache)
     results: list[Any] = []
     inserts = _CheckedInserts(conn, now) if lookup else _PendingInserts(conn, now)
     rows_added = 0
     conn.execute("BEGIN IMMEDIATE")
     try:
+        # First thing under the write lock: are the cached counts still true?
+        counts_cache.sync(conn)
+        counts = _Counts(conn, counts_cache.counts)
         for op in ops:
             if isinstance(op, Insert):
                 ids, added = inserts.add(op)
@@ -165,8 +206,8 @@ def _pop(conn: sqlite3.Connection, tag: str, counts: _Counts) -> Row | None:
 def _prune(conn: sqlite3.Connection, counts: _Counts, keep: int) -> int:
     """Delete exactly the oldest overflow of every session this batch grew.
 
-    The writer is the only writer, so it knows every session's count and can
-    delete exactly the overflow, found by an index range scan of
+    The writer knows every session's count (exact: :class:`CountCache`), so it
+    can delete exactly the overflow, found by an index range scan of
     ``idx_nexus_session``.  A large overflow is deleted as one id range of its
     session; many small ones (the usual case: a row or two per session) go
     together, up to :data:`_PRUNE_CHUNK` sessions per statement.
@@ -293,8 +334,8 @@ class _CheckedInserts(_PendingInserts):
 class _Counts:
     """Per-session row counts for one transaction, over the committed cache.
 
-    The writer is the only writer, so counts cached after a commit stay true
-    until its next commit; a session not cached is counted once (index scan).
+    Counts cached after a commit stay true until the next commit by anyone
+    (:class:`CountCache` checks); a session not cached is counted once (index scan).
     Nothing reaches the cache unless the transaction commits.
     """
 

@@ -26,8 +26,9 @@ import aiosqlite
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
+from .errors import Unavailable
 from .peers import NS_MARK, scope_bounds
-from .schema import reader_uri
+from .schema import StorageError, reader_uri
 
 logger = logging.getLogger(__name__)
 
@@ -92,11 +93,16 @@ class ReaderPool:
         )
 
     async def open(self) -> None:
+        #: The last storage failure logged (each different one once, not per query).
+        self._logged_failure: str | None = None
         uri = reader_uri(self.db_path)
         for _ in range(self.size):
-            conn = await aiosqlite.connect(uri, uri=True, check_same_thread=False)
-            await conn.execute("PRAGMA query_only = 1")
-            await conn.execute("PRAGMA busy_timeout = 5000")
+            try:
+                conn = await aiosqlite.connect(uri, uri=True, check_same_thread=False)
+                await conn.execute("PRAGMA query_only = 1")
+                await conn.execute("PRAGMA busy_timeout = 5000")
+            except sqlite3.Error as exc:
+                raise StorageError(f"cannot open a reader on {self.db_path}: {exc}") from None
             self._conns.append(conn)
             self._idle_send.send_nowait(conn)
 
@@ -115,8 +121,18 @@ class ReaderPool:
             self._idle_send.send_nowait(conn)
 
     async def fetch(self, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
-        async with self._lend() as conn:
-            return list(await conn.execute_fetchall(sql, params))
+        """Run one query; a failure of SQLite underneath it is ``unavailable``, logged once."""
+        try:
+            async with self._lend() as conn:
+                return list(await conn.execute_fetchall(sql, params))
+        except sqlite3.Error as exc:
+            # A storage failure (file deleted or replaced, I/O error, corrupt
+            # page), not a bug: say so to the caller, and to the log once.
+            what = f"{type(exc).__name__}: {exc}"
+            if what != self._logged_failure:
+                self._logged_failure = what
+                logger.error("reading %s failed: %s", self.db_path, what)
+            raise Unavailable(f"storage failure while reading: {exc}") from None
 
     # ── queries ───────────────────────────────────────────────────────────
     async def history(

@@ -11,7 +11,6 @@ the WAL, remove the socket it created (never one systemd passed it).
 from __future__ import annotations
 
 import asyncio
-import fcntl
 import logging
 import os
 import socket
@@ -27,6 +26,7 @@ from . import protocol as p
 from .backups import Snapshots
 from .config import Config
 from .connection import Connection
+from .dbfiles import InstanceLock, LockError
 from .errors import Forbidden, NexusError, Overloaded
 from .peers import Namespace, allowed, namespace_for, peer_of
 from .readers import ReaderPool
@@ -64,7 +64,7 @@ class Server:
         self.started = time.monotonic()
         self._stop = anyio.Event()
         self._idle = anyio.Event()
-        self._lock_fd: int | None = None
+        self._lock: InstanceLock | None = None
         self._created_socket: Path | None = None
         self._where: list[str] = []
         self._accepted = 0
@@ -281,26 +281,20 @@ class Server:
 
     # ── single instance ───────────────────────────────────────────────────
     def _take_lock(self) -> None:
-        db = self.config.db
-        db.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = Path(f"{db}.lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Keyed on the database file itself (resolved path and inode): a
+        # second daemon reaching it through a symlink or a hard link is
+        # refused, and every OS error becomes one clear line.
+        lock = InstanceLock(self.config.db)
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
-            os.close(fd)
-            raise StartupError(
-                f"another nexusd (pid {holder}) already serves {db}; stop it first"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-        self._lock_fd = fd
+            lock.acquire()
+        except LockError as exc:
+            raise StartupError(exc.message) from None
+        self._lock = lock
 
     def _release_lock(self) -> None:
-        fd, self._lock_fd = self._lock_fd, None
-        if fd is not None:
-            os.close(fd)
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            lock.release()
 
 
 def _clear_stale_socket(path: Path) -> None:

@@ -13,6 +13,13 @@ transaction does is :mod:`nexusd.batch`.
 Jobs are answered through a callback, run in the event loop as soon as the
 thread hands the results back, so the server can route replies without a task
 per request.
+
+After every commit, before anyone is answered, the writer checks that the
+database, its ``-wal`` and ``-shm`` are still the files it opened
+(:class:`~nexusd.dbfiles.FileWatch`).  If one was deleted, replaced or moved,
+the commit went into a file nobody will open again: that batch and every
+later write are answered ``unavailable``, once logged at error level, and
+``stats`` says ``storage_ok: false``.
 """
 
 from __future__ import annotations
@@ -32,8 +39,9 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from . import batch as batch_sql
-from .batch import Op
-from .errors import Internal, NexusError, Overloaded, Unavailable
+from .batch import CountCache, Insert, Op
+from .dbfiles import FileWatch
+from .errors import BadRequest, Internal, NexusError, Overloaded, Unavailable
 from .schema import open_writer
 from .sqlthread import SQLiteThread
 
@@ -102,7 +110,10 @@ class Writer:
         self._send, self._recv = anyio.create_memory_object_stream[_Job](queue_size)
         self._conn: sqlite3.Connection | None = None
         self._thread = SQLiteThread("nexusd-writer")
-        self._counts: dict[str, int] = {}
+        self._counts = CountCache()
+        self._watch = FileWatch(db_path)
+        #: Why writes are refused for good (the files changed under us), or None.
+        self.storage_error: str | None = None
         self._last_ts = ""
         self._closing = False
         self._stopped = anyio.Event()
@@ -118,6 +129,7 @@ class Writer:
                 wal_autocheckpoint=self.wal_autocheckpoint,
             )
         )
+        self._watch.arm()  # the files as SQLite has them open now
 
     async def run(self) -> None:
         """Process batches until :meth:`close` was called and the queue is empty."""
@@ -173,6 +185,17 @@ class Writer:
         """Queue ``op`` if there is room now; False when the queue is full."""
         if self._closing:
             raise Unavailable("nexusd is shutting down")
+        if self.storage_error is not None:
+            raise Unavailable(self.storage_error)
+        if type(op) is Insert and 0 < self.max_messages < len(op.rows):
+            # Its oldest rows would be pruned in the very commit that
+            # acknowledges them: refuse rather than answer ids already gone.
+            raise BadRequest(
+                f"{len(op.rows)} messages in one append_many exceed max_messages"
+                f" ({self.max_messages}), the rows a session keeps; send at most"
+                f" {self.max_messages}",
+                field="messages",
+            )
         try:
             self._send.send_nowait(_Job(op, done))
         except anyio.WouldBlock:
@@ -243,6 +266,8 @@ class Writer:
         conn = self._conn
         if conn is None:
             return [Unavailable("database is closed")] * len(batch)
+        if self.storage_error is not None:
+            return [Unavailable(self.storage_error)] * len(batch)
         try:
             try:
                 results = self._transaction(conn, batch, lookup=False)
@@ -263,7 +288,34 @@ class Writer:
                     results.extend(self._transaction(conn, [job], lookup=True))
                 except sqlite3.Error as one:
                     results.append(_storage_error(one))
+        # Committed, not yet answered: into the files the database lives in?
+        changed = self._watch.check()
+        if changed is not None:
+            return [self._files_changed(conn, changed)] * len(batch)
         return results
+
+    def _files_changed(self, conn: sqlite3.Connection, what: str) -> Unavailable:
+        """Thread side: the database's files changed under us; refuse writes from now on.
+
+        A checkpoint copies every committed frame of the WAL we have open into
+        the database file we have open, and empties that WAL: a deleted
+        ``-wal`` loses nothing acknowledged, and a ``-wal`` left next to a
+        replaced or deleted database holds no frames to replay into the wrong
+        file at the next start.
+        """
+        self.storage_error = (
+            f"{what} while nexusd ran; writes are refused until nexusd is restarted"
+        )
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            rescue = "WAL checkpointed" if not busy else "WAL checkpoint incomplete (busy)"
+        except sqlite3.Error as exc:
+            rescue = f"WAL checkpoint failed: {exc}"
+        where = self._watch.lost_database()
+        if where is not None:
+            rescue += f"; until nexusd stops, the database it had open can be copied from {where}"
+        logger.error("%s (%s)", self.storage_error, rescue)
+        return Unavailable(f"{self.storage_error} (this write may not have been stored)")
 
     def _transaction(
         self, conn: sqlite3.Connection, batch: list[_Job], *, lookup: bool
@@ -279,8 +331,8 @@ class Writer:
             max_messages=self.max_messages,
             lookup=lookup,
         )
-        if len(self._counts) > _COUNT_CACHE_MAX:
-            self._counts.clear()
+        if len(self._counts.counts) > _COUNT_CACHE_MAX:
+            self._counts.counts.clear()
         self._last_ts = now
         st = self.stats
         st.batches += 1
@@ -303,6 +355,9 @@ class Writer:
             "mean_batch_size": round(st.ops / st.batches, 3) if st.batches else 0.0,
             "commit_latency_p50_ms": round(_percentile(lat, 0.50) * 1000, 3),
             "commit_latency_p99_ms": round(_percentile(lat, 0.99) * 1000, 3),
+            "external_writes_seen": self._counts.external_changes,
+            "storage_ok": self.storage_error is None,
+            "storage_error": self.storage_error,
         }
 
 

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from nexusd.batch import ClearAll, ClearSession, Insert, PopNewest
-from nexusd.errors import Internal, NexusError, Overloaded, Unavailable
+from nexusd.errors import BadRequest, Internal, NexusError, Overloaded, Unavailable
 from nexusd.writer import Writer
 
 pytestmark = pytest.mark.anyio
@@ -103,7 +103,8 @@ async def test_pruning_keeps_exactly_the_newest_n(tmp_path: Path) -> None:
         r = Running(w)
         for i in range(12):
             await r.append("a", f"a{i}")
-        await w.call(Insert("b", [row(f"b{i}") for i in range(9)]))
+        await w.call(Insert("b", [row(f"b{i}") for i in range(5)]))
+        await w.call(Insert("b", [row(f"b{i}") for i in range(5, 9)]))
         await r.append("c", "c0")
         assert w.stats.pruned == 7 + 4
     assert [c for _, c in _db_rows(db, "a")] == [f"a{i}" for i in range(7, 12)]
@@ -276,7 +277,8 @@ async def test_pruning_many_sessions_in_one_batch(tmp_path: Path) -> None:
     async with WriterHarness(db, max_messages=1, batch_max=10_000) as w:
         done: list[Any] = []
         for i in range(450):
-            await w.submit(Insert(f"s{i}", [row("old"), row("new")]), done.append)
+            await w.submit(Insert(f"s{i}", [row("old")]), done.append)
+            await w.submit(Insert(f"s{i}", [row("new")]), done.append)
         await w.call(Insert("last", [row("x")]))
         assert w.stats.pruned == 450
         assert w.stats.batches <= 3  # they really shared a transaction or two
@@ -293,10 +295,34 @@ async def test_large_overflow_is_pruned_exactly(tmp_path: Path) -> None:
     db = tmp_path / "n.db"
     async with WriterHarness(db, max_messages=10) as w:
         await w.call(Insert("big", [row(f"a{i}") for i in range(10)]))
-        await w.call(Insert("big", [row(f"b{i}") for i in range(50)]))
-        assert w.stats.pruned == 50
+        done: list[Any] = []
+        for k in range(5):  # queued together with "c": one transaction, 51 over the cap
+            assert w.submit_nowait(Insert("big", [row(f"b{k}{i}") for i in range(10)]), done.append)
         await w.call(Insert("big", [row("c")]))
-    assert [c for _, c in _db_rows(db, "big")] == [f"b{i}" for i in range(41, 50)] + ["c"]
+        assert w.stats.pruned == 51 and w.stats.batches == 2
+    assert [c for _, c in _db_rows(db, "big")] == [f"b4{i}" for i in range(1, 10)] + ["c"]
+
+
+async def test_lowering_max_messages_prunes_the_whole_overflow_at_once(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=0) as w:
+        await w.call(Insert("s", [row(f"a{i}") for i in range(60)]))
+    async with WriterHarness(db, max_messages=10) as w:
+        ids = await w.call(Insert("s", [row("new")]))
+        assert w.stats.pruned == 51
+    assert [c for _, c in _db_rows(db, "s")] == [f"a{i}" for i in range(51, 60)] + ["new"]
+    assert _db_rows(db, "s")[-1][0] == ids[0]
+
+
+async def test_append_many_over_max_messages_is_refused_naming_it(tmp_path: Path) -> None:
+    # Its oldest rows would be pruned in the commit that acknowledges them.
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=3) as w:
+        with pytest.raises(BadRequest, match=r"max_messages \(3\)") as err:
+            await w.call(Insert("s", [row(str(i)) for i in range(4)]))
+        assert err.value.field == "messages"
+        assert len(await w.call(Insert("s", [row(str(i)) for i in range(3)]))) == 3
+    assert [c for _, c in _db_rows(db, "s")] == ["0", "1", "2"]
 
 
 async def test_a_crash_inside_a_batch_answers_internal_and_the_writer_goes_on(
@@ -310,3 +336,24 @@ async def test_a_crash_inside_a_batch_answers_internal_and_the_writer_goes_on(
         ids = await w.call(Insert("t", [row("after the crash")]))
         assert len(ids) == 1
     assert _db_rows(tmp_path / "n.db", "t") == [(ids[0], "after the crash")]
+
+
+async def test_rows_deleted_by_another_connection_are_recounted_before_pruning(
+    tmp_path: Path,
+) -> None:
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=3) as w:
+        r = Running(w)
+        for i in range(3):
+            await r.append("s", f"old{i}")
+        other = sqlite3.connect(db)  # e.g. the sqlite3 shell: the writer's counts are stale
+        other.execute("DELETE FROM nexus_messages WHERE session_tag = 's'")
+        other.commit()
+        other.close()
+        new = await r.append("s", "new")
+        assert w.stats.pruned == 0 and w.snapshot()["external_writes_seen"] == 1
+        for i in range(3):
+            await r.append("s", f"n{i}")
+        assert w.stats.pruned == 1
+    assert [c for _, c in _db_rows(db, "s")] == ["n0", "n1", "n2"]
+    assert new < _db_rows(db, "s")[0][0]

@@ -1,0 +1,204 @@
+"""The database file stays the daemon's own, and what it acknowledges is really stored.
+
+Real ``nexusd serve`` processes, real files: other writers change the file
+under the daemon (the ``sqlite3`` shell, the v1 store), a second daemon
+reaches the same file by another name, and the database, its WAL or its
+shared-memory file is deleted while the daemon runs.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import sqlite3
+import subprocess
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+
+from nexusd import Client, NexusError
+from nexusd.errors import Unavailable
+from nexusd.schema import integrity_check
+from tests.conftest import SEED, Daemon, _new_daemon, run_cli
+
+
+def _rows(db: Path, tag: str) -> list[tuple[int, str]]:
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(
+            "SELECT id, content FROM nexus_messages WHERE session_tag = ? ORDER BY id", (tag,)
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def _sql_outside(db: Path, sql: str) -> None:
+    """Run ``sql`` as another program would: the sqlite3 shell when installed."""
+    shell = shutil.which("sqlite3")
+    if shell is not None:
+        subprocess.run([shell, str(db), sql], check=True, capture_output=True, timeout=30)
+        return
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute(sql)
+        conn.commit()
+    finally:
+        conn.close()
+
+
+def _v1_store(db: Path) -> object:
+    spec = importlib.util.spec_from_file_location("nexus_store_v1_for_test", SEED)
+    assert spec is not None and spec.loader is not None
+    module: ModuleType = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.NexusStore(db)
+
+
+# ── pruning never trusts a stale count ────────────────────────────────────────
+def test_out_of_band_delete_cannot_prune_the_row_being_acknowledged(short_dir: Path) -> None:
+    d = _new_daemon(short_dir, "--max-messages", "3").start()
+    try:
+        with Client(d.socket, retry_for=0) as c:
+            for i in range(3):
+                c.append("user", f"old{i}", session_tag="s")
+            # The daemon's cached count says 3; the file now holds 0.
+            _sql_outside(d.db, "DELETE FROM nexus_messages WHERE session_tag = 's'")
+            mid = c.append("user", "new", session_tag="s")
+            history = c.get_history(session_tag="s")
+            assert [(m.id, m.content) for m in history] == [(mid, "new")]
+            # Two more: still exact (nothing pruned until the 4th row).
+            more = [c.append("user", f"n{i}", session_tag="s") for i in range(3)]
+            assert [m.id for m in c.get_history(session_tag="s")] == more
+            assert c.stats()["external_writes_seen"] >= 1
+    finally:
+        d.stop()
+    assert [i for i, _ in _rows(d.db, "s")] == more
+
+
+def test_v1_store_writing_the_same_file_keeps_pruning_exact(short_dir: Path) -> None:
+    d = _new_daemon(short_dir, "--max-messages", "3").start()
+    store = _v1_store(d.db)
+    try:
+        with Client(d.socket, retry_for=0) as c:
+            ids = [c.append("user", f"d{i}", session_tag="s") for i in range(3)]
+            store.clear("s")  # type: ignore[attr-defined]
+            mid = c.append("user", "after v1 clear", session_tag="s")
+            assert [m.id for m in c.get_history(session_tag="s")] == [mid]
+            # v1 adds rows the daemon did not count: the cap still holds exactly.
+            v1 = [store.append("user", f"v{i}", session_tag="s") for i in range(3)]  # type: ignore[attr-defined]
+            last = c.append("user", "last", session_tag="s")
+            assert [m.id for m in c.get_history(session_tag="s")] == [v1[1], v1[2], last]
+            assert ids[0] < mid < v1[0] < last
+    finally:
+        store.close()  # type: ignore[attr-defined]
+        d.stop()
+
+
+# ── one daemon per database file ──────────────────────────────────────────────
+@pytest.mark.parametrize("how", ["symlink", "hardlink"])
+def test_second_daemon_through_another_name_is_refused(daemon: Daemon, how: str) -> None:
+    assert daemon.proc is not None
+    other = daemon.dir / "other-name.db"
+    if how == "symlink":
+        other.symlink_to(daemon.db)
+    else:
+        os.link(daemon.db, other)
+    r = run_cli("serve", "--db", str(other), "--socket", str(daemon.dir / "twin.sock"))
+    assert r.returncode == 1, r.stderr
+    assert f"pid {daemon.proc.pid}" in r.stderr and str(other) in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not (daemon.dir / "twin.sock").exists()
+    assert daemon.cli("ping").returncode == 0
+
+
+@pytest.mark.parametrize("case", ["directory", "parent is a file"])
+def test_unusable_database_path_is_one_clear_line(short_dir: Path, case: str) -> None:
+    if case == "directory":
+        db = short_dir / "db-dir"
+        db.mkdir()
+        expected = "is a directory"
+    else:
+        (short_dir / "file").write_text("x")
+        db = short_dir / "file" / "nexus.db"
+        expected = str(db)
+    r = run_cli("serve", "--db", str(db), "--socket", str(short_dir / "s.sock"))
+    assert r.returncode == 1, r.stderr
+    assert expected in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+# ── files deleted while the daemon runs ───────────────────────────────────────
+def _error_lines(log: str) -> list[str]:
+    return [line for line in log.splitlines() if " ERROR " in line]
+
+
+def _open_copy_of_deleted(pid: int, db: Path) -> Path | None:
+    """The daemon's descriptor of its deleted database, as ``/proc/PID/fd/N``."""
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if target == f"{db} (deleted)":
+            return Path(f"/proc/{pid}/fd/{fd}")
+    return None
+
+
+@pytest.mark.parametrize("victim", ["", "-wal", "-shm"])
+def test_deleted_database_files_refuse_writes_and_lose_nothing_acknowledged(
+    short_dir: Path, victim: str
+) -> None:
+    d = _new_daemon(short_dir, "--max-messages", "0").start()
+    assert d.proc is not None
+    pid = d.proc.pid
+    acked: dict[int, str] = {}
+    rescued = short_dir / "rescued.db"
+    with Client(d.socket, retry_for=0) as c:
+        for i in range(20):
+            acked[c.append("user", f"before{i}", session_tag="s")] = f"before{i}"
+        Path(f"{d.db}{victim}").unlink()
+        refused = 0
+        for i in range(5):  # one batch finds it; the later ones are refused at once
+            try:
+                acked[c.append("user", f"after{i}", session_tag="s")] = f"after{i}"
+            except Unavailable as exc:
+                assert "deleted" in exc.message and "restart" in exc.message
+                refused += 1
+        assert refused == 5 and len(acked) == 20
+        with pytest.raises(Unavailable):
+            c.append_many([("user", "x"), ("user", "y")], session_tag="s")
+        stats = c.stats()
+        assert stats["storage_ok"] is False
+        assert f"{d.db}{victim}" in stats["storage_error"]
+        try:  # reads go on, or say unavailable: never internal
+            c.get_history(session_tag="s")
+        except NexusError as exc:
+            assert exc.code == "unavailable"
+        if victim == "":
+            copy = _open_copy_of_deleted(pid, d.db)
+            assert copy is not None
+            shutil.copyfile(copy, rescued)
+    assert d.stop() == 0
+    errors = _error_lines(d.log)
+    writer_errors = [line for line in errors if "nexusd.writer" in line]
+    assert len(writer_errors) == 1, errors
+    assert "restarted" in writer_errors[0]
+    assert len(errors) <= 2, errors  # and at most one from the readers
+    # Every acknowledged row is where an operator can find it after a restart.
+    d.start()
+    try:
+        with Client(d.socket, retry_for=0) as c:
+            c.ping()
+            assert c.stats()["storage_ok"] is True
+    finally:
+        assert d.stop() == 0
+    assert integrity_check(d.db) == ["ok"]
+    source = rescued if victim == "" else d.db
+    if victim == "":
+        assert f"/proc/{pid}/fd/" in writer_errors[0]
+        assert integrity_check(rescued) == ["ok"]
+        assert _rows(d.db, "s") == []  # the restarted daemon began a new, empty file
+    stored = dict(_rows(source, "s"))
+    assert {i: stored.get(i) for i in acked} == acked
