@@ -17,7 +17,7 @@ import msgspec
 
 from . import protocol as p
 from .batch import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest
-from .errors import BadRequest, Forbidden, NotFound
+from .errors import BadRequest, Forbidden, NotFound, TooLarge
 from .peers import Namespace
 
 if TYPE_CHECKING:
@@ -26,7 +26,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 _ENVELOPE: Final = 1024
-_SESSION_ENTRY_MAX: Final = 4 * p.MAX_SESSION_CHARS + 128
 _MAX_META_DEPTH: Final = 32
 _json_encode = msgspec.json.encode
 _json_decode = msgspec.json.decode
@@ -45,6 +44,7 @@ class Dispatcher:
         self.ns = ns
         self.max_frame = server.config.max_frame
         self.max_content = server.config.max_content
+        self.max_meta = server.config.max_meta
         self.backups: set[str] = set()  # snapshot tokens this connection owns
 
     # ── requests answered on the spot ─────────────────────────────────────
@@ -53,6 +53,14 @@ class Dispatcher:
         if kind is p.Ping:
             return p.PingReply(id=req.id)
         if kind is p.Hello:
+            if req.version != p.PROTOCOL_VERSION:
+                # No silent downgrade: a client must know what it is talking to.
+                err = BadRequest(
+                    f"protocol version {req.version} is not supported; this server speaks"
+                    f" version {p.PROTOCOL_VERSION} only",
+                    field="version",
+                )
+                return p.error_reply(req.id, err)
             return self.server.hello(req.id)
         if kind is p.Stats:
             return p.StatsReply(id=req.id, stats=self.server.stats())
@@ -64,11 +72,12 @@ class Dispatcher:
         kind = type(req)
         if kind is p.Append:
             self._check_content(req.content, "content")
+            ts = req.timestamp
             row: NewRow = (
                 req.role,
                 req.content,
-                req.timestamp,
-                _meta_json(req.meta, "meta"),
+                None if ts is None else p.parse_timestamp(ts),
+                None if req.meta is None else self._meta_json(req.meta, "meta"),
                 req.idem_key,
             )
             return Insert(self._inner(req.session_tag), [row]), _append_reply
@@ -76,16 +85,23 @@ class Dispatcher:
             msgs = req.messages
             limit = self.max_content // 4  # below this many characters, no need to measure
             rows: list[NewRow]
-            if all(m.meta is None and len(m.content) <= limit for m in msgs):
+            if all(
+                m.meta is None and m.timestamp is None and len(m.content) <= limit for m in msgs
+            ):
                 # The common case, without per-item checks.
-                rows = [(m.role, m.content, m.timestamp, None, m.idem_key) for m in msgs]
+                rows = [(m.role, m.content, None, None, m.idem_key) for m in msgs]
             else:
                 rows = []
                 for i, m in enumerate(msgs):
                     if len(m.content) > limit:
                         self._check_content(m.content, f"messages[{i}].content")
-                    meta = None if m.meta is None else _meta_json(m.meta, f"messages[{i}].meta")
-                    rows.append((m.role, m.content, m.timestamp, meta, m.idem_key))
+                    ts = m.timestamp
+                    if ts is not None:
+                        ts = p.parse_timestamp(ts, f"messages[{i}].timestamp")
+                    meta = (
+                        None if m.meta is None else self._meta_json(m.meta, f"messages[{i}].meta")
+                    )
+                    rows.append((m.role, m.content, ts, meta, m.idem_key))
             return Insert(self._inner(req.session_tag), rows), _append_many_reply
         if kind is p.Pop:
             return PopNewest(self._inner(req.session_tag)), self._pop_reply
@@ -108,6 +124,17 @@ class Dispatcher:
                     field=field,
                 )
 
+    def _meta_json(self, meta: dict[str, Any], field: str) -> str:
+        """``meta`` as the JSON text to store; BadRequest if JSON cannot hold it or too big."""
+        _check_json(meta, field, 0)
+        text = _json_encode(meta)
+        if len(text) > self.max_meta:
+            raise BadRequest(
+                f"{field} is {len(text)} bytes as JSON; the limit is {self.max_meta}",
+                field=field,
+            )
+        return text.decode()
+
     # ── namespaces (isolate_peers) ─────────────────────────────────────────
     def _inner(self, tag: str) -> str:
         return tag if self.ns is None else self.ns.inner(tag)
@@ -125,32 +152,37 @@ class Dispatcher:
         return p.PopReply(id=rid, message=self._message(row) if row is not None else None)
 
     # ── reads ─────────────────────────────────────────────────────────────
-    async def query(self, req: Any) -> Any:
+    async def query(self, req: Any, *, page_bytes: int | None = None) -> Any:
+        """``page_bytes``: a smaller frame to fit a history page in (memory is short)."""
         readers = self.server.readers
         if type(req) is p.History:
-            budget = self.max_frame - _ENVELOPE
-            rows, cut = await readers.history(
+            budget = min(page_bytes or self.max_frame, self.max_frame) - _ENVELOPE
+            rows, cut, over = await readers.history(
                 self._inner(req.session_tag),
                 req.limit,
                 before_id=req.before_id,
                 after_id=req.after_id,
                 budget=budget,
             )
-            # The size estimate is an upper bound: the reply fits the frame.
-            return p.HistoryReply(
+            # The size estimate is an upper bound: the reply fits the frame,
+            # except maybe a lone row over the estimate, which is measured.
+            reply = p.HistoryReply(
                 id=req.id, messages=[self._message(r) for r in rows], truncated=cut
             )
+            if over:
+                self._must_fit(reply, f"message {rows[0][0]}")
+            return reply
         if type(req) is p.Count:
             return p.CountReply(id=req.id, count=await readers.count(self._inner(req.session_tag)))
         if type(req) is p.Sessions:
             ns = self.ns
             after = req.after if ns is None or req.after is None else ns.inner(req.after)
             scope = None if ns is None else ns.scope
-            # A tag is at most 256 characters (1 KiB of UTF-8) plus the entry's
-            # overhead: never ask for more entries than the frame can carry.
-            fits = max(1, (self.max_frame - _ENVELOPE) // _SESSION_ENTRY_MAX)
-            limit = min(req.limit, fits)
-            tags, more = await readers.sessions(after=after, limit=limit, scope=scope)
+            # The page is bounded by the real lengths of its tags and timestamps
+            # (rows stored before timestamps were validated may hold long ones).
+            tags, more, over = await readers.sessions(
+                after=after, limit=req.limit, budget=self.max_frame - _ENVELOPE, scope=scope
+            )
             outer = self._outer
             infos = [
                 p.SessionInfo(
@@ -158,8 +190,20 @@ class Dispatcher:
                 )
                 for t, n, f, la, ts in tags
             ]
-            return p.SessionsReply(id=req.id, sessions=infos, truncated=more)
+            sessions = p.SessionsReply(id=req.id, sessions=infos, truncated=more)
+            if over:
+                self._must_fit(sessions, f"the entry of session {infos[0].session_tag[:80]!r}")
+            return sessions
         return await self._backup(req)
+
+    def _must_fit(self, reply: Any, what: str) -> None:
+        """Refuse, naming ``what``, a one-item page that cannot fit in a frame."""
+        size = len(p.encoder.encode(reply))
+        if size > self.max_frame:
+            raise TooLarge(
+                f"{what} alone makes a reply of {size} bytes, over the frame limit of"
+                f" {self.max_frame}; it cannot be read unless max_frame is raised"
+            )
 
     async def _backup(self, req: Any) -> Any:
         snapshots = self.server.snapshots
@@ -185,13 +229,6 @@ class Dispatcher:
         """The connection is gone: drop its snapshots."""
         self.server.snapshots.end_all(self.backups)
         self.backups.clear()
-
-
-def _meta_json(meta: dict[str, Any] | None, field: str) -> str | None:
-    if meta is None:
-        return None
-    _check_json(meta, field, 0)
-    return _json_encode(meta).decode()
 
 
 def row_to_message(row: tuple[Any, ...]) -> p.Message:

@@ -14,6 +14,7 @@ version of this file.
 from __future__ import annotations
 
 import re
+from datetime import datetime, timedelta
 from typing import Annotated, Any, Final, Union
 
 import msgspec
@@ -41,6 +42,8 @@ MAX_BACKUP_CHUNK: Final = 1024 * 1024
 IdemKey = Annotated[str, Meta(min_length=1, max_length=MAX_IDEM_KEY_CHARS)]
 #: ``meta`` is any JSON-compatible mapping; the server checks the values.
 MetaMap = dict[str, Any]
+#: Longest caller-supplied ``timestamp``, in characters (Unicode code points).
+MAX_TIMESTAMP_CHARS: Final = 64
 
 
 # ── Shared value types ────────────────────────────────────────────────────────
@@ -273,17 +276,57 @@ _loose_decoder: Final = msgspec.msgpack.Decoder()
 
 
 def decode_request(body: bytes) -> Request:
-    """Decode one request body; raise :class:`BadRequest` carrying the request id if known."""
+    """Decode one request body; raise :class:`BadRequest` carrying the request id if known.
+
+    A key sent as nil means the key is absent (its default applies), for every
+    optional key.  The typed decoder refuses nil where a key has a non-nil
+    default, so only a body that fails validation is looked at again: its nil
+    keys are dropped and it is decoded once more.  Valid requests pay nothing.
+    """
     try:
         req: Request = request_decoder.decode(body)
     except msgspec.ValidationError as exc:
+        retried = _without_nils(body)
+        if retried is not None:
+            try:
+                req = request_decoder.decode(retried)
+            except msgspec.ValidationError as again:
+                raise _bad_request(str(again), _salvage_id(body)) from None
+            return req
         raise _bad_request(str(exc), _salvage_id(body)) from None
-    except msgspec.DecodeError as exc:
-        raise _bad_request(f"body does not decode: {exc}", None) from None
-    except (ValueError, RecursionError, MemoryError) as exc:
-        # e.g. invalid UTF-8 (lone surrogates) in a string, absurd nesting.
+    except (msgspec.DecodeError, ValueError, RecursionError, MemoryError) as exc:
+        # Malformed or truncated MessagePack, invalid UTF-8 in a string, absurd nesting.
         raise _bad_request(f"body does not decode: {exc}", _salvage_id(body)) from None
     return req
+
+
+def _without_nils(body: bytes) -> bytes | None:
+    """``body`` re-encoded without its nil keys (top level and ``messages`` items), or None.
+
+    None when there is nothing to drop (or the body is not a plain map).
+    """
+    try:
+        raw = _loose_decoder.decode(body)
+    except (msgspec.DecodeError, ValueError, RecursionError, MemoryError):
+        return None
+    if type(raw) is not dict:
+        return None
+    changed = False
+    out: dict[Any, Any] = {}
+    for key, value in raw.items():
+        if value is None:
+            changed = True
+        elif key == "messages" and type(value) is list:
+            items = []
+            for item in value:
+                if type(item) is dict and None in item.values():
+                    changed = True
+                    item = {k: v for k, v in item.items() if v is not None}
+                items.append(item)
+            out[key] = items
+        else:
+            out[key] = value
+    return encoder.encode(out) if changed else None
 
 
 class RequestError(BadRequest):
@@ -307,17 +350,79 @@ def _bad_request(message: str, request_id: int | None) -> RequestError:
     return RequestError(message, request_id, field)
 
 
+class _IdOnly(Struct):
+    """The ``id`` of a request map; every other key is skipped without being decoded."""
+
+    id: Any = None
+
+
+_id_decoder: Final = msgspec.msgpack.Decoder(_IdOnly)
+
+
 def _salvage_id(body: bytes) -> int | None:
-    """Best effort: the ``id`` of a body that decodes but fails validation."""
+    """The ``id`` of a body that failed to decode, whenever it can be read.
+
+    Works when the body is one well-formed MessagePack map whose ``id`` is an
+    integer 0 … 2^63-1, whatever is wrong elsewhere (unknown ``op``, wrong types,
+    invalid UTF-8 in another value).  None when the body is not such a map
+    (malformed, truncated, trailing bytes, nested too deep, not a map) or its
+    ``id`` is missing, nil, or not such an integer.
+    """
     try:
-        raw = _loose_decoder.decode(body)
+        rid = _id_decoder.decode(body).id
     except (msgspec.DecodeError, ValueError, RecursionError, MemoryError):
         return None
-    if isinstance(raw, dict):
-        rid = raw.get("id")
-        if type(rid) is int and 0 <= rid <= MAX_REQUEST_ID:
-            return rid
+    if type(rid) is int and 0 <= rid <= MAX_REQUEST_ID:
+        return rid
     return None
+
+
+# ── Timestamps ────────────────────────────────────────────────────────────────
+#: RFC 3339 ``date-time``: date, ``T`` (or ``t`` or a space), time, an optional
+#: fraction of 1-9 digits, then ``Z`` (``z``) or a ``±HH:MM`` offset.  ASCII digits only.
+_TIMESTAMP: Final = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}"
+    r"(?:\.([0-9]{1,9}))?(?:[Zz]|([+-])([01][0-9]|2[0-3]):([0-5][0-9]))"
+)
+_fromisoformat: Final = datetime.fromisoformat
+
+
+def parse_timestamp(value: str, field: str = "timestamp") -> str:
+    """A caller's timestamp as the server stores it, or :class:`BadRequest` naming ``field``.
+
+    Accepted: an RFC 3339 instant (see ``docs/protocol.md``) of at most
+    :data:`MAX_TIMESTAMP_CHARS` characters.  Returned: the same instant in UTC
+    in the server's own format, ``2026-11-26T07:41:50.406180Z`` (a fraction
+    beyond microseconds is truncated), so stored timestamps all sort and read
+    alike.  A time without an offset is refused: it names no instant.
+    """
+    if len(value) > MAX_TIMESTAMP_CHARS:
+        raise BadRequest(
+            f"{field} is {len(value)} characters; the limit is {MAX_TIMESTAMP_CHARS}",
+            field=field,
+        )
+    m = _TIMESTAMP.fullmatch(value)
+    if m is None:
+        raise BadRequest(
+            f"{field} must be an RFC 3339 date and time with Z or a ±HH:MM offset,"
+            f" like 2026-11-26T07:41:50.406180Z or 2026-11-26T08:41:50+01:00; got {value!r}",
+            field=field,
+        )
+    try:
+        if len(value) == 27 and value[10] == "T" and value[26] == "Z":
+            _fromisoformat(value[:26])  # already the stored form: only check the ranges
+            return value
+        frac = m.group(1) or ""
+        when = _fromisoformat(f"{value[:10]}T{value[11:19]}.{frac[:6]:0<6}")
+        if m.group(2) is not None:
+            offset = timedelta(hours=int(m.group(3)), minutes=int(m.group(4)))
+            when = when - offset if m.group(2) == "+" else when + offset
+    except (ValueError, OverflowError):
+        raise BadRequest(
+            f"{field} {value!r} is not a valid date and time in years 0001-9999 UTC",
+            field=field,
+        ) from None
+    return when.isoformat(timespec="microseconds") + "Z"
 
 
 def error_reply(request_id: int | None, err: NexusError) -> ErrorReply:

@@ -9,7 +9,10 @@ History pages are bounded by bytes in SQL, so a request for 10 000 rows of
 1 MiB never materialises more than one frame's worth of rows in the daemon: a
 plain query guarded by the page's total size answers when everything fits (the
 usual case); otherwise a running sum over the rows in query order finds where
-to cut.
+to cut.  A first row that alone is over the estimate is returned alone and
+flagged, so the caller checks its real size instead of answering an empty page.
+``sessions`` pages are bounded the same way, by the real lengths of the tags
+and timestamps (rows stored by older versions may hold long ones).
 """
 
 from __future__ import annotations
@@ -36,14 +39,16 @@ Row = tuple[int, str, str, str, str, "str | None"]
 
 #: msgpack bytes per message map besides its strings (keys, headers, the id), with room.
 ROW_OVERHEAD: Final = 96
+#: msgpack bytes per SessionInfo map besides its two strings (keys, headers, three ints).
+SESSION_OVERHEAD: Final = 128
 
 _COLS: Final = "id, role, content, timestamp, session_tag, meta"
 # An upper bound of each row's size in the reply: its strings' bytes, meta at
 # three times its JSON (a float like 0.5 is 3 bytes of JSON, 9 of msgpack), and
 # the map's overhead.  Rows are kept while the running sum *before* them is
-# under the budget, which returns one row past the budget as a sentinel that
-# tells "cut" from "complete".  The window runs over (id, size) only, so no
-# content is copied into SQLite's temporary table.
+# under the budget, which returns one row past the budget as a sentinel; the
+# window's row count tells "cut" from "complete".  The window runs over (id,
+# size) only, so no content is copied into SQLite's temporary table.
 _SIZE: Final = (
     "length(CAST(content AS BLOB)) + length(CAST(role AS BLOB)) "
     "+ length(CAST(timestamp AS BLOB)) + length(CAST(session_tag AS BLOB)) "
@@ -67,8 +72,10 @@ def _history_queries(before: bool, after: bool, newest_first: bool) -> tuple[str
         f" ORDER BY id {order} LIMIT ?"
     )
     windowed = (
-        f"SELECT m.id, m.role, m.content, m.timestamp, m.session_tag, m.meta, w.run FROM ("
-        f"  SELECT id, size, SUM(size) OVER (ORDER BY id {order} ROWS UNBOUNDED PRECEDING) AS run"
+        f"SELECT m.id, m.role, m.content, m.timestamp, m.session_tag, m.meta, w.run, w.total"
+        f" FROM ("
+        f"  SELECT id, size, SUM(size) OVER (ORDER BY id {order} ROWS UNBOUNDED PRECEDING) AS run,"
+        f"  COUNT(*) OVER () AS total"
         f"  FROM (SELECT id, {_SIZE} AS size FROM nexus_messages"
         f"        WHERE session_tag = ?{where} ORDER BY id {order} LIMIT ?)"
         f") AS w JOIN nexus_messages AS m ON m.id = w.id"
@@ -143,13 +150,16 @@ class ReaderPool:
         before_id: int | None,
         after_id: int | None,
         budget: int,
-    ) -> tuple[list[Row], bool]:
-        """Rows oldest-first, and whether the byte budget cut the page short.
+    ) -> tuple[list[Row], bool, bool]:
+        """Rows oldest-first; whether the byte budget cut the page short; whether
+        the page is one row whose size *estimate* alone is over the budget.
 
         No cursor, or only ``before_id``: the newest ``limit`` rows (older than
         ``before_id``).  ``after_id`` (with or without ``before_id``): the
         oldest ``limit`` rows newer than it.  A cut keeps the rows nearest the
-        side the page starts from, so the caller pages on from the edge.
+        side the page starts from, so the caller pages on from the edge.  The
+        page is never empty while the range holds a row: a first row over the
+        estimate comes back alone, flagged, for the caller to measure.
         """
         newest_first = after_id is None
         where: list[Any] = [tag]
@@ -163,26 +173,35 @@ class ReaderPool:
         # the windowed query work out where to cut.
         guarded, windowed = _history_queries(*shape)
         rows = await self.fetch(guarded, (*where, *where, limit, budget, limit))
-        truncated = False
+        truncated = over = False
         if not rows:
             rows = await self.fetch(windowed, (*where, limit, budget))
-            truncated = bool(rows) and rows[-1][6] > budget
-            if truncated:
-                rows.pop()
+            if rows:
+                total = rows[0][7]
+                over = rows[0][6] > budget
+                if over:
+                    del rows[1:]  # (the query already stops there)
+                elif rows[-1][6] > budget:
+                    rows.pop()  # the sentinel: the first row that does not fit
+                truncated = len(rows) < total
         out: list[Row] = [tuple(r[:6]) for r in rows]
         if newest_first:
             out.reverse()
-        return out, truncated
+        return out, truncated, over
 
     async def count(self, tag: str) -> int:
         rows = await self.fetch("SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ?", (tag,))
         return int(rows[0][0])
 
     async def sessions(
-        self, *, after: str | None, limit: int, scope: str | None = None
-    ) -> tuple[list[tuple[str, int, int, int, str]], bool]:
-        """Per tag: (tag, count, first id, last id, last timestamp), by tag; more follow?
+        self, *, after: str | None, limit: int, budget: int, scope: str | None = None
+    ) -> tuple[list[tuple[str, int, int, int, str]], bool, bool]:
+        """Per tag: (tag, count, first id, last id, last timestamp), by tag; more
+        follow?; is the page one entry whose size estimate alone is over ``budget``?
 
+        At most ``limit`` entries, and as many as fit ``budget`` bytes by their
+        tags' and timestamps' real lengths (plus :data:`SESSION_OVERHEAD` each);
+        the first entry always comes back, flagged when it is over the budget.
         ``scope`` as for :class:`~nexusd.writer.ClearAll`: None for every tag,
         ``""`` for the unprefixed tags, else the tags under that prefix.
         """
@@ -198,13 +217,29 @@ class ReaderPool:
             where.append("session_tag >= ? AND session_tag < ?")
             params += scope_bounds(scope)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
+        # The running sum needs only the lengths; the timestamps of the
+        # entries kept are read by a last join.
         rows = await self.fetch(
-            "SELECT s.session_tag, s.n, s.first, s.last, m.timestamp FROM ("
+            "WITH s AS ("
             "  SELECT session_tag, COUNT(*) AS n, MIN(id) AS first, MAX(id) AS last"
             f"  FROM nexus_messages {clause} GROUP BY session_tag"
             "  ORDER BY session_tag LIMIT ?"
-            ") AS s JOIN nexus_messages AS m ON m.id = s.last ORDER BY s.session_tag",
-            (*params, limit + 1),
+            "), w AS ("
+            "  SELECT s.session_tag, s.n, s.first, s.last,"
+            "   SUM(length(CAST(s.session_tag AS BLOB)) + length(CAST(m.timestamp AS BLOB))"
+            f"      + {SESSION_OVERHEAD})"
+            "     OVER (ORDER BY s.session_tag ROWS UNBOUNDED PRECEDING) AS run,"
+            "   ROW_NUMBER() OVER (ORDER BY s.session_tag) AS rn,"
+            "   COUNT(*) OVER () AS total"
+            "  FROM s JOIN nexus_messages AS m ON m.id = s.last"
+            ")"
+            " SELECT w.session_tag, w.n, w.first, w.last, m.timestamp, w.run, w.total"
+            " FROM w JOIN nexus_messages AS m ON m.id = w.last"
+            " WHERE (w.run <= ? OR w.rn = 1) AND w.rn <= ? ORDER BY w.session_tag",
+            (*params, limit + 1, budget, limit),
         )
-        more = len(rows) > limit
-        return [tuple(r) for r in rows[:limit]], more
+        if not rows:
+            return [], False, False
+        over = rows[0][5] > budget
+        more = len(rows) < rows[0][6]
+        return [tuple(r[:5]) for r in rows], more, over

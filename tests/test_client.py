@@ -10,7 +10,7 @@ import pytest
 
 from nexusd import AsyncClient, BadRequest, Client, DaemonNotRunning, Message, NexusError
 from nexusd.protocol import SessionInfo
-from tests.conftest import Daemon, _new_daemon
+from tests.conftest import Daemon, _new_daemon, write_config
 
 pytestmark = pytest.mark.anyio
 
@@ -26,7 +26,7 @@ async def test_async_client_every_operation(shared_daemon: Daemon, tag: str) -> 
         hello = await c.hello()
         assert hello.version == 1 and hello.limits["max_content"] == 1024 * 1024
         a = await c.append("user", "hello", session_tag=tag, meta={"model": "x", "n": [1, 2]})
-        b = await c.append("assistant", "hi", session_tag=tag, timestamp="custom")
+        b = await c.append("assistant", "hi", session_tag=tag, timestamp="2026-01-02T04:05:06+01:00")
         assert b > a
         ids = await c.append_many(
             [("user", "m1"), {"role": "tool", "content": "m2", "meta": {"ok": True}}],
@@ -36,7 +36,7 @@ async def test_async_client_every_operation(shared_daemon: Daemon, tag: str) -> 
         hist = await c.get_history(tag)
         assert [m.content for m in hist] == ["hello", "hi", "m1", "m2"]
         assert isinstance(hist[0], Message) and hist[0].meta == {"model": "x", "n": [1, 2]}
-        assert hist[1].timestamp == "custom" and hist[0].session_tag == tag
+        assert hist[1].timestamp == "2026-01-02T03:05:06.000000Z" and hist[0].session_tag == tag
         assert [m.id for m in await c.get_history(tag, 2, before_id=ids[0])] == [a, b]
         assert [m.id for m in await c.get_history(tag, 1, after_id=a)] == [b]
         assert await c.message_count(tag) == 4
@@ -108,8 +108,11 @@ async def test_unreachable_daemon_says_how_to_start_it(short_dir: Path) -> None:
 
 
 async def test_history_pages_on_when_the_server_cuts_a_reply(short_dir: Path) -> None:
+    cfg = write_config(short_dir / "small.toml", max_meta=16384)  # it must fit the frame too
     d = _new_daemon(
-        short_dir, "--max-frame", "65536", "--max-content", "40000", "--max-messages", "0"
+        short_dir,
+        *("--config", str(cfg), "--max-frame", "65536", "--max-content", "40000"),
+        *("--max-messages", "0"),
     ).start()
     try:
         async with AsyncClient(d.socket) as c:

@@ -24,13 +24,14 @@ def _script(store: Any) -> list[Any]:
     """The same calls against either store; results minus volatile fields."""
     out: list[Any] = []
     a = store.append("user", "hello")
-    b = store.append("assistant", "hi", timestamp="12:00:00")
+    # (v1's bare "12:00:00" is bad_request for the daemon: timestamps are RFC 3339 instants)
+    b = store.append("assistant", "hi", timestamp="2026-11-26T07:41:50.406180Z")
     c = store.append("user", "elsewhere", session_tag="other")
     out.append([b - a, c - b])
     hist = store.get_history()
     out.append([(m["id"] - a, m["role"], m["content"], m["session_tag"]) for m in hist])
     out.append(sorted(hist[0].keys()))
-    out.append(hist[1]["timestamp"])  # a caller's timestamp is kept as given
+    out.append(hist[1]["timestamp"])  # a caller's timestamp in the stored form is kept as given
     out.append(store.get_history(limit=1)[0]["content"])
     out.append(store.get_history("other", 10)[0]["content"])
     out.append(store.message_count())

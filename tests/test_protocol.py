@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import typing
 from typing import Any
 
 import msgspec
@@ -113,19 +114,130 @@ def test_role_of_64_chars_is_fine() -> None:
     assert isinstance(req, p.Append) and len(req.role) == 64
 
 
+_APPEND_1 = msgspec.msgpack.encode({"op": "append", "id": 1, "role": "r", "content": "abc"})
+
+
 @pytest.mark.parametrize(
     "body",
     [
         b"\xc1",
         b"",
-        b"\x93\x01\x02\x03",
+        b"\x93\x01\x02\x03",  # an array, not a map
         b"\x91" * 100_000,
-        # a str holding a CESU-encoded lone surrogate: not UTF-8
-        b"\x84\xa2op\xa6append\xa2id\x01\xa4role\xa1r\xa7content\xa3\xed\xa0\x80",
+        _APPEND_1[:-1],  # truncated
+        _APPEND_1 + b"\x00",  # trailing bytes
+        msgspec.msgpack.encode({"op": "ping"}),  # no id
+        msgspec.msgpack.encode({"op": "ping", "id": None}),
+        msgspec.msgpack.encode({"op": "ping", "id": -1}),
+        msgspec.msgpack.encode({"op": "ping", "id": 2**63}),
+        msgspec.msgpack.encode({"op": "ping", "id": "1"}),
+        msgspec.msgpack.encode({"op": "ping", "id": 1.0}),
     ],
 )
-def test_undecodable_bodies_give_bad_request_without_id(body: bytes) -> None:
+def test_bodies_without_a_usable_id_give_bad_request_without_id(body: bytes) -> None:
     assert _bad(body).request_id is None
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # a str holding a CESU-encoded lone surrogate: not UTF-8, but the id is readable
+        b"\x84\xa2op\xa6append\xa2id\x01\xa4role\xa1r\xa7content\xa3\xed\xa0\x80",
+        msgspec.msgpack.encode({"op": "nope", "id": 1}),
+        msgspec.msgpack.encode({"op": 7, "id": 1}),
+        msgspec.msgpack.encode({"id": 1, "op": "append", "role": b"bytes", "content": None}),
+        msgspec.msgpack.encode({"op": "history", "id": 1, "limit": None, "before_id": "x"}),
+        # invalid UTF-8 deep inside meta, before the id
+        msgspec.msgpack.encode(
+            {"op": "append", "meta": {"k": ["\x00\x00\x00"]}, "role": "r", "content": "", "id": 1}
+        ).replace(b"\xa3\x00\x00\x00", b"\xa3\xed\xa0\x80"),
+    ],
+)
+def test_the_id_is_salvaged_whenever_the_body_is_a_map_with_a_valid_id(body: bytes) -> None:
+    err = _bad(body)
+    assert err.request_id == 1, err
+
+
+def _defaulted_fields() -> list[tuple[type[Any], str, Any]]:
+    out = []
+    for cls in [*typing.get_args(p.Request), p.NewMessage]:
+        for f in msgspec.structs.fields(cls):
+            if f.default is not msgspec.NODEFAULT:
+                out.append((cls, f.name, f.default))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("cls", "name", "default"), _defaulted_fields(), ids=lambda v: getattr(v, "__name__", None)
+)
+def test_nil_means_absent_for_every_optional_key(cls: type[Any], name: str, default: Any) -> None:
+    required = {
+        "id": 1,
+        "role": "r",
+        "content": "c",
+        "messages": [{"role": "r", "content": "c"}],
+        "backup": "b",
+        "offset": 0,
+    }
+    if cls is p.NewMessage:
+        body = {"op": "append_many", "id": 1, "messages": [{"role": "r", "content": "c", name: None}]}
+        req = p.decode_request(msgspec.msgpack.encode(body))
+        assert isinstance(req, p.AppendMany)
+        assert getattr(req.messages[0], name) == default
+        return
+    tag = cls.__struct_config__.tag
+    fields = {f.name: required[f.name] for f in msgspec.structs.fields(cls) if f.required}
+    body = {"op": tag, **fields, name: None}
+    req = p.decode_request(msgspec.msgpack.encode(body))
+    assert type(req) is cls and getattr(req, name) == default
+
+
+def test_nil_for_a_required_key_is_still_refused_with_the_key_named() -> None:
+    err = _bad({"op": "append", "id": 1, "role": None, "content": "c", "limit": None})
+    assert (err.field, err.request_id) == ("role", 1)
+
+
+@pytest.mark.parametrize(
+    ("sent", "stored"),
+    [
+        ("2026-11-26T07:41:50.406180Z", "2026-11-26T07:41:50.406180Z"),
+        ("2026-11-26T07:41:50Z", "2026-11-26T07:41:50.000000Z"),
+        ("2026-11-26t07:41:50.4z", "2026-11-26T07:41:50.400000Z"),
+        ("2026-11-26 08:41:50.406180+01:00", "2026-11-26T07:41:50.406180Z"),
+        ("2026-11-26T02:11:50.123456789-05:30", "2026-11-26T07:41:50.123456Z"),
+        ("2026-01-01T00:30:00+01:00", "2025-12-31T23:30:00.000000Z"),
+        ("2026-11-26T07:41:50-00:00", "2026-11-26T07:41:50.000000Z"),
+    ],
+)
+def test_timestamps_are_normalised_to_utc_microseconds(sent: str, stored: str) -> None:
+    assert p.parse_timestamp(sent) == stored
+
+
+@pytest.mark.parametrize(
+    "sent",
+    [
+        "07:41:50",  # v1's bare time
+        "2026-11-26",
+        "2026-11-26T07:41:50",  # no offset: names no instant
+        "2026-11-26T07:41:50.406180",
+        "2026-11-26T07:41Z",
+        "2026-02-30T00:00:00Z",
+        "2026-11-26T24:00:00Z",
+        "2026-11-26T23:59:60Z",  # leap second
+        "2026-11-26T07:41:50+24:00",
+        "2026-11-26T07:41:50+0100",
+        "2026-11-26T07:41:50.1234567890Z",
+        "0001-01-01T00:30:00+01:00",  # before year 1 in UTC
+        "２０２６-11-26T07:41:50Z",  # non-ASCII digits
+        "2026-11-26T07:41:50Z ",
+        "x" * 65,
+        "2" * 2_000_000,
+    ],
+)
+def test_bad_timestamps_are_refused_with_the_field_named(sent: str) -> None:
+    with pytest.raises(BadRequest) as info:
+        p.parse_timestamp(sent, "messages[3].timestamp")
+    assert info.value.field == "messages[3].timestamp"
 
 
 @given(st.binary(max_size=200))

@@ -78,7 +78,7 @@ async def test_every_operation_roundtrips(short_dir: Path) -> None:
                 "session_tag": "s2",
                 "messages": [
                     {"role": "a", "content": "x"},
-                    {"role": "b", "content": "y", "timestamp": "T"},
+                    {"role": "b", "content": "y", "timestamp": "2026-11-26T07:41:50Z"},
                 ],
             }
         )
@@ -90,7 +90,7 @@ async def test_every_operation_roundtrips(short_dir: Path) -> None:
         assert (await c.call({"op": "count", "id": 6, "session_tag": "s2"}))["count"] == 2
         s = await c.call({"op": "sessions", "id": 7})
         assert [(x["session_tag"], x["count"]) for x in s["sessions"]] == [("nexus", 1), ("s2", 2)]
-        assert s["sessions"][1]["last_timestamp"] == "T"
+        assert s["sessions"][1]["last_timestamp"] == "2026-11-26T07:41:50.000000Z"
         pop = await c.call({"op": "pop", "id": 8, "session_tag": "s2"})
         assert pop["message"]["content"] == "y"
         assert (await c.call({"op": "clear", "id": 9, "session_tag": "s2"}))["deleted"] == 1
@@ -167,7 +167,7 @@ async def test_bad_input_gets_bad_request_naming_the_field_and_the_connection_li
     short_dir: Path, request_: dict[str, Any], field: str
 ) -> None:
     async with running_server(
-        make_config(short_dir, max_content=1024, max_frame=64 * 1024)
+        make_config(short_dir, max_content=1024, max_frame=64 * 1024, max_meta=16 * 1024)
     ) as server:
         c = await Raw.connect(server.config.socket)
         err = await c.call(request_)
@@ -190,7 +190,7 @@ async def test_undecodable_body_gets_an_error_without_id(short_dir: Path) -> Non
 
 async def test_oversized_frame_gets_too_large_then_close(short_dir: Path) -> None:
     async with running_server(
-        make_config(short_dir, max_frame=64 * 1024, max_content=1024)
+        make_config(short_dir, max_frame=64 * 1024, max_meta=16 * 1024, max_content=1024)
     ) as server:
         c = await Raw.connect(server.config.socket)
         await c.stream.send(struct.pack(">I", 0xFFFFFFFF) + b"x" * 100)
@@ -203,7 +203,9 @@ async def test_oversized_frame_gets_too_large_then_close(short_dir: Path) -> Non
 
 
 async def test_history_reply_is_cut_to_the_frame_limit(short_dir: Path) -> None:
-    cfg = make_config(short_dir, max_frame=64 * 1024, max_content=40 * 1024, max_messages=0)
+    cfg = make_config(
+        short_dir, max_frame=64 * 1024, max_meta=16 * 1024, max_content=40 * 1024, max_messages=0
+    )
     async with running_server(cfg) as server:
         c = await Raw.connect(server.config.socket)
         ids = []
@@ -352,7 +354,9 @@ async def test_socket_is_private_by_default(short_dir: Path) -> None:
 
 async def test_history_of_float_heavy_meta_still_fits_the_frame(short_dir: Path) -> None:
     # 0.5 is 4 bytes of JSON ("0.5,") but 9 of msgpack: the size bound must hold.
-    cfg = make_config(short_dir, max_frame=64 * 1024, max_content=1024, max_messages=0)
+    cfg = make_config(
+        short_dir, max_frame=64 * 1024, max_meta=16 * 1024, max_content=1024, max_messages=0
+    )
     async with running_server(cfg) as server:
         c = await Raw.connect(server.config.socket)
         for i in range(10):
@@ -367,7 +371,7 @@ async def test_history_of_float_heavy_meta_still_fits_the_frame(short_dir: Path)
 
 
 async def test_sessions_pages_fit_a_small_frame(short_dir: Path) -> None:
-    cfg = make_config(short_dir, max_frame=64 * 1024, max_content=1024)
+    cfg = make_config(short_dir, max_frame=64 * 1024, max_meta=16 * 1024, max_content=1024)
     async with running_server(cfg) as server:
         c = await Raw.connect(server.config.socket)
         tags = [f"{i:03d}" + "é" * 250 for i in range(120)]  # ~500 bytes of UTF-8 each
