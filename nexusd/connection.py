@@ -14,7 +14,16 @@ in one go.
   requests unanswered, while the writer's queue is full (the frames wait, in
   order; past ``enqueue_timeout`` they get ``overloaded``), and while its own
   transport buffer is over the high-water mark (a peer that never reads).
-* Half a frame followed by silence for ``idle_timeout`` ends the connection.
+* Memory in total (the server's :class:`~nexusd.limits.Budget`): a frame
+  announced bigger than ``LARGE_FRAME`` is buffered only once its size is
+  reserved (else the connection stops being read until there is room); a
+  history page is cut to the room there is (a backup chunk waits for it); and
+  unsent replies count until the transport has written them.  While the budget
+  is spent, a connection with unsent replies is not read.
+* Deadlines, one loop timer per connection: a frame must be complete within
+  ``frame_timeout`` of its first byte (a trickle does not extend it), and a
+  connection that sends nothing for ``idle_timeout`` while none of its
+  requests is in flight is closed.
 """
 
 from __future__ import annotations
@@ -23,20 +32,33 @@ import asyncio
 import collections
 import functools
 import logging
+import math
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from . import protocol as p
 from .dispatch import READS, Build, Dispatcher
-from .errors import Internal, NexusError, TooLarge, Unavailable
+from .errors import Internal, NexusError, Overloaded, TooLarge, Unavailable
 from .framing import FrameDecoder, encode_frame
+from .limits import QuietLog
 
 if TYPE_CHECKING:
     from .server import Server
 
 logger = logging.getLogger(__name__)
+_quiet = QuietLog(logger)
 
 #: The transport's buffer size above which we stop reading the peer.
 WRITE_HIGH_WATER: Final = 1024 * 1024
+#: Frames announced bigger than this reserve their size from the budget first.
+LARGE_FRAME: Final = 64 * 1024
+#: One read from a socket.  Every connection reads into the same buffer (reads
+#: are synchronous), so a connection that may not buffer more holds at most
+#: this much of a frame it has no reservation for.
+READ_CHUNK: Final = 64 * 1024
+_read_buffer = bytearray(READ_CHUNK)
+_read_view = memoryview(_read_buffer)
+#: Room for a reply's envelope around the data it carries.
+_ENVELOPE: Final = 16 * 1024
 #: Queries one connection may have running at once.  A reply can be a whole
 #: frame, so this (not max_inflight) bounds what a peer that does not read
 #: can make the daemon hold: about this many frames, plus the write buffer.
@@ -46,15 +68,18 @@ MAX_READS: Final = 16
 _DONE, _QUEUE_FULL, _READS_BUSY = 0, 1, 2
 
 
-class Connection(asyncio.Protocol):
+class Connection(asyncio.BufferedProtocol):
     """Serves one accepted connection until the peer leaves or the server stops."""
 
     def __init__(self, server: Server) -> None:
         super().__init__()
         self.server = server
+        self.budget = server.budget
         cfg = server.config
         self.max_inflight = cfg.max_inflight
         self.decoder = FrameDecoder(cfg.max_frame)
+        #: The smallest history page we cut to when memory is short: one message that fits.
+        self.min_page = min(cfg.max_frame, cfg.max_content + cfg.max_meta + _ENVELOPE)
         self.dispatcher: Dispatcher | None = None
         self.transport: asyncio.Transport | None = None
         self.loop = asyncio.get_running_loop()
@@ -68,8 +93,13 @@ class Connection(asyncio.Protocol):
         self._reading = True
         self._write_paused = False
         self._close_when_flushed = False
-        self._progress = 0
-        self._stall_timer: asyncio.TimerHandle | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._idle_since = self.loop.time()
+        self._frame_start: float | None = None  # first byte of the frame in progress
+        self._frame_reserved = 0  # budget held for the big frame in progress
+        self._frame_wait: asyncio.Future[int] | None = None  # in line for that budget
+        self._charged = 0  # budget held for bytes in the transport's buffer
+        self._starved = False  # waiting for the budget to have room again
         self._room: asyncio.Future[None] | None = None  # set when in-flight room frees up
         self.finished = asyncio.Event()
 
@@ -78,19 +108,33 @@ class Connection(asyncio.Protocol):
         # uvloop's transports implement the interface without subclassing it.
         transport = cast(asyncio.Transport, transport)
         self.transport = transport
-        transport.set_write_buffer_limits(high=WRITE_HIGH_WATER)
+        # high=0, low=0: pause_writing means "bytes wait in the buffer" and
+        # resume_writing means "all written", which is when their budget is given back.
+        transport.set_write_buffer_limits(high=0, low=0)
         refusal, ns = self.server.admit(transport.get_extra_info("socket"), self)
         if refusal is not None:
-            self.closed = True
-            transport.write(encode_frame(p.encoder.encode(p.error_reply(None, refusal))))
-            transport.close()
+            self._refuse(refusal)
             return
         self.dispatcher = Dispatcher(self.server, ns)
+        cfg = self.server.config
+        self._arm(self._idle_since + cfg.idle_timeout)
+
+    def _refuse(self, err: NexusError) -> None:
+        """Say why (no request id applies) and hang up."""
+        self.closed = True
+        assert self.transport is not None
+        self.transport.write(encode_frame(p.encoder.encode(p.error_reply(None, err))))
+        self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        if self._stall_timer is not None:
-            self._stall_timer.cancel()
+        if self._timer is not None:
+            self._timer.cancel()
+        wait, self._frame_wait = self._frame_wait, None
+        if wait is not None and not wait.cancel():
+            self.budget.release(wait.result())
+        self.budget.release(self._frame_reserved + self._charged)
+        self._frame_reserved = self._charged = 0
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         for task in list(self._tasks):
@@ -116,12 +160,20 @@ class Connection(asyncio.Protocol):
         return True
 
     # ── input ─────────────────────────────────────────────────────────────
-    def data_received(self, data: bytes) -> None:
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _read_view
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_read_view[:nbytes])
+
+    def data_received(self, data: bytes | memoryview) -> None:
         if self.closed or self._close_when_flushed:
             return
-        self._progress += 1
+        decoder = self.decoder
+        now = self._idle_since = self.loop.time()
+        in_frame = decoder.pending > 0
         try:
-            frames = self.decoder.feed(data)
+            frames = decoder.feed(data)
         except TooLarge as exc:
             self._take()
             self._reply(p.error_reply(None, exc))
@@ -129,8 +181,17 @@ class Connection(asyncio.Protocol):
             self._set_reading()
             self._maybe_close()
             return
-        if self.decoder.pending and self._stall_timer is None:
-            self._watch_stall(self._progress)
+        if frames and self._frame_reserved:
+            self.budget.release(self._frame_reserved)  # that big frame is complete
+            self._frame_reserved = 0
+        if not decoder.pending:
+            self._frame_start = None
+        elif frames or not in_frame:  # a new frame began in this chunk
+            self._frame_start = now
+            self._arm(now + self.server.config.frame_timeout)
+        expected = decoder.expected
+        if expected > LARGE_FRAME and not self._frame_reserved and self._frame_wait is None:
+            self._reserve_frame(expected)
         if self._backlog:
             self._backlog.extend(frames)
         else:
@@ -239,11 +300,17 @@ class Connection(asyncio.Protocol):
         transport = self.transport
         if transport is None or self.closed:
             return
+        if self._charged and self.budget.full and not self._starved:
+            # Memory is spent and this peer has replies it has not read yet.
+            self._starved = True
+            self.budget.when_room(self._room_again)
         want = not (
             self._backlog
             or self._write_paused
             or self.outstanding >= self.max_inflight
             or self._close_when_flushed
+            or self._frame_wait is not None
+            or self._starved
         )
         if want != self._reading:
             self._reading = want
@@ -252,19 +319,70 @@ class Connection(asyncio.Protocol):
             else:
                 transport.pause_reading()
 
-    def _watch_stall(self, seen: int) -> None:
-        def check() -> None:
-            self._stall_timer = None
-            if self.closed or not self.decoder.pending:
-                return
-            if self._progress == seen:
-                logger.info("closing a connection stalled mid-frame for %gs", idle)
-                self.close()
-            else:
-                self._watch_stall(self._progress)
+    def _room_again(self) -> None:
+        self._starved = False
+        self._set_reading()
 
-        idle = self.server.config.idle_timeout
-        self._stall_timer = self.loop.call_later(idle, check)
+    def _reserve_frame(self, size: int) -> None:
+        """Hold ``size`` bytes of the budget for the frame in progress, or wait in line."""
+        if self.budget.try_take(size):
+            self._frame_reserved = self.budget.clamp(size)
+            return
+        wait = self._frame_wait = self.budget.wait(size)
+        wait.add_done_callback(self._frame_granted)
+
+    def _frame_granted(self, wait: asyncio.Future[int]) -> None:
+        if wait.cancelled() or wait is not self._frame_wait:
+            return
+        self._frame_wait = None
+        self._frame_reserved = wait.result()
+        self._set_reading()
+
+    # ── deadlines ─────────────────────────────────────────────────────────
+    def _arm(self, when: float) -> None:
+        """Make sure the timer fires by ``when`` (it re-checks everything then)."""
+        timer = self._timer
+        if timer is not None:
+            if timer.when() <= when:
+                return
+            timer.cancel()
+        self._timer = self.loop.call_at(when, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        if self.closed:
+            return
+        cfg = self.server.config
+        now = self.loop.time()
+        due = math.inf
+        if self._frame_start is not None:
+            due = self._frame_start + cfg.frame_timeout
+            if now >= due:
+                self._frame_expired(cfg.frame_timeout)
+                return
+        if self.outstanding or self._backlog or self._tasks:
+            idle_due = now + cfg.idle_timeout  # busy: look again later
+        else:
+            idle_due = self._idle_since + cfg.idle_timeout
+            if now >= idle_due:
+                _quiet.info("idle", "closing a connection idle for %gs", cfg.idle_timeout)
+                self.close()
+                return
+        self._arm(min(due, idle_due))
+
+    def _frame_expired(self, timeout: float) -> None:
+        if self._frame_wait is not None:
+            _quiet.warning(
+                "budget",
+                "refusing a %d-byte frame: max_buffered stayed spent for %gs",
+                self.decoder.expected,
+                timeout,
+            )
+            err = Overloaded("max_buffered is spent; send that frame later", retry_after=1.0)
+            self._refuse(err)
+            return
+        _quiet.info("frame", "closing a connection whose frame took over %gs", timeout)
+        self.close()
 
     # ── output ────────────────────────────────────────────────────────────
     def _done(self, request_id: int, build: Build) -> Any:
@@ -278,8 +396,13 @@ class Connection(asyncio.Protocol):
 
     async def _read(self, req: Any) -> None:
         assert self.dispatcher is not None
+        held = 0
         try:
-            reply = await self.dispatcher.query(req)
+            held = await self._reserve_reply(req)
+            if type(req) is p.History:
+                reply = await self.dispatcher.query(req, page_bytes=held)
+            else:
+                reply = await self.dispatcher.query(req)
         except NexusError as exc:
             self._error(req.id, exc)
             return
@@ -287,7 +410,40 @@ class Connection(asyncio.Protocol):
             logger.exception("read %s failed", type(req).__name__)
             self._error(req.id, Internal("read failed; see the daemon's log"))
             return
+        finally:
+            # From here the reply's bytes are counted where they wait: in the transport.
+            self.budget.release(held)
         self._reply(reply)
+
+    async def _reserve_reply(self, req: Any) -> int:
+        """Room in the budget for a big reply before it is built (0: not a big one).
+
+        A history page is cut to the room there is, down to one message's
+        worth; a backup chunk needs all of its length.  With less free, the
+        read waits in line, up to ``enqueue_timeout``, then gets ``overloaded``.
+        """
+        if type(req) is p.History:
+            want, floor = self.decoder.max_frame, self.min_page
+        elif type(req) is p.BackupRead:
+            want = floor = min(self.decoder.max_frame, req.length + _ENVELOPE)
+        else:
+            return 0
+        held = self.budget.take_up_to(want, floor)
+        if held:
+            return held
+        wait = self.budget.wait(floor)
+        try:
+            return await asyncio.wait_for(
+                asyncio.shield(wait), self.server.config.enqueue_timeout
+            )
+        except BaseException as exc:  # timed out, or the connection went away
+            if not wait.cancel() and not wait.cancelled():
+                self.budget.release(wait.result())  # granted just as we gave up
+            if isinstance(exc, TimeoutError):
+                raise Overloaded(
+                    "max_buffered is spent by unread replies; retry later", retry_after=1.0
+                ) from None
+            raise
 
     def _error(self, request_id: int | None, err: NexusError) -> None:
         self._reply(p.error_reply(request_id, err))
@@ -309,9 +465,22 @@ class Connection(asyncio.Protocol):
         out, self._out = self._out, []
         if self.closed or self.transport is None or not out:
             return
-        self.transport.write(b"".join(out) if len(out) > 1 else out[0])
+        transport = self.transport
+        transport.write(b"".join(out) if len(out) > 1 else out[0])
+        # What the peer has not taken yet counts against the budget until written.
+        buffered = transport.get_write_buffer_size()
+        if buffered != self._charged:
+            if buffered > self._charged:
+                self.budget.charge(buffered - self._charged)
+            else:
+                self.budget.release(self._charged - buffered)
+            self._charged = buffered
+        if buffered > WRITE_HIGH_WATER:
+            self._write_paused = True
         n = len(out)
         self.outstanding -= n
+        if not self.outstanding:
+            self._idle_since = self.loop.time()
         self.server.replied(n)
         self._wake()
         self._set_reading()
@@ -329,10 +498,12 @@ class Connection(asyncio.Protocol):
             self.transport.close()  # after the buffered replies are written
 
     def pause_writing(self) -> None:
-        self._write_paused = True
-        self._set_reading()
+        pass  # with high=0 this only means "not all written yet": _flush measures it
 
     def resume_writing(self) -> None:
+        # Everything is written (low=0): give its budget back.
+        charged, self._charged = self._charged, 0
+        self.budget.release(charged)
         self._write_paused = False
         self._wake()
         self._set_reading()

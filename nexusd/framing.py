@@ -3,12 +3,15 @@
 :class:`FrameDecoder` does no I/O.  Feed it whatever bytes arrived and it
 returns every complete frame body in them; the server and all clients share it.
 The length is checked against the limit *before* anything is buffered, so a
-peer announcing a 4 GiB frame costs nothing but the error.
+peer announcing a 4 GiB frame costs nothing but the error.  :attr:`expected`
+tells the caller how big the frame in progress will be, so it can reserve
+memory before buffering it; a big buffer is given back once its frame is out.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 from typing import Final
 
 from .errors import TooLarge
@@ -17,6 +20,8 @@ __all__ = ["HEADER", "FrameDecoder", "encode_frame"]
 
 HEADER: Final = struct.Struct(">I")
 _HSIZE: Final = HEADER.size
+#: A buffer that grew past this for one big frame is replaced once the frame is out.
+_KEEP: Final = 256 * 1024
 
 
 def encode_frame(body: bytes) -> bytes:
@@ -43,7 +48,13 @@ class FrameDecoder:
         """Bytes of an incomplete frame waiting for the rest."""
         return len(self._buf)
 
-    def feed(self, data: bytes) -> list[bytes]:
+    @property
+    def expected(self) -> int:
+        """Announced body size of the incomplete frame (0 until its header is in)."""
+        buf = self._buf
+        return HEADER.unpack_from(buf)[0] if len(buf) >= _HSIZE else 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes]:
         """Add received bytes and return the bodies of all frames now complete."""
         if self._failed:
             raise TooLarge("stream is out of sync after an oversized frame")
@@ -61,8 +72,13 @@ class FrameDecoder:
             if end - pos - _HSIZE < size:
                 break
             start = pos + _HSIZE
-            frames.append(bytes(buf[start : start + size]))
+            with memoryview(buf) as view:  # one copy, not a slice and then a copy
+                frames.append(bytes(view[start : start + size]))
             pos = start + size
         if pos:
-            del buf[:pos]
+            if sys.getsizeof(buf) > _KEEP and end - pos < _KEEP:
+                # A big frame is done: do not keep its allocation for the next small ones.
+                self._buf = buf[pos:]
+            else:
+                del buf[:pos]
         return frames

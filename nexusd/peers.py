@@ -11,6 +11,8 @@ v1 lives); admin uids see and address every tag as stored.
 
 from __future__ import annotations
 
+import errno
+import logging
 import os
 import socket
 import struct
@@ -19,10 +21,15 @@ from typing import Final
 
 from .errors import BadRequest
 
+logger = logging.getLogger(__name__)
+
 #: Stored tags of isolated peers start with this; clients may not send it.
 NS_MARK: Final = "\x1f"
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _UCRED: Final = struct.Struct("3i")
+#: CPython's getsockopt accepts at most 1024 bytes: 256 groups.  A peer in more
+#: groups (ERANGE) has them read from /proc instead.
+_GROUPS_BUFLEN: Final = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +45,38 @@ def peer_of(sock: socket.socket) -> Peer:
     pid, uid, gid = _UCRED.unpack(
         sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
     )
+    return Peer(pid, uid, gid, _peer_groups(sock, pid))
+
+
+def _peer_groups(sock: socket.socket, pid: int) -> tuple[int, ...]:
+    """The peer's supplementary groups (as they were when it connected)."""
     try:
-        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, 4 * 1024)
-        groups = tuple(struct.unpack(f"{len(raw) // 4}I", raw[: len(raw) // 4 * 4]))
-    except OSError:
-        groups = ()
-    return Peer(pid, uid, gid, groups)
+        raw = sock.getsockopt(socket.SOL_SOCKET, _SO_PEERGROUPS, _GROUPS_BUFLEN)
+    except OSError as exc:
+        if exc.errno == errno.ERANGE:
+            return _proc_groups(pid)
+        # Not silent: without them a member of an allowed group is refused.
+        logger.warning("cannot read the supplementary groups of pid %d: %s", pid, exc)
+        return ()
+    n = len(raw) // 4
+    return struct.unpack(f"{n}I", raw[: n * 4])
+
+
+def _proc_groups(pid: int) -> tuple[int, ...]:
+    """``Groups:`` of /proc/<pid>/status: the fallback for a peer in over 256 groups.
+
+    Read now rather than at connect: if the process changed its groups or
+    exited meanwhile the answer may differ, so this is only used when the
+    kernel's own record does not fit the buffer.
+    """
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Groups:"):
+                    return tuple(int(g) for g in line.split()[1:])
+    except (OSError, ValueError) as exc:
+        logger.warning("cannot read the groups of pid %d from /proc: %s", pid, exc)
+    return ()
 
 
 def allowed(peer: Peer, uids: set[int], gids: set[int]) -> bool:

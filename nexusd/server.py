@@ -11,6 +11,7 @@ the WAL, remove the socket it created (never one systemd passed it).
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import os
 import socket
@@ -28,12 +29,16 @@ from .config import Config
 from .connection import Connection
 from .dbfiles import InstanceLock, LockError
 from .errors import Forbidden, NexusError, Overloaded
+from .limits import Budget, QuietLog, tune_malloc
+from .paths import default_socket_path
 from .peers import Namespace, allowed, namespace_for, peer_of
 from .readers import ReaderPool
 from .systemd import ActivationError, Notifier, listen_fds
 from .writer import Writer
 
 logger = logging.getLogger(__name__)
+#: Refused connects come in floods: one line per reason per 10 s, with a count.
+_quiet = QuietLog(logger)
 
 
 class StartupError(NexusError):
@@ -56,11 +61,15 @@ class Server:
             wal_autocheckpoint=config.wal_autocheckpoint,
         )
         self.readers = ReaderPool(config.db, size=config.readers)
-        self.snapshots = Snapshots(config.db)
+        self.snapshots = Snapshots(config.db, max_snapshots=config.max_snapshots)
         self.notifier = Notifier()
+        #: Bytes held for big partial frames and unsent replies, over all connections.
+        self.budget = Budget(config.max_buffered)
         self.draining = False
         self.inflight = 0
         self.connections = 0
+        self._per_uid: collections.Counter[int] = collections.Counter()
+        self._uid_of: dict[Connection, int] = {}
         self.started = time.monotonic()
         self._stop = anyio.Event()
         self._idle = anyio.Event()
@@ -87,6 +96,7 @@ class Server:
             activated = listen_fds()  # first: systemd's sockets must not leak to children
         except ActivationError as exc:
             raise StartupError(str(exc)) from None
+        tune_malloc()  # before the first big buffer
         self._take_lock()
         socks: list[socket.socket] = []
         try:
@@ -178,24 +188,39 @@ class Server:
         self, sock: socket.socket, conn: Connection
     ) -> tuple[NexusError | None, Namespace | None]:
         """Decide on a new connection: a refusal to send, or its tag namespace."""
-        if self.connections >= self.config.max_connections:
+        cfg = self.config
+        if self.connections >= cfg.max_connections:
+            _quiet.warning(
+                "full", "refused a connection: max_connections (%d) reached", cfg.max_connections
+            )
             return Overloaded("too many connections", retry_after=1.0), None
         try:
             peer = peer_of(sock)
         except OSError as exc:
-            logger.warning("cannot read peer credentials (%s); refusing", exc)
+            _quiet.warning("creds", "cannot read peer credentials (%s); refusing", exc)
             return Forbidden("peer credentials unavailable"), None
         if not allowed(peer, self._allowed_uids, self._allowed_gids):
-            logger.warning(
+            _quiet.warning(
+                "forbidden",
                 "refused pid %d (uid %d, gid %d): not in allow_uids / allow_gids",
                 peer.pid,
                 peer.uid,
                 peer.gid,
             )
             return Forbidden(f"uid {peer.uid} may not use this daemon"), None
+        if self._per_uid[peer.uid] >= cfg.max_connections_per_uid:
+            _quiet.warning(
+                f"uid{peer.uid}",
+                "refused a connection of uid %d: max_connections_per_uid (%d) reached",
+                peer.uid,
+                cfg.max_connections_per_uid,
+            )
+            return Overloaded("too many connections from this uid", retry_after=1.0), None
         self.connections += 1
         self._accepted += 1
         self._live.add(conn)
+        self._per_uid[peer.uid] += 1
+        self._uid_of[conn] = peer.uid
         return None, namespace_for(peer, isolate=self.config.isolate_peers, admin_uids=self._admins)
 
     def forget(self, conn: Connection) -> None:
@@ -203,6 +228,10 @@ class Server:
         if conn in self._live:
             self._live.discard(conn)
             self.connections -= 1
+            uid = self._uid_of.pop(conn)
+            self._per_uid[uid] -= 1
+            if not self._per_uid[uid]:
+                del self._per_uid[uid]
         if conn.outstanding:
             self.replied(conn.outstanding)
             conn.outstanding = 0
@@ -226,6 +255,9 @@ class Server:
                 "max_history_limit": p.MAX_HISTORY_LIMIT,
                 "max_inflight": cfg.max_inflight,
                 "max_messages": cfg.max_messages,
+                "max_meta": cfg.max_meta,
+                "max_connections": cfg.max_connections,
+                "max_connections_per_uid": cfg.max_connections_per_uid,
             },
         )
 
@@ -235,6 +267,10 @@ class Server:
             connections=self.connections,
             connections_accepted=self._accepted,
             requests_in_flight=self.inflight,
+            buffered_bytes=self.budget.used,
+            buffered_peak=self.budget.peak,
+            buffered_max=self.budget.total,
+            buffered_waiting=self.budget.waiting,
             uptime_s=round(time.monotonic() - self.started, 3),
             db_bytes=_size(self.config.db) + _size(Path(f"{self.config.db}-wal")),
             max_messages=self.config.max_messages,
@@ -252,8 +288,7 @@ class Server:
                 self._where.append(f"{sock.getsockname() or name} (from systemd)")
             return [sock for sock, _ in activated]
         path = self.config.socket
-        if not path.parent.exists():
-            path.parent.mkdir(parents=True, mode=0o700)
+        _check_socket_dir(path, explicit=path != default_socket_path())
         _clear_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -297,6 +332,48 @@ class Server:
             lock.release()
 
 
+def _check_socket_dir(path: Path, *, explicit: bool) -> None:
+    """Refuse a socket directory where another user could replace our socket.
+
+    It must be ours and writable by nobody else.  The one exception is a
+    root-owned sticky directory (/tmp, /run-like) the user named explicitly:
+    there the sticky bit stops others from removing or renaming our socket.
+    The default ``/tmp/nexusd-<uid>`` is created 0700; found existing, it must
+    be a real directory (not a symlink) that passes the same test.
+    """
+    parent = path.parent
+    uid = os.geteuid()
+    if not os.path.lexists(parent):
+        try:
+            parent.mkdir(parents=True, mode=0o700)
+        except OSError as exc:
+            raise StartupError(
+                f"cannot create socket directory {parent}: {exc.strerror or exc}"
+            ) from None
+    try:
+        st = os.stat(parent) if explicit else os.lstat(parent)
+    except OSError as exc:
+        raise StartupError(f"cannot inspect socket directory {parent}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        kind = "a symlink" if stat.S_ISLNK(st.st_mode) else "not a directory"
+        raise StartupError(
+            f"socket directory {parent} is {kind}; remove it or choose another --socket"
+        )
+    others_write = st.st_mode & 0o022
+    if st.st_uid == uid and not others_write:
+        return
+    if explicit and st.st_uid == 0 and st.st_mode & stat.S_ISVTX:
+        return
+    if st.st_uid != uid:
+        why = f"is owned by uid {st.st_uid}, not by us (uid {uid})"
+    else:
+        why = f"is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+    raise StartupError(
+        f"socket directory {parent} {why}: another user could replace the socket; "
+        f"remove it, or make it ours with mode 0700, or choose another --socket"
+    )
+
+
 def _clear_stale_socket(path: Path) -> None:
     """Remove a socket file left by a dead daemon; refuse to steal a live one."""
     try:
@@ -305,6 +382,10 @@ def _clear_stale_socket(path: Path) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise StartupError(f"{path} exists and is not a socket; refusing to replace it")
+    if st.st_uid != os.geteuid():
+        raise StartupError(
+            f"{path} belongs to uid {st.st_uid}, not to us; refusing to remove or use it"
+        )
     probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         probe.settimeout(1.0)

@@ -3,6 +3,8 @@
 * ``sd_notify``: datagrams to ``$NOTIFY_SOCKET`` (a path, or ``@name`` for the
   abstract namespace): ``READY=1``, ``STATUS=…``, ``STOPPING=1`` and
   ``WATCHDOG=1``.  Without ``NOTIFY_SOCKET`` every call is a silent no-op.
+  Sends never block (they run on the event loop): when nobody reads the
+  socket and its queue is full, the message is dropped and logged.
 * Socket activation: the fds from 3 on that ``$LISTEN_FDS`` names (when
   ``$LISTEN_PID`` is us), checked to be listening Unix stream sockets.
 * Journal logging: under systemd (``$JOURNAL_STREAM`` names our stderr) each
@@ -22,6 +24,8 @@ import sys
 from collections.abc import MutableMapping
 from typing import Final
 
+from .limits import QuietLog
+
 __all__ = [
     "SD_LISTEN_FDS_START",
     "ActivationError",
@@ -32,6 +36,7 @@ __all__ = [
 ]
 
 logger = logging.getLogger(__name__)
+_quiet = QuietLog(logger)
 
 SD_LISTEN_FDS_START: Final = 3
 
@@ -76,11 +81,17 @@ class Notifier:
         if self._addr is None:
             return False
         if self._sock is None:
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
         try:
             self._sock.sendto("\n".join(lines).encode(), self._addr)
+        except BlockingIOError:
+            # Nobody reads the notify socket: drop this one rather than stall the loop.
+            _quiet.warning("full", "sd_notify dropped: the notify socket's queue is full")
+            return False
         except OSError as exc:
-            logger.warning("sd_notify failed: %s", exc)
+            _quiet.warning("failed", "sd_notify failed: %s", exc)
             return False
         return True
 

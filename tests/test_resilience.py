@@ -161,7 +161,7 @@ def test_rss_stays_bounded_under_a_flood_from_clients_that_never_read(short_dir:
 
 
 def test_connection_cap_refuses_the_excess_with_overloaded(short_dir: Path) -> None:
-    cfg = write_config(short_dir / "c.toml", max_connections=3)
+    cfg = write_config(short_dir / "c.toml", max_connections=3, max_connections_per_uid=3)
     d = _new_daemon(short_dir, "--config", str(cfg)).start()
     try:
         first = RawSync(d.socket)
@@ -194,7 +194,7 @@ def test_connection_cap_refuses_the_excess_with_overloaded(short_dir: Path) -> N
 
 
 def test_half_a_frame_then_silence_is_cut_off(short_dir: Path) -> None:
-    cfg = write_config(short_dir / "c.toml", idle_timeout=0.3)
+    cfg = write_config(short_dir / "c.toml", frame_timeout=0.3)
     d = _new_daemon(short_dir, "--config", str(cfg)).start()
     try:
         staller = RawSync(d.socket, timeout=10)
