@@ -11,6 +11,7 @@ import socket
 import struct
 import tempfile
 import time
+import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,44 +22,16 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nexusd import Client
+from nexusd import protocol as p
 from nexusd.framing import FrameDecoder, encode_frame
-from tests.conftest import Daemon, _new_daemon
+from tests.conftest import Daemon, _new_daemon, write_config
 
-OPS = [
-    "hello",
-    "ping",
-    "append",
-    "append_many",
-    "history",
-    "count",
-    "sessions",
-    "pop",
-    "clear",
-    "stats",
-    "backup_begin",
-    "backup_read",
-    "backup_end",
-    "nope",
-    "",
-    "APPEND",
-]
-FIELDS = [
-    "id",
-    "role",
-    "content",
-    "session_tag",
-    "timestamp",
-    "meta",
-    "limit",
-    "before_id",
-    "after_id",
-    "messages",
-    "after",
-    "idem_key",
-    "backup",
-    "offset",
-    "length",
-]
+_TYPES = typing.get_args(p.Request)
+#: Every operation the protocol has (but clear_all, which would wipe the
+#: canary by design), and names that are none.
+OPS = [*sorted({c.__struct_config__.tag for c in _TYPES} - {"clear_all"}), "nope", "", "APPEND"]
+#: Every key any request (or append_many item) has.
+FIELDS = sorted({f.name for c in (*_TYPES, p.NewMessage) for f in msgspec.structs.fields(c)})
 CANARY = "canary"
 TRIED = {"cases": 0}
 
@@ -87,7 +60,8 @@ requests = st.fixed_dictionaries(
 @pytest.fixture(scope="module")
 def target() -> Iterator[tuple[Daemon, Client, list[Any]]]:
     base = Path(tempfile.mkdtemp(prefix="nxh", dir="/tmp"))
-    d = _new_daemon(base, "--max-frame", "65536", "--max-content", "4096").start()
+    cfg = write_config(base / "small.toml", max_frame=65536, max_content=4096, max_meta=4096)
+    d = _new_daemon(base, "--config", str(cfg)).start()
     good = Client(d.socket, retry_for=0)
     good.append_many([("user", f"canary {i}") for i in range(5)], session_tag=CANARY)
     canary = good.get_history(CANARY)
