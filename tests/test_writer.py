@@ -357,3 +357,24 @@ async def test_rows_deleted_by_another_connection_are_recounted_before_pruning(
         assert w.stats.pruned == 1
     assert [c for _, c in _db_rows(db, "s")] == ["n0", "n1", "n2"]
     assert new < _db_rows(db, "s")[0][0]
+
+
+async def test_a_resend_in_a_batch_that_prunes_its_row_gets_the_original_id(
+    tmp_path: Path,
+) -> None:
+    # The careful (lookup) path: a resend finds its row, which the newer rows of
+    # the same commit age out, as if they had come first.  The counts stay
+    # exact: the found row is not counted twice.
+    db = tmp_path / "n.db"
+    async with WriterHarness(db, max_messages=3) as w:
+        original = await w.call(Insert("s", [row("r", key="k")]))
+        await w.call(Insert("s", [row("a")]))
+        await w.call(Insert("s", [row("b")]))
+        done: list[Any] = []
+        assert w.submit_nowait(Insert("s", [row("c")]), done.append)
+        assert w.submit_nowait(Insert("s", [row("r (resend)", key="k")]), done.append)
+        await w.call(Insert("other", [row("x")]))  # answered after both
+        assert done[1] == original and w.stats.pruned == 1
+        await w.call(Insert("s", [row("d")]))
+        assert w.stats.pruned == 2
+    assert [c for _, c in _db_rows(db, "s")] == ["b", "c", "d"]
