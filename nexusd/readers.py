@@ -41,6 +41,8 @@ Row = tuple[int, str, str, str, str, "str | None"]
 ROW_OVERHEAD: Final = 96
 #: msgpack bytes per SessionInfo map besides its two strings (keys, headers, three ints).
 SESSION_OVERHEAD: Final = 128
+#: Timestamps up to this many bytes are read with their session's entry.
+_SHORT: Final = 256
 
 _COLS: Final = "id, role, content, timestamp, session_tag, meta"
 # An upper bound of each row's size in the reply: its strings' bytes, meta at
@@ -217,29 +219,37 @@ class ReaderPool:
             where.append("session_tag >= ? AND session_tag < ?")
             params += scope_bounds(scope)
         clause = f"WHERE {' AND '.join(where)}" if where else ""
-        # The running sum needs only the lengths; the timestamps of the
-        # entries kept are read by a last join.
+        # Each entry comes with its size; a long timestamp (an old row's) is
+        # not read here but only if its entry is kept, so a page never holds
+        # much more than the budget, whatever is stored.
         rows = await self.fetch(
-            "WITH s AS ("
+            "SELECT s.session_tag, s.n, s.first, s.last,"
+            f" CASE WHEN length(CAST(m.timestamp AS BLOB)) <= {_SHORT} THEN m.timestamp END,"
+            " length(CAST(s.session_tag AS BLOB)) + length(CAST(m.timestamp AS BLOB)) FROM ("
             "  SELECT session_tag, COUNT(*) AS n, MIN(id) AS first, MAX(id) AS last"
             f"  FROM nexus_messages {clause} GROUP BY session_tag"
             "  ORDER BY session_tag LIMIT ?"
-            "), w AS ("
-            "  SELECT s.session_tag, s.n, s.first, s.last,"
-            "   SUM(length(CAST(s.session_tag AS BLOB)) + length(CAST(m.timestamp AS BLOB))"
-            f"      + {SESSION_OVERHEAD})"
-            "     OVER (ORDER BY s.session_tag ROWS UNBOUNDED PRECEDING) AS run,"
-            "   ROW_NUMBER() OVER (ORDER BY s.session_tag) AS rn,"
-            "   COUNT(*) OVER () AS total"
-            "  FROM s JOIN nexus_messages AS m ON m.id = s.last"
-            ")"
-            " SELECT w.session_tag, w.n, w.first, w.last, m.timestamp, w.run, w.total"
-            " FROM w JOIN nexus_messages AS m ON m.id = w.last"
-            " WHERE (w.run <= ? OR w.rn = 1) AND w.rn <= ? ORDER BY w.session_tag",
-            (*params, limit + 1, budget, limit),
+            ") AS s JOIN nexus_messages AS m ON m.id = s.last ORDER BY s.session_tag",
+            (*params, limit + 1),
         )
         if not rows:
             return [], False, False
-        over = rows[0][5] > budget
-        more = len(rows) < rows[0][6]
-        return [tuple(r[:5]) for r in rows], more, over
+        kept: list[Any] = []
+        run = 0
+        for row in rows[:limit]:
+            run += row[5] + SESSION_OVERHEAD
+            if run > budget and kept:
+                break
+            kept.append(row)
+        over = rows[0][5] + SESSION_OVERHEAD > budget  # then it is kept alone
+        more = len(kept) < len(rows)
+        out = [tuple(r[:5]) for r in kept]
+        long = {r[3]: i for i, r in enumerate(kept) if r[4] is None}
+        if long:  # rare: rows stored before timestamps were validated
+            marks = ",".join("?" * len(long))
+            for rid, ts in await self.fetch(
+                f"SELECT id, timestamp FROM nexus_messages WHERE id IN ({marks})", tuple(long)
+            ):
+                i = long[rid]
+                out[i] = (*out[i][:4], ts)
+        return out, more, over
