@@ -99,6 +99,7 @@ class Connection(asyncio.BufferedProtocol):
         self._frame_reserved = 0  # budget held for the big frame in progress
         self._frame_wait: asyncio.Future[int] | None = None  # in line for that budget
         self._charged = 0  # budget held for bytes in the transport's buffer
+        self._credit = 0  # reservations of replies built, not yet written: they pay for them
         self._starved = False  # waiting for the budget to have room again
         self._room: asyncio.Future[None] | None = None  # set when in-flight room frees up
         self.finished = asyncio.Event()
@@ -133,8 +134,8 @@ class Connection(asyncio.BufferedProtocol):
         wait, self._frame_wait = self._frame_wait, None
         if wait is not None and not wait.cancel():
             self.budget.release(wait.result())
-        self.budget.release(self._frame_reserved + self._charged)
-        self._frame_reserved = self._charged = 0
+        self.budget.release(self._frame_reserved + self._charged + self._credit)
+        self._frame_reserved = self._charged = self._credit = 0
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         for task in list(self._tasks):
@@ -404,15 +405,18 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 reply = await self.dispatcher.query(req)
         except NexusError as exc:
+            self.budget.release(held)
             self._error(req.id, exc)
             return
-        except Exception:
+        except BaseException as exc:
+            self.budget.release(held)
+            if not isinstance(exc, Exception):
+                raise
             logger.exception("read %s failed", type(req).__name__)
             self._error(req.id, Internal("read failed; see the daemon's log"))
             return
-        finally:
-            # From here the reply's bytes are counted where they wait: in the transport.
-            self.budget.release(held)
+        # The reservation pays for the reply's bytes when _flush hands them over.
+        self._credit += held
         self._reply(reply)
 
     async def _reserve_reply(self, req: Any) -> int:
@@ -469,12 +473,13 @@ class Connection(asyncio.BufferedProtocol):
         transport.write(b"".join(out) if len(out) > 1 else out[0])
         # What the peer has not taken yet counts against the budget until written.
         buffered = transport.get_write_buffer_size()
-        if buffered != self._charged:
-            if buffered > self._charged:
-                self.budget.charge(buffered - self._charged)
-            else:
-                self.budget.release(self._charged - buffered)
-            self._charged = buffered
+        grown = buffered - self._charged
+        credit, self._credit = self._credit, 0
+        if grown > credit:
+            self.budget.charge(grown - credit)
+        elif grown < credit:
+            self.budget.release(credit - grown)
+        self._charged = buffered
         if buffered > WRITE_HIGH_WATER:
             self._write_paused = True
         n = len(out)
