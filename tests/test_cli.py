@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from tests.conftest import Daemon, run_cli
+from tests.conftest import Daemon, _new_daemon, run_cli, write_config
 
 
 def test_append_history_count_sessions_pop_clear(shared_daemon: Daemon, tag: str) -> None:
@@ -25,7 +29,7 @@ def test_append_history_count_sessions_pop_clear(shared_daemon: Daemon, tag: str
         tag,
         "--meta",
         '{"model": "m"}',
-        input="multi\nline\n",
+        input="multi\nline\n",  # the final newline is the shell's, not the message's
     )
     assert r.returncode == 0 and int(r.stdout) == first + 1
 
@@ -33,11 +37,11 @@ def test_append_history_count_sessions_pop_clear(shared_daemon: Daemon, tag: str
     assert r.returncode == 0
     lines = r.stdout.splitlines()
     assert lines[0].split() == ["ID", "TIMESTAMP", "ROLE", "CONTENT"]
-    assert "hello from the shell" in lines[2] and "multi\\nline\\n" in lines[3]
+    assert "hello from the shell" in lines[2] and lines[3].endswith("multi\\nline")
 
     r = d.cli("history", "--session", tag, "--json")
     msgs = json.loads(r.stdout)
-    assert [m["content"] for m in msgs] == ["hello from the shell", "multi\nline\n"]
+    assert [m["content"] for m in msgs] == ["hello from the shell", "multi\nline"]
     assert msgs[1]["meta"] == {"model": "m"} and msgs[1]["id"] == first + 1
 
     assert d.cli("count", "--session", tag).stdout.strip() == "2"
@@ -47,7 +51,7 @@ def test_append_history_count_sessions_pop_clear(shared_daemon: Daemon, tag: str
     assert tag in d.cli("sessions").stdout
 
     popped = json.loads(d.cli("pop", "--session", tag, "--json").stdout)
-    assert popped["content"] == "multi\nline\n"
+    assert popped["content"] == "multi\nline"
     assert json.loads(d.cli("clear", "--session", tag, "--json").stdout) == {"deleted": 1}
     assert d.cli("pop", "--session", tag).stdout.strip() == "(empty)"
     assert json.loads(d.cli("pop", "--session", tag, "--json").stdout) is None
@@ -80,12 +84,30 @@ def test_clear_all_needs_yes(daemon: Daemon) -> None:
     assert r.returncode == 0 and json.loads(r.stdout) == {"deleted": 1}
 
 
-def test_server_error_exits_1(shared_daemon: Daemon) -> None:
-    r = shared_daemon.cli("append", "r" * 65, "x")
-    assert r.returncode == 1
-    assert "bad_request" in r.stderr and "role" in r.stderr
-    r = shared_daemon.cli("history", "--limit", "0")
-    assert r.returncode == 1 and "limit" in r.stderr
+def test_rejected_requests_exit_2_in_plain_words_naming_the_field(shared_daemon: Daemon) -> None:
+    d = shared_daemon
+    checks = [
+        (("append", "r" * 65, "x"), "role must be 1 to 64 characters"),  # checked by the CLI
+        (("history", "--limit", "0"), "--limit"),
+        (("count", "--session", "s" * 257), "--session must be 1 to 256 characters"),
+        (("append", "u", "x", "--timestamp", "yesterday"), "timestamp"),  # by the daemon
+        (("history", "--before", "-1"), "before_id: must be at least 0"),
+    ]
+    for args, words in checks:
+        r = d.cli(*args)
+        assert r.returncode == 2, (args, r.stderr)
+        assert words in r.stderr, (args, r.stderr)
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+
+
+def test_server_error_exits_1(short_dir: Path) -> None:
+    cfg = write_config(short_dir / "c.toml", allow_uids=[12345])  # not us
+    d = _new_daemon(short_dir, "--config", str(cfg)).start()
+    try:
+        r = d.cli("count")
+        assert r.returncode == 1 and "forbidden" in r.stderr, r.stderr
+    finally:
+        d.stop()
 
 
 def test_usage_error_exits_2() -> None:
@@ -151,3 +173,229 @@ def test_sigterm_exits_zero_and_removes_the_socket(daemon: Daemon) -> None:
     daemon.cli("append", "u", "x")
     assert daemon.stop() == 0
     assert not daemon.socket.exists()
+
+
+# ── everyday mistakes: one line, the documented exit code (issue 9, item 13) ──
+def _one_clear_line(r: subprocess.CompletedProcess[Any], code: int, *words: str) -> None:
+    err = r.stderr.decode() if isinstance(r.stderr, bytes) else r.stderr
+    assert r.returncode == code, (r.returncode, err)
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    for w in words:
+        assert w in err, (w, err)
+
+
+def _raw_cli(*args: str | bytes, input: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    return subprocess.run(
+        [sys.executable, "-m", "nexusd", *args], input=input, capture_output=True, timeout=60
+    )
+
+
+def test_bytes_that_are_not_utf8_are_a_usage_error(shared_daemon: Daemon, tag: str) -> None:
+    sock = str(shared_daemon.socket)
+    r = _raw_cli("append", "user", "-", "--session", tag, "--socket", sock, input=b"caf\xe9")
+    _one_clear_line(r, 2, "stdin is not UTF-8", "0xe9")
+    r = _raw_cli("append", "user", b"caf\xe9", "--session", tag, "--socket", sock)
+    _one_clear_line(r, 2, "content argument is not UTF-8", "0xe9")
+    r = _raw_cli("append", "user", "x", "--session", b"t\xff", "--socket", sock)
+    _one_clear_line(r, 2, "session argument is not UTF-8")
+    assert shared_daemon.cli("count", "--session", tag).stdout.strip() == "0"
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "soon"])
+def test_timeout_must_be_a_positive_number(value: str) -> None:
+    _one_clear_line(run_cli("ping", "--timeout", value), 2, "--timeout")
+
+
+def test_global_options_work_before_the_command(shared_daemon: Daemon, tag: str) -> None:
+    sock = str(shared_daemon.socket)
+    r = run_cli("--json", "--socket", sock, "--timeout", "5", "count", "--session", tag)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout) == {"session_tag": tag, "count": 0}
+    r = run_cli("--socket", "/nonexistent.sock", "count", "--socket", sock)  # the later one wins
+    assert r.returncode == 0, r.stderr
+
+
+def test_empty_content_needs_allow_empty(shared_daemon: Daemon, tag: str) -> None:
+    d = shared_daemon
+    _one_clear_line(d.cli("append", "u", "", "--session", tag), 2, "--allow-empty")
+    _one_clear_line(d.cli("append", "u", "-", "--session", tag, input="\n"), 2, "empty")
+    assert d.cli("count", "--session", tag).stdout.strip() == "0"
+    assert d.cli("append", "u", "", "--session", tag, "--allow-empty").returncode == 0
+    assert json.loads(d.cli("history", "--session", tag, "--json").stdout)[0]["content"] == ""
+
+
+def test_stdin_loses_exactly_one_final_newline_unless_raw(shared_daemon: Daemon, tag: str) -> None:
+    d = shared_daemon
+    for text in ["a\n", "b\n\n", "c"]:
+        assert d.cli("append", "u", "-", "--session", tag, input=text).returncode == 0
+    assert d.cli("append", "u", "-", "--raw", "--session", tag, input="d\n\n").returncode == 0
+    got = [m["content"] for m in json.loads(d.cli("history", "--session", tag, "--json").stdout)]
+    assert got == ["a", "b\n", "c", "d\n\n"]
+
+
+def test_content_over_the_limit_says_so(shared_daemon: Daemon, tag: str) -> None:
+    big = "x" * (1024 * 1024 + 1)
+    r = shared_daemon.cli("append", "u", "-", "--raw", "--session", tag, input=big)
+    _one_clear_line(r, 2, "max_content", "1048577 bytes")  # not "Broken pipe"
+    r = shared_daemon.cli("append", "u", "x", "--session", tag, "--meta", "[1]")
+    _one_clear_line(r, 2, "--meta must be a JSON object")
+
+
+def test_control_characters_are_escaped_in_tables_but_exact_in_json(
+    shared_daemon: Daemon, tag: str
+) -> None:
+    d = shared_daemon
+    text = "red \x1b[31mALERT\x07 \u202eevil\ttab\r\n"
+    assert d.cli("append", "ro\x1ble", text, "--session", tag).returncode == 0
+    for args in (("history",), ("history", "--full")):
+        out = d.cli(*args, "--session", tag).stdout
+        assert "\x1b" not in out and "\x07" not in out and "\u202e" not in out and "\r" not in out
+        assert "\\x1b[31mALERT\\x07 \\u202eevil\\ttab\\r\\n" in out and "ro\\x1ble" in out
+    msgs = json.loads(d.cli("history", "--session", tag, "--json").stdout)
+    assert msgs[0]["content"] == text and msgs[0]["role"] == "ro\x1ble"
+    popped = d.cli("pop", "--session", tag).stdout
+    assert "\x1b" not in popped and "\\x1b[31mALERT" in popped
+
+
+def test_history_on_a_terminal_says_when_it_shows_only_the_newest(
+    shared_daemon: Daemon, tag: str
+) -> None:
+    import pty
+
+    d = shared_daemon
+    for i in range(5):
+        d.cli("append", "u", f"m{i}", "--session", tag)
+
+    def on_tty(*args: str) -> str:
+        master, slave = pty.openpty()
+        try:
+            r = subprocess.run(
+                [sys.executable, "-m", "nexusd", *args, "--socket", str(d.socket)],
+                stdout=slave,
+                stderr=subprocess.PIPE,
+                timeout=60,
+            )
+            assert r.returncode == 0, r.stderr
+            os.close(slave)
+            slave = -1
+            chunks = []
+            while True:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the other side is closed and drained
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks).decode()
+        finally:
+            os.close(master)
+            if slave != -1:
+                os.close(slave)
+
+    out = on_tty("history", "--session", tag, "--limit", "3")
+    assert "showing the newest 3 of 5" in out and "--before" in out
+    assert "showing" not in on_tty("history", "--session", tag, "--limit", "10")
+    piped = d.cli("history", "--session", tag, "--limit", "3").stdout
+    assert "showing" not in piped and len(piped.splitlines()) == 5  # header, rule, 3 rows
+
+
+def test_check_on_a_directory_or_a_non_database(short_dir: Path) -> None:
+    _one_clear_line(run_cli("check", "--db", str(short_dir)), 2, "is a directory")
+    junk = short_dir / "junk.db"
+    junk.write_bytes(b"\x7fELF" + bytes(200))
+    _one_clear_line(run_cli("check", "--db", str(junk)), 1, "not an SQLite database")
+    _one_clear_line(run_cli("check", "--db", str(short_dir / "none.db")), 1, "does not exist")
+
+
+def test_serve_mistakes_are_one_line(short_dir: Path) -> None:
+    sock = str(short_dir / "s.sock")
+    (short_dir / "adir").mkdir()
+    env = dict(os.environ, NEXUSD_DB=str(short_dir / "adir"))
+    r = run_cli("serve", "--socket", sock, env=env)
+    assert r.returncode == 1 and "directory" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    (short_dir / "afile").write_text("x")
+    r = run_cli("serve", "--db", str(short_dir / "afile" / "n.db"), "--socket", sock)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    _one_clear_line(run_cli("serve", "--config", "/bin/ls", "--socket", sock), 2, "/bin/ls")
+
+
+# ── Ctrl-C ────────────────────────────────────────────────────────────────────
+_SYSCALLS = {"x86_64": {"read": 0, "poll": 7, "recvfrom": 45, "ppoll": 271}}
+
+
+def _wait_blocked_in(pid: int, calls: set[str], fd: int | None = None) -> None:
+    """Wait (bounded) until ``pid`` sleeps in one of ``calls`` (on ``fd`` if given)."""
+    table = _SYSCALLS.get(os.uname().machine)
+    if table is None:
+        pytest.skip("syscall numbers known for x86_64 only")
+    wanted = {table[c] for c in calls}
+    end = time.monotonic() + 20
+    while time.monotonic() < end:
+        try:
+            fields = Path(f"/proc/{pid}/syscall").read_text().split()
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            fields, state = [], ""
+        if (
+            state == "S"
+            and fields
+            and fields[0].isdigit()
+            and int(fields[0]) in wanted
+            and (fd is None or int(fields[1], 16) == fd)
+        ):
+            return
+        time.sleep(0.01)  # poll interval of a deadline loop
+    raise AssertionError(f"process {pid} never blocked in {calls}")
+
+
+def test_ctrl_c_while_append_reads_stdin_exits_130(shared_daemon: Daemon, tag: str) -> None:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexusd", "append", "u", "-", "--session", tag,
+         "--socket", str(shared_daemon.socket)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        _wait_blocked_in(proc.pid, {"read"}, fd=0)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and err.strip() == b"nexusd: interrupted"
+    assert shared_daemon.cli("count", "--session", tag).stdout.strip() == "0"
+
+
+def test_ctrl_c_during_backup_exits_130_and_leaves_no_partial_file(
+    daemon: Daemon, short_dir: Path
+) -> None:
+    out = short_dir / "out"
+    out.mkdir()
+    assert daemon.proc is not None
+    daemon.proc.send_signal(signal.SIGSTOP)  # the backup waits on its answers
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nexusd", "backup", str(out / "b.db"),
+             "--socket", str(daemon.socket)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            _wait_blocked_in(proc.pid, {"poll", "ppoll", "recvfrom"})
+            assert next(p.name for p in out.iterdir()).endswith(".partial")  # under way
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    finally:
+        daemon.proc.send_signal(signal.SIGCONT)
+    assert proc.returncode == 130, err
+    assert b"Traceback" not in err and err.strip() == b"nexusd: interrupted"
+    assert list(out.iterdir()) == []  # no .partial left behind
+    assert daemon.cli("ping").returncode == 0
