@@ -211,9 +211,12 @@ class Dispatcher:
             if self.ns is not None and self.ns.scope != "":
                 # A copy holds every namespace: only those who may see them all.
                 raise Forbidden("backups need an admin uid when isolate_peers is on")
-            token, size = await snapshots.begin()
+            # One per connection, max_snapshots in total, enough free space.
+            token, size = await snapshots.begin(self)
             self.backups.add(token)
-            return p.BackupBeginReply(id=req.id, backup=token, size=size)
+            return p.BackupBeginReply(
+                id=req.id, backup=token, size=size, files=snapshots.live_files()
+            )
         if isinstance(req, (p.BackupRead, p.BackupEnd)) and req.backup not in self.backups:
             raise NotFound("no such backup on this connection", field="backup")
         if isinstance(req, p.BackupRead):
@@ -226,8 +229,8 @@ class Dispatcher:
         raise BadRequest(f"unsupported operation {type(req).__name__}", field="op")
 
     def release(self) -> None:
-        """The connection is gone: drop its snapshots."""
-        self.server.snapshots.end_all(self.backups)
+        """The connection is gone: drop its snapshots (also one still being taken)."""
+        self.server.snapshots.release(self)
         self.backups.clear()
 
 

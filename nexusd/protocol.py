@@ -232,9 +232,13 @@ class BackupBeginReply(_Rep, frozen=True, tag="backup_begin"):
     #: Handle for ``backup_read``/``backup_end``; valid on this connection only.
     backup: str
     size: int
+    #: ``[st_dev, st_ino]`` of the live database files (database, WAL, shared
+    #: memory, lock): a client must not write its copy over any of them.
+    files: list[list[int]] = []
 
 
 class BackupReadReply(_Rep, frozen=True, tag="backup_read"):
+    #: Empty, with ``eof`` true, when ``offset`` is at or past the end.
     data: bytes
     eof: bool
 
