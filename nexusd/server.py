@@ -97,6 +97,9 @@ class Server:
         except ActivationError as exc:
             raise StartupError(str(exc)) from None
         tune_malloc()  # before the first big buffer
+        if not activated:  # systemd's sockets are systemd's business
+            path = self.config.socket
+            _check_socket_dir(path, explicit=path != default_socket_path())
         self._take_lock()
         socks: list[socket.socket] = []
         try:
@@ -287,8 +290,7 @@ class Server:
                 sock.setblocking(False)
                 self._where.append(f"{sock.getsockname() or name} (from systemd)")
             return [sock for sock, _ in activated]
-        path = self.config.socket
-        _check_socket_dir(path, explicit=path != default_socket_path())
+        path = self.config.socket  # its directory was checked at start-up
         _clear_stale_socket(path)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:

@@ -77,6 +77,37 @@ def test_notify_sequence_ready_status_watchdog_stopping(short_dir: Path, abstrac
     assert kinds.index("STATUS") < kinds.index("STOPPING")
 
 
+def test_a_notify_socket_nobody_reads_never_blocks_the_loop(short_dir: Path) -> None:
+    ns = NotifySocket(short_dir / "notify")  # bound, and never read
+    filler = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    filler.setblocking(False)
+    queued = 0
+    try:
+        while True:
+            filler.sendto(b"STATUS=filler", str(short_dir / "notify"))
+            queued += 1
+    except BlockingIOError:
+        pass  # its queue is full: every further send would block
+    d = _new_daemon(short_dir)
+    d.start(env={"NOTIFY_SOCKET": ns.env, "WATCHDOG_USEC": "200000"})
+    assert d.proc is not None
+    try:
+        c = RawSync(d.socket, timeout=5)
+        for i in range(20):  # across several watchdog periods
+            assert c.call({"op": "ping", "id": i})["op"] == "ping"
+        c.close()
+        started = time.monotonic()
+        assert d.stop(timeout=15) == 0
+        assert time.monotonic() - started < 10  # SIGTERM was handled promptly
+    finally:
+        if d.proc.poll() is None:
+            d.proc.kill()
+        filler.close()
+    assert queued > 0
+    assert "sd_notify dropped" in d.log
+    assert d.log.count("sd_notify dropped") <= 2  # quiet: not one line per message
+
+
 def test_a_stalled_loop_stops_pinging_the_watchdog(short_dir: Path) -> None:
     ns = NotifySocket(short_dir / "notify")
     d = _new_daemon(short_dir)
