@@ -13,12 +13,14 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import time
 from pathlib import Path
 from types import ModuleType
 
 import pytest
 
 from nexusd import Client, NexusError
+from nexusd.dbfiles import FileWatch
 from nexusd.errors import Unavailable
 from nexusd.schema import integrity_check
 from tests.conftest import SEED, Daemon, _new_daemon, run_cli
@@ -133,6 +135,50 @@ def test_unusable_database_path_is_one_clear_line(short_dir: Path, case: str) ->
 
 
 # ── files deleted while the daemon runs ───────────────────────────────────────
+def _settled(directory: Path, settle: float) -> None:
+    """Poll (deadline 5 s) until the directory's last change is ``settle`` s old."""
+    end = time.monotonic() + 5
+    while time.time_ns() - directory.stat().st_ctime_ns <= settle * 1e9:
+        assert time.monotonic() < end, "the directory's ctime never settled"
+        time.sleep(0.01)  # poll interval of a deadline loop
+
+
+@pytest.mark.parametrize("change", ["delete wal", "replace db", "move db", "move dir"])
+def test_file_watch_sees_a_change_once_the_directory_settled(
+    tmp_path: Path, change: str
+) -> None:
+    # Between changes a check is one stat of the directory; any deletion,
+    # rename or replacement changes the directory and is caught.
+    base = tmp_path / "d"
+    base.mkdir()
+    db = base / "n.db"
+    for name in ("n.db", "n.db-wal", "n.db-shm"):
+        (base / name).write_bytes(b"x")
+    watch = FileWatch(db, settle=0.05)
+    watch.arm()
+    assert watch.check() is None
+    _settled(base, 0.05)
+    full = watch.full_checks
+    assert watch.check() is None and watch.check() is None
+    assert watch.full_checks == full  # the directory alone answered
+    if change == "delete wal":
+        (base / "n.db-wal").unlink()
+        expected = "WAL file"
+    elif change == "replace db":
+        (base / "other").write_bytes(b"y")
+        (base / "other").rename(db)
+        expected = "replaced"
+    elif change == "move db":
+        db.rename(base / "elsewhere.db")
+        expected = "moved away"
+    else:
+        base.rename(tmp_path / "d2")
+        base.mkdir()
+        expected = "database file"
+    found = watch.check()
+    assert found is not None and expected in found
+
+
 def _error_lines(log: str) -> list[str]:
     return [line for line in log.splitlines() if " ERROR " in line]
 
