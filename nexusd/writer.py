@@ -112,6 +112,7 @@ class Writer:
         self._thread = SQLiteThread("nexusd-writer")
         self._counts = CountCache()
         self._watch = FileWatch(db_path)
+        self._told_external = False
         #: Why writes are refused for good (the files changed under us), or None.
         self.storage_error: str | None = None
         self._last_ts = ""
@@ -333,6 +334,13 @@ class Writer:
         )
         if len(self._counts.counts) > _COUNT_CACHE_MAX:
             self._counts.counts.clear()
+        if self._counts.external_changes == 1 and not self._told_external:
+            self._told_external = True  # once: stats counts the rest
+            logger.warning(
+                "another program committed to %s; pruning recounts the sessions it"
+                " writes after every such commit (stats: external_writes_seen)",
+                self.db_path,
+            )
         self._last_ts = now
         st = self.stats
         st.batches += 1

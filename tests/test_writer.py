@@ -339,7 +339,7 @@ async def test_a_crash_inside_a_batch_answers_internal_and_the_writer_goes_on(
 
 
 async def test_rows_deleted_by_another_connection_are_recounted_before_pruning(
-    tmp_path: Path,
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     db = tmp_path / "n.db"
     async with WriterHarness(db, max_messages=3) as w:
@@ -356,6 +356,7 @@ async def test_rows_deleted_by_another_connection_are_recounted_before_pruning(
             await r.append("s", f"n{i}")
         assert w.stats.pruned == 1
     assert [c for _, c in _db_rows(db, "s")] == ["n0", "n1", "n2"]
+    assert sum("another program committed" in r.message for r in caplog.records) == 1
     assert new < _db_rows(db, "s")[0][0]
 
 
