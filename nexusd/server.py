@@ -27,7 +27,7 @@ from . import protocol as p
 from .backups import Snapshots
 from .config import Config
 from .connection import Connection
-from .dbfiles import InstanceLock, LockError
+from .dbfiles import DbFiles, InstanceLock, LockError
 from .errors import Forbidden, NexusError, Overloaded
 from .limits import Budget, QuietLog, tune_malloc
 from .paths import default_socket_path
@@ -61,7 +61,10 @@ class Server:
             wal_autocheckpoint=config.wal_autocheckpoint,
         )
         self.readers = ReaderPool(config.db, size=config.readers)
-        self.snapshots = Snapshots(config.db, max_snapshots=config.max_snapshots)
+        #: The database's real files: a symlinked db keeps its WAL and the
+        #: snapshots next to the file it points to, not next to the link.
+        self.files = DbFiles.of(config.db)
+        self.snapshots = Snapshots(self.files.db, max_snapshots=config.max_snapshots)
         self.notifier = Notifier()
         #: Bytes held for big partial frames and unsent replies, over all connections.
         self.budget = Budget(config.max_buffered)
@@ -275,7 +278,7 @@ class Server:
             buffered_max=self.budget.total,
             buffered_waiting=self.budget.waiting,
             uptime_s=round(time.monotonic() - self.started, 3),
-            db_bytes=_size(self.config.db) + _size(Path(f"{self.config.db}-wal")),
+            db_bytes=_size(self.files.db) + _size(self.files.wal),
             max_messages=self.config.max_messages,
             synchronous=self.config.synchronous,
             version=__version__,

@@ -294,3 +294,28 @@ def test_no_snapshot_without_free_space_to_spare(short_dir: Path, small_fs: Path
             assert c.append("user", "writes go on") > 0
     finally:
         d.stop()
+
+
+def test_a_symlinked_database_keeps_its_snapshots_beside_the_real_file(short_dir: Path) -> None:
+    real = short_dir / "real"
+    real.mkdir()
+    links = short_dir / "links"
+    links.mkdir()
+    (links / "nexus.db").symlink_to(real / "nexus.db")
+    d = Daemon(dir=short_dir, db=links / "nexus.db", socket=short_dir / "s.sock").start()
+    try:
+        with Client(d.socket) as c:
+            c.append("user", "x" * 10_000)
+            begin = RawSync(d.socket)
+            assert begin.call({"op": "backup_begin", "id": 1})["op"] == "backup_begin"
+            # The snapshot sits in the state directory of the real file, not the link's.
+            assert [p.name for p in links.iterdir()] == ["nexus.db"]
+            assert any(p.name.startswith(".nexusd-backup-") for p in real.iterdir())
+            begin.close()
+            stats = c.stats()
+            on_disk = sum(
+                (real / n).stat().st_size for n in ("nexus.db", "nexus.db-wal") if (real / n).exists()
+            )
+            assert stats["db_bytes"] == on_disk > 10_000
+    finally:
+        d.stop()
