@@ -7,7 +7,9 @@ Existing code switches by changing one import::
 Method names, arguments and return shapes (``NexusMessage`` dicts) are those
 of v1.  Differences, all deliberate: the daemon owns the database, so
 ``db_path`` is accepted but cannot choose the file; timestamps the store makes
-are full ISO 8601 UTC instants instead of v1's bare ``HH:MM:SS``; and retention
+are full ISO 8601 UTC instants instead of v1's bare ``HH:MM:SS``, and a
+``timestamp`` passed in must be an RFC 3339 instant (a bare ``HH:MM:SS`` is
+refused with :class:`~nexusd.errors.BadRequest`); and retention
 (``MAX_MESSAGES``) is the daemon's ``max_messages`` setting.  One instance is
 safe to share between threads, which v1 was not.
 """
