@@ -24,6 +24,7 @@ from typing import Any, Final, TypeVar
 
 from . import protocol as p
 from .errors import (
+    STORAGE_LOST,
     BadRequest,
     ConnectionLost,
     DaemonNotRunning,
@@ -229,6 +230,13 @@ def history_request(
     return p.History(
         id=0, session_tag=session_tag, limit=limit, before_id=before_id, after_id=after_id
     )
+
+
+def worth_retrying(req: Any, err: NexusError) -> bool:
+    """Whether ``req`` may be sent again after ``err`` (one of :data:`RETRY_ON`)."""
+    if isinstance(err, Unavailable) and err.field == STORAGE_LOST:
+        return False  # the daemon lost its database: only a restart helps
+    return retryable(req)
 
 
 def retryable(req: Any) -> bool:

@@ -174,7 +174,7 @@ class AsyncClient:
                 return await self._call_once(req)
             except calls.RETRY_ON as exc:
                 delay = calls.backoff(exc, delay)
-                if not calls.retryable(req) or time.monotonic() + delay > deadline:
+                if not calls.worth_retrying(req, exc) or time.monotonic() + delay > deadline:
                     raise
             await anyio.sleep(delay)
 
@@ -460,7 +460,7 @@ class Client:
                     # Never wait for a daemon that was not running to begin with.
                     first_contact = isinstance(exc, DaemonNotRunning) and not self._was_connected
                     late = time.monotonic() + delay > deadline
-                    if first_contact or late or not calls.retryable(req):
+                    if first_contact or late or not calls.worth_retrying(req, exc):
                         raise
                 time.sleep(delay)
 

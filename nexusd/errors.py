@@ -10,6 +10,7 @@ msgspec) are translated at the boundary and never leak to users.
 from __future__ import annotations
 
 __all__ = [
+    "STORAGE_LOST",
     "BadRequest",
     "ConnectionLost",
     "DaemonNotRunning",
@@ -61,8 +62,17 @@ class Overloaded(NexusError):
         self.retry_after = retry_after
 
 
+#: ``field`` of an ``unavailable`` error whose cause will not go away by
+#: itself: the database files were deleted or replaced under the daemon, which
+#: refuses writes until it is restarted.  Clients do not retry it.
+STORAGE_LOST = "storage"
+
+
 class Unavailable(NexusError):
-    """The daemon is shutting down or its storage is failing; retry elsewhere/later."""
+    """The daemon is shutting down or its storage is failing; retry elsewhere/later.
+
+    With ``field == STORAGE_LOST`` retrying is pointless until an operator acts.
+    """
 
     code = "unavailable"
 

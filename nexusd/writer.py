@@ -41,7 +41,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from . import batch as batch_sql
 from .batch import CountCache, Insert, Op
 from .dbfiles import FileWatch
-from .errors import BadRequest, Internal, NexusError, Overloaded, Unavailable
+from .errors import STORAGE_LOST, BadRequest, Internal, NexusError, Overloaded, Unavailable
 from .schema import open_writer
 from .sqlthread import SQLiteThread
 
@@ -187,7 +187,7 @@ class Writer:
         if self._closing:
             raise Unavailable("nexusd is shutting down")
         if self.storage_error is not None:
-            raise Unavailable(self.storage_error)
+            raise Unavailable(self.storage_error, field=STORAGE_LOST)
         if type(op) is Insert and 0 < self.max_messages < len(op.rows):
             # Its oldest rows would be pruned in the very commit that
             # acknowledges them: refuse rather than answer ids already gone.
@@ -268,7 +268,7 @@ class Writer:
         if conn is None:
             return [Unavailable("database is closed")] * len(batch)
         if self.storage_error is not None:
-            return [Unavailable(self.storage_error)] * len(batch)
+            return [Unavailable(self.storage_error, field=STORAGE_LOST)] * len(batch)
         try:
             try:
                 results = self._transaction(conn, batch, lookup=False)
@@ -316,7 +316,9 @@ class Writer:
         if where is not None:
             rescue += f"; until nexusd stops, the database it had open can be copied from {where}"
         logger.error("%s (%s)", self.storage_error, rescue)
-        return Unavailable(f"{self.storage_error} (this write may not have been stored)")
+        return Unavailable(
+            f"{self.storage_error} (this write may not have been stored)", field=STORAGE_LOST
+        )
 
     def _transaction(
         self, conn: sqlite3.Connection, batch: list[_Job], *, lookup: bool

@@ -216,6 +216,12 @@ def test_deleted_database_files_refuse_writes_and_lose_nothing_acknowledged(
                 assert "deleted" in exc.message and "restart" in exc.message
                 refused += 1
         assert refused == 5 and len(acked) == 20
+        with Client(d.socket) as patient:  # retries for 30 s by default, but not this
+            started = time.monotonic()
+            with pytest.raises(Unavailable) as lost:
+                patient.append("user", "again", session_tag="s")
+            assert lost.value.field == "storage"
+            assert time.monotonic() - started < 10
         with pytest.raises(Unavailable):
             c.append_many([("user", "x"), ("user", "y")], session_tag="s")
         stats = c.stats()
