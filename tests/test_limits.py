@@ -222,19 +222,23 @@ def test_big_partial_frames_wait_for_the_global_budget(short_dir: Path) -> None:
         assert st["buffered_peak"] <= budget and st["buffered_waiting"] >= n - 3 - 1
         assert sum(1 for r in rest if not r) <= 3  # only the reserved ones were read whole
         # Past the frame deadline the ones still waiting for room are told why.
-        told = 0
+        told = ended = 0
         for s in conns:
             s.setblocking(True)
             s.settimeout(10)
             try:
                 data = s.recv(65536)
-            except OSError:
-                continue
+            except ConnectionResetError:
+                data = b""
+            ended += 1  # (a timeout here would have raised: every one is ended)
             if data:
                 reply = msgspec.msgpack.decode(FrameDecoder(1 << 20).feed(data)[0])
                 assert reply["code"] == "overloaded" and reply["id"] is None
                 told += 1
-        assert told >= n // 2  # (some got the room the first ones freed at their deadline)
+        assert ended == n
+        # Those that got room (3 at a time, rotating as deadlines free it) are cut
+        # silently at their deadline; how many rotate in depends on the load.
+        assert told >= n // 3
         for s in conns:
             s.close()
         end = time.monotonic() + 10
