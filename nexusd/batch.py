@@ -16,6 +16,7 @@ last commit.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
@@ -68,9 +69,15 @@ class Insert:
 
 @dataclass(frozen=True, slots=True)
 class PopNewest:
-    """Remove and return the newest row of a session; result: ``Row | None``."""
+    """Remove and return the newest row of a session; result: ``Row | None``.
+
+    ``refuse(row)`` may return an error to answer instead, before anything is
+    deleted: a row too big for any reply must stay stored rather than be
+    removed and never shown.
+    """
 
     session_tag: str
+    refuse: Callable[[Row], Exception | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -168,7 +175,7 @@ def run(
                 continue
             inserts.flush()
             if isinstance(op, PopNewest):
-                results.append(_pop(conn, op.session_tag, counts))
+                results.append(_pop(conn, op, counts))
             elif isinstance(op, ClearSession):
                 n = conn.execute(
                     "DELETE FROM nexus_messages WHERE session_tag = ?", (op.session_tag,)
@@ -190,7 +197,8 @@ def run(
     return Outcome(results, rows_added, pruned)
 
 
-def _pop(conn: sqlite3.Connection, tag: str, counts: _Counts) -> Row | None:
+def _pop(conn: sqlite3.Connection, op: PopNewest, counts: _Counts) -> Row | Exception | None:
+    tag = op.session_tag
     row = conn.execute(
         "SELECT id, role, content, timestamp, session_tag, meta FROM nexus_messages "
         "WHERE session_tag = ? ORDER BY id DESC LIMIT 1",
@@ -198,6 +206,9 @@ def _pop(conn: sqlite3.Connection, tag: str, counts: _Counts) -> Row | None:
     ).fetchone()
     if row is None:
         return None
+    refusal = op.refuse(tuple(row)) if op.refuse is not None else None
+    if refusal is not None:
+        return refusal
     conn.execute("DELETE FROM nexus_messages WHERE id = ?", (row[0],))
     counts.add(tag, -1)
     return tuple(row)

@@ -104,7 +104,7 @@ class Dispatcher:
                     rows.append((m.role, m.content, ts, meta, m.idem_key))
             return Insert(self._inner(req.session_tag), rows), _append_many_reply
         if kind is p.Pop:
-            return PopNewest(self._inner(req.session_tag)), self._pop_reply
+            return PopNewest(self._inner(req.session_tag), self._unsendable), self._pop_reply
         if kind is p.Clear:
             return ClearSession(self._inner(req.session_tag)), _clear_reply
         if kind is p.ClearAll:
@@ -126,7 +126,7 @@ class Dispatcher:
 
     def _meta_json(self, meta: dict[str, Any], field: str) -> str:
         """``meta`` as the JSON text to store; BadRequest if JSON cannot hold it or too big."""
-        _check_json(meta, field, 0)
+        _check_json(meta, field, 1)
         text = _json_encode(meta)
         if len(text) > self.max_meta:
             raise BadRequest(
@@ -147,6 +147,18 @@ class Dispatcher:
         if self.ns is None or not self.ns.prefix:
             return msg
         return msgspec.structs.replace(msg, session_tag=self.ns.outer(msg.session_tag))
+
+    def _unsendable(self, row: tuple[Any, ...]) -> TooLarge | None:
+        """Run by the writer before a pop deletes ``row``: None if its reply fits a frame."""
+        reply = p.PopReply(id=p.MAX_REQUEST_ID, message=self._message(row))
+        size = len(p.encoder.encode(reply))
+        if size <= self.max_frame:
+            return None
+        return TooLarge(
+            f"message {row[0]} alone makes a reply of {size} bytes, over the frame limit of "
+            f"{self.max_frame}; it was not removed (raise max_frame to pop it)",
+            field="session_tag",
+        )
 
     def _pop_reply(self, rid: int, row: tuple[Any, ...] | None) -> p.PopReply:
         return p.PopReply(id=rid, message=self._message(row) if row is not None else None)
@@ -220,7 +232,9 @@ class Dispatcher:
         if isinstance(req, (p.BackupRead, p.BackupEnd)) and req.backup not in self.backups:
             raise NotFound("no such backup on this connection", field="backup")
         if isinstance(req, p.BackupRead):
-            data, eof = await snapshots.read(req.backup, req.offset, req.length)
+            # The reply always fits the frame: a smaller frame limit gets shorter chunks.
+            length = min(req.length, self.max_frame - _ENVELOPE)
+            data, eof = await snapshots.read(req.backup, req.offset, length)
             return p.BackupReadReply(id=req.id, data=data, eof=eof)
         if isinstance(req, p.BackupEnd):
             self.backups.discard(req.backup)
@@ -247,10 +261,14 @@ def row_to_message(row: tuple[Any, ...]) -> p.Message:
 
 
 def _check_json(value: Any, field: str, depth: int) -> None:
-    """Accept only what JSON can hold: no bytes, extensions, or non-finite floats."""
-    if depth > _MAX_META_DEPTH:
-        raise BadRequest(f"{field} nests deeper than {_MAX_META_DEPTH}", field=field)
+    """Accept only what JSON can hold: no bytes, extensions, or non-finite floats.
+
+    ``depth`` is the level of ``value`` if it is a map or an array (``meta``
+    itself is level 1); scalars add no level.
+    """
     t = type(value)
+    if depth > _MAX_META_DEPTH and (t is dict or t is list):
+        raise BadRequest(f"{field} nests deeper than {_MAX_META_DEPTH} levels", field=field)
     if t is str or t is bool or t is int or value is None:
         return
     if t is float:

@@ -300,8 +300,49 @@ def decode_request(body: bytes) -> Request:
         raise _bad_request(str(exc), _salvage_id(body)) from None
     except (msgspec.DecodeError, ValueError, RecursionError, MemoryError) as exc:
         # Malformed or truncated MessagePack, invalid UTF-8 in a string, absurd nesting.
-        raise _bad_request(f"body does not decode: {exc}", _salvage_id(body)) from None
+        err = _bad_request(f"body does not decode: {exc}", _salvage_id(body))
+        if err.field is None:
+            err.field = _undecodable_field(body)
+        raise err from None
     return req
+
+
+_raw_map: Final = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
+_raw_list: Final = msgspec.msgpack.Decoder(list[msgspec.Raw])
+
+
+def _undecodable_field(body: bytes) -> str | None:
+    """Which key of a map holds the value that does not decode (invalid UTF-8...).
+
+    Only on the error path: each value is kept raw and decoded alone, and
+    ``messages`` items one by one, so the error can name ``content`` or
+    ``messages[2].role`` the way validation errors do.
+    """
+    try:
+        values = _raw_map.decode(body)
+    except (msgspec.DecodeError, ValueError, RecursionError, MemoryError):
+        return None
+    for key, raw in values.items():
+        try:
+            _loose_decoder.decode(raw)
+        except (msgspec.DecodeError, ValueError, RecursionError, MemoryError):
+            pass
+        else:
+            continue
+        if key != "messages":
+            return key
+        try:
+            items = _raw_list.decode(raw)
+        except (msgspec.DecodeError, ValueError, RecursionError, MemoryError):
+            return key
+        for i, item in enumerate(items):
+            try:
+                _loose_decoder.decode(item)
+            except (msgspec.DecodeError, ValueError, RecursionError, MemoryError):
+                inner = _undecodable_field(bytes(item))
+                return f"messages[{i}]" + (f".{inner}" if inner else "")
+        return key
+    return None
 
 
 def _without_nils(body: bytes) -> bytes | None:
@@ -374,6 +415,13 @@ def _salvage_id(body: bytes) -> int | None:
     """
     try:
         rid = _id_decoder.decode(body).id
+    except msgspec.ValidationError:
+        # A key that is not a string (msgpack allows any): read the map loosely.
+        try:
+            raw = _loose_decoder.decode(body)
+        except (msgspec.DecodeError, ValueError, RecursionError, MemoryError, TypeError):
+            return None
+        rid = raw.get("id") if type(raw) is dict else None
     except (msgspec.DecodeError, ValueError, RecursionError, MemoryError):
         return None
     if type(rid) is int and 0 <= rid <= MAX_REQUEST_ID:

@@ -264,6 +264,7 @@ class Server:
                 "max_meta": cfg.max_meta,
                 "max_connections": cfg.max_connections,
                 "max_connections_per_uid": cfg.max_connections_per_uid,
+                "max_snapshots": cfg.max_snapshots,
             },
         )
 

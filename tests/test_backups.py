@@ -319,3 +319,33 @@ def test_a_symlinked_database_keeps_its_snapshots_beside_the_real_file(short_dir
             assert stats["db_bytes"] == on_disk > 10_000
     finally:
         d.stop()
+
+
+def test_backup_chunks_shrink_to_fit_a_small_frame_limit(short_dir: Path) -> None:
+    cfg = short_dir / "c.toml"
+    cfg.write_text("max_frame = 65536\nmax_content = 16384\nmax_meta = 16384\n")
+    d = _new_daemon(short_dir, "--config", str(cfg)).start()
+    try:
+        with Client(d.socket, retry_for=0) as c:
+            for _ in range(6):
+                c.append_many([("user", "y" * 10_000)] * 5, session_tag="fill")
+        conn = RawSync(d.socket)
+        try:
+            begin = _begin(conn, 1)
+            size = int(begin["size"])  # type: ignore[call-overload]
+            assert size > 2 * 65536
+            copied = b""
+            while True:  # the default length (1 MiB) on a 64 KiB frame limit
+                part = conn.call(
+                    {"op": "backup_read", "id": 2, "backup": begin["backup"], "offset": len(copied)}
+                )
+                assert part["op"] == "backup_read", part
+                assert 0 < len(part["data"]) < 65536 or part["eof"]
+                copied += part["data"]
+                if part["eof"]:
+                    break
+            assert len(copied) == size and copied.startswith(b"SQLite format 3\x00")
+        finally:
+            conn.close()
+    finally:
+        d.stop()

@@ -167,3 +167,35 @@ def test_a_session_entry_that_cannot_fit_is_an_explicit_error_naming_it(small: D
         assert (err["code"], err["id"]) == ("too_large", 2) and "'b'" in err["message"]
     finally:
         raw.close()
+
+
+def test_pop_of_a_row_too_big_for_any_reply_removes_nothing(small: Daemon) -> None:
+    with Client(small.socket, retry_for=0) as c:
+        ids = c.append_many([("user", "a"), ("user", "b")], session_tag="t")
+    # Stored when the frame limit was larger: 70 KB of content, over the 64 KiB frame.
+    _restart_with(
+        small, [("UPDATE nexus_messages SET content = ? WHERE id = ?", ("x" * 70_000, ids[1]))]
+    )
+    raw = RawSync(small.socket)
+    try:
+        err = raw.call({"op": "pop", "id": 1, "session_tag": "t"})
+        assert (err["op"], err["id"], err["code"]) == ("error", 1, "too_large")
+        assert f"message {ids[1]} " in err["message"] and "not removed" in err["message"]
+        assert raw.call({"op": "count", "id": 2, "session_tag": "t"})["count"] == 2
+    finally:
+        raw.close()
+
+
+def test_meta_may_nest_32_levels_and_no_more(daemon: Daemon) -> None:
+    def nested(levels: int) -> dict[str, Any]:
+        meta: dict[str, Any] = {"leaf": 1}  # a scalar adds no level
+        for _ in range(levels - 1):
+            meta = {"a": meta}
+        return meta
+
+    with Client(daemon.socket, retry_for=0) as c:
+        c.append("user", "deep enough", meta=nested(32), session_tag="n")
+        with pytest.raises(BadRequest, match="deeper than 32") as too_deep:
+            c.append("user", "too deep", meta=nested(33), session_tag="n")
+        assert too_deep.value.field is not None and too_deep.value.field.startswith("meta.a")
+        assert [m.content for m in c.get_history("n")] == ["deep enough"]

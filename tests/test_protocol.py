@@ -256,3 +256,30 @@ def test_error_codes_map_back_to_exception_types() -> None:
     assert info.value.field == "role"
     unknown = error_for_code("brand_new", "m")
     assert unknown.code == "brand_new"
+
+
+def test_a_map_with_a_non_string_key_still_gets_its_id_back() -> None:
+    body = b"\x83\xa2op\xa4ping\xa2id\x0e\x05\x01"  # {"op": "ping", "id": 14, 5: 1}
+    with pytest.raises(p.RequestError) as info:
+        p.decode_request(body)
+    assert info.value.request_id == 14
+
+
+@pytest.mark.parametrize(
+    ("request_body", "field"),
+    [
+        ({"op": "append", "id": 3, "role": "u", "content": "~"}, "content"),
+        ({"op": "append", "id": 3, "role": "~", "content": "ok"}, "role"),
+        ({"op": "count", "id": 3, "session_tag": "~"}, "session_tag"),
+        (
+            {"op": "append_many", "id": 3, "messages": [{"role": "u", "content": "ok"},
+                                                        {"role": "u", "content": "~"}]},
+            "messages[1].content",
+        ),
+    ],
+)
+def test_invalid_utf8_names_the_field_that_holds_it(request_body: dict, field: str) -> None:
+    body = msgspec.msgpack.encode(request_body).replace(b"\xa1~", b"\xa1\xff")
+    with pytest.raises(p.RequestError) as info:
+        p.decode_request(body)
+    assert (info.value.request_id, info.value.field) == (3, field)

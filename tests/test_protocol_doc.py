@@ -285,10 +285,10 @@ def test_characters_are_code_points(live: RawSync) -> None:
 
 
 def test_the_id_comes_back_whenever_it_can_be_read(live: RawSync) -> None:
-    # invalid UTF-8 in content, unknown op: the id is readable, so it comes back
+    # invalid UTF-8 in content, unknown op: the id is readable, so it comes back (and the field)
     live.send(b"\x84\xa2op\xa6append\xa2id\x05\xa4role\xa1r\xa7content\xa3\xed\xa0\x80")
     err = live.recv()
-    assert (err["id"], err["code"], err["field"]) == (5, "bad_request", None)
+    assert (err["id"], err["code"], err["field"]) == (5, "bad_request", "content")
     assert _call(live, "frobnicate")["field"] == "op"
     # not a map, no id: nil, and the connection goes on
     live.send(msgspec.msgpack.encode([1, 2]))
