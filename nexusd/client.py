@@ -355,6 +355,9 @@ class Client:
             if self._still_open(self._sock):
                 return self._sock
             self._drop()
+            if self.retry_for <= 0:
+                # Nothing was sent; reopening is up to the retry policy, which is off.
+                raise ConnectionLost("nexusd closed the connection; the next call reconnects")
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         # Connect blocking: a full accept backlog then waits instead of failing
         # with EAGAIN (which a socket with a timeout reports at once).

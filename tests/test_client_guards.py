@@ -97,3 +97,24 @@ def test_blocking_client_survives_the_daemons_idle_timeout(small_frames: Daemon)
                 pytest.skip("this daemon does not enforce idle_timeout yet")
         popped = c.pop("idle")
         assert popped is not None and popped.content == "idle"
+
+
+def test_with_retries_off_a_closed_connection_fails_once_then_reconnects(
+    short_dir: Path,
+) -> None:
+    """retry_for=0: no silent reconnect (a stopped daemon stays stopped under socket
+    activation); nothing is sent on the dead connection, and the next call reconnects."""
+    from nexusd.errors import ConnectionLost
+
+    d = _new_daemon(short_dir).start()
+    try:
+        with Client(d.socket, retry_for=0) as c:
+            c.append("user", "one", session_tag="t")
+            assert d.stop() == 0
+            d.start()
+            with pytest.raises(ConnectionLost, match="next call reconnects"):
+                c.pop("t")
+            popped = c.pop("t")
+            assert popped is not None and popped.content == "one"
+    finally:
+        d.stop()
