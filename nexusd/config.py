@@ -156,9 +156,13 @@ _LOWERED: Final = ("synchronous", "log_level")
 
 
 def _dec_hook(kind: type, value: Any) -> Any:
-    if kind is Path and isinstance(value, (str, Path)) and str(value):
-        return Path(os.path.expanduser(str(value)))
-    raise NotImplementedError
+    # msgspec turns a TypeError/ValueError raised here into a ValidationError
+    # naming the key.
+    if kind is not Path or not isinstance(value, (str, Path)):
+        raise TypeError(f"Expected `str` (a path), got `{type(value).__name__}`")
+    if not str(value).strip():
+        raise ValueError("Expected a path, got an empty string")
+    return Path(os.path.expanduser(str(value)))
 
 
 def _convert(values: dict[str, Any], source: str, *, strict: bool) -> dict[str, Any]:

@@ -111,6 +111,7 @@ def open_writer(
         raise StorageError(f"cannot open database {path}: {exc}") from exc
     try:
         _check_quick(conn, path)
+        _refuse_foreign(conn, path)  # before journal_mode=WAL, which writes the header
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
         conn.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
@@ -134,6 +135,20 @@ def _refuse_non_sqlite(path: Path) -> None:
         raise StorageError(f"{path} is not an SQLite database; refusing to touch it")
 
 
+def _refuse_foreign(conn: sqlite3.Connection, path: Path) -> None:
+    """Refuse an SQLite file that holds other tables but not ours: another program's."""
+    tables = {
+        str(r[0]) for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")
+    }
+    others = sorted(t for t in tables if not t.startswith("sqlite_"))
+    if TABLE not in tables and others:
+        shown = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise StorageError(
+            f"{path} is an SQLite database of another program (tables {shown}; "
+            f"no {TABLE}); refusing to touch it"
+        )
+
+
 def _check_quick(conn: sqlite3.Connection, path: Path) -> None:
     rows = conn.execute("PRAGMA quick_check").fetchall()
     if [tuple(r) for r in rows] != [("ok",)]:
@@ -151,6 +166,7 @@ def integrity_check(path: Path) -> list[str]:
     _refuse_non_sqlite(path)
     conn = sqlite3.connect(reader_uri(path), uri=True)
     try:
+        _refuse_foreign(conn, path)
         return [str(r[0]) for r in conn.execute("PRAGMA integrity_check").fetchall()]
     finally:
         conn.close()

@@ -103,6 +103,8 @@ class Server:
         if not activated:  # systemd's sockets are systemd's business
             path = self.config.socket
             _check_socket_dir(path, explicit=path != default_socket_path())
+            # A live daemon on that socket is refused before any database file is made.
+            _clear_stale_socket(path)
         self._take_lock()
         socks: list[socket.socket] = []
         try:

@@ -121,3 +121,22 @@ def test_integrity_check_reports_ok(tmp_path: Path) -> None:
     db = tmp_path / "n.db"
     open_writer(db).close()
     assert integrity_check(db) == ["ok"]
+
+
+def test_another_programs_sqlite_file_is_refused_and_left_untouched(tmp_path: Path) -> None:
+    db = tmp_path / "other.db"
+    conn = sqlite3.connect(db)
+    conn.execute("CREATE TABLE t (x)")
+    conn.execute("INSERT INTO t VALUES (1)")
+    conn.commit()
+    conn.close()
+    before = db.read_bytes()
+    with pytest.raises(StorageError, match="SQLite database of another program"):
+        open_writer(db)
+    with pytest.raises(StorageError, match="SQLite database of another program"):
+        integrity_check(db)
+    assert db.read_bytes() == before  # no table added, no WAL switch, no user_version
+    # An empty SQLite file (no tables) is simply a new database.
+    empty = tmp_path / "empty.db"
+    sqlite3.connect(empty).close()
+    open_writer(empty).close()

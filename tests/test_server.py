@@ -327,6 +327,7 @@ async def test_live_socket_is_not_stolen_and_stale_one_is_replaced(short_dir: Pa
         other = make_config(short_dir, db=short_dir / "other.db")
         with pytest.raises(StartupError, match="already listening"):
             await Server(other).serve()
+        assert not other.db.exists()  # refused before any file of its own was made
     # Leave a stale socket file behind, as a killed daemon would.
     s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     s.bind(str(cfg.socket))
