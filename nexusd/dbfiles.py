@@ -76,6 +76,8 @@ class InstanceLock:
         self.files = DbFiles.of(db)
         self._lock_fd: int | None = None
         self._db_fd: int | None = None
+        #: The pid of a previous daemon that did not stop cleanly, if any.
+        self.unclean_pid: str | None = None
 
     def acquire(self) -> None:
         """Take both locks or raise :class:`LockError` (one line, naming the holder's pid)."""
@@ -112,6 +114,10 @@ class InstanceLock:
                     f"another nexusd (pid {holder}) already serves this database file"
                     f" under another name; {shown} is a hard link to it; stop that daemon first"
                 )
+            # A pid still written here means its daemon never reached release():
+            # it was killed or crashed (a clean stop empties the file).
+            left = os.pread(lock_fd, 64, 0).decode(errors="replace").strip()
+            self.unclean_pid = left or None
             os.ftruncate(lock_fd, 0)
             os.pwrite(lock_fd, f"{os.getpid()}\n".encode(), 0)
         except LockError:
@@ -123,6 +129,11 @@ class InstanceLock:
         self._lock_fd, self._db_fd = lock_fd, db_fd
 
     def release(self) -> None:
+        if self._lock_fd is not None:
+            try:
+                os.ftruncate(self._lock_fd, 0)  # a clean stop: no pid left behind
+            except OSError:
+                pass
         for fd in (self._db_fd, self._lock_fd):
             if fd is not None:
                 os.close(fd)

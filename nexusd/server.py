@@ -333,6 +333,13 @@ class Server:
         except LockError as exc:
             raise StartupError(exc.message) from None
         self._lock = lock
+        if lock.unclean_pid is not None:
+            logger.warning(
+                "the previous nexusd (pid %s) on %s did not stop cleanly (killed or crashed);"
+                " SQLite recovers every committed write from the WAL",
+                lock.unclean_pid,
+                lock.files.db,
+            )
 
     def _release_lock(self) -> None:
         lock, self._lock = self._lock, None

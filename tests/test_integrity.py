@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import time
@@ -119,6 +120,22 @@ def test_second_daemon_through_another_name_is_refused(daemon: Daemon, how: str)
     assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert not (daemon.dir / "twin.sock").exists()
     assert daemon.cli("ping").returncode == 0
+
+
+def test_a_restart_after_a_kill_says_the_last_stop_was_not_clean(short_dir: Path) -> None:
+    d = _new_daemon(short_dir).start()
+    with Client(d.socket, retry_for=0) as c:
+        acked = c.append("user", "before the kill")
+    d.stop(signal.SIGKILL)
+    d.start()
+    assert d.stop() == 0
+    warned = [line for line in d.log.splitlines() if "did not stop cleanly" in line]
+    assert len(warned) == 1 and " WARNING " in warned[0], d.log
+    d.start()  # after a clean stop: no warning
+    with Client(d.socket, retry_for=0) as c:
+        assert [m.id for m in c.get_history()] == [acked]
+    assert d.stop() == 0
+    assert "did not stop cleanly" not in d.log
 
 
 @pytest.mark.parametrize("case", ["directory", "parent is a file"])
