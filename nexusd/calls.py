@@ -13,6 +13,7 @@ import errno
 import itertools
 import logging
 import os
+import re
 import secrets
 import socket
 import stat
@@ -68,11 +69,83 @@ TRUSTED_UIDS_ENV: Final = "NEXUSD_TRUSTED_UIDS"
 _UCRED: Final = struct.Struct("3i")
 
 
+#: Where a library user points a client at another socket; the CLI names ``--socket``.
+LIBRARY_HINT: Final = "NEXUSD_SOCKET / socket_path"
+#: The longest socket path AF_UNIX takes portably (``sun_path`` is 108 bytes with its NUL).
+MAX_SOCKET_PATH: Final = 107
+
+
+class Unreachable(DaemonNotRunning):
+    """:class:`DaemonNotRunning` that keeps where and why, so each caller words its own hint.
+
+    ``start`` says whether starting the daemon could help: not when the path
+    names something that is not a socket.
+    """
+
+    def __init__(self, path: os.PathLike[str] | str, why: str, *, start: bool = True) -> None:
+        self.path = str(path)
+        self.why = why
+        self.start = start
+        super().__init__(self.explain(LIBRARY_HINT))
+
+    def explain(self, option: str) -> str:
+        """The message, telling the user to point ``option`` at the right socket."""
+        if self.start:
+            return (
+                f"cannot reach nexusd at {self.path} ({self.why}). Start the daemon with "
+                f"`nexusd serve` (or `systemctl --user start nexusd`), or point {option} at it."
+            )
+        return f"cannot reach nexusd: {self.why}; point {option} at the daemon's socket."
+
+
 def unreachable(path: os.PathLike[str] | str, why: str) -> DaemonNotRunning:
-    return DaemonNotRunning(
-        f"cannot reach nexusd at {path} ({why}). Start the daemon with `nexusd serve`"
-        " (or `systemctl --user start nexusd`), or point NEXUSD_SOCKET / socket_path at it."
-    )
+    return Unreachable(path, why)
+
+
+def socket_path_problem(path: os.PathLike[str] | str) -> str | None:
+    """What makes ``path`` unusable as a socket path before trying it, else None.
+
+    Worded to follow the name of wherever the path came from.
+    """
+    raw = os.fsencode(path)
+    if not raw:
+        return "must not be empty"
+    if len(raw) > MAX_SOCKET_PATH:
+        return (
+            f"is {len(raw)} bytes long; a Unix socket path can be at most {MAX_SOCKET_PATH} "
+            "bytes (use a shorter directory)"
+        )
+    return None
+
+
+def check_socket_path(path: os.PathLike[str] | str | None) -> None:
+    """Refuse an explicit socket path no connection could use (:class:`BadRequest`)."""
+    if path is None:
+        return
+    problem = socket_path_problem(path)
+    if problem is not None:
+        raise BadRequest(f"socket_path {problem}", field="socket_path")
+
+
+def _not_a_socket(path: os.PathLike[str] | str, exc: OSError) -> str | None:
+    """Why ``path`` cannot be a socket when something else is in the way, else None."""
+    p_ = Path(path)
+    if exc.errno == errno.ENOTDIR:  # a component of the path is a file
+        for parent in p_.parents:
+            if parent.exists() and not parent.is_dir():
+                return f"{parent} is not a directory"
+        return None
+    try:
+        mode = os.stat(p_).st_mode
+    except OSError:
+        return None
+    if stat.S_ISSOCK(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"{path} is not a socket (it is a directory)"
+    if stat.S_ISREG(mode):
+        return f"{path} is not a socket (it is a regular file)"
+    return f"{path} is not a socket"
 
 
 def connect_error(path: os.PathLike[str] | str, exc: OSError) -> NexusError:
@@ -87,6 +160,9 @@ def connect_error(path: os.PathLike[str] | str, exc: OSError) -> NexusError:
             f"permission denied: you may not open nexusd's socket at {path}{whose}. "
             "Ask its owner to let you in (socket_group / allow_uids), or use your own daemon."
         )
+    wrong = _not_a_socket(path, exc)
+    if wrong is not None:
+        return Unreachable(path, wrong, start=False)
     return unreachable(path, exc.strerror or str(exc))
 
 
@@ -158,6 +234,55 @@ def check_frame(size: int, max_frame: int | None) -> None:
         )
 
 
+#: Request fields whose argument has another name in the Python API.
+_ARGUMENT: Final = {"idem_key": "idempotency_key"}
+_UNSUPPORTED = re.compile(r"Encoding objects of type (\S+) is unsupported")
+
+
+def encode(req: Any) -> bytes:
+    """``req`` as a MessagePack body; what cannot be encoded is the caller's :class:`BadRequest`.
+
+    Both clients encode through here, so an int out of range or a value JSON
+    cannot hold (in ``meta``) never surfaces as msgspec's own exception.
+    """
+    try:
+        return p.encoder.encode(req)
+    except (OverflowError, TypeError, ValueError) as exc:
+        field = _culprit(req)
+        what = _why_unencodable(exc)
+        if field is None:
+            raise BadRequest(f"the request cannot be sent: {what}") from None
+        raise BadRequest(f"{field} cannot be sent: {what}", field=field) from None
+
+
+def _culprit(req: Any) -> str | None:
+    """The argument (``before_id``, ``messages[3].meta``) whose value cannot be encoded."""
+    for name in req.__struct_fields__:
+        value = getattr(req, name)
+        try:
+            p.encoder.encode(value)
+        except (OverflowError, TypeError, ValueError):
+            if name == "messages" and isinstance(value, list):
+                for i, item in enumerate(value):
+                    inner = _culprit(item)
+                    if inner is not None:
+                        return f"messages[{i}].{inner}"
+            return _ARGUMENT.get(str(name), str(name))
+    return None
+
+
+def _why_unencodable(exc: Exception) -> str:
+    if isinstance(exc, OverflowError):
+        return "an integer is out of range (at most 64 bits)"
+    m = _UNSUPPORTED.match(str(exc))
+    if m is not None:
+        return (
+            f"it holds a value of type {m.group(1)}; only str, int, float, bool, None, "
+            "lists and dicts with str keys can be sent"
+        )
+    return str(exc)
+
+
 class KeyMaker:
     """Idempotency keys: a random per-client prefix and a counter (cheap, unique).
 
@@ -177,6 +302,15 @@ class KeyMaker:
         return f"{self._prefix}{next(self._counter):010x}"
 
 
+def _meta(meta: Any, field: str) -> dict[str, Any] | None:
+    if meta is None:
+        return None
+    # dict() would take a list of pairs, or fail with Python's wording on a string.
+    if not isinstance(meta, Mapping):
+        raise BadRequest(f"{field} must be a mapping (a dict)", field=field)
+    return dict(meta)
+
+
 def append_request(
     keys: KeyMaker | None,
     role: str,
@@ -193,7 +327,7 @@ def append_request(
         content=content,
         session_tag=session_tag,
         timestamp=timestamp,
-        meta=dict(meta) if meta is not None else None,
+        meta=_meta(meta, "meta"),
         idem_key=key,
     )
 
@@ -201,27 +335,42 @@ def append_request(
 def append_many_request(
     keys: KeyMaker | None, messages: Iterable[MessageInput], session_tag: str
 ) -> p.AppendMany:
-    items = []
+    items: list[p.NewMessage] = []
     for item in messages:
         # Tuples are the common case: test for them first (isinstance(Mapping) is slow).
         if type(item) is not tuple and isinstance(item, Mapping):
-            key = item.get("idempotency_key")
-            meta = item.get("meta")
-            items.append(
-                p.NewMessage(
-                    role=item["role"],
-                    content=item["content"],
-                    timestamp=item.get("timestamp"),
-                    meta=dict(meta) if meta is not None else None,
-                    idem_key=key if key is not None else (keys() if keys else None),
-                )
-            )
+            items.append(_new_message(keys, item, len(items)))
         else:
-            role, content = item
+            try:
+                if isinstance(item, str | bytes):
+                    raise ValueError  # "ab" would unpack into role "a", content "b"
+                role, content = item
+            except (TypeError, ValueError):
+                where = f"messages[{len(items)}]"
+                raise BadRequest(
+                    f"{where} must be a (role, content) pair or a mapping, not "
+                    f"{type(item).__name__}",
+                    field=where,
+                ) from None
             items.append(
                 p.NewMessage(role=role, content=content, idem_key=keys() if keys else None)
             )
     return p.AppendMany(id=0, messages=items, session_tag=session_tag)
+
+
+def _new_message(keys: KeyMaker | None, item: Mapping[str, Any], index: int) -> p.NewMessage:
+    where = f"messages[{index}]"
+    missing = [k for k in ("role", "content") if k not in item]
+    if missing:
+        raise BadRequest(f"{where} has no {' and no '.join(missing)}", field=where)
+    key = item.get("idempotency_key")
+    return p.NewMessage(
+        role=item["role"],
+        content=item["content"],
+        timestamp=item.get("timestamp"),
+        meta=_meta(item.get("meta"), f"{where}.meta"),
+        idem_key=key if key is not None else (keys() if keys else None),
+    )
 
 
 def history_request(

@@ -1,12 +1,14 @@
 """The ``nexusd`` command: ``serve`` runs the daemon, the rest are clients.
 
 Exit codes: 0 ok, 1 the server answered an error (or the daemon could not
-start, or refused us, or is not one we trust), 2 usage (including what the
-daemon rejected as ``bad_request``/``too_large``), 3 cannot reach the daemon,
-130 interrupted (Ctrl-C).  Every mistake is one line on stderr, never a
-traceback.  ``--json`` gives machine output; otherwise a readable table, in
-which control characters are shown escaped.  This is the only module that
-writes to stdout.
+start, or refused us, or is not one we trust; ``check``: the database is
+damaged), 2 usage (including what the daemon rejected as
+``bad_request``/``too_large``, and a ``check --db`` path that is not a nexusd
+database), 3 cannot reach the daemon (nothing listens there, or the socket
+path names something that is not a socket), 130 interrupted (Ctrl-C).
+Every mistake is one line on stderr, never a traceback.  ``--json`` gives
+machine output; otherwise a readable table, in which control characters are
+shown escaped.  This is the only module that writes to stdout.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import msgspec
 
 from . import __version__
 from . import protocol as p
+from .calls import Unreachable, socket_path_problem
 from .client import Client
 from .errors import BadRequest, ConnectionLost, DaemonNotRunning, NexusError, Timeout, TooLarge
 
@@ -350,7 +353,12 @@ class _ProgressBar:
         self.stream.write("\n")
 
 
+#: Problems ``check`` prints before "… and N more" (``--json`` lists them all).
+CHECK_SHOWN = 20
+
+
 def cmd_check(args: argparse.Namespace) -> int:
+    """Exit 0 sound, 1 damaged, 2 when the path is not a nexusd database at all."""
     from .paths import default_db_path
     from .schema import StorageError, describe, integrity_check
 
@@ -358,29 +366,49 @@ def cmd_check(args: argparse.Namespace) -> int:
     if db.is_dir():
         return _fail(f"{db} is a directory, not a database file", EXIT_USAGE)
     if not db.exists():
-        return _fail(f"{db} does not exist", EXIT_ERROR)
+        return _fail(f"{db} does not exist", EXIT_USAGE)
     try:
+        if db.stat().st_size == 0:  # SQLite would read it as an empty database
+            return _fail(f"{db} is an empty file, not a nexusd database", EXIT_USAGE)
         problems = integrity_check(db)
-        info = describe(db) if problems == ["ok"] else {}
-    except StorageError as exc:  # not a database at all: one line, not a verdict table
-        return _fail(exc.message, EXIT_ERROR)
+        info = _describe(db, describe) if problems == ["ok"] else {}
+    except StorageError as exc:  # not SQLite, or another program's: one line, no verdict
+        return _fail(exc.message, EXIT_USAGE)
     except OSError as exc:
         return _fail(f"cannot read {db}: {_reason(exc)}", EXIT_ERROR)
     except sqlite3.Error as exc:
         problems, info = [str(exc)], {}
     ok = problems == ["ok"]
-    verdict = {"db": str(db), "ok": ok, "problems": [] if ok else problems, **info}
+    # SQLite puts several problems in one row, separated by newlines.
+    lines = [] if ok else [ln for row in problems for ln in row.splitlines() if ln.strip()]
+    verdict = {"db": str(db), "ok": ok, "problems": lines, **info}
     if ok:
         human = (
             f"{_safe(str(db))}: ok (schema {info['schema_version']}, {info['messages']} messages "
             f"in {info['sessions']} sessions)"
         )
     else:
-        human = f"{_safe(str(db))}: DAMAGED\n" + "\n".join(
-            f"  {_safe(line)}" for line in problems[:20]
-        )
+        shown = [f"  {_safe(line)}" for line in lines[:CHECK_SHOWN]]
+        if len(lines) > CHECK_SHOWN:
+            shown.append(f"  … and {len(lines) - CHECK_SHOWN} more")
+        human = f"{_safe(str(db))}: DAMAGED\n" + "\n".join(shown)
     _out(args, verdict, human)
     return EXIT_OK if ok else EXIT_ERROR
+
+
+def _describe(db: Path, describe: Any) -> dict[str, int]:
+    """What ``check`` reports of a sound file; one without nexusd's table is not ours."""
+    from .schema import TABLE, StorageError
+
+    try:
+        return dict(describe(db))
+    except sqlite3.OperationalError as exc:
+        if "no such table" not in str(exc):
+            raise
+        raise StorageError(
+            f"{db} is an SQLite database without nexusd's table ({TABLE}), "
+            "not a nexusd database"
+        ) from None
 
 
 def _usage(message: str) -> NoReturn:
@@ -410,16 +438,28 @@ class _Parser(argparse.ArgumentParser):
     """argparse, but a mistake is one line (with where to get help), exit 2."""
 
     def error(self, message: str) -> NoReturn:
+        # "argument --before: must be ..." reads better as "--before must be ...".
+        message = _ARGUMENT_MUST.sub(r"\1 must", message)
         _usage(f"{message} (see `{self.prog} --help`)")
+
+
+_ARGUMENT_MUST = re.compile(r"^argument (-[\w-]+)(?:/-[\w-]+)*: must")
+
+
+def _shown(text: str) -> str:
+    """A value the user typed, cut short if it is long (it is echoed in a one-line error)."""
+    return text if len(text) <= 40 else f"{text[:37]}..."
 
 
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+        raise argparse.ArgumentTypeError(
+            f"{_shown(text)!r} is not a number of seconds"
+        ) from None
     if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {text}")
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {_shown(text)}")
     return value
 
 
@@ -428,9 +468,11 @@ def _bounded(low: int, high: int) -> Any:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+            raise argparse.ArgumentTypeError(f"{_shown(text)!r} is not a whole number") from None
         if not low <= value <= high:
-            raise argparse.ArgumentTypeError(f"must be between {low} and {high}, not {value}")
+            raise argparse.ArgumentTypeError(
+                f"must be between {low} and {high}, not {_shown(text.strip())}"
+            )
         return value
 
     return parse
@@ -443,6 +485,7 @@ def _add_client_options(parser: argparse.ArgumentParser, prefix: str = "") -> No
         "--socket",
         dest=f"{prefix}socket",
         default=d,
+        metavar="PATH",
         help="daemon socket (default: as the daemon resolves it)",
     )
     parser.add_argument(
@@ -457,6 +500,7 @@ def _add_client_options(parser: argparse.ArgumentParser, prefix: str = "") -> No
         dest=f"{prefix}timeout",
         type=_seconds,
         default=d,
+        metavar="SECONDS",
         help="seconds to wait for each answer (default 30)",
     )
 
@@ -516,9 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     a.add_argument("--allow-empty", action="store_true", help="store an empty message")
     h = client_cmd("history", cmd_history, "print a session's messages, oldest first")
-    h.add_argument("--limit", type=_bounded(1, p.MAX_HISTORY_LIMIT), default=200)
-    h.add_argument("--before", type=int, metavar="ID", help="page back: messages older than ID")
-    h.add_argument("--after", type=int, metavar="ID", help="page forward: messages newer than ID")
+    h.add_argument(
+        "--limit",
+        type=_bounded(1, p.MAX_HISTORY_LIMIT),
+        default=200,
+        metavar="N",
+        help=f"most messages to print, 1 to {p.MAX_HISTORY_LIMIT} (default 200)",
+    )
+    row_id = _bounded(0, p.MAX_REQUEST_ID)
+    h.add_argument("--before", type=row_id, metavar="ID", help="page back: messages older than ID")
+    h.add_argument(
+        "--after", type=row_id, metavar="ID", help="page forward: messages newer than ID"
+    )
     h.add_argument("--full", action="store_true", help="do not shorten long contents")
     client_cmd("count", cmd_count, "print how many messages a session holds")
     client_cmd("sessions", cmd_sessions, "list session tags", session=False)
@@ -544,13 +597,32 @@ _TEXT_ARGS = ("role", "content", "session", "meta", "timestamp")
 
 
 def _merge_globals(args: argparse.Namespace) -> None:
-    """Options given before the command apply unless the command repeats them."""
+    """Options given before the command apply unless the command repeats them.
+
+    ``serve`` takes none of them (its own ``--socket`` goes after it) and
+    ``check`` only ``--json``: given there they would be ignored, so they are refused.
+    """
+    if args.func is None or args.func == "check":
+        command, accepted = ("serve", ()) if args.func is None else ("check", ("json",))
+        for name in ("socket", "json", "timeout"):
+            if name not in accepted and hasattr(args, f"global_{name}"):
+                after = f"; put it after: `nexusd {command} --{name} ...`"
+                _usage(
+                    f"--{name} before the command applies to client commands, not {command}"
+                    + (after if hasattr(args, name) else "")
+                )
     for name in ("socket", "json", "timeout"):
         given = getattr(args, f"global_{name}", None)
         if given is not None and getattr(args, name, None) in (None, False):
             setattr(args, name, given)
     if getattr(args, "timeout", None) is None:
         args.timeout = 30.0
+
+
+def _check_socket_path(name: str, path: str | os.PathLike[str]) -> None:
+    problem = socket_path_problem(path)
+    if problem is not None:
+        _usage(f"{name} {problem}")
 
 
 def _check_text(args: argparse.Namespace) -> None:
@@ -591,13 +663,21 @@ def _main(argv: Sequence[str] | None) -> int:
     _check_text(args)
     if getattr(args, "session", None) is not None:
         _check_length("--session", args.session, p.MAX_SESSION_CHARS)
+    if args.socket is not None:
+        _check_socket_path("--socket", args.socket)
     # Connects lazily, on the first call: usage errors come out before any I/O.
     try:
         client = Client(args.socket, timeout=args.timeout)
     except NexusError as exc:  # e.g. a malformed NEXUSD_TRUSTED_UIDS
         return _fail(exc.message, EXIT_USAGE)
+    if args.socket is None:  # from NEXUSD_SOCKET or the default
+        source = "NEXUSD_SOCKET" if os.environ.get("NEXUSD_SOCKET") else "the default socket path"
+        _check_socket_path(f"{source} {client.socket_path}", client.socket_path)
     try:
         args.func(args, client)
+    except Unreachable as exc:
+        how = "--socket" if args.socket is not None else "--socket (or NEXUSD_SOCKET)"
+        return _fail(exc.explain(how), EXIT_UNREACHABLE)
     except (DaemonNotRunning, ConnectionLost, Timeout) as exc:
         return _fail(exc.message, EXIT_UNREACHABLE)
     except (BadRequest, TooLarge) as exc:

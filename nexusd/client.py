@@ -80,6 +80,7 @@ class AsyncClient:
         idempotent_appends: bool = True,
         trusted_uids: Iterable[int] | None = None,
     ) -> None:
+        calls.check_socket_path(socket_path)
         self.socket_path = resolve_socket_path(socket_path)
         self.timeout = timeout
         self.retry_for = retry_for
@@ -154,9 +155,9 @@ class AsyncClient:
             return self._link
 
     async def _call_once(self, req: Any) -> Any:
-        link = await self._current_link()
         rid = next(self._ids)
-        body = p.encoder.encode(_with_id(req, id=rid))
+        body = calls.encode(_with_id(req, id=rid))  # the caller's mistakes before any I/O
+        link = await self._current_link()
         if len(body) > calls.SMALL_FRAME:
             if link.max_frame is None:
                 hello = p.Hello(id=next(self._ids), client=calls.CLIENT_NAME)
@@ -319,6 +320,7 @@ class Client:
         idempotent_appends: bool = True,
         trusted_uids: Iterable[int] | None = None,
     ) -> None:
+        calls.check_socket_path(socket_path)
         self.socket_path = resolve_socket_path(socket_path)
         self.timeout = timeout
         self.retry_for = retry_for
@@ -407,9 +409,9 @@ class Client:
             sock.close()
 
     def _call_once(self, req: Any) -> Any:
-        sock = self._connect()
         rid = next(self._ids)
-        body = p.encoder.encode(_with_id(req, id=rid))
+        body = calls.encode(_with_id(req, id=rid))  # the caller's mistakes before any I/O
+        sock = self._connect()
         if len(body) > calls.SMALL_FRAME:
             if self._max_frame is None:
                 hello = p.Hello(id=next(self._ids), client=calls.CLIENT_NAME)

@@ -91,7 +91,7 @@ def test_rejected_requests_exit_2_in_plain_words_naming_the_field(shared_daemon:
         (("history", "--limit", "0"), "--limit"),
         (("count", "--session", "s" * 257), "--session must be 1 to 256 characters"),
         (("append", "u", "x", "--timestamp", "yesterday"), "timestamp"),  # by the daemon
-        (("history", "--before", "-1"), "before_id: must be at least 0"),
+        (("history", "--before", "-1"), "--before must be between 0 and"),
     ]
     for args, words in checks:
         r = d.cli(*args)
@@ -301,11 +301,16 @@ def test_history_on_a_terminal_says_when_it_shows_only_the_newest(
 
 
 def test_check_on_a_directory_or_a_non_database(short_dir: Path) -> None:
+    """Every "this is not a nexusd database" exits 2 (missing was 1, directory 2)."""
     _one_clear_line(run_cli("check", "--db", str(short_dir)), 2, "is a directory")
     junk = short_dir / "junk.db"
     junk.write_bytes(b"\x7fELF" + bytes(200))
-    _one_clear_line(run_cli("check", "--db", str(junk)), 1, "not an SQLite database")
-    _one_clear_line(run_cli("check", "--db", str(short_dir / "none.db")), 1, "does not exist")
+    _one_clear_line(run_cli("check", "--db", str(junk)), 2, "not an SQLite database")
+    _one_clear_line(run_cli("check", "--db", str(short_dir / "none.db")), 2, "does not exist")
+    _one_clear_line(run_cli("check", "--db", "/etc/passwd"), 2, "not an SQLite database")
+    empty = short_dir / "empty.db"
+    empty.touch()
+    _one_clear_line(run_cli("check", "--db", str(empty)), 2, "empty file")
 
 
 def test_serve_mistakes_are_one_line(short_dir: Path) -> None:
@@ -399,3 +404,140 @@ def test_ctrl_c_during_backup_exits_130_and_leaves_no_partial_file(
     assert b"Traceback" not in err and err.strip() == b"nexusd: interrupted"
     assert list(out.iterdir()) == []  # no .partial left behind
     assert daemon.cli("ping").returncode == 0
+
+
+# ── what a new user ran into (issue 9, CLI findings) ──────────────────────────
+INT64_MAX = 2**63 - 1
+
+
+@pytest.mark.parametrize("flag", ["--before", "--after"])
+@pytest.mark.parametrize("value", ["99999999999999999999999", str(INT64_MAX + 1), "-1"])
+def test_history_cursors_out_of_range_are_a_usage_error(
+    shared_daemon: Daemon, flag: str, value: str
+) -> None:
+    """A traceback (OverflowError from the encoder) before, for values past 2**64."""
+    r = shared_daemon.cli("history", flag, value)
+    _one_clear_line(r, 2, f"{flag} must be between 0 and {INT64_MAX}")
+
+
+def test_history_cursors_at_the_bounds_are_accepted(shared_daemon: Daemon, tag: str) -> None:
+    d = shared_daemon
+    assert d.cli("append", "u", "x", "--session", tag).returncode == 0
+    r = d.cli("history", "--session", tag, "--before", str(INT64_MAX), "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 1, r.stderr
+    r = d.cli("history", "--session", tag, "--after", "0", "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)) == 1, r.stderr
+    _one_clear_line(d.cli("history", "--limit", "10" * 30), 2, "--limit must be between 1")
+
+
+def test_socket_path_that_is_not_a_socket_says_so(short_dir: Path) -> None:
+    """The hint to start the daemon was wrong for a path naming a directory or a file."""
+    a_file = short_dir / "f"
+    a_file.write_text("x")
+    for path, kind in [(short_dir, "a directory"), (a_file, "a regular file")]:
+        r = run_cli("ping", "--socket", str(path))
+        _one_clear_line(r, 3, f"{path} is not a socket (it is {kind})", "--socket")
+        assert "nexusd serve" not in r.stderr
+    r = run_cli("ping", "--socket", str(a_file / "s.sock"))
+    _one_clear_line(r, 3, f"{a_file} is not a directory")
+    env = dict(os.environ, NEXUSD_SOCKET=str(short_dir))
+    _one_clear_line(run_cli("count", env=env), 3, "is not a socket", "NEXUSD_SOCKET")
+
+
+def test_unreachable_hint_names_the_socket_option(short_dir: Path) -> None:
+    r = run_cli("ping", "--socket", str(short_dir / "none.sock"))
+    _one_clear_line(r, 3, "nexusd serve", "point --socket at it")
+    assert "socket_path" not in r.stderr
+
+
+def test_empty_or_too_long_socket_path_is_a_usage_error(short_dir: Path) -> None:
+    _one_clear_line(run_cli("ping", "--socket", ""), 2, "--socket must not be empty")
+    long = "/tmp/" + "x" * 120
+    _one_clear_line(run_cli("ping", "--socket", long), 2, "--socket is 125 bytes", "107")
+    env = dict(os.environ, NEXUSD_SOCKET=long)
+    _one_clear_line(run_cli("ping", env=env), 2, "NEXUSD_SOCKET", "at most 107 bytes")
+
+
+def test_check_exit_codes_split_not_ours_from_damaged(short_dir: Path) -> None:
+    import sqlite3
+
+    other = short_dir / "other.db"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE photos (id INTEGER PRIMARY KEY, path TEXT)")
+    conn.commit()
+    conn.close()
+    _one_clear_line(run_cli("check", "--db", str(other)), 2, "SQLite database")
+    _one_clear_line(run_cli("check", "--json", "--db", str(other)), 2, "SQLite database")
+
+
+def _damaged_db(path: Path) -> None:
+    """A database with garbage over a few b-tree pages: SQLite reports ~100 problems."""
+    import sqlite3
+
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TABLE nexus_messages (id INTEGER PRIMARY KEY AUTOINCREMENT, role TEXT NOT NULL,"
+        " content TEXT NOT NULL, timestamp TEXT NOT NULL, session_tag TEXT NOT NULL)"
+    )
+    conn.execute("CREATE INDEX idx_nexus_session ON nexus_messages(session_tag)")
+    conn.executemany(
+        "INSERT INTO nexus_messages (role, content, timestamp, session_tag) VALUES (?,?,?,?)",
+        [("u", "x" * 50, "t", f"s{i}") for i in range(3000)],
+    )
+    conn.commit()
+    page = int(conn.execute("PRAGMA page_size").fetchone()[0])
+    conn.close()
+    data = bytearray(path.read_bytes())
+    pages = len(data) // page
+    for n in range(pages - 10, pages - 2):
+        data[n * page + 100 : n * page + 400] = b"\xff" * 300
+    path.write_bytes(bytes(data))
+
+
+def test_check_of_a_damaged_database_prints_one_problem_per_line(short_dir: Path) -> None:
+    """SQLite's problems came out as one huge line with literal \\n."""
+    db = short_dir / "damaged.db"
+    _damaged_db(db)
+    r = run_cli("check", "--json", "--db", str(db))
+    assert r.returncode == 1, r.stderr
+    verdict = json.loads(r.stdout)
+    problems = verdict["problems"]
+    assert verdict["ok"] is False and len(problems) > 20, problems
+    assert all("\n" not in line and line.strip() for line in problems)
+    r = run_cli("check", "--db", str(db))
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].endswith("DAMAGED") and "\\n" not in r.stdout
+    assert lines[1:21] == [f"  {p}" for p in problems[:20]]
+    assert lines[21:] == [f"  … and {len(problems) - 20} more"]
+
+
+def test_help_shows_proper_placeholders() -> None:
+    for args in (("--help",), ("ping", "--help")):
+        r = run_cli(*args)
+        assert r.returncode == 0
+        assert "GLOBAL_" not in r.stdout and "--socket PATH" in r.stdout, r.stdout
+        assert "--timeout SECONDS" in r.stdout
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (("--json", "serve"), "--json before the command applies to client commands, not serve"),
+        (("--timeout", "5", "serve"), "--timeout before the command"),
+        (("--socket", "/tmp/x.sock", "serve"), "`nexusd serve --socket ...`"),
+        (("--socket", "/tmp/x.sock", "check"), "not check"),
+    ],
+)
+def test_client_options_before_serve_or_check_are_refused(
+    short_dir: Path, args: tuple[str, ...], words: str
+) -> None:
+    """They were silently ignored: the daemon started elsewhere than asked."""
+    db = short_dir / "n.db"
+    r = run_cli(*args, "--db", str(db))
+    _one_clear_line(r, 2, words)
+    assert not db.exists()
+
+
+def test_json_before_check_still_works(short_dir: Path) -> None:
+    _one_clear_line(run_cli("--json", "check", "--db", str(short_dir / "none.db")), 2, "does not")

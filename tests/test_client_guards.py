@@ -118,3 +118,85 @@ def test_with_retries_off_a_closed_connection_fails_once_then_reconnects(
             assert popped is not None and popped.content == "one"
     finally:
         d.stop()
+
+
+# ── what the clients cannot encode is the caller's BadRequest (issue 9, CLI findings) ──
+from typing import Any  # noqa: E402  (this section is appended to the module)
+
+
+def _unsendable() -> list[tuple[str, dict[str, Any], str]]:
+    """(method, arguments, the field named): each raised msgspec's or dict()'s error before."""
+    return [
+        ("append", {"meta": "notadict"}, "meta"),
+        ("append", {"meta": [("a", 1)]}, "meta"),
+        ("append", {"meta": {"when": object()}}, "meta"),
+        ("append", {"meta": {"n": 10**30}}, "meta"),
+        ("append_many", {"messages": [("u", "ok"), {"role": "u", "content": "x", "meta": "s"}]},
+         "messages[1].meta"),
+        ("append_many", {"messages": [{"role": "u", "content": "x", "meta": {"n": -(2**70)}}]},
+         "messages[0].meta"),
+        ("append_many", {"messages": ["ab"]}, "messages[0]"),
+        ("append_many", {"messages": [{"role": "u"}]}, "messages[0]"),
+        ("get_history", {"before_id": 99999999999999999999999}, "before_id"),
+        ("get_history", {"after_id": -(2**64)}, "after_id"),
+        ("get_history", {"limit": 2**64}, "limit"),
+    ]
+
+
+def _call_args(
+    method: str, kwargs: dict[str, Any], tag: str
+) -> tuple[list[Any], dict[str, Any]]:
+    if method == "append":
+        return ["user", "x"], {**kwargs, "session_tag": tag}
+    if method == "append_many":
+        return [kwargs["messages"]], {"session_tag": tag}
+    return [tag], kwargs
+
+
+def test_blocking_client_refuses_what_it_cannot_encode(small_frames: Daemon) -> None:
+    from nexusd.errors import BadRequest
+
+    with Client(small_frames.socket) as c:
+        for method, kwargs, field in _unsendable():
+            args, kw = _call_args(method, kwargs, "unsendable")
+            with pytest.raises(BadRequest) as info:
+                getattr(c, method)(*args, **kw)
+            assert info.value.field == field, (method, kwargs, info.value.message)
+            assert info.value.message.startswith(field), info.value.message
+        assert c.message_count("unsendable") == 0  # nothing was sent; the connection is fine
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_client_refuses_what_it_cannot_encode(small_frames: Daemon, backend: str) -> None:
+    from nexusd.errors import BadRequest
+
+    async def main() -> None:
+        async with AsyncClient(small_frames.socket, retry_for=0) as c:
+            for method, kwargs, field in _unsendable():
+                args, kw = _call_args(method, kwargs, f"unsendable-{backend}")
+                with pytest.raises(BadRequest) as info:
+                    await getattr(c, method)(*args, **kw)
+                assert info.value.field == field, (method, kwargs, info.value.message)
+            assert await c.message_count(f"unsendable-{backend}") == 0
+
+    anyio.run(main, backend=backend)
+
+
+def test_unusable_socket_paths_are_named_plainly(short_dir: Path) -> None:
+    from nexusd.errors import BadRequest, DaemonNotRunning
+
+    with pytest.raises(BadRequest, match="socket_path must not be empty"):
+        Client("")  # was Path("") == ".": "connection refused" on the working directory
+    with pytest.raises(BadRequest, match="at most 107 bytes"):
+        AsyncClient("/tmp/" + "x" * 120)
+    with pytest.raises(DaemonNotRunning) as info:
+        Client(short_dir).ping()
+    assert f"{short_dir} is not a socket (it is a directory)" in info.value.message
+    assert "nexusd serve" not in info.value.message  # starting a daemon would not help
+
+    async def main() -> None:
+        with pytest.raises(DaemonNotRunning, match="is not a socket"):
+            async with AsyncClient(short_dir):
+                pass
+
+    anyio.run(main, backend="asyncio")
