@@ -87,8 +87,17 @@ class InstanceLock:
             if files.db.is_dir():
                 raise LockError(f"database path {shown} is a directory")
             files.db.parent.mkdir(parents=True, exist_ok=True)
-            lock_fd = os.open(files.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            _check_private_dir(files.db.parent)
+            # O_NOFOLLOW: a symlink planted at the lock's name is refused, never written through.
+            lock_fd = os.open(
+                files.lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+            )
         except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise LockError(
+                    f"{files.lock} is a symlink; refusing to follow it"
+                    " (remove it if it is not yours)"
+                ) from None
             raise LockError(f"cannot use database path {shown}: {_reason(exc)}") from None
         try:
             # The .lock first: a second daemon on the same resolved path is
@@ -99,7 +108,9 @@ class InstanceLock:
                     f"another nexusd (pid {holder}) already serves {shown}; stop it first"
                 )
             try:
-                db_fd = os.open(files.db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                db_fd = os.open(
+                    files.db, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600
+                )
             except OSError as exc:
                 raise LockError(f"cannot open database {shown}: {_reason(exc)}") from None
             if not stat.S_ISREG(os.fstat(db_fd).st_mode):
@@ -138,6 +149,30 @@ class InstanceLock:
             if fd is not None:
                 os.close(fd)
         self._db_fd = self._lock_fd = None
+
+
+def _check_private_dir(directory: Path) -> None:
+    """Refuse a database directory another user could plant files in.
+
+    SQLite creates ``-wal`` and ``-shm`` beside the database and nexusd its
+    ``.lock`` and snapshots: in a directory others may write to (even a
+    sticky one), a symlink planted under one of those names would make the
+    daemon write through it.  The directory must belong to us (or root) and
+    be writable by nobody else.
+    """
+    st = os.stat(directory)
+    uid = os.geteuid()
+    if st.st_uid not in (uid, 0):
+        raise LockError(
+            f"database directory {directory} is owned by uid {st.st_uid}, not by us (uid {uid});"
+            " keep the database in a directory of our own"
+        )
+    if st.st_mode & 0o022:
+        raise LockError(
+            f"database directory {directory} is writable by other users (mode"
+            f" {stat.S_IMODE(st.st_mode):04o}); another user could plant files beside the"
+            " database: keep it in a private directory (e.g. chmod 0700)"
+        )
 
 
 def _flock(fd: int) -> bool:

@@ -83,6 +83,7 @@ class Dispatcher:
             return Insert(self._inner(req.session_tag), [row]), _append_reply
         if kind is p.AppendMany:
             msgs = req.messages
+            _check_distinct_keys(msgs)
             limit = self.max_content // 4  # below this many characters, no need to measure
             rows: list[NewRow]
             if all(
@@ -258,6 +259,27 @@ def row_to_message(row: tuple[Any, ...]) -> p.Message:
         session_tag=row[4],
         meta=_json_decode(meta) if meta is not None else None,
     )
+
+
+def _check_distinct_keys(msgs: list[p.NewMessage]) -> None:
+    """Two messages of one ``append_many`` may not share an idempotency key.
+
+    The second would be taken for a resend of the first and acknowledged with
+    its id, so a message the caller meant to store would silently not be.
+    """
+    keys = [m.idem_key for m in msgs if m.idem_key is not None]
+    if len(set(keys)) == len(keys):
+        return
+    seen: set[str] = set()
+    for i, m in enumerate(msgs):
+        if m.idem_key is not None:
+            if m.idem_key in seen:
+                field = f"messages[{i}].idem_key"
+                raise BadRequest(
+                    f"{field} repeats an earlier message's key; each message needs its own",
+                    field=field,
+                )
+            seen.add(m.idem_key)
 
 
 def _check_json(value: Any, field: str, depth: int) -> None:

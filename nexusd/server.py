@@ -78,6 +78,7 @@ class Server:
         self._idle = anyio.Event()
         self._lock: InstanceLock | None = None
         self._created_socket: Path | None = None
+        self._socket_id: tuple[int, int] = (0, 0)
         self._where: list[str] = []
         self._accepted = 0
         self._live: set[Connection] = set()
@@ -302,6 +303,8 @@ class Server:
         try:
             sock.bind(str(path))
             self._created_socket = path
+            st = os.lstat(path)
+            self._socket_id = (st.st_dev, st.st_ino)
             os.chmod(path, self.config.socket_mode)
             gid = self.config.socket_gid()
             if gid is not None:
@@ -316,11 +319,18 @@ class Server:
 
     def _unlink_socket(self) -> None:
         path, self._created_socket = self._created_socket, None
-        if path is not None:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
+        if path is None:
+            return
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            return
+        if (st.st_dev, st.st_ino) != self._socket_id:
+            # Something else took the name since (a file written over it):
+            # it is not ours to delete.
+            logger.warning("%s is no longer our socket; leaving it in place", path)
+            return
+        path.unlink(missing_ok=True)
 
     # ── single instance ───────────────────────────────────────────────────
     def _take_lock(self) -> None:

@@ -277,3 +277,25 @@ def test_deleted_database_files_refuse_writes_and_lose_nothing_acknowledged(
         assert _rows(d.db, "s") == []  # the restarted daemon began a new, empty file
     stored = dict(_rows(source, "s"))
     assert {i: stored.get(i) for i in acked} == acked
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o0777, 0o0770])
+def test_a_database_directory_others_may_write_is_refused(short_dir: Path, mode: int) -> None:
+    shared = short_dir / "shared"
+    shared.mkdir()
+    shared.chmod(mode)
+    r = run_cli("serve", "--db", str(shared / "nexus.db"), "--socket", str(short_dir / "s.sock"))
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "writable by other users" in lines[0], r.stderr
+    assert list(shared.iterdir()) == []  # nothing created there
+
+
+def test_a_symlink_planted_at_the_lock_name_is_never_written_through(short_dir: Path) -> None:
+    victim = short_dir / "victim"
+    victim.write_text("IMPORTANT")
+    (short_dir / "nexus.db.lock").symlink_to(victim)
+    r = run_cli("serve", "--db", str(short_dir / "nexus.db"), "--socket", str(short_dir / "s.sock"))
+    assert r.returncode == 1, r.stderr
+    assert "nexus.db.lock" in r.stderr and "Traceback" not in r.stderr
+    assert victim.read_text() == "IMPORTANT"

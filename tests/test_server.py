@@ -388,3 +388,32 @@ async def test_sessions_pages_fit_a_small_frame(short_dir: Path) -> None:
                 break
             after = seen[-1]
         assert seen == sorted(tags)
+
+
+def test_at_exit_only_our_own_socket_is_removed(short_dir: Path) -> None:
+    from tests.conftest import _new_daemon
+
+    d = _new_daemon(short_dir).start()
+    other = short_dir / "backup.db"
+    other.write_bytes(b"someone's file")
+    os.replace(other, d.socket)  # e.g. a backup written over the socket's name
+    assert d.stop() == 0
+    assert d.socket.read_bytes() == b"someone's file"
+    assert "no longer our socket" in d.log
+
+
+async def test_append_many_with_a_repeated_key_is_refused_and_stores_nothing(
+    short_dir: Path,
+) -> None:
+    async with running_server(make_config(short_dir)) as server:
+        c = await Raw.connect(server.config.socket)
+        msgs = [
+            {"role": "u", "content": "one", "idem_key": "K"},
+            {"role": "u", "content": "mine", "idem_key": "L"},
+            {"role": "u", "content": "two", "idem_key": "K"},
+        ]
+        await c.send({"op": "append_many", "id": 1, "messages": msgs, "session_tag": "k"})
+        err = await c.recv()
+        assert (err["op"], err["code"], err["field"]) == ("error", "bad_request", "messages[2].idem_key")
+        await c.send({"op": "count", "id": 2, "session_tag": "k"})
+        assert (await c.recv())["count"] == 0
