@@ -73,6 +73,42 @@ _UCRED: Final = struct.Struct("3i")
 LIBRARY_HINT: Final = "NEXUSD_SOCKET / socket_path"
 #: The longest socket path AF_UNIX takes portably (``sun_path`` is 108 bytes with its NUL).
 MAX_SOCKET_PATH: Final = 107
+#: The longest per-call timeout a client takes (one day); None means no bound.
+#: Far beyond any answer, and far below what the OS timers overflow at (~1e10 s).
+MAX_TIMEOUT: Final = 86_400
+
+
+def check_timeout(timeout: object) -> float | None:
+    """``timeout`` if None or seconds in (0, :data:`MAX_TIMEOUT`]; else :class:`BadRequest`."""
+    if timeout is None:
+        return None
+    if (
+        isinstance(timeout, bool)
+        or not isinstance(timeout, int | float)
+        or not 0 < timeout <= MAX_TIMEOUT
+    ):
+        raise BadRequest(
+            f"timeout must be None (no bound) or a number of seconds > 0 and at most "
+            f"{MAX_TIMEOUT} (one day), not {timeout!r}",
+            field="timeout",
+        )
+    return timeout
+
+
+def file_kind(mode: int) -> str:
+    """What ``mode`` (``st_mode``) is, in words: "a directory", "a fifo", ..."""
+    for test, kind in (
+        (stat.S_ISREG, "a regular file"),
+        (stat.S_ISDIR, "a directory"),
+        (stat.S_ISFIFO, "a fifo"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+        (stat.S_ISLNK, "a symbolic link"),
+    ):
+        if test(mode):
+            return kind
+    return "not a regular file"
 
 
 class Unreachable(DaemonNotRunning):
@@ -272,6 +308,10 @@ def _culprit(req: Any) -> str | None:
 
 
 def _why_unencodable(exc: Exception) -> str:
+    if isinstance(exc, UnicodeEncodeError) and isinstance(exc.object, str):
+        # json.loads turns "\\ud800" into one; so does surrogateescape on bytes.
+        bad = ord(exc.object[exc.start])
+        return f"it holds a lone surrogate (U+{bad:04X}), which is not Unicode text"
     if isinstance(exc, OverflowError):
         return "an integer is out of range (at most 64 bits)"
     m = _UNSUPPORTED.match(str(exc))
@@ -435,6 +475,43 @@ def backup_chunk(hello: p.HelloReply) -> int:
     return max(4096, min(p.MAX_BACKUP_CHUNK, hello.limits.get("max_frame", 0) - 4096))
 
 
+def foreign_link(directory: Path) -> tuple[Path, int] | None:
+    """The first symbolic link on the way to ``directory`` owned by neither us nor root.
+
+    Walked as the kernel resolves it, component by component and into each
+    link's target, so a link inside a link's target counts too.
+    """
+    trusted = (os.getuid(), 0)
+    pending = list(reversed(Path(os.getcwd(), directory).parts[1:]))
+    current = Path("/")
+    hops = 0
+    while pending:
+        name = pending.pop()
+        if name == "..":
+            current = current.parent
+            continue
+        candidate = current / name
+        try:
+            st = os.lstat(candidate)
+        except OSError:
+            return None  # missing or unreadable: the caller's next checks say so
+        if not stat.S_ISLNK(st.st_mode):
+            current = candidate
+            continue
+        if st.st_uid not in trusted:
+            return candidate, st.st_uid
+        hops += 1
+        if hops > 40:  # the kernel's ELOOP limit; mkstemp will fail with it
+            return None
+        target = Path(os.readlink(candidate))
+        if target.is_absolute():
+            current = Path("/")
+            pending.extend(reversed(target.parts[1:]))
+        else:
+            pending.extend(reversed(target.parts))
+    return None
+
+
 class BackupTarget:
     """The file a backup is written to.
 
@@ -444,15 +521,41 @@ class BackupTarget:
     which is fsynced, renamed over ``dest`` and the directory fsynced.  Every
     check a user can get wrong happens here, before the daemon is asked for
     anything; :meth:`discard` removes the temporary file on any failure.
+
+    ``dest`` must be new or a regular file: the rename would replace a socket
+    (the daemon's own), a fifo or a device node.  No directory on the way may
+    be a symbolic link owned by another user than the caller or root: that
+    user chooses where the copy lands (the rule of the kernel's
+    ``protected_symlinks``, which covers only sticky directories).  Both are
+    checked once, before writing; a link swapped in afterwards is not seen.
     """
 
     def __init__(self, dest: str | os.PathLike[str]) -> None:
         self.dest = Path(dest)
         self.dir = self.dest.parent
-        if os.path.isdir(self.dest):
+        try:
+            mode: int | None = os.stat(self.dest).st_mode
+        except OSError:  # missing, or a path problem the checks below word
+            mode = None
+        if mode is not None and stat.S_ISDIR(mode):
             raise BadRequest(
                 f"backup destination {self.dest} is a directory; give a file name "
                 f"(e.g. {self.dest / 'nexus-backup.db'})",
+                field="dest",
+            )
+        if mode is not None and not stat.S_ISREG(mode):
+            raise BadRequest(
+                f"backup destination {self.dest} is {file_kind(mode)}, not a regular file; "
+                "the backup would replace it. Give a new file name.",
+                field="dest",
+            )
+        foreign = foreign_link(self.dir)
+        if foreign is not None:
+            link, uid = foreign
+            raise BadRequest(
+                f"cannot write the backup: {link} is a symbolic link owned by uid {uid} "
+                f"(another user), who chooses where it leads (now {os.path.realpath(link)}); "
+                "give the real directory if that is where you mean",
                 field="dest",
             )
         if not self.dir.exists():

@@ -3,8 +3,10 @@
 Exit codes: 0 ok, 1 the server answered an error (or the daemon could not
 start, or refused us, or is not one we trust; ``check``: the database is
 damaged), 2 usage (including what the daemon rejected as
-``bad_request``/``too_large``, and a ``check --db`` path that is not a nexusd
-database), 3 cannot reach the daemon (nothing listens there, or the socket
+``bad_request``/``too_large``, a ``check --db`` path that is not a nexusd
+database, a ``--config``/``--db``/backup destination that exists but is not a
+regular file, and a default database path needing a home directory there is
+none of), 3 cannot reach the daemon (nothing listens there, or the socket
 path names something that is not a socket), 130 interrupted (Ctrl-C).
 Every mistake is one line on stderr, never a traceback.  ``--json`` gives
 machine output; otherwise a readable table, in which control characters are
@@ -16,11 +18,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import os
 import re
 import signal
 import sqlite3
+import stat
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,9 +32,10 @@ import msgspec
 
 from . import __version__
 from . import protocol as p
-from .calls import Unreachable, socket_path_problem
+from .calls import MAX_TIMEOUT, Unreachable, encode, file_kind, socket_path_problem
 from .client import Client
 from .errors import BadRequest, ConnectionLost, DaemonNotRunning, NexusError, Timeout, TooLarge
+from .paths import NoHomeDirectory
 
 logger = logging.getLogger("nexusd")
 
@@ -76,9 +79,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         "shutdown_timeout": args.shutdown_timeout,
         "log_level": args.log_level,
     }
+    if args.config is not None:
+        problem = _not_a_regular_file(args.config)
+        if problem is not None:  # open() would wait on a fifo for a writer
+            return _fail(f"config file {problem}", EXIT_USAGE)
     try:
         cfg = load_config(file=args.config, flags=flags)
-    except ConfigError as exc:
+    except (ConfigError, NoHomeDirectory) as exc:
         return _fail(exc.message, EXIT_USAGE)
     except (OSError, ValueError) as exc:  # config.py maps these; never a traceback regardless
         return _fail(f"cannot load the configuration: {exc}", EXIT_USAGE)
@@ -113,6 +120,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logger.error("cannot serve: %s", _reason(reason))
         return EXIT_ERROR
     return EXIT_OK
+
+
+def _not_a_regular_file(path: str | os.PathLike[str]) -> str | None:
+    """"PATH is a fifo, not a regular file" when it exists as anything else, else None.
+
+    A missing path is left to the caller, which words it for what it wanted;
+    a directory too.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return f"{path} is {file_kind(mode)}, not a regular file"
 
 
 def _reason(exc: BaseException) -> str:
@@ -223,6 +245,9 @@ def cmd_append(args: argparse.Namespace, c: Client) -> None:
             _usage(f"--meta is not valid JSON: {exc}")
         if not isinstance(meta, dict):
             _usage("--meta must be a JSON object, like '{\"model\": \"m1\"}'")
+        # What cannot be sent (an int over 64 bits, a lone surrogate from a
+        # "\\ud800" escape) is BadRequest naming meta, before any I/O.
+        encode(p.Append(id=0, role=args.role, content="", meta=meta))
     content = _read_stdin(args.raw) if args.content == "-" else args.content
     if not content and not args.allow_empty:
         _usage("the content is empty; pass --allow-empty to store an empty message")
@@ -362,11 +387,17 @@ def cmd_check(args: argparse.Namespace) -> int:
     from .paths import default_db_path
     from .schema import StorageError, describe, integrity_check
 
-    db = Path(args.db or os.environ.get("NEXUSD_DB") or default_db_path())
+    try:  # the default only when needed: it may need a home directory
+        db = Path(args.db or os.environ.get("NEXUSD_DB") or default_db_path())
+    except NoHomeDirectory as exc:
+        return _fail(exc.message, EXIT_USAGE)
     if db.is_dir():
         return _fail(f"{db} is a directory, not a database file", EXIT_USAGE)
     if not db.exists():
         return _fail(f"{db} does not exist", EXIT_USAGE)
+    problem = _not_a_regular_file(db)
+    if problem is not None:  # SQLite would block on a fifo, read a device
+        return _fail(problem, EXIT_USAGE)
     try:
         if db.stat().st_size == 0:  # SQLite would read it as an empty database
             return _fail(f"{db} is an empty file, not a nexusd database", EXIT_USAGE)
@@ -458,8 +489,12 @@ def _seconds(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"{_shown(text)!r} is not a number of seconds"
         ) from None
-    if not value > 0 or not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, not {_shown(text)}")
+    # The client's own bound (a day): 1e12 would overflow the socket's timer.
+    if not 0 < value <= MAX_TIMEOUT:
+        raise argparse.ArgumentTypeError(
+            f"must be a number of seconds > 0 and at most {MAX_TIMEOUT} (one day), "
+            f"not {_shown(text)}"
+        )
     return value
 
 
@@ -501,7 +536,7 @@ def _add_client_options(parser: argparse.ArgumentParser, prefix: str = "") -> No
         type=_seconds,
         default=d,
         metavar="SECONDS",
-        help="seconds to wait for each answer (default 30)",
+        help=f"seconds to wait for each answer (default 30, at most {MAX_TIMEOUT})",
     )
 
 

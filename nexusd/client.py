@@ -61,7 +61,10 @@ _with_id = msgspec.structs.replace
 class AsyncClient:
     """Asynchronous client for asyncio or trio: ``async with AsyncClient() as c``.
 
-    ``timeout`` bounds each call (None: no bound).  ``retry_for`` is how long a
+    ``timeout`` bounds each call: seconds > 0 and at most a day
+    (:data:`~nexusd.calls.MAX_TIMEOUT`), or None for no bound; anything else
+    (1e12 would overflow the OS timers) is :class:`~nexusd.errors.BadRequest`
+    with ``field="timeout"`` when the client is made.  ``retry_for`` is how long a
     call may keep reconnecting and resending after the connection dropped or
     the daemon said ``unavailable``/``overloaded`` (0 disables retries).
     ``trusted_uids`` adds uids accepted as the daemon's (see the module doc).
@@ -82,7 +85,7 @@ class AsyncClient:
     ) -> None:
         calls.check_socket_path(socket_path)
         self.socket_path = resolve_socket_path(socket_path)
-        self.timeout = timeout
+        self.timeout = calls.check_timeout(timeout)
         self.retry_for = retry_for
         self._trusted = calls.trusted_uids(trusted_uids)
         self._keys = calls.KeyMaker() if idempotent_appends else None
@@ -303,8 +306,8 @@ class AsyncClient:
 class Client:
     """Blocking client; a context manager, safe to share between threads.
 
-    ``timeout`` (seconds, None for none) bounds each call;
-    ``retry_for``, ``idempotent_appends`` and ``trusted_uids`` are as for
+    ``timeout`` (seconds > 0, at most a day; None for none) bounds each call;
+    it, ``retry_for``, ``idempotent_appends`` and ``trusted_uids`` are as for
     :class:`AsyncClient`.  The connection is opened on first use and reopened
     after a failure, or when the daemon closed it meanwhile (idle timeout,
     restart): that is noticed before a call is sent, so even a ``pop`` that is
@@ -322,7 +325,7 @@ class Client:
     ) -> None:
         calls.check_socket_path(socket_path)
         self.socket_path = resolve_socket_path(socket_path)
-        self.timeout = timeout
+        self.timeout = calls.check_timeout(timeout)
         self.retry_for = retry_for
         self._trusted = calls.trusted_uids(trusted_uids)
         self._keys = calls.KeyMaker() if idempotent_appends else None
@@ -569,8 +572,11 @@ class Client:
         ``progress(done, total)`` is called after every chunk.
 
         Raises :class:`~nexusd.errors.BadRequest` (``field="dest"``) before
-        asking the daemon for anything when ``dest`` is a directory or its
-        directory is missing or not writable, and before writing anything when
+        asking the daemon for anything when ``dest`` exists and is not a
+        regular file (a directory, the daemon's socket, a fifo, a device), when
+        its directory is missing or not writable or is reached through a
+        symbolic link owned by another user than the caller or root, and
+        before writing anything when
         ``dest`` is (any name of) the daemon's live database, WAL, shared
         memory or lock file.  The temporary file is removed on any failure.
         """

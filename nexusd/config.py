@@ -186,6 +186,9 @@ def _convert(values: dict[str, Any], source: str, *, strict: bool) -> dict[str, 
                 f"{source}: socket_mode must be a file mode like \"0660\", not {mode!r}"
             )
         prepared["socket_mode"] = int(m.group(1), 8)
+    # A stand-in db keeps msgspec from computing the default (which may need a
+    # home directory the uid lacks); load_config computes it only when missing.
+    prepared.setdefault("db", ".")
     try:
         cfg = msgspec.convert(prepared, Config, strict=strict, dec_hook=_dec_hook)
     except msgspec.ValidationError as exc:
@@ -229,7 +232,8 @@ def load_config(
     values.update(_convert(from_env, "environment", strict=False))
     given = {k: v for k, v in (flags or {}).items() if v is not None}
     values.update(_convert(given, "command line", strict=True))
-    values.setdefault("db", default_db_path(env))
+    if "db" not in values:  # only when needed: it may need a home directory
+        values["db"] = default_db_path(env)
     values.setdefault("socket", default_socket_path(env))
     return Config(**values).validate()
 

@@ -4,6 +4,10 @@ A leaf module shared by the daemon's configuration and the clients, so both
 resolve the same default socket and zero configuration works on one machine:
 systemd's directories first (``$STATE_DIRECTORY``, ``$RUNTIME_DIRECTORY``),
 then XDG, then a private directory under /tmp.
+
+Defaults are computed only when asked for: the database's may need a home
+directory (``$HOME`` or the passwd entry), which a service uid may not have;
+it is then :class:`NoHomeDirectory`, and only when no path was given.
 """
 
 from __future__ import annotations
@@ -12,20 +16,58 @@ import os
 from collections.abc import Mapping
 from pathlib import Path
 
-__all__ = ["SYSTEM_SOCKET", "default_db_path", "default_socket_path", "resolve_socket_path"]
+from .errors import BadRequest
+
+__all__ = [
+    "SYSTEM_SOCKET",
+    "NoHomeDirectory",
+    "default_db_path",
+    "default_socket_path",
+    "resolve_socket_path",
+]
 
 #: Where the system service's socket unit listens.
 SYSTEM_SOCKET = Path("/run/nexusd.sock")
 
 
+class NoHomeDirectory(BadRequest):
+    """The default database path is needed and there is no home directory to put it in."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "cannot find a home directory for the default database; give --db (or NEXUSD_DB) "
+            "or set XDG_STATE_HOME",
+            field="db",
+        )
+
+
 def default_db_path(env: Mapping[str, str] | None = None) -> Path:
-    """``$STATE_DIRECTORY/nexus.db``, else ``$XDG_STATE_HOME/nexusd/nexus.db``."""
+    """``$STATE_DIRECTORY/nexus.db``, else ``$XDG_STATE_HOME/nexusd/nexus.db``.
+
+    Else ``~/.local/state/nexusd/nexus.db``, the home directory being ``$HOME``
+    or the uid's passwd entry; :class:`NoHomeDirectory` when there is neither.
+    """
     env = os.environ if env is None else env
     if env.get("STATE_DIRECTORY"):
         # systemd may pass several, colon-separated: the first is ours.
         return Path(env["STATE_DIRECTORY"].split(":")[0]) / "nexus.db"
-    base = env.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    base = env.get("XDG_STATE_HOME") or str(_home(env) / ".local" / "state")
     return Path(base) / "nexusd" / "nexus.db"
+
+
+def _home(env: Mapping[str, str]) -> Path:
+    """``$HOME``, else the passwd entry's directory (as ``Path.home``, minus its RuntimeError)."""
+    if env.get("HOME"):
+        return Path(env["HOME"])
+    try:
+        import pwd
+
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except (ImportError, KeyError):
+        home = ""
+    if not home:
+        raise NoHomeDirectory()
+    return Path(home)
 
 
 def default_socket_path(env: Mapping[str, str] | None = None) -> Path:

@@ -349,3 +349,53 @@ def test_backup_chunks_shrink_to_fit_a_small_frame_limit(short_dir: Path) -> Non
             conn.close()
     finally:
         d.stop()
+
+
+# ── adversarial findings: a destination that is not a file, a planted directory link ──
+def test_backup_onto_the_daemons_socket_or_a_fifo_is_refused_before_any_snapshot(
+    daemon: Daemon, short_dir: Path
+) -> None:
+    """DEST = the daemon's own socket replaced it with the backup: every client cut off."""
+    from nexusd.errors import BadRequest
+
+    fifo = short_dir / "fifo"
+    os.mkfifo(fifo)
+    with Client(daemon.socket) as c:
+        accepted = c.stats()["connections_accepted"]
+    for dest, kind in ((daemon.socket, "socket"), (fifo, "fifo")):
+        r = run_cli("backup", str(dest), "--socket", str(daemon.socket))
+        assert r.returncode == 2 and f"{dest} is a {kind}" in r.stderr, r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+        with pytest.raises(BadRequest, match="not a regular file") as info:
+            Client(daemon.socket).backup(dest)
+        assert info.value.field == "dest"
+    assert stat.S_ISSOCK(daemon.socket.stat().st_mode) and stat.S_ISFIFO(fifo.stat().st_mode)
+    assert not list(short_dir.glob(".*.partial"))
+    with Client(daemon.socket) as c:  # the socket still serves; nothing connected meanwhile
+        assert c.stats()["connections_accepted"] == accepted + 1
+
+
+def test_backup_refuses_a_directory_link_another_user_planted(
+    daemon: Daemon, short_dir: Path
+) -> None:
+    """Root's backup through nobody's link went into nobody's chosen directory.
+
+    The kernel blocks that only in sticky directories with protected_symlinks=1;
+    the client refuses any link owned by someone else than the caller or root.
+    """
+    victim = short_dir / "victim"
+    victim.mkdir()
+    planted = short_dir / "planted"
+    planted.symlink_to(victim)
+    os.lchown(planted, 65534, 65534)
+    r = run_cli("backup", str(planted / "new.db"), "--socket", str(daemon.socket))
+    assert r.returncode == 2, r.stderr
+    assert f"{planted} is a symbolic link owned by uid 65534" in r.stderr, r.stderr
+    assert str(victim) in r.stderr  # what to give if that really is the place
+    assert len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert list(victim.iterdir()) == []
+    # One's own link (here root's) is followed as before.
+    os.lchown(planted, os.getuid(), os.getgid())
+    r = run_cli("backup", str(planted / "new.db"), "--socket", str(daemon.socket))
+    assert r.returncode == 0, r.stderr
+    assert [p.name for p in victim.iterdir()] == ["new.db"]

@@ -541,3 +541,102 @@ def test_client_options_before_serve_or_check_are_refused(
 
 def test_json_before_check_still_works(short_dir: Path) -> None:
     _one_clear_line(run_cli("--json", "check", "--db", str(short_dir / "none.db")), 2, "does not")
+
+
+# ── adversarial findings: one line and the documented exit code, never a traceback ──
+@pytest.mark.parametrize("args", [("ping", "--timeout", "1e12"), ("--timeout", "86401", "ping")])
+def test_timeout_over_a_day_is_a_usage_error(short_dir: Path, args: tuple[str, ...]) -> None:
+    """1e12 s overflowed the socket's time_t: a traceback after connecting."""
+    r = run_cli(*args, "--socket", str(short_dir / "none.sock"))
+    _one_clear_line(r, 2, "--timeout", "86400")
+    r = run_cli("ping", "--timeout", "86400", "--socket", str(short_dir / "none.sock"))
+    _one_clear_line(r, 3, "cannot reach nexusd")  # the bound itself is accepted
+
+
+@pytest.mark.parametrize(
+    "meta",
+    [
+        '{"a": 123456789012345678901234567890}',
+        '{"\\ud800": 1}',  # JSON escapes that json.loads turns into lone surrogates
+        '{"a": "\\udc80"}',
+        '{"a": ["ok", {"b": "\\udfff"}]}',
+    ],
+)
+def test_meta_that_cannot_be_sent_is_one_line_naming_meta(
+    shared_daemon: Daemon, tag: str, meta: str
+) -> None:
+    r = shared_daemon.cli("append", "user", "x", "--session", tag, "--meta", meta)
+    _one_clear_line(r, 2, "meta")
+    assert "codec" not in r.stderr  # plain words, not Python's
+    assert shared_daemon.cli("count", "--session", tag).stdout.strip() == "0"
+
+
+def test_not_a_regular_file_is_refused_by_check_and_serve_config(short_dir: Path) -> None:
+    """A fifo made both wait forever for a writer (open blocks); a device is no database."""
+    fifo = short_dir / "fifo"
+    os.mkfifo(fifo)
+    sock = str(short_dir / "s.sock")
+
+    def cli(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [sys.executable, "-m", "nexusd", *args], capture_output=True, text=True, timeout=20
+        )
+
+    _one_clear_line(cli("check", "--db", str(fifo)), 2, str(fifo), "not a regular file", "fifo")
+    _one_clear_line(cli("check", "--db", "/dev/null"), 2, "not a regular file", "device")
+    r = cli("serve", "--config", str(fifo), "--socket", sock)
+    _one_clear_line(r, 2, f"config file {fifo}", "not a regular file", "fifo")
+    r = cli("serve", "--config", "/dev/zero", "--socket", sock)
+    _one_clear_line(r, 2, "not a regular file", "device")
+    assert not (short_dir / "s.sock").exists()
+
+
+def _homeless(argv: list[str], **env: str) -> int:
+    """``nexusd argv`` in a process whose uid has no passwd entry and no $HOME."""
+    from nexusd import cli
+
+    for name in ("HOME", "XDG_STATE_HOME", "STATE_DIRECTORY", "NEXUSD_DB"):
+        os.environ.pop(name, None)
+    os.environ.update(env)
+    return cli.main(argv)
+
+
+def _uid_without_passwd_entry() -> int:
+    import pwd
+
+    for uid in range(54321, 54400):
+        try:
+            pwd.getpwuid(uid)
+        except KeyError:
+            return uid
+    pytest.skip("no free uid")
+
+
+def test_defaults_that_need_a_home_directory_are_computed_only_when_needed(
+    short_dir: Path,
+) -> None:
+    """``serve --db X`` failed with "Could not determine home directory" it did not need."""
+    from tests.test_backups import run_as
+
+    uid = _uid_without_passwd_entry()
+    os.chmod(short_dir, 0o777)
+    sock = str(short_dir / "s.sock")
+    (short_dir / "adir").mkdir()
+    # --db given: the default is never computed; this --db fails later, for its own reason.
+    rc, err = run_as(uid, lambda: _homeless(["serve", "--db", str(short_dir / "adir"),
+                                             "--socket", sock]))
+    assert rc == 1 and "directory" in err and "home" not in err, err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    rc, err = run_as(uid, lambda: _homeless(["check", "--db", str(short_dir / "none.db")]))
+    assert rc == 2 and "does not exist" in err, err
+    # Needed and impossible: one line saying what to give instead.
+    for argv in (["serve", "--socket", sock], ["check"]):
+        rc, err = run_as(uid, lambda argv=argv: _homeless(argv))
+        assert rc == 2, err
+        assert "cannot find a home directory for the default database" in err, err
+        assert "--db" in err and "XDG_STATE_HOME" in err, err
+        assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    # XDG_STATE_HOME alone is enough.
+    state = short_dir / "state"
+    rc, err = run_as(uid, lambda: _homeless(["check"], XDG_STATE_HOME=str(state)))
+    assert rc == 2 and f"{state}/nexusd/nexus.db does not exist" in err, err

@@ -200,3 +200,36 @@ def test_unusable_socket_paths_are_named_plainly(short_dir: Path) -> None:
                 pass
 
     anyio.run(main, backend="asyncio")
+
+
+# ── adversarial findings: absurd timeouts, lone surrogates ──────────────────
+@pytest.mark.parametrize("timeout", [1e12, 86_400.5, 0, -1, float("nan"), float("inf"), "5"])
+def test_timeouts_out_of_range_are_refused_when_the_client_is_made(timeout: Any) -> None:
+    """1e12 overflowed time_t in settimeout, after connecting: a bare OverflowError."""
+    from nexusd.errors import BadRequest
+
+    for cls in (Client, AsyncClient):
+        with pytest.raises(BadRequest, match="timeout must be") as info:
+            cls("/tmp/none.sock", timeout=timeout)
+        assert info.value.field == "timeout"
+    assert Client("/tmp/none.sock", timeout=86_400).timeout == 86_400
+    assert AsyncClient("/tmp/none.sock", timeout=None).timeout is None
+
+
+def test_lone_surrogates_are_refused_in_plain_words(small_frames: Daemon) -> None:
+    from nexusd.errors import BadRequest
+
+    cases = [
+        ({"meta": {"\ud800": 1}}, "meta"),
+        ({"meta": {"a": ["ok", "\udc80"]}}, "meta"),
+        ({"content": "caf\udce9"}, "content"),
+        ({"role": "\udfff"}, "role"),
+    ]
+    with Client(small_frames.socket) as c:
+        for kwargs, field in cases:
+            args = {"role": "user", "content": "x", "session_tag": "surrogates", **kwargs}
+            with pytest.raises(BadRequest) as info:
+                c.append(**args)
+            assert info.value.field == field, info.value.message
+            assert "lone surrogate" in info.value.message and "codec" not in info.value.message
+        assert c.message_count("surrogates") == 0
