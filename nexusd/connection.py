@@ -16,10 +16,22 @@ in one go.
   transport buffer is over the high-water mark (a peer that never reads).
 * Memory in total (the server's :class:`~nexusd.limits.Budget`): a frame
   announced bigger than ``LARGE_FRAME`` is buffered only once its size is
-  reserved (else the connection stops being read until there is room); a
-  history page is cut to the room there is (a backup chunk waits for it); and
-  unsent replies count until the transport has written them.  While the budget
-  is spent, a connection with unsent replies is not read.
+  reserved (else the connection stops being read until there is room), and
+  that reservation is kept until its request is answered: while the frame (or
+  the rows it decoded to) waits in the backlog or the writer's queue, and
+  until its reply is written.  A history page is cut to the room there is (a
+  backup chunk waits for it); unsent replies count until the transport has
+  written them.  While the budget is spent, a connection with unsent replies
+  is not read.  Frames up to ``LARGE_FRAME`` are not counted: one connection
+  holds at most one read's worth (``READ_CHUNK``) of them in its backlog and
+  ``MAX_READS`` reads, and the writer's queue at most ``queue_size`` of them
+  (with their decoded rows, about twice queue_size x 64 KiB in the worst case).
+* Everything a connection takes from the budget is counted in its
+  :class:`~nexusd.limits.Share` the moment it is taken, and given back in one
+  go when the connection is lost, whatever its tasks were doing (a read whose
+  cancellation was swallowed, a grant not yet seen, replies the transport
+  dropped).  A write in the writer's queue carries its frame's reservation in
+  a :class:`~nexusd.limits.Hold`, given back when the writer answers it.
 * Deadlines, one loop timer per connection: a frame must be complete within
   ``frame_timeout`` of its first byte (a trickle does not extend it), and a
   connection that sends nothing for ``idle_timeout`` while none of its
@@ -39,7 +51,7 @@ from . import protocol as p
 from .dispatch import READS, Build, Dispatcher
 from .errors import Internal, NexusError, Overloaded, TooLarge, Unavailable
 from .framing import FrameDecoder, encode_frame
-from .limits import QuietLog
+from .limits import Hold, QuietLog, Share
 
 if TYPE_CHECKING:
     from .server import Server
@@ -75,6 +87,8 @@ class Connection(asyncio.BufferedProtocol):
         super().__init__()
         self.server = server
         self.budget = server.budget
+        #: Everything this connection holds of the budget; closed with the connection.
+        self.share = Share(server.budget)
         cfg = server.config
         self.max_inflight = cfg.max_inflight
         self.decoder = FrameDecoder(cfg.max_frame)
@@ -87,7 +101,8 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = False
         self._out: list[bytes] = []
         self._flush_handle: asyncio.Handle | None = None
-        self._backlog: collections.deque[bytes] = collections.deque()
+        #: Frames that must wait, each with the budget reserved for it (big frames).
+        self._backlog: collections.deque[tuple[bytes, int]] = collections.deque()
         self._backlog_task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading = True
@@ -131,11 +146,12 @@ class Connection(asyncio.BufferedProtocol):
         self.closed = True
         if self._timer is not None:
             self._timer.cancel()
-        wait, self._frame_wait = self._frame_wait, None
-        if wait is not None and not wait.cancel():
-            self.budget.release(wait.result())
-        self.budget.release(self._frame_reserved + self._charged + self._credit)
+        # Whatever this connection held or was granted, in any state: all back.
+        self._frame_wait = None
+        self.share.close()
         self._frame_reserved = self._charged = self._credit = 0
+        if self._starved:
+            self.budget.forget_room(self._room_again)
         if self._flush_handle is not None:
             self._flush_handle.cancel()
         for task in list(self._tasks):
@@ -182,9 +198,11 @@ class Connection(asyncio.BufferedProtocol):
             self._set_reading()
             self._maybe_close()
             return
+        reserved = 0
         if frames and self._frame_reserved:
-            self.budget.release(self._frame_reserved)  # that big frame is complete
-            self._frame_reserved = 0
+            # That big frame is complete (it is frames[0]): its reservation now
+            # follows the request until it is answered.
+            reserved, self._frame_reserved = self._frame_reserved, 0
         if not decoder.pending:
             self._frame_start = None
         elif frames or not in_frame:  # a new frame began in this chunk
@@ -193,27 +211,33 @@ class Connection(asyncio.BufferedProtocol):
         expected = decoder.expected
         if expected > LARGE_FRAME and not self._frame_reserved and self._frame_wait is None:
             self._reserve_frame(expected)
-        if self._backlog:
-            self._backlog.extend(frames)
-        else:
-            for i, body in enumerate(frames):
-                if self.outstanding >= self.max_inflight or self._handle(body) != _DONE:
-                    self._backlog.extend(frames[i:])
-                    break
+        backlog = self._backlog
+        for i, body in enumerate(frames):
+            if backlog or self.outstanding >= self.max_inflight or self._handle(body, reserved):
+                backlog.append((body, reserved))
+                backlog.extend((f, 0) for f in frames[i + 1 :])
+                break
+            reserved = 0
         if self._backlog and self._backlog_task is None:
             self._backlog_task = self.loop.create_task(self._work_backlog())
         self._set_reading()
 
-    def _handle(self, body: bytes) -> int:
-        """Handle one frame now, or say why it must wait (then nothing was done)."""
+    def _handle(self, body: bytes, reserved: int) -> int:
+        """Handle one frame now, or say why it must wait (then nothing was done).
+
+        ``reserved``: the budget held for this frame (0 for a small one); it is
+        kept until the request's reply is handed to the transport.
+        """
         try:
             req = p.decode_request(body)
         except p.RequestError as exc:
             self._take()
+            self._credit += reserved
             self._reply(p.error_reply(exc.request_id, exc))
             return _DONE
         if self.server.draining:
             self._take()
+            self._credit += reserved
             self._error(req.id, Unavailable("nexusd is shutting down"))
             return _DONE
         assert self.dispatcher is not None
@@ -221,27 +245,45 @@ class Connection(asyncio.BufferedProtocol):
             job = self.dispatcher.write_job(req)
             if job is not None:
                 op, build = job
-                if not self.server.writer.submit_nowait(op, self._done(req.id, build)):
+                if not reserved:  # the hot path: a small frame
+                    if not self.server.writer.submit_nowait(op, self._done(req.id, build)):
+                        return _QUEUE_FULL
+                    self._take()
+                    return _DONE
+                # The job (its decoded rows) keeps the frame's reservation until answered.
+                hold = self.share.detach(reserved)
+                queued = False
+                try:
+                    queued = self.server.writer.submit_nowait(
+                        op, self._done(req.id, build, hold)
+                    )
+                finally:
+                    if not queued:
+                        self.share.adopt(hold)
+                if not queued:
                     return _QUEUE_FULL
                 self._take()
                 return _DONE
         except NexusError as exc:
             self._take()
+            self._credit += reserved
             self._error(req.id, exc)
             return _DONE
         reply = self.dispatcher.immediate(req)
         if reply is not None:
             self._take()
+            self._credit += reserved
             self._reply(reply)
         elif isinstance(req, READS):
             if self._write_paused or len(self._tasks) >= MAX_READS:
                 return _READS_BUSY
             self._take()
-            task = self.loop.create_task(self._read(req))
+            task = self.loop.create_task(self._read(req, reserved))
             self._tasks.add(task)
             task.add_done_callback(self._read_done)
         else:  # every request type is one of the above; never leave a frame unanswered
             self._take()
+            self._credit += reserved
             self._error(req.id, Internal(f"no handler for {type(req).__name__}"))
         return _DONE
 
@@ -267,8 +309,8 @@ class Connection(asyncio.BufferedProtocol):
                 if self.outstanding >= self.max_inflight:
                     await self._wait()
                     continue
-                body = self._backlog[0]
-                status = self._handle(body)
+                body, reserved = self._backlog[0]
+                status = self._handle(body, reserved)
                 if status == _DONE:
                     self._backlog.popleft()
                     continue
@@ -282,11 +324,17 @@ class Connection(asyncio.BufferedProtocol):
                 assert job is not None
                 op, build = job
                 self._take()
+                hold = self.share.detach(reserved)
                 try:
                     await self.server.writer.submit(
-                        op, self._done(req.id, build), timeout=cfg.enqueue_timeout
+                        op, self._done(req.id, build, hold), timeout=cfg.enqueue_timeout
                     )
-                except NexusError as exc:
+                except BaseException as exc:
+                    # Not queued: the reservation is the connection's again
+                    # (given straight back if it is gone).
+                    self._credit += self.share.adopt(hold)
+                    if not isinstance(exc, NexusError):
+                        raise
                     self._error(req.id, exc)
         finally:
             self._backlog_task = None
@@ -326,14 +374,16 @@ class Connection(asyncio.BufferedProtocol):
 
     def _reserve_frame(self, size: int) -> None:
         """Hold ``size`` bytes of the budget for the frame in progress, or wait in line."""
-        if self.budget.try_take(size):
-            self._frame_reserved = self.budget.clamp(size)
+        taken = self.share.try_take(size)
+        if taken:
+            self._frame_reserved = taken
             return
-        wait = self._frame_wait = self.budget.wait(size)
+        wait = self._frame_wait = self.share.wait(size)
         wait.add_done_callback(self._frame_granted)
 
     def _frame_granted(self, wait: asyncio.Future[int]) -> None:
-        if wait.cancelled() or wait is not self._frame_wait:
+        # (Granted bytes are in the share already: a closed one gave them back.)
+        if wait.cancelled() or wait is not self._frame_wait or self.closed:
             return
         self._frame_wait = None
         self._frame_reserved = wait.result()
@@ -386,8 +436,15 @@ class Connection(asyncio.BufferedProtocol):
         self.close()
 
     # ── output ────────────────────────────────────────────────────────────
-    def _done(self, request_id: int, build: Build) -> Any:
-        return functools.partial(self._write_done, request_id, build)
+    def _done(self, request_id: int, build: Build, hold: Hold | None = None) -> Any:
+        if hold is None:
+            return functools.partial(self._write_done, request_id, build)
+        return functools.partial(self._big_write_done, request_id, build, hold)
+
+    def _big_write_done(self, request_id: int, build: Build, hold: Hold, result: Any) -> None:
+        # The frame's reservation pays for the reply; back to the budget if we are gone.
+        self._credit += self.share.adopt(hold)
+        self._write_done(request_id, build, result)
 
     def _write_done(self, request_id: int, build: Build, result: Any) -> None:
         if isinstance(result, NexusError):
@@ -395,7 +452,15 @@ class Connection(asyncio.BufferedProtocol):
         else:
             self._reply(build(request_id, result))
 
-    async def _read(self, req: Any) -> None:
+    async def _read(self, req: Any, reserved: int) -> None:
+        """Run one query; ``reserved`` (the request frame's) and the reply's
+        reservation are held until the reply is handed to the transport.
+
+        A connection lost meanwhile took them back already (its share is
+        closed), even if this task's cancellation was swallowed on the way
+        (``wait_for`` and channel receives may return a result instead): then
+        nothing here gives or keeps anything.
+        """
         assert self.dispatcher is not None
         held = 0
         try:
@@ -405,18 +470,20 @@ class Connection(asyncio.BufferedProtocol):
             else:
                 reply = await self.dispatcher.query(req)
         except NexusError as exc:
-            self.budget.release(held)
+            self._credit += reserved + held
             self._error(req.id, exc)
             return
         except BaseException as exc:
-            self.budget.release(held)
+            self.share.release(reserved + held)
             if not isinstance(exc, Exception):
                 raise
             logger.exception("read %s failed", type(req).__name__)
             self._error(req.id, Internal("read failed; see the daemon's log"))
             return
-        # The reservation pays for the reply's bytes when _flush hands them over.
-        self._credit += held
+        if self.closed:
+            return
+        # The reservations pay for the reply's bytes when _flush hands them over.
+        self._credit += reserved + held
         self._reply(reply)
 
     async def _reserve_reply(self, req: Any) -> int:
@@ -432,17 +499,17 @@ class Connection(asyncio.BufferedProtocol):
             want = floor = min(self.decoder.max_frame, req.length + _ENVELOPE)
         else:
             return 0
-        held = self.budget.take_up_to(want, floor)
+        held = self.share.take_up_to(want, floor)
         if held:
             return held
-        wait = self.budget.wait(floor)
+        wait = self.share.wait(floor)
         try:
             return await asyncio.wait_for(
                 asyncio.shield(wait), self.server.config.enqueue_timeout
             )
         except BaseException as exc:  # timed out, or the connection went away
             if not wait.cancel() and not wait.cancelled():
-                self.budget.release(wait.result())  # granted just as we gave up
+                self.share.release(wait.result())  # granted just as we gave up
             if isinstance(exc, TimeoutError):
                 raise Overloaded(
                     "max_buffered is spent by unread replies; retry later", retry_after=1.0
@@ -468,7 +535,7 @@ class Connection(asyncio.BufferedProtocol):
         self._flush_handle = None
         out, self._out = self._out, []
         if self.closed or self.transport is None or not out:
-            return
+            return  # (a lost connection's share gave its credit back)
         transport = self.transport
         transport.write(b"".join(out) if len(out) > 1 else out[0])
         # What the peer has not taken yet counts against the budget until written.
@@ -476,9 +543,9 @@ class Connection(asyncio.BufferedProtocol):
         grown = buffered - self._charged
         credit, self._credit = self._credit, 0
         if grown > credit:
-            self.budget.charge(grown - credit)
+            self.share.charge(grown - credit)
         elif grown < credit:
-            self.budget.release(credit - grown)
+            self.share.release(credit - grown)
         self._charged = buffered
         if buffered > WRITE_HIGH_WATER:
             self._write_paused = True
@@ -508,7 +575,7 @@ class Connection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         # Everything is written (low=0): give its budget back.
         charged, self._charged = self._charged, 0
-        self.budget.release(charged)
+        self.share.release(charged)
         self._write_paused = False
         self._wake()
         self._set_reading()

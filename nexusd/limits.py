@@ -1,9 +1,17 @@
 """Limits shared by every connection: the global memory budget, quiet warnings, malloc.
 
-* :class:`Budget` counts the bytes the daemon holds for large partial frames,
-  for the replies of large reads while they are built, and for replies sitting
-  unsent in transports.  A taker either gets room now, waits in line for it
-  (first come, first served), or charges bytes that already exist.
+* :class:`Budget` counts the bytes the daemon holds for large frames (from
+  their first byte until their request is answered), for the replies of large
+  reads while they are built, and for replies sitting unsent in transports.  A
+  taker either gets room now, waits in line for it (first come, first served),
+  or charges bytes that already exist.
+* :class:`Share` is one connection's part of the budget.  Everything it takes
+  is counted in it the moment it is taken (a grant in line included), its
+  releases never give back more than it holds, and :meth:`Share.close` gives
+  back all of it at once: when the connection is gone nothing it held stays
+  spent, whatever its tasks were doing.  A :class:`Hold` carries bytes out of a
+  share (a write job waiting in the writer's queue outlives its connection) and
+  is given back exactly once.
 * :class:`QuietLog` keeps a flood (refused connects, dropped notifications)
   from writing one log line per event: at most one line per reason and period,
   with the number of events it stood for.
@@ -22,7 +30,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-__all__ = ["Budget", "QuietLog", "tune_malloc"]
+__all__ = ["Budget", "Hold", "QuietLog", "Share", "tune_malloc"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +42,9 @@ class Budget:
         self.total = total
         self.used = 0
         self.peak = 0
-        self._waiters: collections.deque[tuple[int, asyncio.Future[int]]] = collections.deque()
+        self._waiters: collections.deque[tuple[int, asyncio.Future[int], Share | None]] = (
+            collections.deque()
+        )
         self._on_room: list[Callable[[], None]] = []
 
     @property
@@ -43,7 +53,7 @@ class Budget:
 
     @property
     def waiting(self) -> int:
-        return sum(1 for _, f in self._waiters if not f.done())
+        return sum(1 for _, f, _ in self._waiters if not f.done())
 
     def clamp(self, n: int) -> int:
         """What a request of ``n`` bytes can ever get (the budget is its ceiling)."""
@@ -71,14 +81,15 @@ class Budget:
         """Count bytes that already exist (an unsent reply), even past the budget."""
         self._add(n)
 
-    def wait(self, n: int) -> asyncio.Future[int]:
+    def wait(self, n: int, share: Share | None = None) -> asyncio.Future[int]:
         """A future that completes with ``n`` (clamped) once those bytes are taken for us.
 
         Cancelling it gives up the place in line; a caller that cancels after
-        it completed must :meth:`release` the result itself.
+        it completed must :meth:`release` the result itself.  With ``share``,
+        the granted bytes are counted in it as they are granted.
         """
         fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
-        self._waiters.append((self.clamp(n), fut))
+        self._waiters.append((self.clamp(n), fut, share))
         self._grant()
         return fut
 
@@ -86,6 +97,9 @@ class Budget:
         if n <= 0:
             return
         self.used -= n
+        if self.used < 0:  # a bug somewhere: say so, and do not hide later leaks
+            logger.error("max_buffered released %d bytes more than were taken", -self.used)
+            self.used = 0
         self._grant()
         if self._on_room and not self.full:
             callbacks, self._on_room = self._on_room, []
@@ -95,6 +109,13 @@ class Budget:
     def when_room(self, callback: Callable[[], None]) -> None:
         """Call ``callback`` once, the next time the budget is no longer full."""
         self._on_room.append(callback)
+
+    def forget_room(self, callback: Callable[[], None]) -> None:
+        """Undo :meth:`when_room` (its caller is gone)."""
+        try:
+            self._on_room.remove(callback)
+        except ValueError:
+            pass
 
     def _add(self, n: int) -> None:
         self.used += n
@@ -108,12 +129,103 @@ class Budget:
 
     def _grant(self) -> None:
         while self._has_waiters():
-            n, fut = self._waiters[0]
+            n, fut, share = self._waiters[0]
             if self.used + n > self.total:
                 return
             self._waiters.popleft()
             self._add(n)
+            if share is not None:
+                share.held += n  # (a closed share's waits are all cancelled: not here)
             fut.set_result(n)
+
+
+class Share:
+    """One connection's part of a :class:`Budget`; :meth:`close` gives all of it back."""
+
+    __slots__ = ("_waits", "budget", "closed", "held")
+
+    def __init__(self, budget: Budget) -> None:
+        self.budget = budget
+        self.held = 0
+        self.closed = False
+        self._waits: set[asyncio.Future[int]] = set()
+
+    def try_take(self, n: int) -> int:
+        """``n`` (clamped) if it is free now and nobody waits before us, else 0."""
+        if self.closed or not self.budget.try_take(n):
+            return 0
+        n = self.budget.clamp(n)
+        self.held += n
+        return n
+
+    def take_up_to(self, want: int, floor: int) -> int:
+        if self.closed:
+            return 0
+        n = self.budget.take_up_to(want, floor)
+        self.held += n
+        return n
+
+    def charge(self, n: int) -> None:
+        if n > 0 and not self.closed:
+            self.budget.charge(n)
+            self.held += n
+
+    def wait(self, n: int) -> asyncio.Future[int]:
+        """Like :meth:`Budget.wait`; the grant is ours (and given back by close) at once."""
+        if self.closed:
+            fut: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            fut.cancel()
+            return fut
+        fut = self.budget.wait(n, self)
+        if not fut.done():
+            self._waits.add(fut)
+            fut.add_done_callback(self._waits.discard)
+        return fut
+
+    def release(self, n: int) -> None:
+        """Give back ``n`` bytes, never more than the share holds (none once closed)."""
+        n = min(n, self.held)
+        if n > 0:
+            self.held -= n
+            self.budget.release(n)
+
+    def detach(self, n: int) -> Hold:
+        """Move ``n`` held bytes into a :class:`Hold` that outlives this share."""
+        n = max(0, min(n, self.held))
+        self.held -= n
+        return Hold(self.budget, n)
+
+    def adopt(self, hold: Hold) -> int:
+        """Take a hold's bytes back (given straight back if closed); how many came."""
+        n, hold.n = hold.n, 0
+        if self.closed:
+            self.budget.release(n)
+            return 0
+        self.held += n
+        return n
+
+    def close(self) -> None:
+        """The holder is gone: leave every line, give back everything held.  Idempotent."""
+        self.closed = True
+        waits, self._waits = self._waits, set()
+        for fut in waits:
+            fut.cancel()  # not granted yet: leaves the line (a grant is in held already)
+        n, self.held = self.held, 0
+        self.budget.release(n)
+
+
+class Hold:
+    """Budget bytes carried by one job; :meth:`release` gives them back once."""
+
+    __slots__ = ("budget", "n")
+
+    def __init__(self, budget: Budget, n: int) -> None:
+        self.budget = budget
+        self.n = n
+
+    def release(self) -> None:
+        n, self.n = self.n, 0
+        self.budget.release(n)
 
 
 class QuietLog:
