@@ -95,6 +95,21 @@ def check_timeout(timeout: object) -> float | None:
     return timeout
 
 
+def check_retry_for(retry_for: object) -> float:
+    """``retry_for``: seconds in [0, :data:`MAX_TIMEOUT`] (0: never retry); else BadRequest."""
+    if (
+        isinstance(retry_for, bool)
+        or not isinstance(retry_for, int | float)
+        or not 0 <= retry_for <= MAX_TIMEOUT
+    ):
+        raise BadRequest(
+            f"retry_for must be a number of seconds from 0 (no retries) to {MAX_TIMEOUT},"
+            f" not {retry_for!r}",
+            field="retry_for",
+        )
+    return float(retry_for)
+
+
 def file_kind(mode: int) -> str:
     """What ``mode`` (``st_mode``) is, in words: "a directory", "a fifo", ..."""
     for test, kind in (

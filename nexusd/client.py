@@ -86,7 +86,7 @@ class AsyncClient:
         calls.check_socket_path(socket_path)
         self.socket_path = resolve_socket_path(socket_path)
         self.timeout = calls.check_timeout(timeout)
-        self.retry_for = retry_for
+        self.retry_for = calls.check_retry_for(retry_for)
         self._trusted = calls.trusted_uids(trusted_uids)
         self._keys = calls.KeyMaker() if idempotent_appends else None
         self._ids = itertools.count(1)
@@ -326,7 +326,7 @@ class Client:
         calls.check_socket_path(socket_path)
         self.socket_path = resolve_socket_path(socket_path)
         self.timeout = calls.check_timeout(timeout)
-        self.retry_for = retry_for
+        self.retry_for = calls.check_retry_for(retry_for)
         self._trusted = calls.trusted_uids(trusted_uids)
         self._keys = calls.KeyMaker() if idempotent_appends else None
         self._ids = itertools.count(1)

@@ -233,3 +233,14 @@ def test_lone_surrogates_are_refused_in_plain_words(small_frames: Daemon) -> Non
             assert info.value.field == field, info.value.message
             assert "lone surrogate" in info.value.message and "codec" not in info.value.message
         assert c.message_count("surrogates") == 0
+
+
+@pytest.mark.parametrize("retry_for", [float("nan"), -1, float("inf"), "30", True])
+def test_retry_for_out_of_range_is_refused_when_the_client_is_made(retry_for: object) -> None:
+    from nexusd.errors import BadRequest
+
+    with pytest.raises(BadRequest) as info:
+        Client("/tmp/unused.sock", retry_for=retry_for)  # type: ignore[arg-type]
+    assert info.value.field == "retry_for"
+    with pytest.raises(BadRequest):
+        AsyncClient("/tmp/unused.sock", retry_for=retry_for)  # type: ignore[arg-type]
