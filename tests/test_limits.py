@@ -11,6 +11,7 @@ import os
 import select
 import socket
 import struct
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -298,5 +299,144 @@ def test_unread_history_pages_stay_within_the_budget(short_dir: Path) -> None:
         assert peak - baseline < 40 * 2**20, (baseline, peak)
         for s in greedy:
             s.close()
+    finally:
+        d.stop()
+
+
+def _wait_stats(c: RawSync, done: Any, seconds: float = 10.0) -> dict[str, Any]:
+    """Poll ``stats`` over ``c`` until ``done(stats)`` or the deadline; the last stats."""
+    end = time.monotonic() + seconds
+    st: dict[str, Any] = c.call({"op": "stats", "id": 1})["stats"]
+    while not done(st) and time.monotonic() < end:
+        time.sleep(0.02)  # poll interval of a deadline loop
+        st = c.call({"op": "stats", "id": 1})["stats"]
+    return st
+
+
+def test_floods_closed_mid_flight_give_their_budget_back(short_dir: Path) -> None:
+    """Unread history floods, closed while their pages are built or wait for room:
+    once they are gone nothing they held stays spent (it used to leak for good,
+    and every later history call got ``overloaded``)."""
+    frame = 1024 * 1024
+    budget = 4 * frame
+    cfg = _config(
+        short_dir, max_frame=frame, max_content=300_000, max_buffered=budget, max_messages=0
+    )
+    d = _new_daemon(short_dir, "--config", str(cfg)).start()
+    try:
+        good = RawSync(d.socket)
+        for i in range(4):  # 12 x 250 kB: every page is cut to the room there is
+            msgs = [{"role": "u", "content": "b" * 250_000}] * 3
+            r = good.call({"op": "append_many", "id": i, "session_tag": "big", "messages": msgs})
+            assert r["op"] == "append_many", r
+        for i in range(5):
+            good.call({"op": "append", "id": i, "session_tag": "canary", "role": "u", "content": "c"})
+        flood = b"".join(
+            encode_frame(
+                msgspec.msgpack.encode(
+                    {"op": "history", "id": i, "session_tag": "big", "limit": 10_000}
+                )
+            )
+            for i in range(20)
+        )
+        for _round in range(3):
+            conns = []
+            for _ in range(10):
+                s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                s.connect(str(d.socket))
+                s.sendall(flood)  # and never reads
+                conns.append(s)
+            # Mid-flight: the budget is spent and reads wait in line for it.
+            st = _wait_stats(good, lambda st: st["buffered_waiting"] > 0)
+            assert st["buffered_waiting"] > 0, st
+            for s in conns:
+                s.close()
+            st = _wait_stats(good, lambda st: st["connections"] == 1 and not st["buffered_bytes"])
+            assert st["connections"] == 1 and st["buffered_bytes"] == 0, st
+            page = good.call({"op": "history", "id": 1, "session_tag": "big", "limit": 10_000})
+            assert page["op"] == "history" and page["messages"], page.get("message")
+            canary = good.call({"op": "history", "id": 2, "session_tag": "canary", "limit": 10})
+            assert len(canary["messages"]) == 5
+        # The good client's pages were given back too.
+        assert good.call({"op": "stats", "id": 3})["stats"]["buffered_bytes"] == 0
+    finally:
+        d.stop()
+
+
+def test_pipelined_big_writes_stay_within_the_budget(short_dir: Path) -> None:
+    """Big append_many frames, pipelined by peers that never read: their
+    reservations last until each write is answered, so the write queue holds at
+    most the budget's worth (it used to hold every frame they could send)."""
+    frame = 1024 * 1024
+    budget = 8 * frame
+    cfg = _config(
+        short_dir, max_frame=frame, max_content=300_000, max_buffered=budget, max_messages=8
+    )
+    # A slow writer: without the bound, frames pile up in its queue.
+    d = _new_daemon(short_dir, "--config", str(cfg), commit_delay=0.1).start()
+    assert d.proc is not None
+    try:
+        good = RawSync(d.socket)
+        assert good.call({"op": "ping", "id": 0})["op"] == "ping"
+        baseline = rss_bytes(d.proc.pid)
+        n_conns, n_frames = 4, 12
+        conns, senders = [], []
+        for c in range(n_conns):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(str(d.socket))
+            s.settimeout(60)
+            conns.append(s)
+            frames = []
+            for k in range(n_frames):
+                msgs = [{"role": "u", "content": f"{c}.{k}." + "w" * 240_000}] * 4
+                req = {"op": "append_many", "id": k, "session_tag": f"p{c}-{k}", "messages": msgs}
+                frames.append(encode_frame(msgspec.msgpack.encode(req)))
+            # As fast as the daemon takes them (a blocking send per peer).
+            senders.append(threading.Thread(target=s.sendall, args=(b"".join(frames),)))
+        for t in senders:
+            t.start()
+        peak_rss = baseline
+        served = max_queued = 0
+        deadline = time.monotonic() + 60
+        while any(t.is_alive() for t in senders) and time.monotonic() < deadline:
+            st = good.call({"op": "stats", "id": 1})["stats"]
+            assert st["buffered_bytes"] <= budget, st
+            max_queued = max(max_queued, st["queue_depth"])
+            assert good.call({"op": "ping", "id": 2})["op"] == "ping"  # served meanwhile
+            served += 1
+            peak_rss = max(peak_rss, rss_bytes(d.proc.pid))
+            time.sleep(0.01)  # pacing of the probe
+        for t in senders:
+            t.join(timeout=1)
+        assert not any(t.is_alive() for t in senders), "the daemon stopped reading for good"
+        r = good.call({"op": "append", "id": 2, "session_tag": "good", "role": "u", "content": "."})
+        assert r["op"] == "append", r
+        # Every pipelined write is answered: committed whole, or overloaded; none lost.
+        committed = 0
+        for c, s in enumerate(conns):
+            dec, replies = FrameDecoder(1 << 20), []
+            while len(replies) < n_frames:
+                chunk = s.recv(65536)
+                assert chunk, f"connection {c} closed after {len(replies)} replies"
+                replies += [msgspec.msgpack.decode(f) for f in dec.feed(chunk)]
+            assert sorted(r["id"] for r in replies) == list(range(n_frames))
+            for r in replies:
+                assert r["op"] == "append_many" or r.get("code") == "overloaded", r
+                if r["op"] == "append_many":
+                    committed += 1
+                    n = good.call({"op": "count", "id": 3, "session_tag": f"p{c}-{r['id']}"})
+                    assert n["count"] == 4
+            s.close()
+        st = _wait_stats(good, lambda st: st["connections"] == 1 and not st["buffered_bytes"])
+        print(
+            f"{n_conns} x {n_frames} pipelined ~1 MB frames, budget 8 MiB: RSS {baseline >> 20}"
+            f" -> peak {peak_rss >> 20} MiB, buffered_peak {st['buffered_peak'] >> 20} MiB,"
+            f" {committed} committed, {served} pings served meanwhile,"
+            f" at most {max_queued} writes queued"
+        )
+        assert max_queued <= budget // 960_000  # frames of ~0.96 MB, each counted
+        assert st["buffered_peak"] <= budget and st["buffered_bytes"] == 0, st
+        assert committed == n_conns * n_frames  # the queue never stayed full: all commit
+        assert peak_rss - baseline < 4 * budget, (baseline, peak_rss)
     finally:
         d.stop()
