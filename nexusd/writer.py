@@ -63,6 +63,15 @@ class _Job:
 
 
 @dataclass(slots=True)
+class _Waiter:
+    """A job waiting for room in the full queue, and how its producer learns the outcome."""
+
+    job: _Job
+    queued: anyio.Event = field(default_factory=anyio.Event)
+    error: NexusError | None = None
+
+
+@dataclass(slots=True)
 class WriterStats:
     batches: int = 0
     ops: int = 0
@@ -108,6 +117,10 @@ class Writer:
         self._send: MemoryObjectSendStream[_Job]
         self._recv: MemoryObjectReceiveStream[_Job]
         self._send, self._recv = anyio.create_memory_object_stream[_Job](queue_size)
+        #: Producers waiting for room, first come first queued.  Kept here rather
+        #: than in anyio's ``send``: a ``send`` cancelled by its deadline just as
+        #: the writer took the job reports failure for a job that then commits.
+        self._waiting: deque[_Waiter] = deque()
         self._conn: sqlite3.Connection | None = None
         self._thread = SQLiteThread("nexusd-writer")
         self._counts = CountCache()
@@ -147,6 +160,7 @@ class Writer:
                         batch.append(recv.receive_nowait())
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
+                self._admit_waiting()  # the batch made room
                 await self._commit(batch)
         finally:
             self._stopped.set()
@@ -155,6 +169,22 @@ class Writer:
         """Refuse new jobs; :meth:`run` finishes what is queued, then returns."""
         self._closing = True
         self._send.close()
+        while self._waiting:
+            waiter = self._waiting.popleft()
+            waiter.error = Unavailable("nexusd is shutting down")
+            waiter.queued.set()
+
+    def _admit_waiting(self) -> None:
+        """Move waiting jobs into the queue, in order, while it has room."""
+        waiting = self._waiting
+        while waiting:
+            try:
+                self._send.send_nowait(waiting[0].job)
+            except anyio.WouldBlock:
+                return
+            except anyio.ClosedResourceError:
+                return  # close() answers them
+            waiting.popleft().queued.set()
 
     async def aclose(self) -> None:
         """Checkpoint the WAL into the database, close the connection, end the thread."""
@@ -197,6 +227,8 @@ class Writer:
                 f" {self.max_messages}",
                 field="messages",
             )
+        if self._waiting:
+            return False  # earlier producers wait for room: none may overtake them
         try:
             self._send.send_nowait(_Job(op, done))
         except anyio.WouldBlock:
@@ -215,13 +247,23 @@ class Writer:
         """
         if self.submit_nowait(op, done):
             return
-        job = _Job(op, done)
-        with anyio.move_on_after(timeout):
-            try:
-                await self._send.send(job)
-            except anyio.ClosedResourceError:
-                raise Unavailable("nexusd is shutting down") from None
+        waiter = _Waiter(_Job(op, done))
+        self._waiting.append(waiter)
+        self._admit_waiting()
+        try:
+            with anyio.move_on_after(timeout):
+                await waiter.queued.wait()
+        except BaseException:  # the producer itself was cancelled (its connection went)
+            if not waiter.queued.is_set():
+                self._waiting.remove(waiter)
+            raise
+        # Decided by state, not by who woke first: a job queued just as the
+        # deadline passed is queued, and its caller must not hear otherwise.
+        if waiter.queued.is_set():
+            if waiter.error is not None:
+                raise waiter.error
             return
+        self._waiting.remove(waiter)
         raise Overloaded(
             f"write queue full for {timeout:g}s", retry_after=min(1.0, max(0.05, timeout / 10))
         )

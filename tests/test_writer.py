@@ -379,3 +379,39 @@ async def test_a_resend_in_a_batch_that_prunes_its_row_gets_the_original_id(
         await w.call(Insert("s", [row("d")]))
         assert w.stats.pruned == 2
     assert [c for _, c in _db_rows(db, "s")] == ["b", "c", "d"]
+
+
+async def test_a_producer_told_overloaded_never_has_its_job_committed(
+    tmp_path: Path, slow_writer: Callable[[float], None]
+) -> None:
+    """The deadline and the writer taking the job may land in the same instant:
+    the producer's answer must follow what happened to the job, not which woke first."""
+    import random
+
+    slow_writer(0.001)
+    rng = random.Random(9)
+    async with WriterHarness(tmp_path / "n.db", queue_size=1, batch_max=1) as w:
+        committed: set[int] = set()
+        told: dict[int, str] = {}
+
+        async def produce(i: int) -> None:
+            def done(result: Any) -> None:
+                if not isinstance(result, NexusError):
+                    committed.add(i)
+
+            await anyio.sleep(rng.random() * 0.1)
+            try:
+                await w.submit(Insert("s", [row(str(i))]), done, timeout=rng.random() * 0.01)
+                told[i] = "queued"
+            except Overloaded:
+                told[i] = "overloaded"
+
+        async with anyio.create_task_group() as tg:
+            for i in range(800):
+                tg.start_soon(produce, i)
+        await w.call(Insert("s", [row("last")]))  # everything queued is committed by now
+    overloaded = {i for i, how in told.items() if how == "overloaded"}
+    queued = {i for i, how in told.items() if how == "queued"}
+    assert overloaded and queued  # both outcomes happened
+    assert overloaded & committed == set()
+    assert queued == committed
