@@ -150,6 +150,18 @@ class AsyncClient:
         link = self._link
         if link is not None and link.broken is None:
             return link
+        if (
+            link is not None
+            and link.broken is not None
+            and not link.reported
+            and self.retry_for <= 0
+        ):
+            # As the blocking client: with retries off, a connection that broke
+            # while idle fails one call (nothing sent); the next one reconnects.
+            link.reported = True
+            raise ConnectionLost(
+                f"connection to nexusd lost ({link.broken.message}); the next call reconnects"
+            )
         async with self._connect_lock:  # one reconnect for all waiting callers
             link = self._link
             if link is not None and link.broken is None:

@@ -69,6 +69,8 @@ class AnyioLink:
         self.stream = stream
         self.pending: dict[int, _Slot] = {}
         self.broken: NexusError | None = None
+        #: Whether some caller has been told that this connection broke.
+        self.reported = False
         #: The server's frame limit once learnt (0: it states none).
         self.max_frame: int | None = None
         self.out_send: MemoryObjectSendStream[bytes]
@@ -83,6 +85,7 @@ class AnyioLink:
             self.broken = err
         self.out_send.close()
         pending, self.pending = self.pending, {}
+        self.reported = self.reported or bool(pending)
         for slot in pending.values():
             slot.set(err)
 
@@ -158,6 +161,8 @@ class AsyncioLink(asyncio.Protocol):
         self.loop = asyncio.get_running_loop()
         self.pending: dict[int, asyncio.Future[Any]] = {}
         self.broken: NexusError | None = None
+        #: Whether some caller has been told that this connection broke.
+        self.reported = False
         #: The server's frame limit once learnt (0: it states none).
         self.max_frame: int | None = None
         self.transport: asyncio.Transport | None = None
@@ -212,6 +217,7 @@ class AsyncioLink(asyncio.Protocol):
         if self.broken is None:
             self.broken = err
         pending, self.pending = self.pending, {}
+        self.reported = self.reported or bool(pending)
         for fut in pending.values():
             if not fut.done():
                 fut.set_exception(err)

@@ -244,3 +244,29 @@ def test_retry_for_out_of_range_is_refused_when_the_client_is_made(retry_for: ob
     assert info.value.field == "retry_for"
     with pytest.raises(BadRequest):
         AsyncClient("/tmp/unused.sock", retry_for=retry_for)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_async_client_with_retries_off_fails_once_then_reconnects(
+    short_dir: Path, backend: str
+) -> None:
+    from nexusd.errors import ConnectionLost
+
+    d = _new_daemon(short_dir).start()
+
+    async def main() -> None:
+        async with AsyncClient(d.socket, retry_for=0) as c:
+            await c.append("user", "two", session_tag="u")
+            assert await anyio.to_thread.run_sync(d.stop) == 0
+            await anyio.to_thread.run_sync(d.start)
+            # The link saw the close while idle: one call fails, nothing is sent...
+            with pytest.raises(ConnectionLost):
+                await c.pop("u")
+            # ...and the next reconnects (the popped message is still there).
+            popped = await c.pop("u")
+            assert popped is not None and popped.content == "two"
+
+    try:
+        anyio.run(main, backend=backend)
+    finally:
+        d.stop()
