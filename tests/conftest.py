@@ -15,7 +15,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -289,3 +289,66 @@ def rss_bytes(pid: int) -> int:
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) * 1024
     raise RuntimeError("no VmRSS")
+
+
+def as_uid(
+    uid: int,
+    path: Path,
+    requests: list[dict[str, Any]],
+    *,
+    gid: int | None = None,
+    groups: Sequence[int] = (),
+) -> list[dict[str, Any]]:
+    """Fork, become ``uid`` (group ``gid``, default ``uid``; supplementary
+    ``groups``), send ``requests`` on one connection, return the replies
+    (``{"op": "closed"}`` where the daemon hung up instead).  Needs root."""
+    import msgspec
+
+    from nexusd.framing import FrameDecoder, encode_frame
+
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: no pytest machinery from here on
+        code = 0
+        try:
+            os.close(r)
+            os.setgroups(list(groups))
+            os.setgid(uid if gid is None else gid)
+            os.setuid(uid)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(10)
+            s.connect(str(path))
+            dec = FrameDecoder(1 << 24)
+            out: list[Any] = []
+            for req in requests:
+                sent = True
+                try:
+                    s.sendall(encode_frame(msgspec.msgpack.encode(req)))
+                except OSError:
+                    sent = False  # refused already: still read what it said
+                frames: list[bytes] = []
+                while not frames:
+                    try:
+                        chunk = s.recv(65536)
+                    except OSError:  # a reset after a refusal is a hang-up too
+                        chunk = b""
+                    if not chunk:
+                        break
+                    frames = dec.feed(chunk)
+                if not frames:
+                    out.append({"op": "closed"})
+                    break
+                out.append(msgspec.msgpack.decode(frames[0]))
+                if not sent:
+                    break
+            os.write(w, msgspec.msgpack.encode(out))
+        except BaseException:
+            code = 1
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        data = fh.read()
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    return msgspec.msgpack.decode(data)  # type: ignore[no-any-return]

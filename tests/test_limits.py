@@ -20,7 +20,7 @@ import msgspec
 import pytest
 
 from nexusd.framing import FrameDecoder, encode_frame
-from tests.conftest import Daemon, RawSync, _new_daemon, rss_bytes, write_config
+from tests.conftest import Daemon, RawSync, _new_daemon, as_uid, rss_bytes, write_config
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
 
@@ -44,38 +44,8 @@ def _closed_within(sock: socket.socket, seconds: float) -> bool:
 
 
 def _ping_as(uid: int, path: Path) -> dict[str, Any]:
-    """Fork, become ``uid``, ping over a fresh connection, return the reply."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no pytest machinery from here on
-        code = 0
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(10)
-            s.connect(str(path))
-            s.sendall(encode_frame(msgspec.msgpack.encode({"op": "ping", "id": 7})))
-            dec = FrameDecoder(1 << 20)
-            frames: list[bytes] = []
-            while not frames:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                frames = dec.feed(chunk)
-            os.write(w, frames[0] if frames else msgspec.msgpack.encode({"op": "closed"}))
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        data = fh.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return msgspec.msgpack.decode(data)  # type: ignore[no-any-return]
+    """Become ``uid`` in a child, ping over a fresh connection, return the reply."""
+    return as_uid(uid, path, [{"op": "ping", "id": 7}])[0]
 
 
 # ── item 4: connection exhaustion ────────────────────────────────────────────

@@ -14,11 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
-from nexusd.framing import FrameDecoder, encode_frame
-from tests.conftest import RawSync, _new_daemon, run_cli, write_config
+from tests.conftest import RawSync, _new_daemon, as_uid, run_cli, write_config
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
 NOBODY = 65534
@@ -32,42 +30,8 @@ def _unused_gid() -> int:
 
 
 def _ping_as(path: Path, uid: int, gid: int, groups: list[int]) -> dict[str, Any]:
-    """Fork, take these credentials, ping over a fresh connection, return the reply."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no pytest machinery from here on
-        code = 0
-        try:
-            os.close(r)
-            os.setgroups(groups)
-            os.setgid(gid)
-            os.setuid(uid)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(10)
-            s.connect(str(path))
-            try:
-                s.sendall(encode_frame(msgspec.msgpack.encode({"op": "ping", "id": 1})))
-            except OSError:
-                pass  # refused already: still read what it said
-            dec = FrameDecoder(1 << 20)
-            frames: list[bytes] = []
-            while not frames:
-                chunk = s.recv(65536)
-                if not chunk:
-                    break
-                frames = dec.feed(chunk)
-            os.write(w, frames[0] if frames else msgspec.msgpack.encode({"op": "closed"}))
-        except BaseException as exc:
-            os.write(2, f"child: {exc!r}\n".encode())
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        data = fh.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return msgspec.msgpack.decode(data)  # type: ignore[no-any-return]
+    """Take these credentials in a child, ping over a fresh connection, return the reply."""
+    return as_uid(uid, path, [{"op": "ping", "id": 1}], gid=gid, groups=groups)[0]
 
 
 # ── item 11: supplementary groups ────────────────────────────────────────────

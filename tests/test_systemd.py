@@ -13,12 +13,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-import msgspec
 import pytest
 
-from nexusd.framing import FrameDecoder, encode_frame
 from nexusd.systemd import JournalFormatter, Notifier
-from tests.conftest import Daemon, RawSync, _new_daemon, wait_for_socket, write_config
+from tests.conftest import Daemon, RawSync, _new_daemon, as_uid, wait_for_socket, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -233,63 +231,13 @@ def test_journal_formatter_priorities() -> None:
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other uids")
 
 
-def _as_uid(uid: int, path: Path, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Fork, become ``uid``, send ``requests`` on one connection, return the replies."""
-    r, w = os.pipe()
-    pid = os.fork()
-    if pid == 0:  # child: no pytest machinery from here on
-        code = 0
-        try:
-            os.close(r)
-            os.setgroups([])
-            os.setgid(uid)
-            os.setuid(uid)
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            s.settimeout(10)
-            s.connect(str(path))
-            dec = FrameDecoder(1 << 24)
-            out: list[Any] = []
-            for req in requests:
-                sent = True
-                try:
-                    s.sendall(encode_frame(msgspec.msgpack.encode(req)))
-                except OSError:
-                    sent = False  # refused already: still read what it said
-                frames: list[bytes] = []
-                while not frames:
-                    try:
-                        chunk = s.recv(65536)
-                    except OSError:  # a reset after a refusal is a hang-up too
-                        chunk = b""
-                    if not chunk:
-                        break
-                    frames = dec.feed(chunk)
-                if not frames:
-                    out.append({"op": "closed"})
-                    break
-                out.append(msgspec.msgpack.decode(frames[0]))
-                if not sent:
-                    break
-            os.write(w, msgspec.msgpack.encode(out))
-        except BaseException:
-            code = 1
-        finally:
-            os._exit(code)
-    os.close(w)
-    with os.fdopen(r, "rb") as fh:
-        data = fh.read()
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    return msgspec.msgpack.decode(data)  # type: ignore[no-any-return]
-
-
 @needs_root
 def test_other_uid_is_forbidden_by_default(short_dir: Path) -> None:
     short_dir.chmod(0o755)
     cfg = write_config(short_dir / "c.toml", socket_mode="0666")
     d = _new_daemon(short_dir, "--config", str(cfg)).start()
     try:
-        [reply, *rest] = _as_uid(
+        [reply, *rest] = as_uid(
             65534, d.socket, [{"op": "ping", "id": 1}, {"op": "ping", "id": 2}]
         )
         assert reply["op"] == "error" and reply["code"] == "forbidden" and reply["id"] is None
@@ -312,7 +260,7 @@ def test_isolated_peers_cannot_see_each_others_sessions(short_dir: Path) -> None
         )
 
         def act(uid: int, secret: str) -> list[dict[str, Any]]:
-            return _as_uid(
+            return as_uid(
                 uid,
                 d.socket,
                 [
@@ -346,7 +294,7 @@ def test_isolated_peers_cannot_see_each_others_sessions(short_dir: Path) -> None
         assert [s["session_tag"] for s in a[3]["sessions"]] == ["chat"]
         assert a[4]["code"] == "bad_request"  # no forging another namespace
         assert a[5]["code"] == "forbidden"  # a backup would hold everyone's data
-        cleared = _as_uid(
+        cleared = as_uid(
             65534,
             d.socket,
             [{"op": "clear_all", "id": 1}, {"op": "pop", "id": 2, "session_tag": "chat"}],
@@ -355,7 +303,7 @@ def test_isolated_peers_cannot_see_each_others_sessions(short_dir: Path) -> None
         # b's data and the daemon uid's plain tags are untouched.
         assert [
             m["content"]
-            for m in _as_uid(65533, d.socket, [{"op": "history", "id": 1, "session_tag": "chat"}])[
+            for m in as_uid(65533, d.socket, [{"op": "history", "id": 1, "session_tag": "chat"}])[
                 0
             ]["messages"]
         ] == ["secret of b"]
