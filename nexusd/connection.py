@@ -48,6 +48,7 @@ import math
 from typing import TYPE_CHECKING, Any, Final, cast
 
 from . import protocol as p
+from .batch import Op
 from .dispatch import READS, Build, Dispatcher
 from .errors import Internal, NexusError, Overloaded, TooLarge, Unavailable
 from .framing import FrameDecoder, encode_frame
@@ -104,6 +105,8 @@ class Connection(asyncio.BufferedProtocol):
         #: Frames that must wait, each with the budget reserved for it (big frames).
         self._backlog: collections.deque[tuple[bytes, int]] = collections.deque()
         self._backlog_task: asyncio.Task[None] | None = None
+        #: The write job of the frame _handle last found the queue full for.
+        self._full: tuple[int, Op, Build] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._reading = True
         self._write_paused = False
@@ -247,6 +250,7 @@ class Connection(asyncio.BufferedProtocol):
                 op, build = job
                 if not reserved:  # the hot path: a small frame
                     if not self.server.writer.submit_nowait(op, self._done(req.id, build)):
+                        self._full = (req.id, op, build)
                         return _QUEUE_FULL
                     self._take()
                     return _DONE
@@ -261,6 +265,7 @@ class Connection(asyncio.BufferedProtocol):
                     if not queued:
                         self.share.adopt(hold)
                 if not queued:
+                    self._full = (req.id, op, build)
                     return _QUEUE_FULL
                 self._take()
                 return _DONE
@@ -317,17 +322,16 @@ class Connection(asyncio.BufferedProtocol):
                 if status == _READS_BUSY:
                     await self._wait()
                     continue
-                # The writer's queue is full: wait for room, in order, up to the deadline.
+                # The writer's queue is full: wait for room, in order, up to the
+                # deadline, with the job _handle just built (not decoded again).
                 self._backlog.popleft()
-                req = p.decode_request(body)  # it decoded a moment ago
-                job = self.dispatcher.write_job(req) if self.dispatcher else None
-                assert job is not None
-                op, build = job
+                assert self._full is not None
+                (rid, op, build), self._full = self._full, None
                 self._take()
                 hold = self.share.detach(reserved)
                 try:
                     await self.server.writer.submit(
-                        op, self._done(req.id, build, hold), timeout=cfg.enqueue_timeout
+                        op, self._done(rid, build, hold), timeout=cfg.enqueue_timeout
                     )
                 except BaseException as exc:
                     # Not queued: the reservation is the connection's again
@@ -335,7 +339,7 @@ class Connection(asyncio.BufferedProtocol):
                     self._credit += self.share.adopt(hold)
                     if not isinstance(exc, NexusError):
                         raise
-                    self._error(req.id, exc)
+                    self._error(rid, exc)
         finally:
             self._backlog_task = None
             self._set_reading()
