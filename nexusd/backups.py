@@ -24,6 +24,7 @@ from typing import Final
 
 import anyio
 
+from .dbfiles import DbFiles
 from .errors import NotFound, Overloaded, Unavailable
 from .schema import snapshot
 
@@ -43,7 +44,8 @@ class Snapshots:
 
     def __init__(self, db_path: Path, *, max_snapshots: int = 2) -> None:
         self.db_path = db_path
-        self.dir = db_path.parent
+        self.files = DbFiles.of(db_path)
+        self.dir = self.files.db.parent
         self.max_snapshots = max_snapshots
         self._files: dict[str, Path] = {}
         #: Owner (a connection's dispatcher) -> its tokens, including snapshots
@@ -69,20 +71,16 @@ class Snapshots:
         The client compares its destination with these before writing, so a
         backup can never be renamed over a file the daemon has open (which
         would silently detach the daemon from the database everyone sees).
-        Both the configured path and the resolved one are covered: SQLite
-        names the WAL after the resolved path, the lock may follow either.
+        The files are those of the resolved path (where SQLite keeps them); a
+        destination that is a link to one of them has its identity anyway.
         """
-        bases = {str(self.db_path), os.path.realpath(self.db_path)}
         out: list[list[int]] = []
-        for base in sorted(bases):
-            for suffix in ("", "-wal", "-shm", "-journal", ".lock"):
-                try:
-                    st = os.stat(base + suffix)
-                except OSError:
-                    continue
-                ident = [st.st_dev, st.st_ino]
-                if ident not in out:
-                    out.append(ident)
+        for path in self.files.live():
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            out.append([st.st_dev, st.st_ino])
         return out
 
     def _check_space(self, estimate: int) -> None:
@@ -106,15 +104,6 @@ class Snapshots:
                 f"{free // MiB} MiB free, about {-(-need // MiB)} MiB needed"
             )
 
-    def _db_bytes(self) -> int:
-        total = 0
-        for suffix in ("", "-wal"):
-            try:
-                total += os.stat(f"{self.db_path}{suffix}").st_size
-            except OSError:
-                pass
-        return total
-
     async def begin(self, owner: object) -> tuple[str, int]:
         """Take a snapshot for ``owner``; return its token and size."""
         held = self._owned.setdefault(owner, set())
@@ -128,7 +117,7 @@ class Snapshots:
                 f"{self.held} backup snapshot(s) already held (max_snapshots); retry later",
                 retry_after=5.0,
             )
-        estimate = self._db_bytes()
+        estimate = self.files.bytes_on_disk()
         self._check_space(estimate)
         token = secrets.token_hex(12)
         dest = self.dir / f"{_PREFIX}{token}.db"

@@ -55,6 +55,20 @@ class DbFiles:
     def lock(self) -> Path:
         return Path(f"{self.db}.lock")
 
+    def live(self) -> tuple[Path, ...]:
+        """Every file a running daemon writes: nothing may ever be renamed over them."""
+        return (self.db, self.wal, self.shm, Path(f"{self.db}-journal"), self.lock)
+
+    def bytes_on_disk(self) -> int:
+        """Size of the database and its WAL (0 for what is not there)."""
+        total = 0
+        for path in (self.db, self.wal):
+            try:
+                total += os.stat(path).st_size
+            except OSError:
+                pass
+        return total
+
 
 class LockError(NexusError):
     """The single-instance lock cannot be taken (held by another daemon, or an OS error)."""

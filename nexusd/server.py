@@ -282,7 +282,7 @@ class Server:
             buffered_max=self.budget.total,
             buffered_waiting=self.budget.waiting,
             uptime_s=round(time.monotonic() - self.started, 3),
-            db_bytes=_size(self.files.db) + _size(self.files.wal),
+            db_bytes=self.files.bytes_on_disk(),
             max_messages=self.config.max_messages,
             synchronous=self.config.synchronous,
             version=__version__,
@@ -424,10 +424,3 @@ def _clear_stale_socket(path: Path) -> None:
     finally:
         probe.close()
     raise StartupError(f"another nexusd is already listening on {path}")
-
-
-def _size(path: Path) -> int:
-    try:
-        return path.stat().st_size
-    except OSError:
-        return 0
