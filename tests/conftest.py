@@ -352,3 +352,26 @@ def as_uid(
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     return msgspec.msgpack.decode(data)  # type: ignore[no-any-return]
+
+
+def session_rows(db: Path, tag: str) -> list[tuple[int, str]]:
+    """(id, content) of a session, read straight from the SQLite file."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute(
+            "SELECT id, content FROM nexus_messages WHERE session_tag = ? ORDER BY id", (tag,)
+        ).fetchall()
+    finally:
+        conn.close()
+
+
+def only_connection(raw: RawSync, deadline: float = 10.0) -> RawSync:
+    """Wait until ``raw`` is the daemon's only connection (the start-up probe's
+    may not be reaped yet); return it."""
+    end = time.monotonic() + deadline
+    while raw.call({"op": "stats", "id": 0})["stats"]["connections"] > 1:
+        assert time.monotonic() < end
+        time.sleep(0.02)  # poll interval of a deadline loop
+    return raw

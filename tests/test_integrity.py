@@ -24,17 +24,7 @@ from nexusd import Client, NexusError
 from nexusd.dbfiles import FileWatch
 from nexusd.errors import Unavailable
 from nexusd.schema import integrity_check
-from tests.conftest import SEED, Daemon, _new_daemon, run_cli
-
-
-def _rows(db: Path, tag: str) -> list[tuple[int, str]]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(
-            "SELECT id, content FROM nexus_messages WHERE session_tag = ? ORDER BY id", (tag,)
-        ).fetchall()
-    finally:
-        conn.close()
+from tests.conftest import SEED, Daemon, _new_daemon, run_cli, session_rows
 
 
 def _sql_outside(db: Path, sql: str) -> None:
@@ -80,7 +70,7 @@ def test_out_of_band_delete_cannot_prune_the_row_being_acknowledged(short_dir: P
             assert stats["storage_ok"] is True
     finally:
         d.stop()
-    assert [i for i, _ in _rows(d.db, "s")] == more
+    assert [i for i, _ in session_rows(d.db, "s")] == more
 
 
 @pytest.mark.skipif(not SEED.exists(), reason="v1 seed store not beside the checkout")
@@ -274,8 +264,8 @@ def test_deleted_database_files_refuse_writes_and_lose_nothing_acknowledged(
     if victim == "":
         assert f"/proc/{pid}/fd/" in writer_errors[0]
         assert integrity_check(rescued) == ["ok"]
-        assert _rows(d.db, "s") == []  # the restarted daemon began a new, empty file
-    stored = dict(_rows(source, "s"))
+        assert session_rows(d.db, "s") == []  # the restarted daemon began a new, empty file
+    stored = dict(session_rows(source, "s"))
     assert {i: stored.get(i) for i in acked} == acked
 
 

@@ -20,7 +20,15 @@ import msgspec
 import pytest
 
 from nexusd.framing import FrameDecoder, encode_frame
-from tests.conftest import Daemon, RawSync, _new_daemon, as_uid, rss_bytes, write_config
+from tests.conftest import (
+    Daemon,
+    RawSync,
+    _new_daemon,
+    as_uid,
+    only_connection,
+    rss_bytes,
+    write_config,
+)
 
 needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
 
@@ -61,12 +69,7 @@ def test_one_uid_over_its_cap_is_refused_while_another_uid_gets_in(short_dir: Pa
     )
     d = _new_daemon(short_dir, "--config", str(cfg)).start()
     try:
-        first = RawSync(d.socket)
-        deadline = time.monotonic() + 10
-        # The start-up probe's connection may not be reaped yet: wait until only we remain.
-        while first.call({"op": "stats", "id": 0})["stats"]["connections"] > 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)  # poll interval of a deadline loop
+        first = only_connection(RawSync(d.socket))
         held = [first] + [RawSync(d.socket) for _ in range(3)]
         for c in held:
             assert c.call({"op": "ping", "id": 1})["op"] == "ping"

@@ -19,7 +19,15 @@ import msgspec
 from nexusd import Client
 from nexusd.framing import encode_frame
 from nexusd.schema import integrity_check
-from tests.conftest import Daemon, RawSync, _new_daemon, rss_bytes, run_cli, write_config
+from tests.conftest import (
+    Daemon,
+    RawSync,
+    _new_daemon,
+    only_connection,
+    rss_bytes,
+    run_cli,
+    write_config,
+)
 
 
 def _frames(n: int, start: int = 0, tag: str = "nexus", size: int = 20) -> bytes:
@@ -164,12 +172,7 @@ def test_connection_cap_refuses_the_excess_with_overloaded(short_dir: Path) -> N
     cfg = write_config(short_dir / "c.toml", max_connections=3, max_connections_per_uid=3)
     d = _new_daemon(short_dir, "--config", str(cfg)).start()
     try:
-        first = RawSync(d.socket)
-        deadline = time.monotonic() + 10
-        # The start-up probe's connection may not be reaped yet: wait until only we remain.
-        while first.call({"op": "stats", "id": 0})["stats"]["connections"] > 1:
-            assert time.monotonic() < deadline
-            time.sleep(0.02)
+        first = only_connection(RawSync(d.socket))
         held = [first, RawSync(d.socket), RawSync(d.socket)]
         for c in held:
             assert c.call({"op": "ping", "id": 1})["op"] == "ping"

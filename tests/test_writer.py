@@ -14,6 +14,7 @@ import pytest
 from nexusd.batch import ClearAll, ClearSession, Insert, PopNewest
 from nexusd.errors import BadRequest, Internal, NexusError, Overloaded, Unavailable
 from nexusd.writer import Writer
+from tests.conftest import session_rows
 
 pytestmark = pytest.mark.anyio
 
@@ -34,16 +35,6 @@ class Running:
     async def append(self, tag: str, content: str, **kw: Any) -> int:
         ids: list[int] = await self.w.call(Insert(tag, [row(content, ts=kw.get("ts"))]))
         return ids[0]
-
-
-def _db_rows(db: Path, tag: str) -> list[tuple[int, str]]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute(
-            "SELECT id, content FROM nexus_messages WHERE session_tag = ? ORDER BY id", (tag,)
-        ).fetchall()
-    finally:
-        conn.close()
 
 
 class WriterHarness:
@@ -79,7 +70,7 @@ async def test_concurrent_appends_are_batched_into_few_transactions(tmp_path: Pa
         assert w.stats.ops == 500
         # Group commit: far fewer transactions than appends.
         assert w.stats.batches < 100, w.stats.batches
-    assert len(_db_rows(tmp_path / "n.db", "t")) == 500
+    assert len(session_rows(tmp_path / "n.db", "t")) == 500
 
 
 async def test_jobs_from_one_task_commit_in_submission_order(tmp_path: Path) -> None:
@@ -94,7 +85,7 @@ async def test_jobs_from_one_task_commit_in_submission_order(tmp_path: Path) -> 
         await w.call(Insert("t", [row("last")]))
         ids = [results[i][0] for i in range(300)]
         assert ids == sorted(ids)
-    assert [c for _, c in _db_rows(tmp_path / "n.db", "t")][:300] == [str(i) for i in range(300)]
+    assert [c for _, c in session_rows(tmp_path / "n.db", "t")][:300] == [str(i) for i in range(300)]
 
 
 async def test_pruning_keeps_exactly_the_newest_n(tmp_path: Path) -> None:
@@ -107,9 +98,9 @@ async def test_pruning_keeps_exactly_the_newest_n(tmp_path: Path) -> None:
         await w.call(Insert("b", [row(f"b{i}") for i in range(5, 9)]))
         await r.append("c", "c0")
         assert w.stats.pruned == 7 + 4
-    assert [c for _, c in _db_rows(db, "a")] == [f"a{i}" for i in range(7, 12)]
-    assert [c for _, c in _db_rows(db, "b")] == [f"b{i}" for i in range(4, 9)]
-    assert [c for _, c in _db_rows(db, "c")] == ["c0"]
+    assert [c for _, c in session_rows(db, "a")] == [f"a{i}" for i in range(7, 12)]
+    assert [c for _, c in session_rows(db, "b")] == [f"b{i}" for i in range(4, 9)]
+    assert [c for _, c in session_rows(db, "c")] == ["c0"]
 
 
 async def test_pruning_counts_survive_restart_and_external_rows(tmp_path: Path) -> None:
@@ -120,7 +111,7 @@ async def test_pruning_counts_survive_restart_and_external_rows(tmp_path: Path) 
     # A new writer must count what is already there, not start from zero.
     async with WriterHarness(db, max_messages=3) as w:
         await Running(w).append("s", "x3")
-    assert [c for _, c in _db_rows(db, "s")] == ["x1", "x2", "x3"]
+    assert [c for _, c in session_rows(db, "s")] == ["x1", "x2", "x3"]
 
 
 async def test_counts_stay_right_after_pop_and_clear(tmp_path: Path) -> None:
@@ -132,23 +123,23 @@ async def test_counts_stay_right_after_pop_and_clear(tmp_path: Path) -> None:
         popped = await w.call(PopNewest("s"))
         assert popped[2] == "x2"
         await r.append("s", "y")  # 3 rows again: nothing pruned
-        assert [c for _, c in _db_rows(db, "s")] == ["x0", "x1", "y"]
+        assert [c for _, c in session_rows(db, "s")] == ["x0", "x1", "y"]
         assert await w.call(ClearSession("s")) == 3
         for i in range(3):
             await r.append("s", f"z{i}")
-        assert [c for _, c in _db_rows(db, "s")] == ["z0", "z1", "z2"]
+        assert [c for _, c in session_rows(db, "s")] == ["z0", "z1", "z2"]
         await r.append("other", "o")
         assert await w.call(ClearAll()) == 4
         await r.append("s", "after")
         assert await w.call(PopNewest("empty")) is None
-    assert [c for _, c in _db_rows(db, "s")] == ["after"]
+    assert [c for _, c in session_rows(db, "s")] == ["after"]
 
 
 async def test_unbounded_when_max_messages_is_zero(tmp_path: Path) -> None:
     async with WriterHarness(tmp_path / "n.db", max_messages=0) as w:
         await w.call(Insert("s", [row(str(i)) for i in range(700)]))
         assert w.stats.pruned == 0
-    assert len(_db_rows(tmp_path / "n.db", "s")) == 700
+    assert len(session_rows(tmp_path / "n.db", "s")) == 700
 
 
 async def test_insert_many_gets_consecutive_ids_and_one_timestamp(tmp_path: Path) -> None:
@@ -202,7 +193,7 @@ async def test_storage_fault_fails_the_whole_batch_and_the_writer_recovers(tmp_p
         assert "nothing was written" in str(errors[0])
         conn.execute("PRAGMA max_page_count = 1073741823")  # the fault clears
         after = await r.append("s", "after")
-    rows = _db_rows(db, "s")
+    rows = session_rows(db, "s")
     assert [i for i, _ in rows] == [*kept, after]
     assert not any(c == big for _, c in rows)
 
@@ -256,7 +247,7 @@ async def test_idempotency_key_returns_the_original_id_and_stores_nothing(tmp_pa
         mixed = await w.call(Insert("s", [row("d", key="k2"), row("e"), row("f", key="k4")]))
         assert mixed[0] == results[0][0] and mixed[1] < mixed[2]
         assert w.stats.rows == 1 + 1 + 2 + 2
-    assert [c for _, c in _db_rows(db, "s")] == ["a", "b", "c", "e", "f"]
+    assert [c for _, c in session_rows(db, "s")] == ["a", "b", "c", "e", "f"]
 
 
 async def _collect(w: Writer, out: list[list[int]], rows: list[Any]) -> None:
@@ -300,7 +291,7 @@ async def test_large_overflow_is_pruned_exactly(tmp_path: Path) -> None:
             assert w.submit_nowait(Insert("big", [row(f"b{k}{i}") for i in range(10)]), done.append)
         await w.call(Insert("big", [row("c")]))
         assert w.stats.pruned == 51 and w.stats.batches == 2
-    assert [c for _, c in _db_rows(db, "big")] == [f"b4{i}" for i in range(1, 10)] + ["c"]
+    assert [c for _, c in session_rows(db, "big")] == [f"b4{i}" for i in range(1, 10)] + ["c"]
 
 
 async def test_lowering_max_messages_prunes_the_whole_overflow_at_once(tmp_path: Path) -> None:
@@ -310,8 +301,8 @@ async def test_lowering_max_messages_prunes_the_whole_overflow_at_once(tmp_path:
     async with WriterHarness(db, max_messages=10) as w:
         ids = await w.call(Insert("s", [row("new")]))
         assert w.stats.pruned == 51
-    assert [c for _, c in _db_rows(db, "s")] == [f"a{i}" for i in range(51, 60)] + ["new"]
-    assert _db_rows(db, "s")[-1][0] == ids[0]
+    assert [c for _, c in session_rows(db, "s")] == [f"a{i}" for i in range(51, 60)] + ["new"]
+    assert session_rows(db, "s")[-1][0] == ids[0]
 
 
 async def test_append_many_over_max_messages_is_refused_naming_it(tmp_path: Path) -> None:
@@ -322,7 +313,7 @@ async def test_append_many_over_max_messages_is_refused_naming_it(tmp_path: Path
             await w.call(Insert("s", [row(str(i)) for i in range(4)]))
         assert err.value.field == "messages"
         assert len(await w.call(Insert("s", [row(str(i)) for i in range(3)]))) == 3
-    assert [c for _, c in _db_rows(db, "s")] == ["0", "1", "2"]
+    assert [c for _, c in session_rows(db, "s")] == ["0", "1", "2"]
 
 
 async def test_a_crash_inside_a_batch_answers_internal_and_the_writer_goes_on(
@@ -335,7 +326,7 @@ async def test_a_crash_inside_a_batch_answers_internal_and_the_writer_goes_on(
             await w.call(object())  # type: ignore[arg-type]
         ids = await w.call(Insert("t", [row("after the crash")]))
         assert len(ids) == 1
-    assert _db_rows(tmp_path / "n.db", "t") == [(ids[0], "after the crash")]
+    assert session_rows(tmp_path / "n.db", "t") == [(ids[0], "after the crash")]
 
 
 async def test_rows_deleted_by_another_connection_are_recounted_before_pruning(
@@ -355,9 +346,9 @@ async def test_rows_deleted_by_another_connection_are_recounted_before_pruning(
         for i in range(3):
             await r.append("s", f"n{i}")
         assert w.stats.pruned == 1
-    assert [c for _, c in _db_rows(db, "s")] == ["n0", "n1", "n2"]
+    assert [c for _, c in session_rows(db, "s")] == ["n0", "n1", "n2"]
     assert sum("another program committed" in r.message for r in caplog.records) == 1
-    assert new < _db_rows(db, "s")[0][0]
+    assert new < session_rows(db, "s")[0][0]
 
 
 async def test_a_resend_in_a_batch_that_prunes_its_row_gets_the_original_id(
@@ -378,7 +369,7 @@ async def test_a_resend_in_a_batch_that_prunes_its_row_gets_the_original_id(
         assert done[1] == original and w.stats.pruned == 1
         await w.call(Insert("s", [row("d")]))
         assert w.stats.pruned == 2
-    assert [c for _, c in _db_rows(db, "s")] == ["b", "c", "d"]
+    assert [c for _, c in session_rows(db, "s")] == ["b", "c", "d"]
 
 
 async def test_a_producer_told_overloaded_never_has_its_job_committed(
