@@ -18,6 +18,7 @@ import secrets
 import socket
 import stat
 import struct
+import sys
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
@@ -272,13 +273,14 @@ def check_server(sock: Any, path: os.PathLike[str] | str, trusted: frozenset[int
         )
 
 
-def frame_limit(hello: p.HelloReply) -> int | None:
-    return hello.limits.get("max_frame")
+def frame_limit(hello: p.HelloReply) -> int:
+    """The daemon's frame limit (no limit when it states none)."""
+    return hello.limits.get("max_frame", sys.maxsize)
 
 
-def check_frame(size: int, max_frame: int | None) -> None:
+def check_frame(size: int, max_frame: int) -> None:
     """Refuse locally a request the daemon would reject by closing the connection."""
-    if max_frame is not None and size > max_frame:
+    if size > max_frame:
         raise TooLarge(
             f"the request is {size} bytes, over the daemon's frame limit of {max_frame} "
             "bytes (max_frame); send less at once"

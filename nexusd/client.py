@@ -178,8 +178,8 @@ class AsyncClient:
                 hello = p.Hello(id=next(self._ids), client=calls.CLIENT_NAME)
                 frame = encode_frame(p.encoder.encode(hello))
                 reply = await link.roundtrip(hello.id, frame, self.timeout)
-                link.max_frame = calls.frame_limit(calls.expect(reply, p.HelloReply)) or 0
-            calls.check_frame(len(body), link.max_frame or None)
+                link.max_frame = calls.frame_limit(calls.expect(reply, p.HelloReply))
+            calls.check_frame(len(body), link.max_frame)
         return await link.roundtrip(rid, encode_frame(body), self.timeout)
 
     async def _call(self, req: Any) -> Any:
@@ -431,9 +431,9 @@ class Client:
             if self._max_frame is None:
                 hello = p.Hello(id=next(self._ids), client=calls.CLIENT_NAME)
                 reply = self._roundtrip(sock, hello.id, encode_frame(p.encoder.encode(hello)))
-                self._max_frame = calls.frame_limit(calls.expect(reply, p.HelloReply)) or 0
+                self._max_frame = calls.frame_limit(calls.expect(reply, p.HelloReply))
             # Refused here, before sending: the connection stays usable.
-            calls.check_frame(len(body), self._max_frame or None)
+            calls.check_frame(len(body), self._max_frame)
         return self._roundtrip(sock, rid, encode_frame(body))
 
     def _roundtrip(self, sock: socket.socket, rid: int, frame: bytes) -> Any:
