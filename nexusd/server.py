@@ -70,9 +70,7 @@ class Server:
         self.budget = Budget(config.max_buffered)
         self.draining = False
         self.inflight = 0
-        self.connections = 0
         self._per_uid: collections.Counter[int] = collections.Counter()
-        self._uid_of: dict[Connection, int] = {}
         self.started = time.monotonic()
         self._stop = anyio.Event()
         self._idle = anyio.Event()
@@ -81,7 +79,8 @@ class Server:
         self._socket_id: tuple[int, int] = (0, 0)
         self._where: list[str] = []
         self._accepted = 0
-        self._live: set[Connection] = set()
+        #: Admitted connections and their peer's uid.
+        self._live: dict[Connection, int] = {}
         self._reporting = anyio.CancelScope()
         self._allowed_uids = config.allowed_uids()
         self._allowed_gids = config.allowed_gids()
@@ -225,19 +224,20 @@ class Server:
                 cfg.max_connections_per_uid,
             )
             return Overloaded("too many connections from this uid", retry_after=1.0), None
-        self.connections += 1
         self._accepted += 1
-        self._live.add(conn)
+        self._live[conn] = peer.uid
         self._per_uid[peer.uid] += 1
-        self._uid_of[conn] = peer.uid
         return None, namespace_for(peer, isolate=self.config.isolate_peers, admin_uids=self._admins)
+
+    @property
+    def connections(self) -> int:
+        """Connections admitted and not yet gone."""
+        return len(self._live)
 
     def forget(self, conn: Connection) -> None:
         """An admitted connection ended; the replies it was owed can no longer go out."""
-        if conn in self._live:
-            self._live.discard(conn)
-            self.connections -= 1
-            uid = self._uid_of.pop(conn)
+        uid = self._live.pop(conn, None)
+        if uid is not None:
             self._per_uid[uid] -= 1
             if not self._per_uid[uid]:
                 del self._per_uid[uid]
