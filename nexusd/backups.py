@@ -163,10 +163,13 @@ class Snapshots:
 
         return await anyio.to_thread.run_sync(read)
 
-    def end(self, token: str) -> None:
+    def owns(self, owner: object, token: str) -> bool:
+        """Whether ``token`` names a snapshot ``owner`` took (handles are per connection)."""
+        return token in self._owned.get(owner, ())
+
+    def end(self, owner: object, token: str) -> None:
+        self._owned.get(owner, set()).discard(token)
         path = self._files.pop(token, None)
-        for tokens in self._owned.values():
-            tokens.discard(token)
         if path is None:
             raise NotFound("no such backup in progress", field="backup")
         path.unlink(missing_ok=True)

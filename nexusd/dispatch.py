@@ -45,7 +45,6 @@ class Dispatcher:
         self.max_frame = server.config.max_frame
         self.max_content = server.config.max_content
         self.max_meta = server.config.max_meta
-        self.backups: set[str] = set()  # snapshot tokens this connection owns
 
     # ── requests answered on the spot ─────────────────────────────────────
     def immediate(self, req: Any) -> Any | None:
@@ -229,11 +228,10 @@ class Dispatcher:
                 raise Forbidden("backups need an admin uid when isolate_peers is on")
             # One per connection, max_snapshots in total, enough free space.
             token, size = await snapshots.begin(self)
-            self.backups.add(token)
             return p.BackupBeginReply(
                 id=req.id, backup=token, size=size, files=snapshots.live_files()
             )
-        if isinstance(req, (p.BackupRead, p.BackupEnd)) and req.backup not in self.backups:
+        if isinstance(req, (p.BackupRead, p.BackupEnd)) and not snapshots.owns(self, req.backup):
             raise NotFound("no such backup on this connection", field="backup")
         if isinstance(req, p.BackupRead):
             # The reply always fits the frame: a smaller frame limit gets shorter chunks.
@@ -241,15 +239,13 @@ class Dispatcher:
             data, eof = await snapshots.read(req.backup, req.offset, length)
             return p.BackupReadReply(id=req.id, data=data, eof=eof)
         if isinstance(req, p.BackupEnd):
-            self.backups.discard(req.backup)
-            snapshots.end(req.backup)
+            snapshots.end(self, req.backup)
             return p.BackupEndReply(id=req.id)
         raise BadRequest(f"unsupported operation {type(req).__name__}", field="op")
 
     def release(self) -> None:
         """The connection is gone: drop its snapshots (also one still being taken)."""
         self.server.snapshots.release(self)
-        self.backups.clear()
 
 
 def row_to_message(row: tuple[Any, ...]) -> p.Message:
