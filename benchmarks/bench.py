@@ -44,7 +44,7 @@ from typing import Any
 import anyio
 
 from nexusd import AsyncClient
-from nexusd.schema import open_writer
+from nexusd.storage.schema import open_writer
 
 ROOT = Path(__file__).resolve().parents[1]
 SEED = ROOT.parent / "shared" / "seed" / "nexus_store_v1.py"

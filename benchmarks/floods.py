@@ -29,7 +29,7 @@ from pathlib import Path
 
 import msgspec
 
-from nexusd.framing import FrameDecoder, encode_frame
+from nexusd.wire.framing import FrameDecoder, encode_frame
 
 MiB = 1024 * 1024
 
@@ -84,8 +84,15 @@ def main() -> None:
         gdec = FrameDecoder(64 * MiB)
         if args.flood == "history":
             for _ in range(2):  # 40 x 100 kB = one ~4 MB page
-                call(good, gdec, {"op": "append_many", "id": 1, "messages": [
-                    {"role": "u", "content": "z" * 100_000} for _ in range(20)]})
+                call(
+                    good,
+                    gdec,
+                    {
+                        "op": "append_many",
+                        "id": 1,
+                        "messages": [{"role": "u", "content": "z" * 100_000} for _ in range(20)],
+                    },
+                )
         time.sleep(1)
         baseline = rss(proc.pid)
         stop = threading.Event()

@@ -29,7 +29,7 @@ import anyio
 from bench import serve_command, wait_socket  # the sibling script: python benchmarks/soak.py
 
 from nexusd import AsyncClient, NexusError
-from nexusd.schema import integrity_check
+from nexusd.storage.schema import integrity_check
 
 
 class Daemon:

@@ -3,26 +3,45 @@
 Clients import from here::
 
     from nexusd import Client, AsyncClient, Message, NexusError
+
+The package is laid out by role, and imports point one way::
+
+    cli ─→ daemon ─→ storage ─→ wire
+    client ─────────────────────↗
+
+:mod:`nexusd.wire` (message types, framing, error codes) is shared by both
+sides; :mod:`nexusd.storage` keeps the messages; :mod:`nexusd.daemon` serves
+them; :mod:`nexusd.client` talks to it; :mod:`nexusd.cli` is the command.
+
+The names below are loaded on first use (PEP 562), so importing the daemon
+does not import the clients.
 """
 
 from __future__ import annotations
 
+import importlib
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
 
-from .client import AsyncClient, Client
-from .errors import (
-    BadRequest,
-    ConnectionLost,
-    DaemonNotRunning,
-    Forbidden,
-    Internal,
-    NexusError,
-    NotFound,
-    Overloaded,
-    TooLarge,
-    Unavailable,
-)
-from .protocol import Message, SessionInfo
+#: Public name -> the module that defines it.
+_EXPORTS = {
+    "AsyncClient": "nexusd.client",
+    "Client": "nexusd.client",
+    "BadRequest": "nexusd.wire.errors",
+    "ConnectionLost": "nexusd.wire.errors",
+    "DaemonNotRunning": "nexusd.wire.errors",
+    "Forbidden": "nexusd.wire.errors",
+    "Internal": "nexusd.wire.errors",
+    "NexusError": "nexusd.wire.errors",
+    "NotFound": "nexusd.wire.errors",
+    "Overloaded": "nexusd.wire.errors",
+    "Timeout": "nexusd.wire.errors",
+    "TooLarge": "nexusd.wire.errors",
+    "Unavailable": "nexusd.wire.errors",
+    "Message": "nexusd.wire.protocol",
+    "SessionInfo": "nexusd.wire.protocol",
+}
 
 __all__ = [
     "AsyncClient",
@@ -37,7 +56,38 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "SessionInfo",
+    "Timeout",
     "TooLarge",
     "Unavailable",
     "__version__",
 ]
+
+if TYPE_CHECKING:
+    from .client import AsyncClient, Client
+    from .wire.errors import (
+        BadRequest,
+        ConnectionLost,
+        DaemonNotRunning,
+        Forbidden,
+        Internal,
+        NexusError,
+        NotFound,
+        Overloaded,
+        Timeout,
+        TooLarge,
+        Unavailable,
+    )
+    from .wire.protocol import Message, SessionInfo
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'nexusd' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value  # once loaded, a plain attribute
+    return value
+
+
+def __dir__() -> list[str]:
+    return __all__

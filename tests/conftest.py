@@ -24,8 +24,8 @@ from typing import Any
 import anyio
 import pytest
 
-from nexusd.config import Config
-from nexusd.server import Server
+from nexusd.daemon.config import Config
+from nexusd.daemon.server import Server
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "nexus_store_v1.py"
 SLOW_DAEMON = Path(__file__).resolve().parent / "slow_daemon.py"
@@ -231,7 +231,7 @@ class RawSync:
     def __init__(self, path: Path, timeout: float = 10.0) -> None:
         import msgspec  # noqa: F401  (kept local: conftest stays light)
 
-        from nexusd.framing import FrameDecoder
+        from nexusd.wire.framing import FrameDecoder
 
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -242,7 +242,7 @@ class RawSync:
     def send(self, obj: Any) -> None:
         import msgspec
 
-        from nexusd.framing import encode_frame
+        from nexusd.wire.framing import encode_frame
 
         body = obj if isinstance(obj, bytes) else msgspec.msgpack.encode(obj)
         self.sock.sendall(encode_frame(body))
@@ -304,7 +304,7 @@ def as_uid(
     (``{"op": "closed"}`` where the daemon hung up instead).  Needs root."""
     import msgspec
 
-    from nexusd.framing import FrameDecoder, encode_frame
+    from nexusd.wire.framing import FrameDecoder, encode_frame
 
     r, w = os.pipe()
     pid = os.fork()

@@ -1,7 +1,7 @@
 """Test hook, kept out of the product: ``nexusd`` whose writer sleeps in every batch.
 
 Run as ``python tests/slow_daemon.py SECONDS serve ...``.  The delay wraps
-:func:`nexusd.batch.run` (the one call per transaction) in this process only,
+:func:`nexusd.storage.writes.run` (the one call per transaction) in this process only,
 so no setting, variable or flag of the daemon can make it slow.
 """
 
@@ -15,7 +15,7 @@ from typing import Any
 
 def slowed(delay: float) -> Callable[[], None]:
     """Make every write transaction of this process take ``delay`` s longer; return an undo."""
-    import nexusd.batch as batch
+    import nexusd.storage.writes as batch
 
     real = batch.run
 
@@ -33,6 +33,6 @@ def slowed(delay: float) -> Callable[[], None]:
 
 if __name__ == "__main__":
     slowed(float(sys.argv[1]))
-    from nexusd.cli import main
+    from nexusd.cli.main import main
 
     sys.exit(main(sys.argv[2:]))

@@ -314,7 +314,9 @@ def test_a_symlinked_database_keeps_its_snapshots_beside_the_real_file(short_dir
             begin.close()
             stats = c.stats()
             on_disk = sum(
-                (real / n).stat().st_size for n in ("nexus.db", "nexus.db-wal") if (real / n).exists()
+                (real / n).stat().st_size
+                for n in ("nexus.db", "nexus.db-wal")
+                if (real / n).exists()
             )
             assert stats["db_bytes"] == on_disk > 10_000
     finally:
@@ -356,7 +358,7 @@ def test_backup_onto_the_daemons_socket_or_a_fifo_is_refused_before_any_snapshot
     daemon: Daemon, short_dir: Path
 ) -> None:
     """DEST = the daemon's own socket replaced it with the backup: every client cut off."""
-    from nexusd.errors import BadRequest
+    from nexusd.wire.errors import BadRequest
 
     fifo = short_dir / "fifo"
     os.mkfifo(fifo)

@@ -358,8 +358,18 @@ def _wait_blocked_in(pid: int, calls: set[str], fd: int | None = None) -> None:
 
 def test_ctrl_c_while_append_reads_stdin_exits_130(shared_daemon: Daemon, tag: str) -> None:
     proc = subprocess.Popen(
-        [sys.executable, "-m", "nexusd", "append", "u", "-", "--session", tag,
-         "--socket", str(shared_daemon.socket)],
+        [
+            sys.executable,
+            "-m",
+            "nexusd",
+            "append",
+            "u",
+            "-",
+            "--session",
+            tag,
+            "--socket",
+            str(shared_daemon.socket),
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -385,8 +395,15 @@ def test_ctrl_c_during_backup_exits_130_and_leaves_no_partial_file(
     daemon.proc.send_signal(signal.SIGSTOP)  # the backup waits on its answers
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "nexusd", "backup", str(out / "b.db"),
-             "--socket", str(daemon.socket)],
+            [
+                sys.executable,
+                "-m",
+                "nexusd",
+                "backup",
+                str(out / "b.db"),
+                "--socket",
+                str(daemon.socket),
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
         )
@@ -623,8 +640,9 @@ def test_defaults_that_need_a_home_directory_are_computed_only_when_needed(
     sock = str(short_dir / "s.sock")
     (short_dir / "adir").mkdir()
     # --db given: the default is never computed; this --db fails later, for its own reason.
-    rc, err = run_as(uid, lambda: _homeless(["serve", "--db", str(short_dir / "adir"),
-                                             "--socket", sock]))
+    rc, err = run_as(
+        uid, lambda: _homeless(["serve", "--db", str(short_dir / "adir"), "--socket", sock])
+    )
     assert rc == 1 and "directory" in err and "home" not in err, err
     assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err
     rc, err = run_as(uid, lambda: _homeless(["check", "--db", str(short_dir / "none.db")]))

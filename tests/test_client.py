@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from nexusd import AsyncClient, BadRequest, Client, DaemonNotRunning, Message, NexusError
-from nexusd.protocol import SessionInfo
+from nexusd.wire.protocol import SessionInfo
 from tests.conftest import Daemon, _new_daemon, write_config
 
 pytestmark = pytest.mark.anyio
@@ -26,7 +26,9 @@ async def test_async_client_every_operation(shared_daemon: Daemon, tag: str) -> 
         hello = await c.hello()
         assert hello.version == 1 and hello.limits["max_content"] == 1024 * 1024
         a = await c.append("user", "hello", session_tag=tag, meta={"model": "x", "n": [1, 2]})
-        b = await c.append("assistant", "hi", session_tag=tag, timestamp="2026-01-02T04:05:06+01:00")
+        b = await c.append(
+            "assistant", "hi", session_tag=tag, timestamp="2026-01-02T04:05:06+01:00"
+        )
         assert b > a
         ids = await c.append_many(
             [("user", "m1"), {"role": "tool", "content": "m2", "meta": {"ok": True}}],

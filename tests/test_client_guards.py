@@ -9,7 +9,7 @@ import anyio
 import pytest
 
 from nexusd import AsyncClient, Client
-from nexusd.errors import TooLarge
+from nexusd.wire.errors import TooLarge
 from tests.conftest import Daemon, _new_daemon, write_config
 
 
@@ -104,7 +104,7 @@ def test_with_retries_off_a_closed_connection_fails_once_then_reconnects(
 ) -> None:
     """retry_for=0: no silent reconnect (a stopped daemon stays stopped under socket
     activation); nothing is sent on the dead connection, and the next call reconnects."""
-    from nexusd.errors import ConnectionLost
+    from nexusd.wire.errors import ConnectionLost
 
     d = _new_daemon(short_dir).start()
     try:
@@ -131,10 +131,16 @@ def _unsendable() -> list[tuple[str, dict[str, Any], str]]:
         ("append", {"meta": [("a", 1)]}, "meta"),
         ("append", {"meta": {"when": object()}}, "meta"),
         ("append", {"meta": {"n": 10**30}}, "meta"),
-        ("append_many", {"messages": [("u", "ok"), {"role": "u", "content": "x", "meta": "s"}]},
-         "messages[1].meta"),
-        ("append_many", {"messages": [{"role": "u", "content": "x", "meta": {"n": -(2**70)}}]},
-         "messages[0].meta"),
+        (
+            "append_many",
+            {"messages": [("u", "ok"), {"role": "u", "content": "x", "meta": "s"}]},
+            "messages[1].meta",
+        ),
+        (
+            "append_many",
+            {"messages": [{"role": "u", "content": "x", "meta": {"n": -(2**70)}}]},
+            "messages[0].meta",
+        ),
         ("append_many", {"messages": ["ab"]}, "messages[0]"),
         ("append_many", {"messages": [{"role": "u"}]}, "messages[0]"),
         ("get_history", {"before_id": 99999999999999999999999}, "before_id"),
@@ -143,9 +149,7 @@ def _unsendable() -> list[tuple[str, dict[str, Any], str]]:
     ]
 
 
-def _call_args(
-    method: str, kwargs: dict[str, Any], tag: str
-) -> tuple[list[Any], dict[str, Any]]:
+def _call_args(method: str, kwargs: dict[str, Any], tag: str) -> tuple[list[Any], dict[str, Any]]:
     if method == "append":
         return ["user", "x"], {**kwargs, "session_tag": tag}
     if method == "append_many":
@@ -154,7 +158,7 @@ def _call_args(
 
 
 def test_blocking_client_refuses_what_it_cannot_encode(small_frames: Daemon) -> None:
-    from nexusd.errors import BadRequest
+    from nexusd.wire.errors import BadRequest
 
     with Client(small_frames.socket) as c:
         for method, kwargs, field in _unsendable():
@@ -168,7 +172,7 @@ def test_blocking_client_refuses_what_it_cannot_encode(small_frames: Daemon) -> 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
 def test_async_client_refuses_what_it_cannot_encode(small_frames: Daemon, backend: str) -> None:
-    from nexusd.errors import BadRequest
+    from nexusd.wire.errors import BadRequest
 
     async def main() -> None:
         async with AsyncClient(small_frames.socket, retry_for=0) as c:
@@ -183,7 +187,7 @@ def test_async_client_refuses_what_it_cannot_encode(small_frames: Daemon, backen
 
 
 def test_unusable_socket_paths_are_named_plainly(short_dir: Path) -> None:
-    from nexusd.errors import BadRequest, DaemonNotRunning
+    from nexusd.wire.errors import BadRequest, DaemonNotRunning
 
     with pytest.raises(BadRequest, match="socket_path must not be empty"):
         Client("")  # was Path("") == ".": "connection refused" on the working directory
@@ -206,7 +210,7 @@ def test_unusable_socket_paths_are_named_plainly(short_dir: Path) -> None:
 @pytest.mark.parametrize("timeout", [1e12, 86_400.5, 0, -1, float("nan"), float("inf"), "5"])
 def test_timeouts_out_of_range_are_refused_when_the_client_is_made(timeout: Any) -> None:
     """1e12 overflowed time_t in settimeout, after connecting: a bare OverflowError."""
-    from nexusd.errors import BadRequest
+    from nexusd.wire.errors import BadRequest
 
     for cls in (Client, AsyncClient):
         with pytest.raises(BadRequest, match="timeout must be") as info:
@@ -217,7 +221,7 @@ def test_timeouts_out_of_range_are_refused_when_the_client_is_made(timeout: Any)
 
 
 def test_lone_surrogates_are_refused_in_plain_words(small_frames: Daemon) -> None:
-    from nexusd.errors import BadRequest
+    from nexusd.wire.errors import BadRequest
 
     cases = [
         ({"meta": {"\ud800": 1}}, "meta"),
@@ -237,7 +241,7 @@ def test_lone_surrogates_are_refused_in_plain_words(small_frames: Daemon) -> Non
 
 @pytest.mark.parametrize("retry_for", [float("nan"), -1, float("inf"), "30", True])
 def test_retry_for_out_of_range_is_refused_when_the_client_is_made(retry_for: object) -> None:
-    from nexusd.errors import BadRequest
+    from nexusd.wire.errors import BadRequest
 
     with pytest.raises(BadRequest) as info:
         Client("/tmp/unused.sock", retry_for=retry_for)  # type: ignore[arg-type]
@@ -250,7 +254,7 @@ def test_retry_for_out_of_range_is_refused_when_the_client_is_made(retry_for: ob
 def test_async_client_with_retries_off_fails_once_then_reconnects(
     short_dir: Path, backend: str
 ) -> None:
-    from nexusd.errors import ConnectionLost
+    from nexusd.wire.errors import ConnectionLost
 
     d = _new_daemon(short_dir).start()
 

@@ -1,4 +1,4 @@
-"""nexusd.compat.NexusStore against the v1 store's own behaviour."""
+"""nexusd.client.compat.NexusStore against the v1 store's own behaviour."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from nexusd.compat import NexusStore
+from nexusd.client.compat import NexusStore
 from tests.conftest import SEED, Daemon
 
 

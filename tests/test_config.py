@@ -4,8 +4,8 @@ from pathlib import Path
 
 import pytest
 
-from nexusd.config import Config, ConfigError, load_config
-from nexusd.paths import default_db_path, default_socket_path, resolve_socket_path
+from nexusd.daemon.config import Config, ConfigError, load_config
+from nexusd.wire.paths import default_db_path, default_socket_path, resolve_socket_path
 
 
 def test_defaults_follow_systemd_then_xdg_then_tmp() -> None:

@@ -21,7 +21,7 @@ import anyio
 import pytest
 
 from nexusd import AsyncClient, NexusError
-from nexusd.schema import integrity_check
+from nexusd.storage.schema import integrity_check
 from tests.conftest import _new_daemon
 
 pytestmark = pytest.mark.anyio

@@ -17,19 +17,17 @@ def test_ci_runs_exactly_the_readme_test_command() -> None:
 def test_every_config_key_is_documented() -> None:
     from dataclasses import fields
 
-    from nexusd.config import Config
+    from nexusd.daemon.config import Config
 
     readme = (ROOT / "README.md").read_text()
-    undocumented = [
-        f.name for f in fields(Config) if f"`{f.name}`" not in readme
-    ]
+    undocumented = [f.name for f in fields(Config) if f"`{f.name}`" not in readme]
     assert undocumented == []
 
 
 def test_every_operation_is_documented_in_the_protocol_doc() -> None:
     import typing
 
-    from nexusd import protocol
+    from nexusd.wire import protocol
 
     doc = (ROOT / "docs" / "protocol.md").read_text()
     for cls in typing.get_args(protocol.Request):

@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexusd.errors import TooLarge
-from nexusd.framing import FrameDecoder, encode_frame
+from nexusd.wire.errors import TooLarge
+from nexusd.wire.framing import FrameDecoder, encode_frame
 
 
 def test_roundtrip_several_frames_in_one_feed() -> None:

@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from nexusd import Client
-from nexusd import protocol as p
-from nexusd.framing import FrameDecoder, encode_frame
+from nexusd.wire import protocol as p
+from nexusd.wire.framing import FrameDecoder, encode_frame
 from tests.conftest import Daemon, _new_daemon, write_config
 
 _TYPES = typing.get_args(p.Request)

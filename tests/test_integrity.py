@@ -21,9 +21,9 @@ from types import ModuleType
 import pytest
 
 from nexusd import Client, NexusError
-from nexusd.dbfiles import FileWatch
-from nexusd.errors import Unavailable
-from nexusd.schema import integrity_check
+from nexusd.storage.files import FileWatch
+from nexusd.storage.schema import integrity_check
+from nexusd.wire.errors import Unavailable
 from tests.conftest import SEED, Daemon, _new_daemon, run_cli, session_rows
 
 
@@ -154,9 +154,7 @@ def _settled(directory: Path, settle: float) -> None:
 
 
 @pytest.mark.parametrize("change", ["delete wal", "replace db", "move db", "move dir"])
-def test_file_watch_sees_a_change_once_the_directory_settled(
-    tmp_path: Path, change: str
-) -> None:
+def test_file_watch_sees_a_change_once_the_directory_settled(tmp_path: Path, change: str) -> None:
     # Between changes a check is one stat of the directory; any deletion,
     # rename or replacement changes the directory and is caught.
     base = tmp_path / "d"
@@ -247,7 +245,7 @@ def test_deleted_database_files_refuse_writes_and_lose_nothing_acknowledged(
             shutil.copyfile(copy, rescued)
     assert d.stop() == 0
     errors = _error_lines(d.log)
-    writer_errors = [line for line in errors if "nexusd.writer" in line]
+    writer_errors = [line for line in errors if "nexusd.daemon.writer" in line]
     assert len(writer_errors) == 1, errors
     assert "restarted" in writer_errors[0]
     assert len(errors) <= 2, errors  # and at most one from the readers

@@ -19,7 +19,7 @@ from typing import Any
 import msgspec
 import pytest
 
-from nexusd.framing import FrameDecoder, encode_frame
+from nexusd.wire.framing import FrameDecoder, encode_frame
 from tests.conftest import (
     Daemon,
     RawSync,
@@ -303,7 +303,9 @@ def test_floods_closed_mid_flight_give_their_budget_back(short_dir: Path) -> Non
             r = good.call({"op": "append_many", "id": i, "session_tag": "big", "messages": msgs})
             assert r["op"] == "append_many", r
         for i in range(5):
-            good.call({"op": "append", "id": i, "session_tag": "canary", "role": "u", "content": "c"})
+            good.call(
+                {"op": "append", "id": i, "session_tag": "canary", "role": "u", "content": "c"}
+            )
         flood = b"".join(
             encode_frame(
                 msgspec.msgpack.encode(

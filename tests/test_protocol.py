@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from nexusd import protocol as p
-from nexusd.errors import BadRequest, Overloaded, error_for_code
+from nexusd.wire import protocol as p
+from nexusd.wire.errors import BadRequest, Overloaded, error_for_code
 
 REQUESTS: list[Any] = [
     p.Hello(id=1, version=1, client="t"),
@@ -180,7 +180,11 @@ def test_nil_means_absent_for_every_optional_key(cls: type[Any], name: str, defa
         "offset": 0,
     }
     if cls is p.NewMessage:
-        body = {"op": "append_many", "id": 1, "messages": [{"role": "r", "content": "c", name: None}]}
+        body = {
+            "op": "append_many",
+            "id": 1,
+            "messages": [{"role": "r", "content": "c", name: None}],
+        }
         req = p.decode_request(msgspec.msgpack.encode(body))
         assert isinstance(req, p.AppendMany)
         assert getattr(req.messages[0], name) == default
@@ -272,8 +276,11 @@ def test_a_map_with_a_non_string_key_still_gets_its_id_back() -> None:
         ({"op": "append", "id": 3, "role": "~", "content": "ok"}, "role"),
         ({"op": "count", "id": 3, "session_tag": "~"}, "session_tag"),
         (
-            {"op": "append_many", "id": 3, "messages": [{"role": "u", "content": "ok"},
-                                                        {"role": "u", "content": "~"}]},
+            {
+                "op": "append_many",
+                "id": 3,
+                "messages": [{"role": "u", "content": "ok"}, {"role": "u", "content": "~"}],
+            },
             "messages[1].content",
         ),
     ],

@@ -18,8 +18,8 @@ from typing import Any
 import msgspec
 import pytest
 
-from nexusd import errors
-from nexusd import protocol as p
+from nexusd.wire import errors
+from nexusd.wire import protocol as p
 from tests.conftest import Daemon, RawSync, _new_daemon
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
@@ -254,7 +254,9 @@ def test_an_unsupported_version_is_refused_naming_the_supported_one(live: RawSyn
 
 def _timestamp_tables() -> tuple[list[tuple[str, str]], list[str]]:
     accepted, refused = _tables(_section("Timestamps"))
-    return [(_ticked(a)[0], _ticked(b)[0]) for a, b in accepted], [_ticked(r[0])[0] for r in refused]
+    return [(_ticked(a)[0], _ticked(b)[0]) for a, b in accepted], [
+        _ticked(r[0])[0] for r in refused
+    ]
 
 
 @pytest.mark.parametrize(("sent", "stored"), _timestamp_tables()[0])

@@ -17,8 +17,8 @@ from pathlib import Path
 import msgspec
 
 from nexusd import Client
-from nexusd.framing import encode_frame
-from nexusd.schema import integrity_check
+from nexusd.storage.schema import integrity_check
+from nexusd.wire.framing import encode_frame
 from tests.conftest import (
     Daemon,
     RawSync,
@@ -94,9 +94,7 @@ def test_second_daemon_on_the_same_database_names_the_holder(daemon: Daemon) -> 
 
 # ── backpressure and overload ─────────────────────────────────────────────────
 def test_slow_writer_full_queue_gives_overloaded_while_reads_flow(short_dir: Path) -> None:
-    cfg = write_config(
-        short_dir / "c.toml", queue_size=4, batch_max=2, enqueue_timeout=0.05
-    )
+    cfg = write_config(short_dir / "c.toml", queue_size=4, batch_max=2, enqueue_timeout=0.05)
     d = _new_daemon(short_dir, "--config", str(cfg), commit_delay=0.2).start()
     try:
         writers = [RawSync(d.socket, timeout=30) for _ in range(4)]

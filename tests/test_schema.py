@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from nexusd.schema import SCHEMA_VERSION, StorageError, integrity_check, open_writer
+from nexusd.storage.schema import SCHEMA_VERSION, StorageError, integrity_check, open_writer
 from tests.conftest import SEED, make_v1_db
 
 V1_ROWS = [

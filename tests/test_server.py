@@ -14,8 +14,8 @@ import anyio
 import msgspec
 import pytest
 
-from nexusd.framing import FrameDecoder, encode_frame
-from nexusd.server import Server, StartupError
+from nexusd.daemon.server import Server, StartupError
+from nexusd.wire.framing import FrameDecoder, encode_frame
 from tests.conftest import make_config, make_v1_db, running_server
 
 pytestmark = pytest.mark.anyio
@@ -414,6 +414,10 @@ async def test_append_many_with_a_repeated_key_is_refused_and_stores_nothing(
         ]
         await c.send({"op": "append_many", "id": 1, "messages": msgs, "session_tag": "k"})
         err = await c.recv()
-        assert (err["op"], err["code"], err["field"]) == ("error", "bad_request", "messages[2].idem_key")
+        assert (err["op"], err["code"], err["field"]) == (
+            "error",
+            "bad_request",
+            "messages[2].idem_key",
+        )
         await c.send({"op": "count", "id": 2, "session_tag": "k"})
         assert (await c.recv())["count"] == 0

@@ -9,8 +9,8 @@ from pathlib import Path
 import anyio
 import pytest
 
-from nexusd.errors import Unavailable
-from nexusd.sqlthread import SQLiteThread
+from nexusd.storage.thread import SQLiteThread
+from nexusd.wire.errors import Unavailable
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,10 @@ def test_sync_client_every_operation(shared_daemon: Daemon, tag: str) -> None:
         c.ping()
         a = c.append("user", "one", session_tag=tag, meta={"x": 1})
         ids = c.append_many(
-            [("assistant", "two"), {"role": "user", "content": "three", "timestamp": "2024-01-02T03:04:05Z"}],
+            [
+                ("assistant", "two"),
+                {"role": "user", "content": "three", "timestamp": "2024-01-02T03:04:05Z"},
+            ],
             session_tag=tag,
         )
         assert ids == [a + 1, a + 2]

@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from nexusd.systemd import JournalFormatter, Notifier
+from nexusd.daemon.systemd import JournalFormatter, Notifier
 from tests.conftest import Daemon, RawSync, _new_daemon, as_uid, wait_for_socket, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -215,7 +215,7 @@ def test_journal_lines_carry_priority_and_no_timestamp(short_dir: Path) -> None:
     with os.fdopen(r) as fh:
         lines = fh.read().splitlines()
     assert lines and all(line[:3] in ("<6>", "<4>", "<3>", "<7>") for line in lines), lines
-    assert any(line.startswith("<6>nexusd.server: nexusd ") for line in lines)
+    assert any(line.startswith("<6>nexusd.daemon.server: nexusd ") for line in lines)
     assert not any(line[3:7].isdigit() for line in lines)  # no timestamps of our own
 
 
@@ -237,9 +237,7 @@ def test_other_uid_is_forbidden_by_default(short_dir: Path) -> None:
     cfg = write_config(short_dir / "c.toml", socket_mode="0666")
     d = _new_daemon(short_dir, "--config", str(cfg)).start()
     try:
-        [reply, *rest] = as_uid(
-            65534, d.socket, [{"op": "ping", "id": 1}, {"op": "ping", "id": 2}]
-        )
+        [reply, *rest] = as_uid(65534, d.socket, [{"op": "ping", "id": 1}, {"op": "ping", "id": 2}])
         assert reply["op"] == "error" and reply["code"] == "forbidden" and reply["id"] is None
         assert rest in ([], [{"op": "closed"}])  # and disconnected
         assert RawSync(d.socket).call({"op": "ping", "id": 3})["op"] == "ping"  # root is fine

@@ -18,7 +18,7 @@ import anyio
 import pytest
 
 from nexusd import AsyncClient, Client, Forbidden
-from nexusd.errors import Timeout
+from nexusd.wire.errors import Timeout
 from tests.conftest import Daemon, run_cli
 from tests.test_backups import run_as
 
@@ -99,9 +99,7 @@ def test_blocking_client_refuses_a_server_of_another_uid(foreign: ForeignServer)
 
 
 @pytest.mark.parametrize("backend", ["asyncio", "trio"])
-def test_async_client_refuses_a_server_of_another_uid(
-    foreign: ForeignServer, backend: str
-) -> None:
+def test_async_client_refuses_a_server_of_another_uid(foreign: ForeignServer, backend: str) -> None:
     async def main() -> None:
         with pytest.raises(Forbidden, match=f"uid {OTHER_UID}"):
             async with AsyncClient(foreign.path, retry_for=0) as c:
@@ -116,7 +114,7 @@ def test_cli_and_compat_refuse_a_server_of_another_uid(foreign: ForeignServer) -
     assert r.returncode == 1, r.stderr
     assert f"uid {OTHER_UID}" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert foreign.received() == 0
-    from nexusd.compat import NexusStore
+    from nexusd.client.compat import NexusStore
 
     store = NexusStore(socket_path=foreign.path)
     with pytest.raises(Forbidden):

@@ -11,9 +11,9 @@ from typing import Any
 import anyio
 import pytest
 
-from nexusd.batch import ClearAll, ClearSession, Insert, PopNewest
-from nexusd.errors import BadRequest, Internal, NexusError, Overloaded, Unavailable
-from nexusd.writer import Writer
+from nexusd.daemon.writer import Writer
+from nexusd.storage.writes import ClearAll, ClearSession, Insert, PopNewest
+from nexusd.wire.errors import BadRequest, Internal, NexusError, Overloaded, Unavailable
 from tests.conftest import session_rows
 
 pytestmark = pytest.mark.anyio
@@ -85,7 +85,9 @@ async def test_jobs_from_one_task_commit_in_submission_order(tmp_path: Path) -> 
         await w.call(Insert("t", [row("last")]))
         ids = [results[i][0] for i in range(300)]
         assert ids == sorted(ids)
-    assert [c for _, c in session_rows(tmp_path / "n.db", "t")][:300] == [str(i) for i in range(300)]
+    assert [c for _, c in session_rows(tmp_path / "n.db", "t")][:300] == [
+        str(i) for i in range(300)
+    ]
 
 
 async def test_pruning_keeps_exactly_the_newest_n(tmp_path: Path) -> None:

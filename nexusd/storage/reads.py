@@ -29,9 +29,9 @@ import aiosqlite
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .errors import Unavailable
-from .peers import NS_MARK, scope_bounds
+from ..wire.errors import Unavailable
 from .schema import StorageError, reader_uri
+from .scope import NS_MARK, scope_bounds
 
 logger = logging.getLogger(__name__)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
-from .peers import NS_MARK, scope_bounds
+from .scope import NS_MARK, scope_bounds
 
 __all__ = [
     "ClearAll",

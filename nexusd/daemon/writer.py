@@ -38,12 +38,12 @@ from typing import Any, Final, TypeAlias
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import batch as batch_sql
-from .batch import CountCache, Insert, Op
-from .dbfiles import FileWatch
-from .errors import STORAGE_LOST, BadRequest, Internal, NexusError, Overloaded, Unavailable
-from .schema import open_writer
-from .sqlthread import SQLiteThread
+from ..storage import writes as batch_sql
+from ..storage.files import FileWatch
+from ..storage.schema import open_writer
+from ..storage.thread import SQLiteThread
+from ..storage.writes import CountCache, Insert, Op
+from ..wire.errors import STORAGE_LOST, BadRequest, Internal, NexusError, Overloaded, Unavailable
 
 __all__ = ["Done", "Writer", "utc_now"]
 

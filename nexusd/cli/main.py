@@ -30,12 +30,19 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from . import __version__
-from . import protocol as p
-from .calls import MAX_TIMEOUT, Unreachable, encode, file_kind, socket_path_problem
-from .client import Client
-from .errors import BadRequest, ConnectionLost, DaemonNotRunning, NexusError, Timeout, TooLarge
-from .paths import NoHomeDirectory
+from .. import __version__
+from ..client.clients import Client
+from ..client.requests import MAX_TIMEOUT, Unreachable, encode, file_kind, socket_path_problem
+from ..wire import protocol as p
+from ..wire.errors import (
+    BadRequest,
+    ConnectionLost,
+    DaemonNotRunning,
+    NexusError,
+    Timeout,
+    TooLarge,
+)
+from ..wire.paths import NoHomeDirectory
 
 logger = logging.getLogger("nexusd")
 
@@ -46,7 +53,7 @@ EXIT_INTERRUPTED = 130
 
 # ── serve ────────────────────────────────────────────────────────────────────
 def _setup_logging(level: str) -> None:
-    from .systemd import JournalFormatter, journal_stream_is_stderr
+    from ..daemon.systemd import JournalFormatter, journal_stream_is_stderr
 
     handler = logging.StreamHandler(sys.stderr)
     if journal_stream_is_stderr():
@@ -62,9 +69,9 @@ def _setup_logging(level: str) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
-    from .schema import StorageError
-    from .server import Server, StartupError
+    from ..daemon.config import ConfigError, load_config
+    from ..daemon.server import Server, StartupError
+    from ..storage.schema import StorageError
 
     flags = {
         "db": args.db,
@@ -123,7 +130,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _not_a_regular_file(path: str | os.PathLike[str]) -> str | None:
-    """"PATH is a fifo, not a regular file" when it exists as anything else, else None.
+    """ "PATH is a fifo, not a regular file" when it exists as anything else, else None.
 
     A missing path is left to the caller, which words it for what it wanted;
     a directory too.
@@ -244,7 +251,7 @@ def cmd_append(args: argparse.Namespace, c: Client) -> None:
         except json.JSONDecodeError as exc:
             _usage(f"--meta is not valid JSON: {exc}")
         if not isinstance(meta, dict):
-            _usage("--meta must be a JSON object, like '{\"model\": \"m1\"}'")
+            _usage('--meta must be a JSON object, like \'{"model": "m1"}\'')
         # What cannot be sent (an int over 64 bits, a lone surrogate from a
         # "\\ud800" escape) is BadRequest naming meta, before any I/O.
         encode(p.Append(id=0, role=args.role, content="", meta=meta))
@@ -384,8 +391,8 @@ CHECK_SHOWN = 20
 
 def cmd_check(args: argparse.Namespace) -> int:
     """Exit 0 sound, 1 damaged, 2 when the path is not a nexusd database at all."""
-    from .paths import default_db_path
-    from .schema import StorageError, describe, integrity_check
+    from ..storage.schema import StorageError, describe, integrity_check
+    from ..wire.paths import default_db_path
 
     try:  # the default only when needed: it may need a home directory
         db = Path(args.db or os.environ.get("NEXUSD_DB") or default_db_path())
@@ -429,7 +436,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 def _describe(db: Path, describe: Any) -> dict[str, int]:
     """What ``check`` reports of a sound file; one without nexusd's table is not ours."""
-    from .schema import TABLE, StorageError
+    from ..storage.schema import TABLE, StorageError
 
     try:
         return dict(describe(db))
@@ -437,8 +444,7 @@ def _describe(db: Path, describe: Any) -> dict[str, int]:
         if "no such table" not in str(exc):
             raise
         raise StorageError(
-            f"{db} is an SQLite database without nexusd's table ({TABLE}), "
-            "not a nexusd database"
+            f"{db} is an SQLite database without nexusd's table ({TABLE}), not a nexusd database"
         ) from None
 
 
@@ -486,9 +492,7 @@ def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{_shown(text)!r} is not a number of seconds"
-        ) from None
+        raise argparse.ArgumentTypeError(f"{_shown(text)!r} is not a number of seconds") from None
     # The client's own bound (a day): 1e12 would overflow the socket's timer.
     if not 0 < value <= MAX_TIMEOUT:
         raise argparse.ArgumentTypeError(
@@ -590,9 +594,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("content", help="message text, or - to read it from stdin")
     a.add_argument("--timestamp", help="keep this RFC 3339 timestamp instead of the commit time")
     a.add_argument("--meta", help="JSON object stored with the message")
-    a.add_argument(
-        "--raw", action="store_true", help="with -: keep the final newline"
-    )
+    a.add_argument("--raw", action="store_true", help="with -: keep the final newline")
     a.add_argument("--allow-empty", action="store_true", help="store an empty message")
     h = client_cmd("history", cmd_history, "print a session's messages, oldest first")
     h.add_argument(

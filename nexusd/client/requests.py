@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
-from . import protocol as p
-from .errors import (
+from ..wire import protocol as p
+from ..wire.errors import (
     STORAGE_LOST,
     BadRequest,
     ConnectionLost,
@@ -36,7 +36,7 @@ from .errors import (
     TooLarge,
     Unavailable,
 )
-from .protocol import Message
+from ..wire.protocol import Message
 
 logger = logging.getLogger(__name__)
 

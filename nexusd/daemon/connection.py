@@ -47,11 +47,11 @@ import logging
 import math
 from typing import TYPE_CHECKING, Any, Final, cast
 
-from . import protocol as p
-from .batch import Op
-from .dispatch import READS, Build, Dispatcher
-from .errors import Internal, NexusError, Overloaded, TooLarge, Unavailable
-from .framing import FrameDecoder, encode_frame
+from ..storage.writes import Op
+from ..wire import protocol as p
+from ..wire.errors import Internal, NexusError, Overloaded, TooLarge, Unavailable
+from ..wire.framing import FrameDecoder, encode_frame
+from .handlers import READS, Build, Dispatcher
 from .limits import Hold, QuietLog, Share
 
 if TYPE_CHECKING:
@@ -258,9 +258,7 @@ class Connection(asyncio.BufferedProtocol):
                 hold = self.share.detach(reserved)
                 queued = False
                 try:
-                    queued = self.server.writer.submit_nowait(
-                        op, self._done(req.id, build, hold)
-                    )
+                    queued = self.server.writer.submit_nowait(op, self._done(req.id, build, hold))
                 finally:
                     if not queued:
                         self.share.adopt(hold)
@@ -508,9 +506,7 @@ class Connection(asyncio.BufferedProtocol):
             return held
         wait = self.share.wait(floor)
         try:
-            return await asyncio.wait_for(
-                asyncio.shield(wait), self.server.config.enqueue_timeout
-            )
+            return await asyncio.wait_for(asyncio.shield(wait), self.server.config.enqueue_timeout)
         except BaseException as exc:  # timed out, or the connection went away
             if not wait.cancel() and not wait.cancelled():
                 self.share.release(wait.result())  # granted just as we gave up

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import Unavailable
+from ..wire.errors import Unavailable
 
 __all__ = ["SQLiteThread"]
 

@@ -22,17 +22,17 @@ from typing import Any
 
 import anyio
 
-from . import __version__
-from . import protocol as p
+from .. import __version__
+from ..storage.files import DbFiles, InstanceLock, LockError
+from ..storage.reads import ReaderPool
+from ..wire import protocol as p
+from ..wire.errors import Forbidden, NexusError, Overloaded
+from ..wire.paths import default_socket_path
 from .backups import Snapshots
 from .config import Config
 from .connection import Connection
-from .dbfiles import DbFiles, InstanceLock, LockError
-from .errors import Forbidden, NexusError, Overloaded
 from .limits import Budget, QuietLog, tune_malloc
-from .paths import default_socket_path
 from .peers import Namespace, allowed, namespace_for, peer_of
-from .readers import ReaderPool
 from .systemd import ActivationError, Notifier, listen_fds
 from .writer import Writer
 

@@ -24,9 +24,9 @@ from typing import Final
 
 import anyio
 
-from .dbfiles import DbFiles
-from .errors import NotFound, Overloaded, Unavailable
-from .schema import snapshot
+from ..storage.files import DbFiles
+from ..storage.schema import snapshot
+from ..wire.errors import NotFound, Overloaded, Unavailable
 
 logger = logging.getLogger(__name__)
 

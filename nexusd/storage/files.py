@@ -26,7 +26,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import NexusError
+from ..wire.errors import NexusError
 
 __all__ = ["DbFiles", "FileWatch", "InstanceLock", "LockError"]
 

@@ -14,7 +14,7 @@ import sqlite3
 from pathlib import Path
 from typing import Final
 
-from .errors import NexusError
+from ..wire.errors import NexusError
 
 logger = logging.getLogger(__name__)
 

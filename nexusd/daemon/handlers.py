@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Final
 
 import msgspec
 
-from . import protocol as p
-from .batch import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest
-from .errors import BadRequest, Forbidden, NotFound, TooLarge
+from ..storage.writes import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest
+from ..wire import protocol as p
+from ..wire.errors import BadRequest, Forbidden, NotFound, TooLarge
 from .peers import Namespace
 
 if TYPE_CHECKING:

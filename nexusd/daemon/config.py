@@ -25,8 +25,8 @@ from typing import Annotated, Any, Final, Literal
 import msgspec
 from msgspec import Meta
 
-from .errors import NexusError
-from .paths import default_db_path, default_socket_path, resolve_socket_path
+from ..wire.errors import NexusError
+from ..wire.paths import default_db_path, default_socket_path, resolve_socket_path
 
 __all__ = [
     "MAX_FRAME_CAP",
@@ -183,7 +183,7 @@ def _convert(values: dict[str, Any], source: str, *, strict: bool) -> dict[str, 
         m = _OCTAL.fullmatch(mode.strip())
         if m is None:
             raise ConfigError(
-                f"{source}: socket_mode must be a file mode like \"0660\", not {mode!r}"
+                f'{source}: socket_mode must be a file mode like "0660", not {mode!r}'
             )
         prepared["socket_mode"] = int(m.group(1), 8)
     # A stand-in db keeps msgspec from computing the default (which may need a

@@ -19,12 +19,12 @@ import struct
 from dataclasses import dataclass
 from typing import Final
 
-from .errors import BadRequest
+from ..storage.scope import NS_MARK
+from ..wire.errors import BadRequest
 
 logger = logging.getLogger(__name__)
 
 #: Stored tags of isolated peers start with this; clients may not send it.
-NS_MARK: Final = "\x1f"
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
 _UCRED: Final = struct.Struct("3i")
 #: CPython's getsockopt accepts at most 1024 bytes: 256 groups.  A peer in more
@@ -111,8 +111,3 @@ def namespace_for(peer: Peer, *, isolate: bool, admin_uids: set[int]) -> Namespa
         return Namespace(prefix="", scope="")
     prefix = f"{NS_MARK}u{peer.uid}{NS_MARK}"
     return Namespace(prefix=prefix, scope=prefix)
-
-
-def scope_bounds(scope: str) -> tuple[str, str]:
-    """The half-open range [lo, hi) of stored tags that start with ``scope``."""
-    return scope, scope[:-1] + chr(ord(scope[-1]) + 1)

@@ -26,10 +26,10 @@ import msgspec
 from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from . import protocol as p
-from .calls import CLIENT_MAX_FRAME, RECV_BYTES
-from .errors import ConnectionLost, NexusError, Timeout
-from .framing import FrameDecoder
+from ..wire import protocol as p
+from ..wire.errors import ConnectionLost, NexusError, Timeout
+from ..wire.framing import FrameDecoder
+from .requests import CLIENT_MAX_FRAME, RECV_BYTES
 
 __all__ = ["AnyioLink", "AsyncioLink", "on_asyncio"]
 

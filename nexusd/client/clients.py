@@ -41,14 +41,14 @@ import anyio
 import msgspec
 from anyio.abc import SocketAttribute, TaskGroup
 
-from . import calls
-from . import protocol as p
-from .calls import MessageInput, Progress
-from .errors import ConnectionLost, DaemonNotRunning, NexusError, Timeout
-from .framing import FrameDecoder, encode_frame
-from .links import AnyioLink, AsyncioLink, on_asyncio
-from .paths import resolve_socket_path
-from .protocol import DEFAULT_SESSION, Message, SessionInfo
+from ..wire import protocol as p
+from ..wire.errors import ConnectionLost, DaemonNotRunning, NexusError, Timeout
+from ..wire.framing import FrameDecoder, encode_frame
+from ..wire.paths import resolve_socket_path
+from ..wire.protocol import DEFAULT_SESSION, Message, SessionInfo
+from . import requests as calls
+from .requests import MessageInput, Progress
+from .transport import AnyioLink, AsyncioLink, on_asyncio
 
 __all__ = ["AsyncClient", "Client", "MessageInput"]
 
