@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 import msgspec
 
-from .. import __version__
+from .._version import __version__
 from ..client.clients import Client
 from ..client.requests import MAX_TIMEOUT, Unreachable, encode, file_kind, socket_path_problem
 from ..wire import protocol as p

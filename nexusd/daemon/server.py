@@ -22,7 +22,7 @@ from typing import Any
 
 import anyio
 
-from .. import __version__
+from .._version import __version__
 from ..storage.files import DbFiles, InstanceLock, LockError
 from ..storage.reads import ReaderPool
 from ..wire import protocol as p
