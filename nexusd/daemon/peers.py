@@ -21,12 +21,12 @@ from typing import Final
 
 from ..storage.scope import NS_MARK
 from ..wire.errors import BadRequest
+from ..wire.local import peer_cred
 
 logger = logging.getLogger(__name__)
 
 #: Stored tags of isolated peers start with this; clients may not send it.
 _SO_PEERGROUPS: Final = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13
-_UCRED: Final = struct.Struct("3i")
 #: CPython's getsockopt accepts at most 1024 bytes: 256 groups.  A peer in more
 #: groups (ERANGE) has them read from /proc instead.
 _GROUPS_BUFLEN: Final = 1024
@@ -42,9 +42,7 @@ class Peer:
 
 def peer_of(sock: socket.socket) -> Peer:
     """The credentials of the process at the other end of a Unix socket."""
-    pid, uid, gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
+    pid, uid, gid = peer_cred(sock)
     return Peer(pid, uid, gid, _peer_groups(sock, pid))
 
 

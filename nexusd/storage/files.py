@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..wire.errors import NexusError
+from ..wire.local import file_id
 
 __all__ = ["DbFiles", "FileWatch", "InstanceLock", "LockError"]
 
@@ -220,15 +221,6 @@ def _flock_holder(fd: int) -> str | None:
 
 def _reason(exc: OSError) -> str:
     return exc.strerror or str(exc)
-
-
-def file_id(path: Path) -> FileId | None:
-    """(st_dev, st_ino) of ``path``, or None when nothing is there."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        return None
-    return st.st_dev, st.st_ino
 
 
 class FileWatch:
