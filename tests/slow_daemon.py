@@ -1,8 +1,9 @@
 """Test hook, kept out of the product: ``nexusd`` whose writer sleeps in every batch.
 
 Run as ``python tests/slow_daemon.py SECONDS serve ...``.  The delay wraps
-:func:`nexusd.storage.writes.run` (the one call per transaction) in this process only,
-so no setting, variable or flag of the daemon can make it slow.
+:func:`nexusd.storage.writes.run`, the SQLite backend's one call per write
+transaction (made on its writer thread, behind the storage seam), in this process
+only, so no setting, variable or flag of the daemon can make it slow.
 """
 
 from __future__ import annotations

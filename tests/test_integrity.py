@@ -245,7 +245,8 @@ def test_deleted_database_files_refuse_writes_and_lose_nothing_acknowledged(
             shutil.copyfile(copy, rescued)
     assert d.stop() == 0
     errors = _error_lines(d.log)
-    writer_errors = [line for line in errors if "nexusd.daemon.writer" in line]
+    # The write path that noticed (the SQLite backend, behind the storage seam).
+    writer_errors = [line for line in errors if "nexusd.storage.sqlite" in line]
     assert len(writer_errors) == 1, errors
     assert "restarted" in writer_errors[0]
     assert len(errors) <= 2, errors  # and at most one from the readers

@@ -12,7 +12,8 @@ import anyio
 import pytest
 
 from nexusd.daemon.writer import Writer
-from nexusd.storage.writes import ClearAll, ClearSession, Insert, PopNewest
+from nexusd.storage.base import ClearAll, ClearSession, Insert, Op, PopNewest
+from nexusd.storage.sqlite import SQLiteStorage
 from nexusd.wire.errors import BadRequest, Internal, NexusError, Overloaded, Unavailable
 from tests.conftest import session_rows
 
@@ -28,23 +29,48 @@ def row(content: str, *, ts: str | None = None, key: str | None = None) -> tuple
     return ("user", content, ts, None, key)
 
 
+async def call(w: Writer, op: Op, *, timeout: float = 5.0) -> Any:
+    """Submit ``op`` the way the server does and wait for its committed result (or raise)."""
+    event = anyio.Event()
+    box: list[Any] = []
+
+    def done(result: Any) -> None:
+        box.append(result)
+        event.set()
+
+    await w.submit(op, done, timeout=timeout)
+    await event.wait()
+    if isinstance(box[0], NexusError):
+        raise box[0]
+    return box[0]
+
+
 class Running:
     def __init__(self, writer: Writer) -> None:
         self.w = writer
 
     async def append(self, tag: str, content: str, **kw: Any) -> int:
-        ids: list[int] = await self.w.call(Insert(tag, [row(content, ts=kw.get("ts"))]))
+        ids: list[int] = await call(self.w, Insert(tag, [row(content, ts=kw.get("ts"))]))
         return ids[0]
 
 
 class WriterHarness:
-    """Open a writer, run its loop in a task group, close and checkpoint on exit."""
+    """Open storage, run a writer's loop over it in a task group; close and checkpoint on exit."""
 
-    def __init__(self, db: Path, **kw: Any) -> None:
-        self.writer = Writer(db, **kw)
+    def __init__(
+        self, db: Path, *, max_messages: int = 500, queue_size: int = 10_000, batch_max: int = 1_000
+    ) -> None:
+        self.storage = SQLiteStorage(
+            db,
+            max_messages=max_messages,
+            synchronous="full",
+            wal_autocheckpoint=8000,
+            readers=1,
+        )
+        self.writer = Writer(self.storage, queue_size=queue_size, batch_max=batch_max)
 
     async def __aenter__(self) -> Writer:
-        await self.writer.open()
+        await self.storage.open()
         self._tg = anyio.create_task_group()
         await self._tg.__aenter__()
         self._tg.start_soon(self.writer.run)
@@ -53,7 +79,7 @@ class WriterHarness:
     async def __aexit__(self, *exc: object) -> None:
         self.writer.close()
         await self._tg.__aexit__(None, None, None)
-        await self.writer.aclose()
+        await self.storage.close()
 
 
 async def test_concurrent_appends_are_batched_into_few_transactions(tmp_path: Path) -> None:
@@ -61,7 +87,7 @@ async def test_concurrent_appends_are_batched_into_few_transactions(tmp_path: Pa
         ids: list[int] = []
 
         async def one(i: int) -> None:
-            ids.extend(await w.call(Insert("t", [row(f"m{i}")])))
+            ids.extend(await call(w, Insert("t", [row(f"m{i}")])))
 
         async with anyio.create_task_group() as tg:
             for i in range(500):
@@ -82,7 +108,7 @@ async def test_jobs_from_one_task_commit_in_submission_order(tmp_path: Path) -> 
 
         for i in range(300):
             await w.submit(Insert("t", [row(str(i))]), keep(i))
-        await w.call(Insert("t", [row("last")]))
+        await call(w, Insert("t", [row("last")]))
         ids = [results[i][0] for i in range(300)]
         assert ids == sorted(ids)
     assert [c for _, c in session_rows(tmp_path / "n.db", "t")][:300] == [
@@ -96,8 +122,8 @@ async def test_pruning_keeps_exactly_the_newest_n(tmp_path: Path) -> None:
         r = Running(w)
         for i in range(12):
             await r.append("a", f"a{i}")
-        await w.call(Insert("b", [row(f"b{i}") for i in range(5)]))
-        await w.call(Insert("b", [row(f"b{i}") for i in range(5, 9)]))
+        await call(w, Insert("b", [row(f"b{i}") for i in range(5)]))
+        await call(w, Insert("b", [row(f"b{i}") for i in range(5, 9)]))
         await r.append("c", "c0")
         assert w.stats.pruned == 7 + 4
     assert [c for _, c in session_rows(db, "a")] == [f"a{i}" for i in range(7, 12)]
@@ -122,24 +148,24 @@ async def test_counts_stay_right_after_pop_and_clear(tmp_path: Path) -> None:
         r = Running(w)
         for i in range(3):
             await r.append("s", f"x{i}")
-        popped = await w.call(PopNewest("s"))
-        assert popped[2] == "x2"
+        popped = await call(w, PopNewest("s"))
+        assert popped.content == "x2"
         await r.append("s", "y")  # 3 rows again: nothing pruned
         assert [c for _, c in session_rows(db, "s")] == ["x0", "x1", "y"]
-        assert await w.call(ClearSession("s")) == 3
+        assert await call(w, ClearSession("s")) == 3
         for i in range(3):
             await r.append("s", f"z{i}")
         assert [c for _, c in session_rows(db, "s")] == ["z0", "z1", "z2"]
         await r.append("other", "o")
-        assert await w.call(ClearAll()) == 4
+        assert await call(w, ClearAll()) == 4
         await r.append("s", "after")
-        assert await w.call(PopNewest("empty")) is None
+        assert await call(w, PopNewest("empty")) is None
     assert [c for _, c in session_rows(db, "s")] == ["after"]
 
 
 async def test_unbounded_when_max_messages_is_zero(tmp_path: Path) -> None:
     async with WriterHarness(tmp_path / "n.db", max_messages=0) as w:
-        await w.call(Insert("s", [row(str(i)) for i in range(700)]))
+        await call(w, Insert("s", [row(str(i)) for i in range(700)]))
         assert w.stats.pruned == 0
     assert len(session_rows(tmp_path / "n.db", "s")) == 700
 
@@ -147,9 +173,9 @@ async def test_unbounded_when_max_messages_is_zero(tmp_path: Path) -> None:
 async def test_insert_many_gets_consecutive_ids_and_one_timestamp(tmp_path: Path) -> None:
     db = tmp_path / "n.db"
     async with WriterHarness(db) as w:
-        ids = await w.call(Insert("s", [row(str(i)) for i in range(10)]))
+        ids = await call(w, Insert("s", [row(str(i)) for i in range(10)]))
         assert ids == list(range(ids[0], ids[0] + 10))
-        given = await w.call(Insert("s", [row("mine", ts="yesterday")]))
+        given = await call(w, Insert("s", [row("mine", ts="yesterday")]))
     conn = sqlite3.connect(db)
     stamps = [r[0] for r in conn.execute("SELECT timestamp FROM nexus_messages ORDER BY id")]
     conn.close()
@@ -174,7 +200,7 @@ async def test_storage_fault_fails_the_whole_batch_and_the_writer_recovers(tmp_p
     async with WriterHarness(db, max_messages=0) as w:
         r = Running(w)
         kept = [await r.append("s", f"ok{i}") for i in range(5)]
-        conn = w._conn
+        conn = w.storage._conn  # type: ignore[attr-defined]
         assert conn is not None
         pages = conn.execute("PRAGMA page_count").fetchone()[0]
         conn.execute(f"PRAGMA max_page_count = {pages}")  # the disk is now "full"
@@ -183,7 +209,7 @@ async def test_storage_fault_fails_the_whole_batch_and_the_writer_recovers(tmp_p
 
         async def fail(i: int) -> None:
             try:
-                await w.call(Insert("s", [row(big), row(big)]))
+                await call(w, Insert("s", [row(big), row(big)]))
             except NexusError as exc:
                 errors.append(exc)
 
@@ -233,10 +259,10 @@ async def test_full_queue_makes_producers_wait_then_overloaded(
 async def test_idempotency_key_returns_the_original_id_and_stores_nothing(tmp_path: Path) -> None:
     db = tmp_path / "n.db"
     async with WriterHarness(db, max_messages=0) as w:
-        first = await w.call(Insert("s", [row("a", key="k1")]))
-        again = await w.call(Insert("s", [row("a (retry)", key="k1")]))
+        first = await call(w, Insert("s", [row("a", key="k1")]))
+        again = await call(w, Insert("s", [row("a (retry)", key="k1")]))
         assert again == first
-        other_session = await w.call(Insert("t", [row("a", key="k1")]))
+        other_session = await call(w, Insert("t", [row("a", key="k1")]))
         assert other_session != first  # keys are per session
         # A retry racing its original into the same batch, and mixed batches.
         results: list[list[int]] = []
@@ -246,21 +272,21 @@ async def test_idempotency_key_returns_the_original_id_and_stores_nothing(tmp_pa
                     lambda: _collect(w, results, [row("b", key="k2"), row("c", key="k3")])
                 )
         assert results[0] == results[1] == results[2]
-        mixed = await w.call(Insert("s", [row("d", key="k2"), row("e"), row("f", key="k4")]))
+        mixed = await call(w, Insert("s", [row("d", key="k2"), row("e"), row("f", key="k4")]))
         assert mixed[0] == results[0][0] and mixed[1] < mixed[2]
         assert w.stats.rows == 1 + 1 + 2 + 2
     assert [c for _, c in session_rows(db, "s")] == ["a", "b", "c", "e", "f"]
 
 
 async def _collect(w: Writer, out: list[list[int]], rows: list[Any]) -> None:
-    out.append(await w.call(Insert("s", rows)))
+    out.append(await call(w, Insert("s", rows)))
 
 
 async def test_a_key_is_free_again_once_its_row_is_gone(tmp_path: Path) -> None:
     async with WriterHarness(tmp_path / "n.db", max_messages=0) as w:
-        first = await w.call(Insert("s", [row("a", key="k")]))
-        await w.call(ClearSession("s"))
-        second = await w.call(Insert("s", [row("a", key="k")]))
+        first = await call(w, Insert("s", [row("a", key="k")]))
+        await call(w, ClearSession("s"))
+        second = await call(w, Insert("s", [row("a", key="k")]))
         assert second[0] > first[0]
 
 
@@ -272,7 +298,7 @@ async def test_pruning_many_sessions_in_one_batch(tmp_path: Path) -> None:
         for i in range(450):
             await w.submit(Insert(f"s{i}", [row("old")]), done.append)
             await w.submit(Insert(f"s{i}", [row("new")]), done.append)
-        await w.call(Insert("last", [row("x")]))
+        await call(w, Insert("last", [row("x")]))
         assert w.stats.pruned == 450
         assert w.stats.batches <= 3  # they really shared a transaction or two
     conn = sqlite3.connect(db)
@@ -287,11 +313,11 @@ async def test_large_overflow_is_pruned_exactly(tmp_path: Path) -> None:
     # The range path: one session over its cap by many rows in one batch.
     db = tmp_path / "n.db"
     async with WriterHarness(db, max_messages=10) as w:
-        await w.call(Insert("big", [row(f"a{i}") for i in range(10)]))
+        await call(w, Insert("big", [row(f"a{i}") for i in range(10)]))
         done: list[Any] = []
         for k in range(5):  # queued together with "c": one transaction, 51 over the cap
             assert w.submit_nowait(Insert("big", [row(f"b{k}{i}") for i in range(10)]), done.append)
-        await w.call(Insert("big", [row("c")]))
+        await call(w, Insert("big", [row("c")]))
         assert w.stats.pruned == 51 and w.stats.batches == 2
     assert [c for _, c in session_rows(db, "big")] == [f"b4{i}" for i in range(1, 10)] + ["c"]
 
@@ -299,9 +325,9 @@ async def test_large_overflow_is_pruned_exactly(tmp_path: Path) -> None:
 async def test_lowering_max_messages_prunes_the_whole_overflow_at_once(tmp_path: Path) -> None:
     db = tmp_path / "n.db"
     async with WriterHarness(db, max_messages=0) as w:
-        await w.call(Insert("s", [row(f"a{i}") for i in range(60)]))
+        await call(w, Insert("s", [row(f"a{i}") for i in range(60)]))
     async with WriterHarness(db, max_messages=10) as w:
-        ids = await w.call(Insert("s", [row("new")]))
+        ids = await call(w, Insert("s", [row("new")]))
         assert w.stats.pruned == 51
     assert [c for _, c in session_rows(db, "s")] == [f"a{i}" for i in range(51, 60)] + ["new"]
     assert session_rows(db, "s")[-1][0] == ids[0]
@@ -312,9 +338,9 @@ async def test_append_many_over_max_messages_is_refused_naming_it(tmp_path: Path
     db = tmp_path / "n.db"
     async with WriterHarness(db, max_messages=3) as w:
         with pytest.raises(BadRequest, match=r"max_messages \(3\)") as err:
-            await w.call(Insert("s", [row(str(i)) for i in range(4)]))
+            await call(w, Insert("s", [row(str(i)) for i in range(4)]))
         assert err.value.field == "messages"
-        assert len(await w.call(Insert("s", [row(str(i)) for i in range(3)]))) == 3
+        assert len(await call(w, Insert("s", [row(str(i)) for i in range(3)]))) == 3
     assert [c for _, c in session_rows(db, "s")] == ["0", "1", "2"]
 
 
@@ -322,11 +348,11 @@ async def test_a_crash_inside_a_batch_answers_internal_and_the_writer_goes_on(
     tmp_path: Path,
 ) -> None:
     async with WriterHarness(tmp_path / "n.db") as w:
-        # Not an Op: batch.run trips over it (AttributeError), which is a bug
+        # Not an Op: writes.run trips over it (AttributeError), which is a bug
         # rather than a storage error; its caller must still get an answer.
         with pytest.raises(Internal, match="AttributeError"):
-            await w.call(object())  # type: ignore[arg-type]
-        ids = await w.call(Insert("t", [row("after the crash")]))
+            await call(w, object())  # type: ignore[arg-type]
+        ids = await call(w, Insert("t", [row("after the crash")]))
         assert len(ids) == 1
     assert session_rows(tmp_path / "n.db", "t") == [(ids[0], "after the crash")]
 
@@ -361,15 +387,15 @@ async def test_a_resend_in_a_batch_that_prunes_its_row_gets_the_original_id(
     # exact: the found row is not counted twice.
     db = tmp_path / "n.db"
     async with WriterHarness(db, max_messages=3) as w:
-        original = await w.call(Insert("s", [row("r", key="k")]))
-        await w.call(Insert("s", [row("a")]))
-        await w.call(Insert("s", [row("b")]))
+        original = await call(w, Insert("s", [row("r", key="k")]))
+        await call(w, Insert("s", [row("a")]))
+        await call(w, Insert("s", [row("b")]))
         done: list[Any] = []
         assert w.submit_nowait(Insert("s", [row("c")]), done.append)
         assert w.submit_nowait(Insert("s", [row("r (resend)", key="k")]), done.append)
-        await w.call(Insert("other", [row("x")]))  # answered after both
+        await call(w, Insert("other", [row("x")]))  # answered after both
         assert done[1] == original and w.stats.pruned == 1
-        await w.call(Insert("s", [row("d")]))
+        await call(w, Insert("s", [row("d")]))
         assert w.stats.pruned == 2
     assert [c for _, c in session_rows(db, "s")] == ["b", "c", "d"]
 
@@ -402,7 +428,7 @@ async def test_a_producer_told_overloaded_never_has_its_job_committed(
         async with anyio.create_task_group() as tg:
             for i in range(800):
                 tg.start_soon(produce, i)
-        await w.call(Insert("s", [row("last")]))  # everything queued is committed by now
+        await call(w, Insert("s", [row("last")]))  # everything queued is committed by now
     overloaded = {i for i, how in told.items() if how == "overloaded"}
     queued = {i for i, how in told.items() if how == "queued"}
     assert overloaded and queued  # both outcomes happened

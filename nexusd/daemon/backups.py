@@ -1,8 +1,9 @@
 """Consistent backups served over the socket.
 
-``backup_begin`` takes a snapshot (SQLite's online backup, one read
-transaction, so writers are not blocked) into a hidden file next to the
-database, in the daemon's own state directory; ``backup_read`` streams it in
+``backup_begin`` has storage write a consistent snapshot
+(:meth:`~nexusd.storage.base.Storage.backup`; SQLite's online backup, one read
+transaction, so writers are not blocked) into a hidden file in the daemon's
+own state directory (next to the database); ``backup_read`` streams it in
 chunks; ``backup_end`` (or the connection closing) deletes it.  The client
 process writes the destination file, so a backup works even when the daemon
 is sandboxed by systemd and the destination belongs to the caller.
@@ -18,14 +19,12 @@ from __future__ import annotations
 import logging
 import os
 import secrets
-import threading
 from pathlib import Path
 from typing import Final
 
 import anyio
 
-from ..storage.files import DbFiles
-from ..storage.schema import snapshot
+from ..storage.base import Storage
 from ..wire.errors import NotFound, Overloaded, Unavailable
 
 logger = logging.getLogger(__name__)
@@ -40,12 +39,11 @@ PER_OWNER: Final = 1
 
 
 class Snapshots:
-    """The snapshot files of one daemon, each owned by one connection."""
+    """The snapshot files of one daemon, each owned by one connection, kept in ``directory``."""
 
-    def __init__(self, db_path: Path, *, max_snapshots: int = 2) -> None:
-        self.db_path = db_path
-        self.files = DbFiles.of(db_path)
-        self.dir = self.files.db.parent
+    def __init__(self, storage: Storage, directory: Path, *, max_snapshots: int) -> None:
+        self.storage = storage
+        self.dir = directory
         self.max_snapshots = max_snapshots
         self._files: dict[str, Path] = {}
         #: Owner (a connection's dispatcher) -> its tokens, including snapshots
@@ -66,7 +64,8 @@ class Snapshots:
             path.unlink(missing_ok=True)
 
     def live_files(self) -> list[list[int]]:
-        """``[st_dev, st_ino]`` of the database, its WAL, shared memory and lock files.
+        """``[st_dev, st_ino]`` of the files storage has open (SQLite: the database,
+        its WAL, shared memory and lock files).
 
         The client compares its destination with these before writing, so a
         backup can never be renamed over a file the daemon has open (which
@@ -75,7 +74,7 @@ class Snapshots:
         destination that is a link to one of them has its identity anyway.
         """
         out: list[list[int]] = []
-        for path in self.files.live():
+        for path in self.storage.live_files():
             try:
                 st = os.stat(path)
             except OSError:
@@ -117,18 +116,16 @@ class Snapshots:
                 f"{self.held} backup snapshot(s) already held (max_snapshots); retry later",
                 retry_after=5.0,
             )
-        estimate = self.files.bytes_on_disk()
+        estimate = self.storage.size_bytes()
         self._check_space(estimate)
         token = secrets.token_hex(12)
         dest = self.dir / f"{_PREFIX}{token}.db"
         # Reserve the slot before the first await: concurrent begins see it.
         held.add(token)
         self._taking[token] = estimate
-        job = _Job(self.db_path, dest)
         try:
-            size = await anyio.to_thread.run_sync(job.run)
+            size = await self.storage.backup(dest)  # a cancelled one leaves no file
         except BaseException as exc:
-            job.abandon()  # also when cancelled: the thread removes what it made
             held.discard(token)
             if isinstance(exc, Exception):
                 logger.error("backup snapshot failed: %s", exc)
@@ -182,33 +179,3 @@ class Snapshots:
             if path is not None:
                 path.unlink(missing_ok=True)
                 logger.info("backup snapshot %s released: its connection closed", token)
-
-
-class _Job:
-    """A snapshot taken on a worker thread that removes its file if abandoned.
-
-    A cancelled task stops waiting but cannot stop the thread: whichever of
-    the two finishes last removes the file.
-    """
-
-    def __init__(self, db_path: Path, dest: Path) -> None:
-        self.db_path = db_path
-        self.dest = dest
-        self._lock = threading.Lock()
-        self._abandoned = False
-
-    def run(self) -> int:
-        try:
-            size = snapshot(self.db_path, self.dest)
-        except BaseException:
-            self.dest.unlink(missing_ok=True)
-            raise
-        with self._lock:
-            if self._abandoned:
-                self.dest.unlink(missing_ok=True)
-        return size
-
-    def abandon(self) -> None:
-        with self._lock:
-            self._abandoned = True
-        self.dest.unlink(missing_ok=True)

@@ -142,29 +142,29 @@ class Dispatcher:
     def _outer(self, stored: str) -> str:
         return stored if self.ns is None else self.ns.outer(stored)
 
-    def _message(self, row: tuple[Any, ...]) -> p.Message:
-        msg = row_to_message(row)
+    def _message(self, msg: p.Message) -> p.Message:
+        """``msg`` as this peer sees it: its session tag without the namespace prefix."""
         if self.ns is None or not self.ns.prefix:
             return msg
         return msgspec.structs.replace(msg, session_tag=self.ns.outer(msg.session_tag))
 
-    def _unsendable(self, row: tuple[Any, ...]) -> TooLarge | None:
-        """Run by the writer before a pop deletes ``row``: None if its reply fits a frame."""
-        # An upper bound first (a code point is at most 4 bytes of UTF-8, a byte
-        # of meta's JSON at most 3 of msgpack): nearly every row plainly fits,
-        # and only a doubtful one is encoded.
-        chars = len(row[1]) + len(row[2]) + len(row[3]) + len(row[4])
-        if 4 * chars + 12 * len(row[5] or "") + _ENVELOPE <= self.max_frame:
+    def _unsendable(self, msg: p.Message) -> TooLarge | None:
+        """Run by the writer before a pop deletes ``msg``: None if its reply fits a frame."""
+        # An upper bound first (a code point is at most 4 bytes of UTF-8): nearly
+        # every message without meta plainly fits, and only a doubtful one (or
+        # one with meta) is encoded.
+        chars = len(msg.role) + len(msg.content) + len(msg.timestamp) + len(msg.session_tag)
+        if msg.meta is None and 4 * chars + _ENVELOPE <= self.max_frame:
             return None
-        reply = p.PopReply(id=p.MAX_REQUEST_ID, message=self._message(row))
+        reply = p.PopReply(id=p.MAX_REQUEST_ID, message=self._message(msg))
         try:
-            self._must_fit(reply, f"message {row[0]}")
+            self._must_fit(reply, f"message {msg.id}")
         except TooLarge as exc:
             return TooLarge(f"{exc.message}; it was not removed", field="session_tag")
         return None
 
-    def _pop_reply(self, rid: int, row: tuple[Any, ...] | None) -> p.PopReply:
-        return p.PopReply(id=rid, message=self._message(row) if row is not None else None)
+    def _pop_reply(self, rid: int, msg: p.Message | None) -> p.PopReply:
+        return p.PopReply(id=rid, message=self._message(msg) if msg is not None else None)
 
     # ── reads ─────────────────────────────────────────────────────────────
     async def query(self, req: Any, *, page_bytes: int | None = None) -> Any:
@@ -172,7 +172,7 @@ class Dispatcher:
         readers = self.server.readers
         if type(req) is p.History:
             budget = min(page_bytes or self.max_frame, self.max_frame) - _ENVELOPE
-            rows, cut, over = await readers.history(
+            page = await readers.history(
                 self._inner(req.session_tag),
                 req.limit,
                 before_id=req.before_id,
@@ -181,11 +181,10 @@ class Dispatcher:
             )
             # The size estimate is an upper bound: the reply fits the frame,
             # except maybe a lone row over the estimate, which is measured.
-            reply = p.HistoryReply(
-                id=req.id, messages=[self._message(r) for r in rows], truncated=cut
-            )
-            if over:
-                self._must_fit(reply, f"message {rows[0][0]}")
+            msgs = [self._message(m) for m in page.items]
+            reply = p.HistoryReply(id=req.id, messages=msgs, truncated=page.truncated)
+            if page.over:
+                self._must_fit(reply, f"message {msgs[0].id}")
             return reply
         if type(req) is p.Count:
             return p.CountReply(id=req.id, count=await readers.count(self._inner(req.session_tag)))
@@ -195,18 +194,17 @@ class Dispatcher:
             scope = None if ns is None else ns.scope
             # The page is bounded by the real lengths of its tags and timestamps
             # (rows stored before timestamps were validated may hold long ones).
-            tags, more, over = await readers.sessions(
+            found = await readers.sessions(
                 after=after, limit=req.limit, budget=self.max_frame - _ENVELOPE, scope=scope
             )
-            outer = self._outer
-            infos = [
-                p.SessionInfo(
-                    session_tag=outer(t), count=n, first_id=f, last_id=la, last_timestamp=ts
-                )
-                for t, n, f, la, ts in tags
-            ]
-            sessions = p.SessionsReply(id=req.id, sessions=infos, truncated=more)
-            if over:
+            infos = found.items
+            if ns is not None and ns.prefix:
+                outer = ns.outer
+                infos = [
+                    msgspec.structs.replace(i, session_tag=outer(i.session_tag)) for i in infos
+                ]
+            sessions = p.SessionsReply(id=req.id, sessions=infos, truncated=found.truncated)
+            if found.over:
                 self._must_fit(sessions, f"the entry of session {infos[0].session_tag[:80]!r}")
             return sessions
         return await self._backup(req)
@@ -246,18 +244,6 @@ class Dispatcher:
     def release(self) -> None:
         """The connection is gone: drop its snapshots (also one still being taken)."""
         self.server.snapshots.release(self)
-
-
-def row_to_message(row: tuple[Any, ...]) -> p.Message:
-    meta = row[5]
-    return p.Message(
-        id=row[0],
-        role=row[1],
-        content=row[2],
-        timestamp=row[3],
-        session_tag=row[4],
-        meta=_json_decode(meta) if meta is not None else None,
-    )
 
 
 def _check_distinct_keys(msgs: list[p.NewMessage]) -> None:

@@ -1,4 +1,4 @@
-"""The reader pool: read-only aiosqlite connections answering queries.
+"""The SQLite backend's reads: a pool of read-only aiosqlite connections.
 
 Reads never touch the writer's queue.  Each connection is opened ``mode=ro``
 with ``query_only`` on, and thanks to WAL a read runs concurrently with the
@@ -30,12 +30,12 @@ import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..wire.errors import Unavailable
-from .schema import StorageError, reader_uri
+from ..wire.protocol import Message, SessionInfo
+from .base import Page
+from .schema import MESSAGE_COLUMNS, StorageError, message_of, open_reader
 from .scope import NS_MARK, scope_bounds
 
 logger = logging.getLogger(__name__)
-
-Row = tuple[int, str, str, str, str, "str | None"]
 
 #: msgpack bytes per message map besides its strings (keys, headers, the id), with room.
 ROW_OVERHEAD: Final = 96
@@ -44,7 +44,6 @@ SESSION_OVERHEAD: Final = 128
 #: Timestamps up to this many bytes are read with their session's entry.
 _SHORT: Final = 256
 
-_COLS: Final = "id, role, content, timestamp, session_tag, meta"
 # An upper bound of each row's size in the reply: its strings' bytes, meta at
 # three times its JSON (a float like 0.5 is 3 bytes of JSON, 9 of msgpack), and
 # the map's overhead.  Rows are kept while the running sum *before* them is
@@ -68,7 +67,7 @@ def _history_queries(before: bool, after: bool, newest_first: bool) -> tuple[str
         where += " AND id < ?"
     order = "DESC" if newest_first else "ASC"
     guarded = (
-        f"SELECT {_COLS} FROM nexus_messages WHERE session_tag = ?{where}"
+        f"SELECT {MESSAGE_COLUMNS} FROM nexus_messages WHERE session_tag = ?{where}"
         f" AND (SELECT SUM(size) FROM (SELECT {_SIZE} AS size FROM nexus_messages"
         f"      WHERE session_tag = ?{where} ORDER BY id {order} LIMIT ?)) <= ?"
         f" ORDER BY id {order} LIMIT ?"
@@ -89,7 +88,7 @@ def _history_queries(before: bool, after: bool, newest_first: bool) -> tuple[str
 class ReaderPool:
     """A fixed set of read-only connections, lent out one query at a time."""
 
-    def __init__(self, db_path: Path, *, size: int = 4) -> None:
+    def __init__(self, db_path: Path, *, size: int) -> None:
         if size < 1:
             raise ValueError("reader pool size must be >= 1")
         self.db_path = db_path
@@ -104,12 +103,11 @@ class ReaderPool:
     async def open(self) -> None:
         #: The last storage failure logged (each different one once, not per query).
         self._logged_failure: str | None = None
-        uri = reader_uri(self.db_path)
+        path = self.db_path
         for _ in range(self.size):
             try:
-                conn = await aiosqlite.connect(uri, uri=True, check_same_thread=False)
-                await conn.execute("PRAGMA query_only = 1")
-                await conn.execute("PRAGMA busy_timeout = 5000")
+                # aiosqlite's own thread per connection runs the set-up of schema.py.
+                conn = await aiosqlite.Connection(functools.partial(open_reader, path), 64)
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot open a reader on {self.db_path}: {exc}") from None
             self._conns.append(conn)
@@ -152,8 +150,8 @@ class ReaderPool:
         before_id: int | None,
         after_id: int | None,
         budget: int,
-    ) -> tuple[list[Row], bool, bool]:
-        """Rows oldest-first; whether the byte budget cut the page short; whether
+    ) -> Page[Message]:
+        """Messages oldest-first; whether the byte budget cut the page short; whether
         the page is one row whose size *estimate* alone is over the budget.
 
         No cursor, or only ``before_id``: the newest ``limit`` rows (older than
@@ -186,10 +184,9 @@ class ReaderPool:
                 elif rows[-1][6] > budget:
                     rows.pop()  # the sentinel: the first row that does not fit
                 truncated = len(rows) < total
-        out: list[Row] = [tuple(r[:6]) for r in rows]
         if newest_first:
-            out.reverse()
-        return out, truncated, over
+            rows.reverse()
+        return Page([message_of(r) for r in rows], truncated, over)
 
     async def count(self, tag: str) -> int:
         rows = await self.fetch("SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ?", (tag,))
@@ -197,14 +194,14 @@ class ReaderPool:
 
     async def sessions(
         self, *, after: str | None, limit: int, budget: int, scope: str | None = None
-    ) -> tuple[list[tuple[str, int, int, int, str]], bool, bool]:
-        """Per tag: (tag, count, first id, last id, last timestamp), by tag; more
+    ) -> Page[SessionInfo]:
+        """Per tag, by tag: its count, first and last id and last timestamp; more
         follow?; is the page one entry whose size estimate alone is over ``budget``?
 
         At most ``limit`` entries, and as many as fit ``budget`` bytes by their
         tags' and timestamps' real lengths (plus :data:`SESSION_OVERHEAD` each);
         the first entry always comes back, flagged when it is over the budget.
-        ``scope`` as for :class:`~nexusd.writer.ClearAll`: None for every tag,
+        ``scope`` as for :class:`~nexusd.storage.base.ClearAll`: None for every tag,
         ``""`` for the unprefixed tags, else the tags under that prefix.
         """
         where: list[str] = []
@@ -233,7 +230,7 @@ class ReaderPool:
             (*params, limit + 1),
         )
         if not rows:
-            return [], False, False
+            return Page([], False)
         kept: list[Any] = []
         run = 0
         for row in rows[:limit]:
@@ -243,13 +240,16 @@ class ReaderPool:
             kept.append(row)
         over = rows[0][5] + SESSION_OVERHEAD > budget  # then it is kept alone
         more = len(kept) < len(rows)
-        out = [tuple(r[:5]) for r in kept]
-        long = {r[3]: i for i, r in enumerate(kept) if r[4] is None}
+        stamps = {r[3]: r[4] for r in kept}
+        long = [last for last, ts in stamps.items() if ts is None]
         if long:  # rare: rows stored before timestamps were validated
             marks = ",".join("?" * len(long))
             for rid, ts in await self.fetch(
                 f"SELECT id, timestamp FROM nexus_messages WHERE id IN ({marks})", tuple(long)
             ):
-                i = long[rid]
-                out[i] = (*out[i][:4], ts)
-        return out, more, over
+                stamps[rid] = ts
+        infos = [
+            SessionInfo(session_tag=t, count=n, first_id=f, last_id=la, last_timestamp=stamps[la])
+            for t, n, f, la, _, _ in kept
+        ]
+        return Page(infos, more, over)

@@ -11,14 +11,23 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Final
+from typing import Any, Final
+
+import msgspec
 
 from ..wire.errors import NexusError
+from ..wire.protocol import Message
 
 logger = logging.getLogger(__name__)
 
 TABLE: Final = "nexus_messages"
+#: The columns of a message, in the order :func:`message_of` reads them.
+MESSAGE_COLUMNS: Final = "id, role, content, timestamp, session_tag, meta"
+#: How long a connection waits for another's lock before SQLITE_BUSY (ms).
+BUSY_TIMEOUT_MS: Final = 5000
+_decode_meta = msgspec.json.decode
 
 # Migration 1 is the v1 store's DDL verbatim: on a v1 database it is a no-op.
 _V1_DDL: Final = """\
@@ -60,6 +69,19 @@ MIGRATIONS: Final[tuple[str, ...]] = (_V1_DDL, _V2_DDL, _V3_DDL)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 
+def message_of(row: Sequence[Any]) -> Message:
+    """The message of a row selected as :data:`MESSAGE_COLUMNS` (meta decoded here, once)."""
+    meta = row[5]
+    return Message(
+        id=row[0],
+        role=row[1],
+        content=row[2],
+        timestamp=row[3],
+        session_tag=row[4],
+        meta=_decode_meta(meta) if meta is not None else None,
+    )
+
+
 class StorageError(NexusError):
     """The database cannot be used (not SQLite, corrupt, too new, unwritable)."""
 
@@ -95,9 +117,13 @@ def migrate(conn: sqlite3.Connection) -> int:
 
 
 def open_writer(
-    path: Path, *, synchronous: str = "full", wal_autocheckpoint: int = 1000
+    path: Path, *, synchronous: str | None = None, wal_autocheckpoint: int | None = None
 ) -> sqlite3.Connection:
     """Open (creating if needed) the read-write connection and migrate it.
+
+    ``synchronous`` (``"full"`` or ``"normal"``) and ``wal_autocheckpoint``
+    (pages) come from the daemon's configuration, which holds their defaults;
+    None leaves SQLite's own setting (for tools and tests that do not care).
 
     Raises :class:`StorageError` with a clear message when the file is not a
     usable SQLite database; in that case the file is not modified.
@@ -106,16 +132,17 @@ def open_writer(
     _refuse_non_sqlite(path)
     try:
         # isolation_level=None: we issue BEGIN/COMMIT ourselves, one per batch.
-        conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        conn = _connect(str(path), uri=False, autocommit=True)
     except sqlite3.Error as exc:
         raise StorageError(f"cannot open database {path}: {exc}") from exc
     try:
         _check_quick(conn, path)
         _refuse_foreign(conn, path)  # before journal_mode=WAL, which writes the header
         conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
-        conn.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
-        conn.execute("PRAGMA busy_timeout=5000")
+        if synchronous is not None:
+            conn.execute(f"PRAGMA synchronous={'FULL' if synchronous == 'full' else 'NORMAL'}")
+        if wal_autocheckpoint is not None:
+            conn.execute(f"PRAGMA wal_autocheckpoint={int(wal_autocheckpoint)}")
         migrate(conn)
     except sqlite3.Error as exc:
         conn.close()
@@ -123,6 +150,32 @@ def open_writer(
     except BaseException:
         conn.close()
         raise
+    return conn
+
+
+def open_reader(path: Path) -> sqlite3.Connection:
+    """A read-only connection (``mode=ro`` and ``query_only``) for the reader pool."""
+    conn = _connect(reader_uri(path), uri=True)
+    try:
+        conn.execute("PRAGMA query_only = 1")
+    except BaseException:
+        conn.close()
+        raise
+    return conn
+
+
+def _connect(target: str, *, uri: bool, autocommit: bool = False) -> sqlite3.Connection:
+    """Every long-lived connection of the daemon is made here.
+
+    ``timeout`` is SQLite's busy timeout: how long a statement waits for
+    another connection's lock (another program's, or a checkpoint) before
+    failing with "database is locked".  ``check_same_thread`` off: each
+    connection is used by one thread at a time, but not the one that made it.
+    ``autocommit``: no implicit transactions (``isolation_level=None``).
+    """
+    conn = sqlite3.connect(target, uri=uri, timeout=BUSY_TIMEOUT_MS / 1000, check_same_thread=False)
+    if autocommit:
+        conn.isolation_level = None
     return conn
 
 

@@ -1,8 +1,9 @@
 """One batch of writes as one SQLite transaction: statements, ids, counts, pruning.
 
-The writer actor (:mod:`nexusd.writer`) decides *when* a batch runs; this
-module is *what* it runs, synchronously, in the writer's thread, on the
-writer's connection: the inserts as one ``executemany`` (ids are consecutive:
+The writer actor (:mod:`nexusd.daemon.writer`) decides *when* a batch runs;
+:class:`~nexusd.storage.sqlite.SQLiteStorage` hands it to its writer thread;
+this module is *what* that thread runs, synchronously, on the writer's
+connection: the inserts as one ``executemany`` (ids are consecutive:
 there is one writer and the table is AUTOINCREMENT), pops and clears in order,
 then the exact pruning of every session the batch grew, then COMMIT.
 
@@ -16,12 +17,18 @@ last commit.
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final, TypeAlias
 
+from ..wire.errors import NexusError
+from ..wire.protocol import Message
+from .base import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest
+from .schema import MESSAGE_COLUMNS, message_of
 from .scope import NS_MARK, scope_bounds
 
+# The ops are declared in base.py; re-exported here for the modules that still
+# import them from this one.
 __all__ = [
     "ClearAll",
     "ClearSession",
@@ -29,17 +36,14 @@ __all__ = [
     "Insert",
     "NewRow",
     "Op",
+    "Outcome",
     "PopNewest",
     "Row",
-    "Outcome",
     "run",
 ]
 
-#: One row to insert: (role, content, timestamp or None, meta as JSON text or None,
-#: idempotency key or None).
-NewRow: TypeAlias = tuple[str, str, "str | None", "str | None", "str | None"]
-#: A stored row as the writer returns it (id, role, content, timestamp, tag, meta).
-Row: TypeAlias = tuple[int, str, str, str, str, "str | None"]
+#: A popped row: the old name of :class:`~nexusd.wire.protocol.Message` (import that).
+Row: TypeAlias = Message
 
 #: Sessions pruned per DELETE (SQLite allows 500 terms in a compound SELECT).
 _PRUNE_CHUNK: Final = 200
@@ -53,52 +57,9 @@ _PRUNE_RANGE: Final = (
     "DELETE FROM nexus_messages WHERE session_tag = ? AND id <= (SELECT id FROM nexus_messages"
     " WHERE session_tag = ? ORDER BY id LIMIT 1 OFFSET ?)"
 )
-
-
-@dataclass(frozen=True, slots=True)
-class Insert:
-    """Append rows to one session; result: their ids (``list[int]``), all or none.
-
-    A row whose idempotency key the session already holds is not stored again;
-    its id in the result is the original one.
-    """
-
-    session_tag: str
-    rows: list[NewRow]
-
-
-@dataclass(frozen=True, slots=True)
-class PopNewest:
-    """Remove and return the newest row of a session; result: ``Row | None``.
-
-    ``refuse(row)`` may return an error to answer instead, before anything is
-    deleted: a row too big for any reply must stay stored rather than be
-    removed and never shown.
-    """
-
-    session_tag: str
-    refuse: Callable[[Row], Exception | None] | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class ClearSession:
-    """Delete one session; result: rows deleted."""
-
-    session_tag: str
-
-
-@dataclass(frozen=True, slots=True)
-class ClearAll:
-    """Delete every row in ``scope``; result: rows deleted.
-
-    ``scope`` None: every row.  ``""``: rows whose tag is not namespaced.
-    Otherwise: rows whose tag starts with ``scope`` (see :mod:`nexusd.peers`).
-    """
-
-    scope: str | None = None
-
-
-Op: TypeAlias = Insert | PopNewest | ClearSession | ClearAll
+_NEWEST: Final = (
+    f"SELECT {MESSAGE_COLUMNS} FROM nexus_messages WHERE session_tag = ? ORDER BY id DESC LIMIT 1"
+)
 
 
 class CountCache:
@@ -143,7 +104,7 @@ class Outcome:
 
 def run(
     conn: sqlite3.Connection,
-    ops: list[Op],
+    ops: Sequence[Op],
     *,
     now: str,
     counts_cache: CountCache,
@@ -197,21 +158,18 @@ def run(
     return Outcome(results, rows_added, pruned)
 
 
-def _pop(conn: sqlite3.Connection, op: PopNewest, counts: _Counts) -> Row | Exception | None:
+def _pop(conn: sqlite3.Connection, op: PopNewest, counts: _Counts) -> Message | NexusError | None:
     tag = op.session_tag
-    row = conn.execute(
-        "SELECT id, role, content, timestamp, session_tag, meta FROM nexus_messages "
-        "WHERE session_tag = ? ORDER BY id DESC LIMIT 1",
-        (tag,),
-    ).fetchone()
+    row = conn.execute(_NEWEST, (tag,)).fetchone()
     if row is None:
         return None
-    refusal = op.refuse(tuple(row)) if op.refuse is not None else None
+    msg = message_of(row)
+    refusal = op.refuse(msg) if op.refuse is not None else None
     if refusal is not None:
         return refusal
-    conn.execute("DELETE FROM nexus_messages WHERE id = ?", (row[0],))
+    conn.execute("DELETE FROM nexus_messages WHERE id = ?", (msg.id,))
     counts.add(tag, -1)
-    return tuple(row)
+    return msg
 
 
 def _prune(conn: sqlite3.Connection, counts: _Counts, keep: int) -> int:

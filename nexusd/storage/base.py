@@ -1,0 +1,247 @@
+"""The storage seam: what the daemon asks of a place that keeps messages.
+
+The daemon's writer actor and its request handlers talk to storage only
+through :class:`Storage`; :class:`~nexusd.storage.sqlite.SQLiteStorage` is the
+one implementation today.  Everything here is backend-neutral: no SQL, no
+connections, no pragmas, no files except the one a backup is written into.
+What travels across are the write ops below and the wire's own typed values
+(:class:`~nexusd.wire.protocol.Message`, :class:`~nexusd.wire.protocol.SessionInfo`),
+with ``meta`` already decoded.
+
+Session tags are the *stored* tags: a peer's namespace prefix (see
+:mod:`nexusd.storage.scope`) is added and removed by the daemon, never here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Generic, Protocol, TypeAlias, TypeVar
+
+from ..wire.errors import NexusError
+from ..wire.protocol import Message, SessionInfo
+
+__all__ = [
+    "Answer",
+    "ClearAll",
+    "ClearSession",
+    "Insert",
+    "NewRow",
+    "Op",
+    "Page",
+    "PopNewest",
+    "Storage",
+    "WriteOp",
+    "WriteStats",
+    "utc_now",
+]
+
+R = TypeVar("R", covariant=True)
+T = TypeVar("T")
+
+#: One row to insert: (role, content, timestamp or None, meta as JSON text or None,
+#: idempotency key or None).  A plain tuple: appends build one per message on the
+#: hot path, and a tuple is the cheapest thing to build.
+NewRow: TypeAlias = tuple[str, str, "str | None", "str | None", "str | None"]
+
+
+class WriteOp(Generic[R]):
+    """A write op whose committed result is an ``R`` (or a :class:`NexusError`)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Insert(WriteOp[list[int]]):
+    """Append rows to one session; result: their ids, all stored or none.
+
+    A row whose idempotency key the session already holds is not stored again;
+    its id in the result is the original one.  A row without a timestamp gets
+    the batch's commit time (:func:`utc_now`, never earlier than the previous
+    batch's).
+    """
+
+    session_tag: str
+    rows: list[NewRow]
+
+
+@dataclass(frozen=True, slots=True)
+class PopNewest(WriteOp[Message | None]):
+    """Remove and return the newest message of a session (None: the session is empty).
+
+    ``refuse(message)`` runs before anything is deleted and may return an error
+    to answer instead: a message too big for any reply must stay stored rather
+    than be removed and never shown.  It runs wherever the backend runs its
+    transaction (the SQLite backend: its writer thread), so it must be quick
+    and touch nothing shared.
+    """
+
+    session_tag: str
+    refuse: Callable[[Message], NexusError | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClearSession(WriteOp[int]):
+    """Delete one session; result: messages deleted."""
+
+    session_tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClearAll(WriteOp[int]):
+    """Delete every message in ``scope``; result: messages deleted.
+
+    ``scope`` None: every message.  ``""``: those whose tag is not namespaced.
+    Otherwise: those whose tag starts with ``scope`` (see :mod:`nexusd.storage.scope`).
+    """
+
+    scope: str | None = None
+
+
+Op: TypeAlias = Insert | PopNewest | ClearSession | ClearAll
+#: Called once, in the event loop, with one result per op, in op order: the op's
+#: result, or the :class:`NexusError` it is answered with.
+Answer: TypeAlias = Callable[[list[Any]], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Page(Generic[T]):
+    """One page of a read: its items, whether more follow, whether it is one oversized item.
+
+    ``over``: the page is a single item whose size *estimate* alone is over the
+    byte budget; the caller measures its real size before sending it.
+    """
+
+    items: list[T]
+    truncated: bool
+    over: bool = False
+
+
+@dataclass(slots=True)
+class WriteStats:
+    """What the writes did since open (for the ``stats`` operation)."""
+
+    #: Transactions committed (a batch retried op by op counts each op's).
+    batches: int = 0
+    #: Ops committed.
+    ops: int = 0
+    #: Rows stored (an idempotent resend stores none).
+    rows: int = 0
+    #: Batches whose transaction failed.
+    failed_batches: int = 0
+    #: Rows deleted by retention.
+    pruned: int = 0
+    #: Commits by other programs noticed (they force a recount of sessions).
+    external_writes: int = 0
+
+
+def utc_now() -> str:
+    """The timestamp format nexusd writes: ISO 8601 UTC, microseconds, ``Z``."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class Storage(Protocol):
+    """Where messages are kept: one batch writer, concurrent readers.
+
+    Lifecycle: :meth:`open` once (creates or migrates what it needs, raises a
+    :class:`NexusError` with a one-line reason when it cannot), then any number
+    of reads and writes, then :meth:`close` once, after the last write was
+    answered (it makes everything committed durable on its own: the SQLite
+    backend checkpoints its WAL).
+
+    **Writes.**  :meth:`write` is called by one writer at a time (the daemon's
+    writer actor), never concurrently with itself.
+
+    - *Order.*  Ops take effect in list order; results come back in list order,
+      one per op.  New rows get ids that increase in op order and across
+      batches and are never reused (not after pruning, not after a clear); the
+      rows of one :class:`Insert` get consecutive ids, unless an idempotent
+      resend among them gets its original (older) id.
+    - *Atomicity.*  Each op is all or nothing.  A batch is normally one
+      transaction; retention (at most :attr:`max_messages` newest rows per
+      session, 0 = unbounded) prunes every session the batch grew inside that
+      same transaction, so an acknowledged row is never one just pruned by the
+      commit that acknowledges it.
+    - *Visibility.*  ``answer`` is called only after the commit is durable (as
+      durable as the backend was configured to make it); a read that starts
+      after ``answer`` ran sees every op of the batch.
+    - *Failure, per op.*  A result that is a :class:`NexusError` means that op
+      changed nothing.  Three cases:
+
+      1. *This op refused, the rest committed*: ``PopNewest.refuse`` said no;
+         or the batch's transaction failed and the backend retried each op
+         alone, in order, and only this op failed again (``unavailable``
+         "nothing was written" for a storage fault such as a full disk,
+         ``internal`` for anything else the storage refused).
+      2. *The whole batch failed, nothing committed*: an unexpected exception
+         (a bug, not a storage fault) inside the batch: its transaction is
+         rolled back and :meth:`write` raises it without calling ``answer``;
+         the writer answers every op ``internal``.  (Should it happen while
+         ops are retried one by one, those already retried stay committed.)
+      3. *Storage lost*: after a commit the backend found its storage is no
+         longer the one it opened (the SQLite backend: the database, ``-wal``
+         or ``-shm`` file deleted or replaced).  Every op of that batch is
+         answered ``unavailable`` with field ``storage_lost`` ("may not have
+         been stored"), :attr:`storage_error` says why from then on, and every
+         later batch is answered the same without being tried.
+
+    - :meth:`write` always finishes a batch once called, even if the awaiting
+      task is cancelled, and calls ``answer`` exactly once, in the event loop,
+      before it returns (so the writer can answer without waking its task).
+
+    **Reads** run concurrently with each other and with a write, on a
+    committed snapshot each.  A storage fault is raised as ``unavailable``.
+    """
+
+    #: Rows kept per session (0: unbounded); pruning happens in the write transaction.
+    max_messages: int
+    #: Why writes are refused for good (storage lost), or None while it is sound.
+    storage_error: str | None
+    write_stats: WriteStats
+
+    async def open(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def write(self, ops: Sequence[Op], answer: Answer) -> None:
+        """Run ``ops`` as one batch (see the class doc); ``answer`` gets the results."""
+        ...
+
+    async def history(
+        self, tag: str, limit: int, *, before_id: int | None, after_id: int | None, budget: int
+    ) -> Page[Message]:
+        """Messages of ``tag``, oldest first, at most ``limit`` and about ``budget`` bytes.
+
+        No cursor, or only ``before_id``: the newest ``limit`` (older than
+        ``before_id``).  ``after_id`` (with or without ``before_id``): the
+        oldest ``limit`` newer than it.  A page cut by the budget keeps the
+        messages nearest the side it starts from; it is never empty while the
+        range holds one (a first message over the estimate comes back alone,
+        ``over``).
+        """
+        ...
+
+    async def count(self, tag: str) -> int: ...
+
+    async def sessions(
+        self, *, after: str | None, limit: int, budget: int, scope: str | None = None
+    ) -> Page[SessionInfo]:
+        """Sessions by tag after ``after``, in ``scope`` (as :class:`ClearAll`), bounded
+        by ``limit`` and about ``budget`` bytes; the first always comes back."""
+        ...
+
+    async def backup(self, dest: Path) -> int:
+        """Write a consistent copy of everything committed into the new file ``dest``;
+        return its size.  Runs concurrently with writes (they are not blocked) and,
+        once started, to its end; a backup that fails leaves no file behind."""
+        ...
+
+    def size_bytes(self) -> int:
+        """About how many bytes the stored data takes (a backup's size estimate)."""
+        ...
+
+    def live_files(self) -> list[Path]:
+        """Files the backend has open, which must never be replaced while it runs."""
+        ...

@@ -1,0 +1,291 @@
+"""The SQLite backend of :class:`~nexusd.storage.base.Storage`: one file in WAL mode.
+
+Its parts: :mod:`.schema` (table, migrations, connection set-up), :mod:`.writes`
+(what one write transaction does), :mod:`.reads` (the reader pool and its
+queries), :mod:`.files` (the files on disk, and noticing when they change
+under us), :mod:`.thread` (the writer's thread).  This module puts them
+together and owns what happens *around* a transaction: the retry with
+idempotency keys looked up, the retry op by op, the check of the files after
+each commit, the monotonic commit timestamp and the write figures.
+
+Threads, and why each exists (the daemon itself starts none):
+
+- **the writer thread** (:class:`~nexusd.storage.thread.SQLiteThread`, one):
+  the read-write connection lives there and every batch is one call to it,
+  one hop there and one back (``anyio.to_thread`` measured ~70 us slower per
+  hop, see :mod:`.thread`).
+- **one thread per reader connection** (aiosqlite's): reads run concurrently
+  with the writer and each other; one ``execute_fetchall`` is one hop.  A
+  shared thread for the readers measured no better under load.
+- **backup workers** (``anyio.to_thread``): a snapshot copies the whole
+  database and takes as long as that takes; on the writer's thread it would
+  stop the writes, on a reader's it would take that reader out of the pool.
+  They run rarely (a few per daemon lifetime), where the hop's cost is noise.
+  (Reading a snapshot's chunks, in :mod:`nexusd.daemon.backups`, uses the same
+  worker threads: file reads, not SQLite.)
+"""
+
+from __future__ import annotations
+
+import logging
+import sqlite3
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Final
+
+import anyio
+
+from ..wire.errors import STORAGE_LOST, Internal, NexusError, Unavailable
+from ..wire.protocol import Message, SessionInfo
+from . import writes
+from .base import Answer, Op, Page, WriteStats, utc_now
+from .files import DbFiles, FileWatch
+from .reads import ReaderPool
+from .schema import open_writer, snapshot
+from .thread import SQLiteThread
+
+__all__ = ["SQLiteStorage"]
+
+logger = logging.getLogger(__name__)
+
+#: Sessions whose row count is cached between batches, at most (then it starts over).
+_COUNT_CACHE_MAX: Final = 65_536
+
+
+class SQLiteStorage:
+    """Messages in one SQLite file (see :class:`~nexusd.storage.base.Storage` for the contract).
+
+    Every setting comes from the caller (the daemon's configuration holds the
+    defaults): ``synchronous`` ``"full"`` or ``"normal"``, ``wal_autocheckpoint``
+    in pages, ``readers`` connections in the pool.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        max_messages: int,
+        synchronous: str,
+        wal_autocheckpoint: int,
+        readers: int,
+    ) -> None:
+        if max_messages < 0:
+            raise ValueError("max_messages must be >= 0")
+        self.path = path
+        self.files = DbFiles.of(path)
+        self.max_messages = max_messages
+        self.synchronous = synchronous
+        self.wal_autocheckpoint = wal_autocheckpoint
+        self.write_stats = WriteStats()
+        #: Why writes are refused for good (the files changed under us), or None.
+        self.storage_error: str | None = None
+        self._readers = ReaderPool(path, size=readers)
+        self._conn: sqlite3.Connection | None = None
+        self._thread = SQLiteThread("nexusd-writer")
+        self._counts = writes.CountCache()
+        self._watch = FileWatch(path)
+        self._told_external = False
+        self._last_ts = ""
+
+    # ── lifecycle ─────────────────────────────────────────────────────────
+    async def open(self) -> None:
+        """Open and migrate the database (on the writer's thread: it may take a while),
+        then the readers."""
+        self._thread.start()
+        self._conn = await self._thread.call(
+            lambda: open_writer(
+                self.path,
+                synchronous=self.synchronous,
+                wal_autocheckpoint=self.wal_autocheckpoint,
+            )
+        )
+        self._watch.arm()  # the files as SQLite has them open now
+        await self._readers.open()
+
+    async def close(self) -> None:
+        """Close the readers; checkpoint the WAL into the database; close; end the thread."""
+        with anyio.CancelScope(shield=True):
+            await self._readers.aclose()
+            conn, self._conn = self._conn, None
+            if conn is None:
+                self._thread.stop()
+                return
+
+            def finish() -> None:
+                try:
+                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+                except sqlite3.Error as exc:
+                    logger.warning("final WAL checkpoint failed: %s", exc)
+                finally:
+                    conn.close()
+
+            try:
+                await self._thread.call(finish)
+            finally:
+                self._thread.stop()
+
+    # ── writes ────────────────────────────────────────────────────────────
+    async def write(self, ops: Sequence[Op], answer: Answer) -> None:
+        # Shielded: a batch handed to SQLite always finishes.  ``answer`` runs
+        # straight from the thread's hand-back, before this task is resumed.
+        with anyio.CancelScope(shield=True):
+            await self._thread.call(self._apply, ops, then=lambda _ops, results: answer(results))
+
+    def _apply(self, ops: Sequence[Op]) -> list[Any]:
+        """Writer thread: run a batch as one transaction; op by op if it fails."""
+        conn = self._conn
+        if conn is None:
+            return [Unavailable("database is closed")] * len(ops)
+        if self.storage_error is not None:
+            return [Unavailable(self.storage_error, field=STORAGE_LOST)] * len(ops)
+        try:
+            try:
+                results = self._transaction(conn, ops, lookup=False)
+            except sqlite3.IntegrityError:
+                # A key already stored: a resend whose original committed.  Redo
+                # the batch looking every key up (rare: only after lost answers).
+                results = self._transaction(conn, ops, lookup=True)
+        except sqlite3.Error as exc:
+            self.write_stats.failed_batches += 1
+            if len(ops) == 1:
+                logger.error("write failed, nothing was written: %s", exc)
+                return [_storage_error(exc)]
+            # One op may be the culprit: retry each alone so only it fails.
+            logger.warning("batch of %d failed (%s); retrying jobs one by one", len(ops), exc)
+            results = []
+            for op in ops:
+                try:
+                    results.extend(self._transaction(conn, [op], lookup=True))
+                except sqlite3.Error as one:
+                    results.append(_storage_error(one))
+        # Committed, not yet answered: into the files the database lives in?
+        changed = self._watch.check()
+        if changed is not None:
+            return [self._files_changed(conn, changed)] * len(ops)
+        return results
+
+    def _transaction(
+        self, conn: sqlite3.Connection, ops: Sequence[Op], *, lookup: bool
+    ) -> list[Any]:
+        now = utc_now()
+        if now < self._last_ts:  # the clock stepped back: keep timestamps monotonic
+            now = self._last_ts
+        done = writes.run(
+            conn,
+            ops,
+            now=now,
+            counts_cache=self._counts,
+            max_messages=self.max_messages,
+            lookup=lookup,
+        )
+        counts = self._counts
+        if len(counts.counts) > _COUNT_CACHE_MAX:
+            counts.counts.clear()
+        st = self.write_stats
+        st.external_writes = counts.external_changes
+        if counts.external_changes == 1 and not self._told_external:
+            self._told_external = True  # once: stats counts the rest
+            logger.warning(
+                "another program committed to %s; pruning recounts the sessions it"
+                " writes after every such commit (stats: external_writes_seen)",
+                self.path,
+            )
+        self._last_ts = now
+        st.batches += 1
+        st.ops += len(ops)
+        st.rows += done.rows_added
+        st.pruned += done.pruned
+        return done.results
+
+    def _files_changed(self, conn: sqlite3.Connection, what: str) -> Unavailable:
+        """Writer thread: the database's files changed under us; refuse writes from now on.
+
+        A checkpoint copies every committed frame of the WAL we have open into
+        the database file we have open, and empties that WAL: a deleted
+        ``-wal`` loses nothing acknowledged, and a ``-wal`` left next to a
+        replaced or deleted database holds no frames to replay into the wrong
+        file at the next start.
+        """
+        self.storage_error = (
+            f"{what} while nexusd ran; writes are refused until nexusd is restarted"
+        )
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            rescue = "WAL checkpointed" if not busy else "WAL checkpoint incomplete (busy)"
+        except sqlite3.Error as exc:
+            rescue = f"WAL checkpoint failed: {exc}"
+        where = self._watch.lost_database()
+        if where is not None:
+            rescue += f"; until nexusd stops, the database it had open can be copied from {where}"
+        logger.error("%s (%s)", self.storage_error, rescue)
+        return Unavailable(
+            f"{self.storage_error} (this write may not have been stored)", field=STORAGE_LOST
+        )
+
+    # ── reads ─────────────────────────────────────────────────────────────
+    async def history(
+        self, tag: str, limit: int, *, before_id: int | None, after_id: int | None, budget: int
+    ) -> Page[Message]:
+        return await self._readers.history(
+            tag, limit, before_id=before_id, after_id=after_id, budget=budget
+        )
+
+    async def count(self, tag: str) -> int:
+        return await self._readers.count(tag)
+
+    async def sessions(
+        self, *, after: str | None, limit: int, budget: int, scope: str | None = None
+    ) -> Page[SessionInfo]:
+        return await self._readers.sessions(after=after, limit=limit, budget=budget, scope=scope)
+
+    # ── backups and files ─────────────────────────────────────────────────
+    async def backup(self, dest: Path) -> int:
+        job = _Snapshot(self.files.db, dest)
+        try:
+            return await anyio.to_thread.run_sync(job.run)
+        except BaseException:
+            job.abandon()  # also when cancelled: the thread removes what it made
+            raise
+
+    def size_bytes(self) -> int:
+        return self.files.bytes_on_disk()
+
+    def live_files(self) -> list[Path]:
+        return list(self.files.live())
+
+
+class _Snapshot:
+    """A snapshot taken on a worker thread that removes its file if abandoned.
+
+    A cancelled task stops waiting but cannot stop the thread: whichever of
+    the two finishes last removes the file.
+    """
+
+    def __init__(self, db_path: Path, dest: Path) -> None:
+        self.db_path = db_path
+        self.dest = dest
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def run(self) -> int:
+        try:
+            size = snapshot(self.db_path, self.dest)
+        except BaseException:
+            self.dest.unlink(missing_ok=True)
+            raise
+        with self._lock:
+            if self._abandoned:
+                self.dest.unlink(missing_ok=True)
+        return size
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+        self.dest.unlink(missing_ok=True)
+
+
+def _storage_error(exc: sqlite3.Error) -> NexusError:
+    if isinstance(exc, sqlite3.OperationalError):
+        return Unavailable(f"storage failure, nothing was written: {exc}")
+    return Internal(f"write failed, nothing was written: {exc}")
