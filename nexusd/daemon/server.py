@@ -24,7 +24,7 @@ import anyio
 
 from .._version import __version__
 from ..storage.files import DbFiles, InstanceLock, LockError
-from ..storage.reads import ReaderPool
+from ..storage.sqlite import SQLiteStorage
 from ..wire import protocol as p
 from ..wire.errors import Forbidden, NexusError, Overloaded
 from ..wire.paths import default_socket_path
@@ -52,19 +52,23 @@ class Server:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.writer = Writer(
+        #: The storage seam (storage/base.py): opened and closed here, written
+        #: through the writer, read by the handlers.
+        self.storage = SQLiteStorage(
             config.db,
             max_messages=config.max_messages,
             synchronous=config.synchronous,
-            queue_size=config.queue_size,
-            batch_max=config.batch_max,
             wal_autocheckpoint=config.wal_autocheckpoint,
+            readers=config.readers,
         )
-        self.readers = ReaderPool(config.db, size=config.readers)
+        self.writer = Writer(self.storage, queue_size=config.queue_size, batch_max=config.batch_max)
+        self.readers = self.storage
         #: The database's real files: a symlinked db keeps its WAL and the
         #: snapshots next to the file it points to, not next to the link.
         self.files = DbFiles.of(config.db)
-        self.snapshots = Snapshots(self.files.db, max_snapshots=config.max_snapshots)
+        self.snapshots = Snapshots(
+            self.storage, self.files.db.parent, max_snapshots=config.max_snapshots
+        )
         self.notifier = Notifier()
         #: Bytes held for big partial frames and unsent replies, over all connections.
         self.budget = Budget(config.max_buffered)
@@ -108,8 +112,7 @@ class Server:
         self._take_lock()
         socks: list[socket.socket] = []
         try:
-            await self.writer.open()
-            await self.readers.open()
+            await self.storage.open()
             self.snapshots.remove_stale()
             socks = self._listen(activated)
             await self._serve(socks, task_status)
@@ -117,8 +120,7 @@ class Server:
             self._unlink_socket()
             for sock in socks:
                 sock.close()
-            await self.readers.aclose()
-            await self.writer.aclose()
+            await self.storage.close()
             self._release_lock()
             self.notifier.close()
         logger.info("nexusd stopped")
