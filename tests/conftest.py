@@ -182,10 +182,8 @@ def tag(request: pytest.FixtureRequest) -> str:
 
 # ── in-process server (asyncio only: aiosqlite is asyncio-bound) ──────────────
 def make_config(base: Path, **overrides: Any) -> Config:
-    cfg = Config(db=base / "nexus.db", socket=base / "s.sock", uvloop=False)
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg.validate()
+    defaults = {"db": base / "nexus.db", "socket": base / "s.sock", "uvloop": False}
+    return Config(**{**defaults, **overrides}).validate()
 
 
 @asynccontextmanager

@@ -134,10 +134,41 @@ def test_flags_are_checked_like_the_file() -> None:
 
 
 def test_validate_checks_a_config_built_in_code() -> None:
-    cfg = Config()
-    cfg.max_messages = 1.9  # type: ignore[assignment]
+    cfg = Config(max_messages=1.9)  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="max_messages"):
         cfg.validate()
+
+
+def test_environment_and_flags_arrive_as_strings_and_are_converted() -> None:
+    cfg = load_config(
+        flags={"max_messages": "7", "shutdown_timeout": "3", "log_level": "DEBUG"},
+        env={"NEXUSD_DB": "/env.db", "NEXUSD_SOCKET": "/env.sock"},
+    )
+    assert (cfg.max_messages, cfg.shutdown_timeout, cfg.log_level) == (7, 3.0, "debug")
+    assert (cfg.db, cfg.socket) == (Path("/env.db"), Path("/env.sock"))
+    with pytest.raises(ConfigError, match=r"max_messages: expected `int` \(got 'many'\)"):
+        load_config(flags={"max_messages": "many"}, env={})
+    with pytest.raises(ConfigError, match="environment: bad value for db: expected a path"):
+        load_config(env={"NEXUSD_DB": " "})
+
+
+def test_a_config_cannot_change_once_made() -> None:
+    cfg = load_config(env={})
+    with pytest.raises(AttributeError):
+        cfg.max_messages = 1  # type: ignore[misc]
+
+
+def test_every_setting_is_declared_with_its_default_and_help() -> None:
+    from nexusd.daemon.config import SETTINGS
+
+    cfg = Config()
+    assert list(SETTINGS) == list(Config.__struct_fields__)
+    for name, setting in SETTINGS.items():
+        assert setting.description, name
+        if name not in ("db", "socket"):  # computed at start-up, described in words
+            assert setting.default == getattr(cfg, name), name
+            assert "default" not in setting.description, name  # the default is stated once
+    assert SETTINGS["log_level"].choices == ("debug", "info", "warning", "error")
 
 
 def test_missing_file_is_an_error(tmp_path: Path) -> None:
@@ -151,7 +182,8 @@ def test_validate_defaults() -> None:
 
 def test_the_readme_table_states_each_declared_default() -> None:
     import re
-    from dataclasses import fields
+
+    from msgspec.structs import fields
 
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     rows = dict(re.findall(r"^\| `(\w+)` \|[^|]*\| ([^|]+) \|", readme, re.M))

@@ -1,26 +1,29 @@
 """Daemon configuration: one declaration of every setting, read strictly.
 
-:class:`Config` declares each setting once: its type, its allowed range and
-its default.  Values come from defaults < a TOML file < the environment
-(``NEXUSD_DB``, ``NEXUSD_SOCKET``) < flags, and every value is checked
-against that declaration with msgspec: a wrong type (``max_messages = 1.9``,
-``isolate_peers = "ture"``), an out-of-range number, an unknown choice
-(``log_level = "verbose"``) or an unknown key is a :class:`ConfigError` naming
-the key, never a silent fallback.  The default paths follow systemd first
-(``$STATE_DIRECTORY``, ``$RUNTIME_DIRECTORY``), then XDG, then a private
-directory under /tmp; clients resolve the socket the same way.
+:class:`Config` declares each setting once: its type, its allowed range, its
+default and a one-line description (``Annotated[..., Meta(...)]``).  Values
+come from defaults < a TOML file < the environment (``NEXUSD_DB``,
+``NEXUSD_SOCKET``) < flags, and every source is converted by that declaration
+with ``msgspec.convert``: strictly for TOML, which has types; leniently for
+the environment and flags, which arrive as strings.  A wrong type
+(``max_messages = 1.9``, ``isolate_peers = "ture"``), an out-of-range number,
+an unknown choice (``log_level = "verbose"``) or an unknown key is a
+:class:`ConfigError` naming the key, never a silent fallback.  The command
+line's help is made from the same declaration (:data:`SETTINGS`).  The default
+paths follow systemd first (``$STATE_DIRECTORY``, ``$RUNTIME_DIRECTORY``),
+then XDG, then a private directory under /tmp; clients resolve the socket the
+same way.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import re
 import tomllib
+import typing
 from collections.abc import Mapping
-from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Literal, NamedTuple
 
 import msgspec
 from msgspec import Meta
@@ -30,8 +33,10 @@ from ..wire.paths import default_db_path, default_socket_path, resolve_socket_pa
 
 __all__ = [
     "MAX_FRAME_CAP",
+    "SETTINGS",
     "Config",
     "ConfigError",
+    "Setting",
     "default_db_path",
     "default_socket_path",
     "load_config",
@@ -41,10 +46,14 @@ __all__ = [
 MiB = 1024 * 1024
 #: The largest frame limit accepted: every connection may buffer one frame.
 MAX_FRAME_CAP: Final = 64 * MiB
-
 Count = Annotated[int, Meta(ge=1)]
 Seconds = Annotated[float, Meta(gt=0, le=86_400)]
 Id = Annotated[int, Meta(ge=0, le=2**32 - 1)]
+
+
+def _about(description: str) -> Meta:
+    """The one-line help of a setting (shown by ``nexusd serve --help``)."""
+    return Meta(description=description)
 
 
 class ConfigError(NexusError):
@@ -53,60 +62,100 @@ class ConfigError(NexusError):
     code = "bad_request"
 
 
-@dataclass(slots=True)
-class Config:
-    """Every setting of ``nexusd serve``; TOML keys are these names."""
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """Every setting of ``nexusd serve``; TOML keys are these names.
 
-    db: Path = dataclasses.field(default_factory=default_db_path)
-    socket: Path = dataclasses.field(default_factory=default_socket_path)
-    #: Rows kept per session tag; 0 keeps every row.
-    max_messages: Annotated[int, Meta(ge=0)] = 500
-    synchronous: Literal["full", "normal"] = "full"
-    queue_size: Count = 10_000
-    batch_max: Count = 1_000
-    readers: Annotated[int, Meta(ge=1, le=64)] = 4
-    #: WAL pages after which a commit checkpoints.  SQLite's default, 1000,
-    #: checkpoints after nearly every large batch; 8000 (32 MiB of WAL) copies
-    #: each hot index page once per checkpoint instead of once per few commits.
-    wal_autocheckpoint: Annotated[int, Meta(ge=0)] = 8000
-    max_frame: Annotated[int, Meta(ge=64 * 1024, le=MAX_FRAME_CAP)] = 4 * MiB
-    max_content: Count = 1 * MiB
-    max_inflight: Count = 1_024
-    max_connections: Count = 1_024
-    #: Connections one peer uid may hold at once (below max_connections, so no
-    #: single uid can lock the others out).
-    max_connections_per_uid: Count = 512
-    #: Encoded size of one message's ``meta`` (JSON bytes).
-    max_meta: Count = 64 * 1024
-    #: Bytes the daemon may hold in total for large partial frames and unsent
-    #: replies, over all connections.
-    max_buffered: Annotated[int, Meta(ge=MiB)] = 256 * MiB
-    #: Backup snapshots held at once, over all connections (one per connection).
-    max_snapshots: Count = 2
-    enqueue_timeout: Seconds = 5.0
-    #: Seconds a connection may send nothing while nothing of its is in flight.
-    idle_timeout: Seconds = 300.0
-    #: Seconds one frame may take from its first byte to its last.
-    frame_timeout: Seconds = 30.0
-    shutdown_timeout: Seconds = 20.0
-    socket_mode: Annotated[int, Meta(ge=0, le=0o777)] = 0o600
-    #: Group (name or number) given to a socket the daemon creates; its members
-    #: are allowed in as well.
-    socket_group: str = ""
-    #: Peers allowed to connect, by uid; empty means the daemon's own uid and root.
-    allow_uids: list[Id] = dataclasses.field(default_factory=list)
-    #: Peers allowed to connect by group (primary or supplementary gid).
-    allow_gids: list[Id] = dataclasses.field(default_factory=list)
-    #: Give every peer uid its own namespace of session tags.
-    isolate_peers: bool = False
-    #: Uids that see and manage every namespace when isolate_peers is on.
-    admin_uids: list[Id] = dataclasses.field(default_factory=lambda: [0])
-    log_level: Literal["debug", "info", "warning", "error"] = "info"
-    uvloop: bool = True
+    Building one in code checks nothing: call :meth:`validate` (which
+    :func:`load_config` does).
+    """
+
+    db: Annotated[
+        Path,
+        Meta(description="database file (default: $STATE_DIRECTORY, else the XDG state dir)"),
+    ] = msgspec.field(default_factory=default_db_path)
+    socket: Annotated[
+        Path,
+        Meta(description="socket path (default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp)"),
+    ] = msgspec.field(default_factory=default_socket_path)
+    max_messages: Annotated[
+        int, Meta(ge=0, description="rows kept per session tag, 0 = unbounded")
+    ] = 500
+    synchronous: Annotated[
+        Literal["full", "normal"],
+        Meta(description="SQLite durability: see Durability in the README"),
+    ] = "full"
+    queue_size: Annotated[Count, _about("write queue capacity, in jobs")] = 10_000
+    batch_max: Annotated[Count, _about("most jobs per transaction")] = 1_000
+    readers: Annotated[int, Meta(ge=1, le=64, description="read-only connections in the pool")] = 4
+    # SQLite's default, 1000, checkpoints after nearly every large batch; 8000
+    # (32 MiB of WAL) copies each hot index page once per checkpoint instead of
+    # once per few commits.
+    wal_autocheckpoint: Annotated[
+        int, Meta(ge=0, description="WAL pages after which a commit checkpoints")
+    ] = 8000
+    max_frame: Annotated[
+        int,
+        Meta(
+            ge=64 * 1024,
+            le=MAX_FRAME_CAP,
+            description="frame limit in bytes, requests and replies, 64 KiB to 64 MiB",
+        ),
+    ] = 4 * MiB
+    max_content: Annotated[Count, _about("content limit in bytes of UTF-8")] = 1 * MiB
+    max_inflight: Annotated[
+        Count, _about("unanswered requests per connection before it is not read")
+    ] = 1_024
+    max_connections: Annotated[Count, _about("open connections; more are refused")] = 1_024
+    # Below max_connections, so that no single uid can lock the others out.
+    max_connections_per_uid: Annotated[Count, _about("open connections of one peer uid")] = 512
+    max_meta: Annotated[Count, _about("encoded size of one message's meta, in bytes of JSON")] = (
+        64 * 1024
+    )
+    max_buffered: Annotated[
+        int,
+        Meta(
+            ge=MiB,
+            description="bytes held for large frames and unsent replies, over all connections",
+        ),
+    ] = 256 * MiB
+    max_snapshots: Annotated[Count, _about("backup snapshots held at once, one per connection")] = 2
+    enqueue_timeout: Annotated[Seconds, _about("seconds a write may wait for queue space")] = 5.0
+    idle_timeout: Annotated[
+        Seconds, _about("seconds a connection may send nothing while nothing is in flight")
+    ] = 300.0
+    frame_timeout: Annotated[
+        Seconds, _about("seconds one frame may take from its first byte to its last")
+    ] = 30.0
+    shutdown_timeout: Annotated[Seconds, _about("drain deadline in seconds on SIGTERM/SIGINT")] = (
+        20.0
+    )
+    socket_mode: Annotated[
+        int, Meta(ge=0, le=0o777, description="permissions of the socket the daemon creates")
+    ] = 0o600
+    socket_group: Annotated[
+        str, Meta(description="group (name or gid) given to that socket; its members may connect")
+    ] = ""
+    allow_uids: Annotated[
+        list[Id], Meta(description="peers allowed in by uid; empty: the daemon's uid and root")
+    ] = msgspec.field(default_factory=list)
+    allow_gids: Annotated[
+        list[Id], Meta(description="peers allowed in by primary or supplementary group")
+    ] = msgspec.field(default_factory=list)
+    isolate_peers: Annotated[
+        bool, Meta(description="give every peer uid its own namespace of session tags")
+    ] = False
+    admin_uids: Annotated[
+        list[Id], Meta(description="uids that see every namespace when isolate_peers is on")
+    ] = msgspec.field(default_factory=lambda: [0])
+    log_level: Annotated[
+        Literal["debug", "info", "warning", "error"],
+        Meta(description="least severe level logged, to stderr"),
+    ] = "info"
+    uvloop: Annotated[bool, Meta(description="use uvloop when the fast extra is installed")] = True
 
     def validate(self) -> Config:
         """Check every value against its declaration, then the rules between settings."""
-        _convert({f.name: getattr(self, f.name) for f in fields(Config)}, "setting", strict=True)
+        _convert(msgspec.structs.asdict(self), "setting", strict=True)
 
         def need(ok: bool, message: str) -> None:
             if not ok:
@@ -149,10 +198,45 @@ class Config:
         return set(self.allow_gids) | ({gid} if gid is not None else set())
 
 
+class Setting(NamedTuple):
+    """What the declaration says of one setting, for help texts and messages."""
+
+    name: str
+    description: str
+    #: The default; None when it is computed at start-up (the paths).
+    default: Any
+    #: The allowed values of a choice (a ``Literal``), else ().
+    choices: tuple[str, ...]
+
+
+#: Defaults computed at start-up from the environment; help describes them in words.
+_COMPUTED: Final = (default_db_path, default_socket_path)
+
+
+def _settings() -> dict[str, Setting]:
+    out = {}
+    for f in msgspec.structs.fields(Config):
+        kind, *extras = typing.get_args(f.type) or (f.type,)
+        description = next(
+            (m.description for m in extras if isinstance(m, Meta) and m.description), None
+        )
+        if not description:
+            raise TypeError(f"Config.{f.name} has no description")
+        if f.default_factory in _COMPUTED:
+            default = None
+        elif f.default_factory is not msgspec.NODEFAULT:
+            default = f.default_factory()
+        else:
+            default = f.default
+        choices = typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
+        out[f.name] = Setting(f.name, description, default, choices)
+    return out
+
+
+#: Every setting by name, in declaration order.
+SETTINGS: Final = _settings()
 _ENV: Final = {"NEXUSD_DB": "db", "NEXUSD_SOCKET": "socket"}
-_NAMES: Final = frozenset(f.name for f in fields(Config))
 _OCTAL: Final = re.compile(r"0?o?([0-7]{3,4})")
-_LOWERED: Final = ("synchronous", "log_level")
 
 
 def _dec_hook(kind: type, value: Any) -> Any:
@@ -168,16 +252,17 @@ def _dec_hook(kind: type, value: Any) -> Any:
 def _convert(values: dict[str, Any], source: str, *, strict: bool) -> dict[str, Any]:
     """``values`` checked and converted by :class:`Config`'s declaration.
 
-    ``strict``: types must match exactly (TOML, flags); otherwise strings are
-    parsed (the environment).  The error names the key and the source.
+    ``strict``: types must match exactly (TOML, a Config built in code);
+    otherwise strings are parsed (the environment, flags).  The error names
+    the key and the source.
     """
     for key in values:
-        if key not in _NAMES:
+        if key not in SETTINGS:
             raise ConfigError(f"{source}: unknown setting {key!r}")
     prepared = dict(values)
-    for key in _LOWERED:
-        if isinstance(prepared.get(key), str):
-            prepared[key] = prepared[key].lower()
+    for key, value in values.items():
+        if SETTINGS[key].choices and isinstance(value, str):
+            prepared[key] = value.lower()  # log_level = "WARNING" is meant
     mode = prepared.get("socket_mode")
     if isinstance(mode, str):
         m = _OCTAL.fullmatch(mode.strip())
@@ -204,17 +289,10 @@ def _explain(message: str, source: str, values: Mapping[str, Any]) -> str:
         return f"{source}: {text}"
     got = values.get(key)
     text = text.replace("Expected", "expected").split(", got ")[0]
-    if key in ("synchronous", "log_level"):
-        choices = _choices(key)
+    choices = SETTINGS[key].choices if key in SETTINGS else ()
+    if choices:
         text = f"must be one of {', '.join(choices)}"
     return f"{source}: bad value for {key}: {text} (got {got!r})"
-
-
-def _choices(key: str) -> tuple[str, ...]:
-    import typing
-
-    hint = typing.get_type_hints(Config)[key]
-    return tuple(typing.get_args(hint))
 
 
 def load_config(
@@ -231,7 +309,7 @@ def load_config(
     from_env = {key: env[var] for var, key in _ENV.items() if env.get(var)}
     values.update(_convert(from_env, "environment", strict=False))
     given = {k: v for k, v in (flags or {}).items() if v is not None}
-    values.update(_convert(given, "command line", strict=True))
+    values.update(_convert(given, "command line", strict=False))
     if "db" not in values:  # only when needed: it may need a home directory
         values["db"] = default_db_path(env)
     values.setdefault("socket", default_socket_path(env))
