@@ -15,7 +15,12 @@ from typing import Any
 
 import pytest
 
-from nexusd.daemon.systemd import JournalFormatter, Notifier
+from nexusd.daemon.systemd import (
+    JournalFormatter,
+    Notifier,
+    forget_notify_environment,
+    listen_fds,
+)
 from tests.conftest import Daemon, RawSync, _new_daemon, as_uid, wait_for_socket, write_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,6 +149,22 @@ def test_watchdog_for_another_pid_is_ignored() -> None:
     assert n.watchdog_interval is None
     n2 = Notifier(env={"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000"})
     assert n2.watchdog_interval == 0.5
+
+
+def test_reading_the_notify_variables_leaves_the_environment_alone() -> None:
+    env = {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "OTHER": "y"}
+    n = Notifier(env=env)
+    assert n.enabled and n.watchdog_interval == 0.5
+    assert env == {"NOTIFY_SOCKET": "/x", "WATCHDOG_USEC": "1000000", "OTHER": "y"}
+    forget_notify_environment(env)  # what the daemon's start-up does, explicitly
+    assert env == {"OTHER": "y"}
+
+
+def test_listen_fds_unsets_its_variables_unless_told_not_to() -> None:
+    # LISTEN_PID names another process: no fd is touched, only the variables.
+    env = {"LISTEN_PID": "1", "LISTEN_FDS": "1", "LISTEN_FDNAMES": "x", "OTHER": "y"}
+    assert listen_fds(env, unset_environment=False) == [] and len(env) == 4
+    assert listen_fds(env) == [] and env == {"OTHER": "y"}
 
 
 def _activated(short_dir: Path, sock: socket.socket, *extra: str) -> subprocess.Popen[bytes]:

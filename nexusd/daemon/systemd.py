@@ -11,6 +11,12 @@
   line carries the sd-daemon ``<N>`` priority prefix and no timestamp, which
   journald adds itself.
 
+The environment: :class:`Notifier` and :func:`journal_stream_is_stderr` only
+read it.  Two calls change it, at start-up, on purpose:
+:func:`listen_fds` removes ``LISTEN_*`` (as ``sd_listen_fds`` does) and
+:func:`forget_notify_environment` removes ``NOTIFY_SOCKET`` and the watchdog
+variables, so that no child process talks to systemd in the daemon's name.
+
 In the manner of gunicorn's ``systemd.py``: small, synchronous, no event loop.
 """
 
@@ -21,16 +27,19 @@ import os
 import socket
 import stat
 import sys
-from collections.abc import MutableMapping
+from collections.abc import Mapping, MutableMapping
 from typing import Final
 
 from .limits import QuietLog
 
 __all__ = [
+    "LISTEN_VARIABLES",
+    "NOTIFY_VARIABLES",
     "SD_LISTEN_FDS_START",
     "ActivationError",
     "JournalFormatter",
     "Notifier",
+    "forget_notify_environment",
     "journal_stream_is_stderr",
     "listen_fds",
 ]
@@ -39,6 +48,10 @@ logger = logging.getLogger(__name__)
 _quiet = QuietLog(logger)
 
 SD_LISTEN_FDS_START: Final = 3
+#: What systemd sets for sd_notify and its watchdog.
+NOTIFY_VARIABLES: Final = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID")
+#: What systemd sets for socket activation.
+LISTEN_VARIABLES: Final = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
 class ActivationError(Exception):
@@ -48,7 +61,13 @@ class ActivationError(Exception):
 class Notifier:
     """Sends sd_notify messages; does nothing when not run by systemd."""
 
-    def __init__(self, env: MutableMapping[str, str] | None = None) -> None:
+    def __init__(self, env: Mapping[str, str] | None = None) -> None:
+        """Read ``NOTIFY_SOCKET`` and the watchdog variables from ``env`` (``os.environ``).
+
+        Only reads: the process environment is left as it is.  The daemon's
+        entry point calls :func:`forget_notify_environment` once the notifier
+        exists, so that children do not inherit the variables.
+        """
         env = os.environ if env is None else env
         addr = env.get("NOTIFY_SOCKET", "")
         self._addr: str | bytes | None = None
@@ -62,9 +81,6 @@ class Notifier:
         self.watchdog_usec = int(usec) if usec.isdigit() and int(usec) > 0 else 0
         if wd_pid and wd_pid != str(os.getpid()):
             self.watchdog_usec = 0  # meant for another process
-        # Children we might spawn must not talk to systemd in our name.
-        for var in ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID"):
-            env.pop(var, None)
 
     @property
     def enabled(self) -> bool:
@@ -113,17 +129,37 @@ class Notifier:
             self._sock = None
 
 
-def listen_fds(env: MutableMapping[str, str] | None = None) -> list[tuple[socket.socket, str]]:
+def forget_notify_environment(env: MutableMapping[str, str] | None = None) -> None:
+    """Remove ``NOTIFY_SOCKET`` and the watchdog variables from ``env`` (``os.environ``).
+
+    The daemon's entry point calls it once its :class:`Notifier` has read
+    them: children we might spawn must not talk to systemd in our name (what
+    ``sd_notify(unset_environment=1)`` does in C).
+    """
+    env = os.environ if env is None else env
+    for var in NOTIFY_VARIABLES:
+        env.pop(var, None)
+
+
+def listen_fds(
+    env: MutableMapping[str, str] | None = None, *, unset_environment: bool = True
+) -> list[tuple[socket.socket, str]]:
     """The listening sockets systemd passed us, with their names; [] if none.
 
-    Like ``sd_listen_fds(unset_environment=1)``: the variables are removed so
-    a child process does not think the sockets are its own.
+    Reads ``LISTEN_PID``, ``LISTEN_FDS`` and ``LISTEN_FDNAMES`` from ``env``
+    (``os.environ``).  Like ``sd_listen_fds(unset_environment)``, it then
+    removes them from ``env`` unless ``unset_environment`` is false: the
+    sockets are ours, and a child process that inherited the variables would
+    take them for its own.  This is the one function here that changes the
+    environment, and only when asked to (which is the default, as in
+    libsystemd's daemons): call it once, at start-up.
     """
     env = os.environ if env is None else env
     pid, count = env.get("LISTEN_PID", ""), env.get("LISTEN_FDS", "")
     names = env.get("LISTEN_FDNAMES", "")
-    for var in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
-        env.pop(var, None)
+    if unset_environment:
+        for var in LISTEN_VARIABLES:
+            env.pop(var, None)
     if not count:
         return []
     if pid != str(os.getpid()):
@@ -160,7 +196,7 @@ def _listening_unix_socket(fd: int, label: str) -> socket.socket:
     return sock
 
 
-def journal_stream_is_stderr(env: MutableMapping[str, str] | None = None) -> bool:
+def journal_stream_is_stderr(env: Mapping[str, str] | None = None) -> bool:
     """Whether stderr is the journal stream systemd connected us to."""
     env = os.environ if env is None else env
     value = env.get("JOURNAL_STREAM", "")
