@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -658,3 +659,41 @@ def test_defaults_that_need_a_home_directory_are_computed_only_when_needed(
     state = short_dir / "state"
     rc, err = run_as(uid, lambda: _homeless(["check"], XDG_STATE_HOME=str(state)))
     assert rc == 2 and f"{state}/nexusd/nexus.db does not exist" in err, err
+
+
+def test_serve_help_states_each_declared_default() -> None:
+    """Every setting flag's help shows the default that Config declares, not a copy of it."""
+    from nexusd.daemon.config import Config
+
+    r = run_cli("serve", "--help")
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.split()).split(" options: ", 1)[1]
+    helps = dict(re.findall(r"(?:^| )--([\w-]+) (.*?)(?= --[\w-]+ |$)", text))
+    cfg = Config()
+    flagged = [name.replace("-", "_") for name in helps]
+    flagged = [name for name in flagged if name in Config.__struct_fields__]
+    assert {"max_messages", "readers", "shutdown_timeout", "log_level"} <= set(flagged)
+    for name in flagged:
+        if name in ("db", "socket"):  # computed at start-up: described in words
+            assert "(default: $" in helps[name.replace("_", "-")]
+            continue
+        value = getattr(cfg, name)
+        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        assert f"(default {shown})" in helps[name.replace("_", "-")], (name, shown)
+
+
+@pytest.mark.parametrize(
+    ("flag", "value", "words"),
+    [
+        ("--max-messages", "many", "command line: bad value for max_messages: expected `int`"),
+        ("--readers", "0", "readers: expected `int` >= 1"),
+        ("--shutdown-timeout", "-1", "shutdown_timeout: expected `float` > 0"),
+    ],
+)
+def test_serve_flags_are_converted_by_the_declaration(
+    short_dir: Path, flag: str, value: str, words: str
+) -> None:
+    db = short_dir / "n.db"
+    r = run_cli("serve", "--db", str(db), "--socket", str(short_dir / "s.sock"), flag, value)
+    _one_clear_line(r, 2, words)
+    assert not db.exists()

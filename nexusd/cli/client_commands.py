@@ -1,0 +1,165 @@
+"""The commands that talk to a running daemon: append, history, count, sessions, ...
+
+Each ``cmd_*`` takes the parsed arguments and a connected-on-demand
+:class:`~nexusd.client.clients.Client`, checks what it can before any I/O
+(one line, exit 2 through :func:`~nexusd.cli.output.usage`), makes its calls
+and prints the answer through :func:`~nexusd.cli.output.out`.  The errors the
+daemon or the connection raise are left to ``nexusd.cli.main``, which maps
+them to exit codes in one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import msgspec
+
+from ..client.clients import Client
+from ..client.requests import encode
+from ..wire import protocol as p
+from .output import ProgressBar, one_line, out, safe, table, usage
+
+
+def read_stdin(raw: bool) -> str:
+    data = sys.stdin.buffer.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        usage(
+            f"stdin is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+            "convert it first, e.g. with iconv"
+        )
+    # `echo text |` and here-documents end with a newline that is not part of
+    # the message; --raw keeps everything.
+    return text if raw or not text.endswith("\n") else text[:-1]
+
+
+def check_length(name: str, value: str, most: int) -> None:
+    if not 1 <= len(value) <= most:
+        usage(f"{name} must be 1 to {most} characters, not {len(value)}")
+
+
+def cmd_append(args: argparse.Namespace, c: Client) -> None:
+    check_length("role", args.role, p.MAX_ROLE_CHARS)
+    meta = None
+    if args.meta is not None:
+        try:
+            meta = json.loads(args.meta)
+        except json.JSONDecodeError as exc:
+            usage(f"--meta is not valid JSON: {exc}")
+        if not isinstance(meta, dict):
+            usage('--meta must be a JSON object, like \'{"model": "m1"}\'')
+        # What cannot be sent (an int over 64 bits, a lone surrogate from a
+        # "\\ud800" escape) is BadRequest naming meta, before any I/O.
+        encode(p.Append(id=0, role=args.role, content="", meta=meta))
+    content = read_stdin(args.raw) if args.content == "-" else args.content
+    if not content and not args.allow_empty:
+        usage("the content is empty; pass --allow-empty to store an empty message")
+    limits = c.hello().limits
+    size = len(content.encode("utf-8"))
+    max_content = limits.get("max_content")
+    if max_content is not None and size > max_content:
+        usage(
+            f"the content is {size} bytes of UTF-8; this daemon accepts at most "
+            f"{max_content} (max_content)"
+        )
+    max_meta = limits.get("max_meta")
+    if meta is not None and max_meta is not None:
+        meta_size = len(msgspec.json.encode(meta))
+        if meta_size > max_meta:
+            usage(f"--meta is {meta_size} bytes of JSON; this daemon accepts at most {max_meta}")
+    mid = c.append(
+        args.role, content, session_tag=args.session, timestamp=args.timestamp, meta=meta
+    )
+    out(args, {"id": mid}, str(mid))
+
+
+def cmd_history(args: argparse.Namespace, c: Client) -> None:
+    msgs = c.get_history(args.session, args.limit, before_id=args.before, after_id=args.after)
+    width = 0 if args.full else 80
+    rows = [(m.id, m.timestamp, m.role, one_line(m.content, width)) for m in msgs]
+    human = table(["ID", "TIMESTAMP", "ROLE", "CONTENT"], rows) if msgs else "(no messages)"
+    if msgs and len(msgs) >= args.limit and not args.json and sys.stdout.isatty():
+        human += "\n" + _more_hint(args, c, msgs)
+    out(args, msgs, human)
+
+
+def _more_hint(args: argparse.Namespace, c: Client, msgs: list[p.Message]) -> str:
+    """The footer saying a full page on a terminal may not be everything."""
+    if args.after is not None:
+        return f"(showing {len(msgs)}; newer ones may follow: --after {msgs[-1].id})"
+    if args.before is not None:
+        return f"(showing {len(msgs)}; older ones may exist: --before {msgs[0].id})"
+    total = c.message_count(args.session)
+    if total <= len(msgs):
+        return f"(showing all {total})"
+    return (
+        f"(showing the newest {len(msgs)} of {total}; --limit N or --before {msgs[0].id} "
+        "to see more)"
+    )
+
+
+def cmd_count(args: argparse.Namespace, c: Client) -> None:
+    n = c.message_count(args.session)
+    out(args, {"session_tag": args.session, "count": n}, str(n))
+
+
+def cmd_sessions(args: argparse.Namespace, c: Client) -> None:
+    infos = c.sessions()
+    rows = [(s.session_tag, s.count, s.first_id, s.last_id, s.last_timestamp) for s in infos]
+    human = (
+        table(["SESSION", "COUNT", "FIRST", "LAST", "LAST TIMESTAMP"], rows)
+        if infos
+        else "(no sessions)"
+    )
+    out(args, infos, human)
+
+
+def cmd_pop(args: argparse.Namespace, c: Client) -> None:
+    m = c.pop(args.session)
+    human = (
+        "(empty)"
+        if m is None
+        else table(
+            ["ID", "TIMESTAMP", "ROLE", "CONTENT"],
+            [(m.id, m.timestamp, m.role, one_line(m.content, 0))],
+        )
+    )
+    out(args, m, human)
+
+
+def cmd_clear(args: argparse.Namespace, c: Client) -> None:
+    n = c.clear(args.session)
+    out(args, {"deleted": n}, f"deleted {n} message(s) from {safe(repr(args.session))}")
+
+
+def cmd_clear_all(args: argparse.Namespace, c: Client) -> None:
+    if not args.yes:
+        usage("clear-all deletes every message of every session; confirm with --yes")
+    n = c.clear_all()
+    out(args, {"deleted": n}, f"deleted {n} message(s)")
+
+
+def cmd_stats(args: argparse.Namespace, c: Client) -> None:
+    st = c.stats()
+    out(args, st, table(["STAT", "VALUE"], sorted(st.items())))
+
+
+def cmd_ping(args: argparse.Namespace, c: Client) -> None:
+    hello = c.hello()
+    c.ping()
+    out(
+        args,
+        {"ok": True, "server": hello.server, "version": hello.version},
+        f"ok ({safe(hello.server)}, protocol {hello.version})",
+    )
+
+
+def cmd_backup(args: argparse.Namespace, c: Client) -> None:
+    bar = ProgressBar(sys.stderr) if sys.stderr.isatty() and not args.json else None
+    size = c.backup(args.dest, progress=bar)
+    if bar is not None:
+        bar.done()
+    out(args, {"dest": args.dest, "bytes": size}, f"wrote {size} bytes to {safe(args.dest)}")

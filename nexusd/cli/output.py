@@ -1,0 +1,129 @@
+"""How the ``nexusd`` command speaks: its exit codes, stdout, and one line on stderr.
+
+Every command's answer goes through :func:`out` (``--json``: exact JSON;
+otherwise readable text), every mistake through :func:`fail` or
+:func:`usage` (one line on stderr, never a traceback).  Text that came from
+outside (stored messages, paths, error messages) is shown with its control
+characters escaped (:func:`safe`).  The CLI modules are the only ones of the
+package that write to stdout, and they write only through here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import stat
+import sys
+from collections.abc import Sequence
+from typing import Any, Final, NoReturn
+
+import msgspec
+
+from ..client.requests import file_kind
+from ..wire.errors import NexusError
+
+# What each exit code means is told once, in the docstring of nexusd.cli.main.
+EXIT_OK: Final = 0
+EXIT_ERROR: Final = 1
+EXIT_USAGE: Final = 2
+EXIT_UNREACHABLE: Final = 3
+#: What a shell reports for a command ended by SIGINT (128 + 2).
+EXIT_INTERRUPTED: Final = 130
+
+#: Control characters (C0, DEL, C1) and the bidirectional overrides and
+#: isolates: sent raw to a terminal they can rewrite the screen or reorder what
+#: is shown, so stored text shows them escaped.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+_NAMED = {"\n": "\\n", "\r": "\\r", "\t": "\\t", "\\": "\\\\"}
+
+
+def _escape_char(m: re.Match[str]) -> str:
+    c = m.group()
+    named = _NAMED.get(c)
+    if named is not None:
+        return named
+    return f"\\x{ord(c):02x}" if ord(c) < 0x100 else f"\\u{ord(c):04x}"
+
+
+def safe(text: str) -> str:
+    """``text`` with every control character escaped (``\\n``, ``\\x1b``, ``\\u202e``)."""
+    return _UNSAFE.sub(_escape_char, text)
+
+
+def fail(message: str, code: int) -> int:
+    """Print one line to stderr; return ``code``."""
+    print(f"nexusd: {safe(message)}", file=sys.stderr)
+    return code
+
+
+def usage(message: str) -> NoReturn:
+    """A usage mistake: one line on stderr, exit 2."""
+    raise SystemExit(fail(message, EXIT_USAGE))
+
+
+def out(args: argparse.Namespace, value: Any, human: str) -> None:
+    """The command's answer: ``value`` as JSON with ``--json``, else ``human``."""
+    if args.json:  # exact: JSON escapes control characters itself
+        sys.stdout.write(msgspec.json.encode(value).decode() + "\n")
+    else:
+        sys.stdout.write(human + ("\n" if human and not human.endswith("\n") else ""))
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[safe(str(c)) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+    line = "  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True))
+    lines = [line.rstrip(), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in cells]
+    return "\n".join(lines)
+
+
+def one_line(text: str, width: int) -> str:
+    """``text`` escaped, cut to ``width`` characters (0: whole)."""
+    flat = safe(text)
+    return flat if width <= 0 or len(flat) <= width else flat[: width - 1] + "…"
+
+
+class ProgressBar:
+    """``[#####.....]  45%  12.3/27.0 MiB`` on a terminal, redrawn in place."""
+
+    def __init__(self, stream: Any, width: int = 30) -> None:
+        self.stream = stream
+        self.width = width
+
+    def __call__(self, done: int, total: int) -> None:
+        frac = done / total if total else 1.0
+        filled = int(frac * self.width)
+        bar = "#" * filled + "." * (self.width - filled)
+        mib = 1024 * 1024
+        self.stream.write(f"\r[{bar}] {frac:4.0%}  {done / mib:.1f}/{total / mib:.1f} MiB")
+        self.stream.flush()
+
+    def done(self) -> None:
+        self.stream.write("\n")
+
+
+def reason(exc: BaseException) -> str:
+    """One line saying what went wrong, without Python's wording where it can."""
+    if isinstance(exc, NexusError):
+        return exc.message
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror.lower()}{where}"
+    return str(exc) or type(exc).__name__
+
+
+def not_a_regular_file(path: str | os.PathLike[str]) -> str | None:
+    """ "PATH is a fifo, not a regular file" when it exists as anything else, else None.
+
+    A missing path is left to the caller, which words it for what it wanted;
+    a directory too.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return f"{path} is {file_kind(mode)}, not a regular file"
