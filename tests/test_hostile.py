@@ -11,7 +11,6 @@ import socket
 import struct
 import tempfile
 import time
-import typing
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,14 +23,15 @@ from hypothesis import strategies as st
 from nexusd import Client
 from nexusd.wire import protocol as p
 from nexusd.wire.framing import FrameDecoder, encode_frame
+from nexusd.wire.ops import OPERATIONS
 from tests.conftest import Daemon, _new_daemon, write_config
 
-_TYPES = typing.get_args(p.Request)
+_TYPES: list[type[msgspec.Struct]] = [op.request for op in OPERATIONS] + [p.NewMessage]
 #: Every operation the protocol has (but clear_all, which would wipe the
 #: canary by design), and names that are none.
-OPS = [*sorted({c.__struct_config__.tag for c in _TYPES} - {"clear_all"}), "nope", "", "APPEND"]
-#: Every key any request (or append_many item) has.
-FIELDS = sorted({f.name for c in (*_TYPES, p.NewMessage) for f in msgspec.structs.fields(c)})
+OPS = [*sorted({op.name for op in OPERATIONS} - {"clear_all"}), "nope", "", "APPEND"]
+#: Every key any request (or append_many item: the last of _TYPES) has.
+FIELDS = sorted({f.name for c in _TYPES for f in msgspec.structs.fields(c)})
 CANARY = "canary"
 TRIED = {"cases": 0}
 

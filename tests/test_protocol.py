@@ -9,7 +9,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nexusd.wire import protocol as p
+from nexusd.wire.codec import RequestError, decode_request
 from nexusd.wire.errors import BadRequest, Overloaded, error_for_code
+from nexusd.wire.timestamps import parse_timestamp
 
 REQUESTS: list[Any] = [
     p.Hello(id=1, version=1, client="t"),
@@ -30,7 +32,7 @@ REQUESTS: list[Any] = [
 
 @pytest.mark.parametrize("req", REQUESTS, ids=lambda r: type(r).__name__)
 def test_every_request_roundtrips(req: Any) -> None:
-    assert p.decode_request(p.encoder.encode(req)) == req
+    assert decode_request(p.encoder.encode(req)) == req
 
 
 def test_every_reply_roundtrips() -> None:
@@ -64,10 +66,10 @@ def test_wire_shape_is_a_plain_map_with_op_and_id() -> None:
     assert raw == {"op": "count", "id": 6, "session_tag": "s"}
 
 
-def _bad(obj: Any) -> p.RequestError:
+def _bad(obj: Any) -> RequestError:
     body = obj if isinstance(obj, bytes) else msgspec.msgpack.encode(obj)
-    with pytest.raises(p.RequestError) as info:
-        p.decode_request(body)
+    with pytest.raises(RequestError) as info:
+        decode_request(body)
     assert isinstance(info.value, BadRequest)
     return info.value
 
@@ -108,7 +110,7 @@ def test_invalid_fields_are_named_and_keep_the_request_id(obj: Any, field: str) 
 
 
 def test_role_of_64_chars_is_fine() -> None:
-    req = p.decode_request(
+    req = decode_request(
         msgspec.msgpack.encode({"op": "append", "id": 1, "role": "r" * 64, "content": ""})
     )
     assert isinstance(req, p.Append) and len(req.role) == 64
@@ -185,14 +187,14 @@ def test_nil_means_absent_for_every_optional_key(cls: type[Any], name: str, defa
             "id": 1,
             "messages": [{"role": "r", "content": "c", name: None}],
         }
-        req = p.decode_request(msgspec.msgpack.encode(body))
+        req = decode_request(msgspec.msgpack.encode(body))
         assert isinstance(req, p.AppendMany)
         assert getattr(req.messages[0], name) == default
         return
     tag = cls.__struct_config__.tag
     fields = {f.name: required[f.name] for f in msgspec.structs.fields(cls) if f.required}
     body = {"op": tag, **fields, name: None}
-    req = p.decode_request(msgspec.msgpack.encode(body))
+    req = decode_request(msgspec.msgpack.encode(body))
     assert type(req) is cls and getattr(req, name) == default
 
 
@@ -214,7 +216,7 @@ def test_nil_for_a_required_key_is_still_refused_with_the_key_named() -> None:
     ],
 )
 def test_timestamps_are_normalised_to_utc_microseconds(sent: str, stored: str) -> None:
-    assert p.parse_timestamp(sent) == stored
+    assert parse_timestamp(sent) == stored
 
 
 @pytest.mark.parametrize(
@@ -240,15 +242,15 @@ def test_timestamps_are_normalised_to_utc_microseconds(sent: str, stored: str) -
 )
 def test_bad_timestamps_are_refused_with_the_field_named(sent: str) -> None:
     with pytest.raises(BadRequest) as info:
-        p.parse_timestamp(sent, "messages[3].timestamp")
+        parse_timestamp(sent, "messages[3].timestamp")
     assert info.value.field == "messages[3].timestamp"
 
 
 @given(st.binary(max_size=200))
 def test_random_bytes_never_escape_as_anything_but_bad_request(body: bytes) -> None:
     try:
-        p.decode_request(body)
-    except p.RequestError:
+        decode_request(body)
+    except RequestError:
         pass
 
 
@@ -264,8 +266,8 @@ def test_error_codes_map_back_to_exception_types() -> None:
 
 def test_a_map_with_a_non_string_key_still_gets_its_id_back() -> None:
     body = b"\x83\xa2op\xa4ping\xa2id\x0e\x05\x01"  # {"op": "ping", "id": 14, 5: 1}
-    with pytest.raises(p.RequestError) as info:
-        p.decode_request(body)
+    with pytest.raises(RequestError) as info:
+        decode_request(body)
     assert info.value.request_id == 14
 
 
@@ -285,8 +287,10 @@ def test_a_map_with_a_non_string_key_still_gets_its_id_back() -> None:
         ),
     ],
 )
-def test_invalid_utf8_names_the_field_that_holds_it(request_body: dict, field: str) -> None:
+def test_invalid_utf8_names_the_field_that_holds_it(
+    request_body: dict[str, Any], field: str
+) -> None:
     body = msgspec.msgpack.encode(request_body).replace(b"\xa1~", b"\xa1\xff")
-    with pytest.raises(p.RequestError) as info:
-        p.decode_request(body)
+    with pytest.raises(RequestError) as info:
+        decode_request(body)
     assert (info.value.request_id, info.value.field) == (3, field)

@@ -20,6 +20,7 @@ import pytest
 
 from nexusd.wire import errors
 from nexusd.wire import protocol as p
+from nexusd.wire.ops import OPERATIONS
 from tests.conftest import Daemon, RawSync, _new_daemon
 
 DOC = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
@@ -97,8 +98,8 @@ def _ops() -> list[Op]:
 
 
 OPS = _ops()
-REQUESTS = {c.__struct_config__.tag: c for c in typing.get_args(p.Request)}
-REPLIES = {c.__struct_config__.tag: c for c in typing.get_args(p.Reply)}
+REQUESTS = {op.name: op.request for op in OPERATIONS}
+REPLIES = {op.name: op.reply for op in OPERATIONS}
 
 
 def _split(cls: type[Any]) -> tuple[set[str], set[str]]:

@@ -1,139 +1,239 @@
-"""What each request means: validation, writer jobs, reader queries, replies.
+"""What each request means: one handler per row of the table of operations.
 
-No I/O here.  :class:`Dispatcher` holds one connection's view of the daemon
-(its tag namespace, its backups, the limits) and turns a decoded request into
-either an immediate reply, a writer job with the function that builds its
-reply, or a query to await.  :mod:`nexusd.connection` moves the bytes.
+No I/O here.  A :class:`Dispatcher` is one connection's view of the daemon
+(its tag namespace, its backups, the limits) and has one handler for each
+:data:`~nexusd.wire.ops.OPERATIONS` row, of the row's kind:
+
+* ``LOCAL``: ``handler(req) -> reply``, on the spot;
+* ``WRITE``: ``handler(req) -> Job``, a storage write for the writer paired
+  with the function that builds the reply from its result (validation
+  errors are raised here, before anything is queued);
+* ``READ``: ``await handler(req, room) -> reply``, a query.
+
+The handlers are bound with :func:`on_local`, :func:`on_write` and :func:`on_read`,
+and the binding is checked against the table when this module is imported:
+a row without a handler, a handler without a row, or one of the wrong kind
+is an error.  :mod:`nexusd.daemon.connection` routes each request by its
+row's ``runs`` and moves the bytes.
+
+What the handlers use of the daemon comes in one :class:`Services` value:
+the limits, the reader pool, the backup store, and the daemon's hello and
+stats; they never see the server.
 """
 
 from __future__ import annotations
 
 import logging
-import math
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, NamedTuple, TypeVar, cast
 
 import msgspec
 
-from ..storage.writes import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest
+from ..storage.base import (
+    ClearAll,
+    ClearSession,
+    Insert,
+    NewRow,
+    Op,
+    PopNewest,
+    Storage,
+    WriteOp,
+)
 from ..wire import protocol as p
 from ..wire.errors import BadRequest, Forbidden, NotFound, TooLarge
+from ..wire.ops import OPERATIONS, Runs
+from ..wire.timestamps import parse_timestamp
+from .backups import Snapshots
+from .limits import Limits
 from .peers import Namespace
+from .validate import check_content, check_distinct_keys, meta_json
 
-if TYPE_CHECKING:
-    from .server import Server
+__all__ = ["Dispatcher", "Job", "Services", "row_to_message"]
 
 logger = logging.getLogger(__name__)
 
 _ENVELOPE: Final = 1024
-_MAX_META_DEPTH: Final = 32
-_json_encode = msgspec.json.encode
-_json_decode = msgspec.json.decode
 
-#: Builds the reply to a write from its request id and the writer's result.
-Build = Callable[[int, Any], Any]
-READS: Final = (p.History, p.Count, p.Sessions, p.BackupBegin, p.BackupRead, p.BackupEnd)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class Job(NamedTuple, Generic[T]):
+    """A storage write whose result is a ``T``, and how its reply is built from it."""
+
+    op: Op
+    build: Callable[[int, T], p.Reply]
+
+
+def job(op: WriteOp[T], build: Callable[[int, T], p.Reply]) -> Job[T]:
+    """Pair a storage write with the builder of its reply: the types say their
+    result types agree (each write op declares its own, :class:`WriteOp`)."""
+    return Job(cast(Op, op), build)
+
+
+@dataclass(frozen=True, slots=True)
+class Services:
+    """What the handlers use of the daemon, and nothing else."""
+
+    limits: Limits
+    #: The read queries of the storage seam.
+    readers: Storage
+    snapshots: Snapshots
+    #: The daemon's answer to a hello (its version and limits), for a request id.
+    hello: Callable[[int], p.HelloReply]
+    #: The daemon's counters, as the ``stats`` reply carries them.
+    stats: Callable[[], dict[str, Any]]
+
+
+LocalHandler = Callable[["Dispatcher", R], p.Reply]
+WriteHandler = Callable[["Dispatcher", R], Job[Any]]
+ReadHandler = Callable[["Dispatcher", R, int], Awaitable[p.Reply]]
+
+_LOCAL: Final[dict[type[Any], LocalHandler[Any]]] = {}
+_WRITE: Final[dict[type[Any], WriteHandler[Any]]] = {}
+_READ: Final[dict[type[Any], ReadHandler[Any]]] = {}
+_BOUND: Final[dict[type[Any], Runs]] = {}
+
+
+def _bind(request: type[Any], runs: Runs) -> None:
+    if request in _BOUND:
+        raise RuntimeError(f"two handlers for {request.__name__}")
+    _BOUND[request] = runs
+
+
+def on_local(request: type[R]) -> Callable[[LocalHandler[R]], LocalHandler[R]]:
+    """Bind a handler answered on the spot."""
+
+    def bind(fn: LocalHandler[R]) -> LocalHandler[R]:
+        _bind(request, Runs.LOCAL)
+        _LOCAL[request] = fn
+        return fn
+
+    return bind
+
+
+def on_write(request: type[R]) -> Callable[[WriteHandler[R]], WriteHandler[R]]:
+    """Bind a handler that makes a job for the writer."""
+
+    def bind(fn: WriteHandler[R]) -> WriteHandler[R]:
+        _bind(request, Runs.WRITE)
+        _WRITE[request] = fn
+        return fn
+
+    return bind
+
+
+def on_read(request: type[R]) -> Callable[[ReadHandler[R]], ReadHandler[R]]:
+    """Bind a query."""
+
+    def bind(fn: ReadHandler[R]) -> ReadHandler[R]:
+        _bind(request, Runs.READ)
+        _READ[request] = fn
+        return fn
+
+    return bind
 
 
 class Dispatcher:
     """One connection's request handling."""
 
-    def __init__(self, server: Server, ns: Namespace | None) -> None:
-        self.server = server
+    def __init__(self, services: Services, ns: Namespace | None) -> None:
+        self.services = services
         #: The peer's namespace of session tags (None: tags pass through).
         self.ns = ns
-        self.max_frame = server.config.max_frame
-        self.max_content = server.config.max_content
-        self.max_meta = server.config.max_meta
+        limits = services.limits
+        self.max_frame = limits.max_frame
+        self.max_content = limits.max_content
+        self.max_meta = limits.max_meta
 
-    # ── requests answered on the spot ─────────────────────────────────────
-    def immediate(self, req: Any) -> Any | None:
-        kind = type(req)
-        if kind is p.Ping:
-            return p.PingReply(id=req.id)
-        if kind is p.Hello:
-            if req.version != p.PROTOCOL_VERSION:
-                # No silent downgrade: a client must know what it is talking to.
-                err = BadRequest(
-                    f"protocol version {req.version} is not supported; this server speaks"
-                    f" version {p.PROTOCOL_VERSION} only",
-                    field="version",
-                )
-                return p.error_reply(req.id, err)
-            return self.server.hello(req.id)
-        if kind is p.Stats:
-            return p.StatsReply(id=req.id, stats=self.server.stats())
-        return None
+    # ── routing (the connection knows the row; these find the handler) ────
+    def local(self, req: Any) -> p.Reply:
+        return _LOCAL[type(req)](self, req)
+
+    def write(self, req: Any) -> Job[Any]:
+        """The writer job for a mutating request (raises BadRequest)."""
+        return _WRITE[type(req)](self, req)
+
+    def read(self, req: Any, room: int = 0) -> Awaitable[p.Reply]:
+        """The query for ``req``; ``room``: bytes of memory held for its reply (0: none)."""
+        return _READ[type(req)](self, req, room)
+
+    def release(self) -> None:
+        """The connection is gone: drop its snapshots (also one still being taken)."""
+        self.services.snapshots.release(self)
+
+    # ── answered on the spot ──────────────────────────────────────────────
+    @on_local(p.Ping)
+    def _ping(self, req: p.Ping) -> p.PingReply:
+        return p.PingReply(id=req.id)
+
+    @on_local(p.Hello)
+    def _hello(self, req: p.Hello) -> p.Reply:
+        if req.version != p.PROTOCOL_VERSION:
+            # No silent downgrade: a client must know what it is talking to.
+            err = BadRequest(
+                f"protocol version {req.version} is not supported; this server speaks"
+                f" version {p.PROTOCOL_VERSION} only",
+                field="version",
+            )
+            return p.error_reply(req.id, err)
+        return self.services.hello(req.id)
+
+    @on_local(p.Stats)
+    def _stats(self, req: p.Stats) -> p.StatsReply:
+        return p.StatsReply(id=req.id, stats=self.services.stats())
 
     # ── writes ────────────────────────────────────────────────────────────
-    def write_job(self, req: Any) -> tuple[Op, Build] | None:
-        """The writer job for a mutating request (raises BadRequest), else None."""
-        kind = type(req)
-        if kind is p.Append:
-            self._check_content(req.content, "content")
-            ts = req.timestamp
-            row: NewRow = (
-                req.role,
-                req.content,
-                None if ts is None else p.parse_timestamp(ts),
-                None if req.meta is None else self._meta_json(req.meta, "meta"),
-                req.idem_key,
-            )
-            return Insert(self._inner(req.session_tag), [row]), _append_reply
-        if kind is p.AppendMany:
-            msgs = req.messages
-            _check_distinct_keys(msgs)
-            limit = self.max_content // 4  # below this many characters, no need to measure
-            rows: list[NewRow]
-            if all(
-                m.meta is None and m.timestamp is None and len(m.content) <= limit for m in msgs
-            ):
-                # The common case, without per-item checks.
-                rows = [(m.role, m.content, None, None, m.idem_key) for m in msgs]
-            else:
-                rows = []
-                for i, m in enumerate(msgs):
-                    if len(m.content) > limit:
-                        self._check_content(m.content, f"messages[{i}].content")
-                    ts = m.timestamp
-                    if ts is not None:
-                        ts = p.parse_timestamp(ts, f"messages[{i}].timestamp")
-                    meta = (
-                        None if m.meta is None else self._meta_json(m.meta, f"messages[{i}].meta")
-                    )
-                    rows.append((m.role, m.content, ts, meta, m.idem_key))
-            return Insert(self._inner(req.session_tag), rows), _append_many_reply
-        if kind is p.Pop:
-            return PopNewest(self._inner(req.session_tag), self._unsendable), self._pop_reply
-        if kind is p.Clear:
-            return ClearSession(self._inner(req.session_tag)), _clear_reply
-        if kind is p.ClearAll:
-            return ClearAll(None if self.ns is None else self.ns.scope), _clear_all_reply
-        return None
+    @on_write(p.Append)
+    def _append(self, req: p.Append) -> Job[list[int]]:
+        check_content(req.content, "content", self.max_content)
+        ts = req.timestamp
+        row: NewRow = (
+            req.role,
+            req.content,
+            None if ts is None else parse_timestamp(ts),
+            None if req.meta is None else meta_json(req.meta, "meta", self.max_meta),
+            req.idem_key,
+        )
+        return job(Insert(self._inner(req.session_tag), [row]), _append_reply)
 
-    def _check_content(self, content: str, field: str) -> None:
-        # A code point is at most 4 bytes of UTF-8: skip the encode when it cannot matter.
-        if len(content) * 4 > self.max_content:
-            try:
-                size = len(content.encode("utf-8"))
-            except UnicodeEncodeError:
-                raise BadRequest(f"{field} is not valid UTF-8", field=field) from None
-            if size > self.max_content:
-                raise BadRequest(
-                    f"{field} is {size} bytes of UTF-8; the limit is {self.max_content}",
-                    field=field,
+    @on_write(p.AppendMany)
+    def _append_many(self, req: p.AppendMany) -> Job[list[int]]:
+        msgs = req.messages
+        check_distinct_keys(msgs)
+        limit = self.max_content // 4  # below this many characters, no need to measure
+        rows: list[NewRow]
+        if all(m.meta is None and m.timestamp is None and len(m.content) <= limit for m in msgs):
+            # The common case, without per-item checks.
+            rows = [(m.role, m.content, None, None, m.idem_key) for m in msgs]
+        else:
+            rows = []
+            for i, m in enumerate(msgs):
+                if len(m.content) > limit:
+                    check_content(m.content, f"messages[{i}].content", self.max_content)
+                ts = m.timestamp
+                if ts is not None:
+                    ts = parse_timestamp(ts, f"messages[{i}].timestamp")
+                meta = (
+                    None
+                    if m.meta is None
+                    else meta_json(m.meta, f"messages[{i}].meta", self.max_meta)
                 )
+                rows.append((m.role, m.content, ts, meta, m.idem_key))
+        return job(Insert(self._inner(req.session_tag), rows), _append_many_reply)
 
-    def _meta_json(self, meta: dict[str, Any], field: str) -> str:
-        """``meta`` as the JSON text to store; BadRequest if JSON cannot hold it or too big."""
-        _check_json(meta, field, 1)
-        text = _json_encode(meta)
-        if len(text) > self.max_meta:
-            raise BadRequest(
-                f"{field} is {len(text)} bytes as JSON; the limit is {self.max_meta}",
-                field=field,
-            )
-        return text.decode()
+    @on_write(p.Pop)
+    def _pop(self, req: p.Pop) -> Job[p.Message | None]:
+        return job(PopNewest(self._inner(req.session_tag), self._unsendable), self._pop_reply)
+
+    @on_write(p.Clear)
+    def _clear(self, req: p.Clear) -> Job[int]:
+        return job(ClearSession(self._inner(req.session_tag)), _clear_reply)
+
+    @on_write(p.ClearAll)
+    def _clear_all(self, req: p.ClearAll) -> Job[int]:
+        return job(ClearAll(None if self.ns is None else self.ns.scope), _clear_all_reply)
 
     # ── namespaces (isolate_peers) ─────────────────────────────────────────
     def _inner(self, tag: str) -> str:
@@ -167,47 +267,50 @@ class Dispatcher:
         return p.PopReply(id=rid, message=self._message(msg) if msg is not None else None)
 
     # ── reads ─────────────────────────────────────────────────────────────
-    async def query(self, req: Any, *, page_bytes: int | None = None) -> Any:
-        """``page_bytes``: a smaller frame to fit a history page in (memory is short)."""
-        readers = self.server.readers
-        if type(req) is p.History:
-            budget = min(page_bytes or self.max_frame, self.max_frame) - _ENVELOPE
-            page = await readers.history(
-                self._inner(req.session_tag),
-                req.limit,
-                before_id=req.before_id,
-                after_id=req.after_id,
-                budget=budget,
-            )
-            # The size estimate is an upper bound: the reply fits the frame,
-            # except maybe a lone row over the estimate, which is measured.
-            msgs = [self._message(m) for m in page.items]
-            reply = p.HistoryReply(id=req.id, messages=msgs, truncated=page.truncated)
-            if page.over:
-                self._must_fit(reply, f"message {msgs[0].id}")
-            return reply
-        if type(req) is p.Count:
-            return p.CountReply(id=req.id, count=await readers.count(self._inner(req.session_tag)))
-        if type(req) is p.Sessions:
-            ns = self.ns
-            after = req.after if ns is None or req.after is None else ns.inner(req.after)
-            scope = None if ns is None else ns.scope
-            # The page is bounded by the real lengths of its tags and timestamps
-            # (rows stored before timestamps were validated may hold long ones).
-            found = await readers.sessions(
-                after=after, limit=req.limit, budget=self.max_frame - _ENVELOPE, scope=scope
-            )
-            infos = found.items
-            if ns is not None and ns.prefix:
-                outer = ns.outer
-                infos = [
-                    msgspec.structs.replace(i, session_tag=outer(i.session_tag)) for i in infos
-                ]
-            sessions = p.SessionsReply(id=req.id, sessions=infos, truncated=found.truncated)
-            if found.over:
-                self._must_fit(sessions, f"the entry of session {infos[0].session_tag[:80]!r}")
-            return sessions
-        return await self._backup(req)
+    @on_read(p.History)
+    async def _history(self, req: p.History, room: int) -> p.HistoryReply:
+        # ``room``: a smaller frame to fit the page in (memory is short).
+        readers = self.services.readers
+        budget = min(room or self.max_frame, self.max_frame) - _ENVELOPE
+        page = await readers.history(
+            self._inner(req.session_tag),
+            req.limit,
+            before_id=req.before_id,
+            after_id=req.after_id,
+            budget=budget,
+        )
+        # The size estimate is an upper bound: the reply fits the frame,
+        # except maybe a lone row over the estimate, which is measured.
+        msgs = [self._message(m) for m in page.items]
+        reply = p.HistoryReply(id=req.id, messages=msgs, truncated=page.truncated)
+        if page.over:
+            self._must_fit(reply, f"message {msgs[0].id}")
+        return reply
+
+    @on_read(p.Count)
+    async def _count(self, req: p.Count, room: int) -> p.CountReply:
+        readers = self.services.readers
+        return p.CountReply(id=req.id, count=await readers.count(self._inner(req.session_tag)))
+
+    @on_read(p.Sessions)
+    async def _sessions(self, req: p.Sessions, room: int) -> p.SessionsReply:
+        readers = self.services.readers
+        ns = self.ns
+        after = req.after if ns is None or req.after is None else ns.inner(req.after)
+        scope = None if ns is None else ns.scope
+        # The page is bounded by the real lengths of its tags and timestamps
+        # (rows stored before timestamps were validated may hold long ones).
+        found = await readers.sessions(
+            after=after, limit=req.limit, budget=self.max_frame - _ENVELOPE, scope=scope
+        )
+        infos = found.items
+        if ns is not None and ns.prefix:
+            outer = ns.outer
+            infos = [msgspec.structs.replace(i, session_tag=outer(i.session_tag)) for i in infos]
+        sessions = p.SessionsReply(id=req.id, sessions=infos, truncated=found.truncated)
+        if found.over:
+            self._must_fit(sessions, f"the entry of session {infos[0].session_tag[:80]!r}")
+        return sessions
 
     def _must_fit(self, reply: Any, what: str) -> None:
         """Refuse, naming ``what``, a one-item page that cannot fit in a frame."""
@@ -218,81 +321,41 @@ class Dispatcher:
                 f" {self.max_frame}; it cannot be read unless max_frame is raised"
             )
 
-    async def _backup(self, req: Any) -> Any:
-        snapshots = self.server.snapshots
-        if type(req) is p.BackupBegin:
-            if self.ns is not None and self.ns.scope != "":
-                # A copy holds every namespace: only those who may see them all.
-                raise Forbidden("backups need an admin uid when isolate_peers is on")
-            # One per connection, max_snapshots in total, enough free space.
-            token, size = await snapshots.begin(self)
-            return p.BackupBeginReply(
-                id=req.id, backup=token, size=size, files=snapshots.live_files()
-            )
-        if isinstance(req, (p.BackupRead, p.BackupEnd)) and not snapshots.owns(self, req.backup):
+    # ── backups ───────────────────────────────────────────────────────────
+    @on_read(p.BackupBegin)
+    async def _backup_begin(self, req: p.BackupBegin, room: int) -> p.BackupBeginReply:
+        snapshots = self.services.snapshots
+        if self.ns is not None and self.ns.scope != "":
+            # A copy holds every namespace: only those who may see them all.
+            raise Forbidden("backups need an admin uid when isolate_peers is on")
+        # One per connection, max_snapshots in total, enough free space.
+        token, size = await snapshots.begin(self)
+        return p.BackupBeginReply(id=req.id, backup=token, size=size, files=snapshots.live_files())
+
+    @on_read(p.BackupRead)
+    async def _backup_read(self, req: p.BackupRead, room: int) -> p.BackupReadReply:
+        snapshots = self._owner_of(req.backup)
+        # The reply always fits the frame: a smaller frame limit gets shorter chunks.
+        length = min(req.length, self.max_frame - _ENVELOPE)
+        data, eof = await snapshots.read(req.backup, req.offset, length)
+        return p.BackupReadReply(id=req.id, data=data, eof=eof)
+
+    @on_read(p.BackupEnd)
+    async def _backup_end(self, req: p.BackupEnd, room: int) -> p.BackupEndReply:
+        self._owner_of(req.backup).end(self, req.backup)
+        return p.BackupEndReply(id=req.id)
+
+    def _owner_of(self, token: str) -> Snapshots:
+        """The backup store, once it says ``token`` is one of this connection's."""
+        snapshots = self.services.snapshots
+        if not snapshots.owns(self, token):
             raise NotFound("no such backup on this connection", field="backup")
-        if isinstance(req, p.BackupRead):
-            # The reply always fits the frame: a smaller frame limit gets shorter chunks.
-            length = min(req.length, self.max_frame - _ENVELOPE)
-            data, eof = await snapshots.read(req.backup, req.offset, length)
-            return p.BackupReadReply(id=req.id, data=data, eof=eof)
-        if isinstance(req, p.BackupEnd):
-            snapshots.end(self, req.backup)
-            return p.BackupEndReply(id=req.id)
-        raise BadRequest(f"unsupported operation {type(req).__name__}", field="op")
-
-    def release(self) -> None:
-        """The connection is gone: drop its snapshots (also one still being taken)."""
-        self.server.snapshots.release(self)
+        return snapshots
 
 
-def _check_distinct_keys(msgs: list[p.NewMessage]) -> None:
-    """Two messages of one ``append_many`` may not share an idempotency key.
-
-    The second would be taken for a resend of the first and acknowledged with
-    its id, so a message the caller meant to store would silently not be.
-    """
-    keys = [m.idem_key for m in msgs if m.idem_key is not None]
-    if len(set(keys)) == len(keys):
-        return
-    seen: set[str] = set()
-    for i, m in enumerate(msgs):
-        if m.idem_key is not None:
-            if m.idem_key in seen:
-                field = f"messages[{i}].idem_key"
-                raise BadRequest(
-                    f"{field} repeats an earlier message's key; each message needs its own",
-                    field=field,
-                )
-            seen.add(m.idem_key)
-
-
-def _check_json(value: Any, field: str, depth: int) -> None:
-    """Accept only what JSON can hold: no bytes, extensions, or non-finite floats.
-
-    ``depth`` is the level of ``value`` if it is a map or an array (``meta``
-    itself is level 1); scalars add no level.
-    """
-    t = type(value)
-    if depth > _MAX_META_DEPTH and (t is dict or t is list):
-        raise BadRequest(f"{field} nests deeper than {_MAX_META_DEPTH} levels", field=field)
-    if t is str or t is bool or t is int or value is None:
-        return
-    if t is float:
-        if not math.isfinite(value):
-            raise BadRequest(f"{field} holds a non-finite number", field=field)
-        return
-    if t is dict:
-        for k, v in value.items():
-            if type(k) is not str:
-                raise BadRequest(f"{field} has a non-string key", field=field)
-            _check_json(v, f"{field}.{k}", depth + 1)
-        return
-    if t is list:
-        for i, v in enumerate(value):
-            _check_json(v, f"{field}[{i}]", depth + 1)
-        return
-    raise BadRequest(f"{field} holds a {t.__name__}, which JSON cannot represent", field=field)
+def row_to_message(msg: p.Message) -> p.Message:
+    """Storage returns typed messages now (meta decoded there, once): nothing to convert."""
+    return msg
 
 
 def _append_reply(rid: int, ids: list[int]) -> p.AppendReply:
@@ -309,3 +372,19 @@ def _clear_reply(rid: int, n: int) -> p.ClearReply:
 
 def _clear_all_reply(rid: int, n: int) -> p.ClearAllReply:
     return p.ClearAllReply(id=rid, deleted=n)
+
+
+def _check() -> None:
+    """Exactly one handler, of the row's kind, for every row of the table."""
+    rows = {op.request: op.runs for op in OPERATIONS}
+    if rows != _BOUND:
+        unbound = sorted(t.__name__ for t in rows.keys() - _BOUND.keys())
+        stray = sorted(t.__name__ for t in _BOUND.keys() - rows.keys())
+        wrong = sorted(t.__name__ for t in rows.keys() & _BOUND.keys() if rows[t] != _BOUND[t])
+        raise RuntimeError(
+            "the handlers of nexusd.daemon.handlers and nexusd.wire.ops.OPERATIONS disagree:"
+            f" no handler for {unbound}, no row for {stray}, wrong kind for {wrong}"
+        )
+
+
+_check()

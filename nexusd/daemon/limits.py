@@ -1,5 +1,13 @@
-"""Limits shared by every connection: the global memory budget, quiet warnings, malloc.
+"""Limits shared by every connection: the numbers, the memory budget, requests in
+flight, quiet warnings, malloc.
 
+* :class:`Limits` is the part of the configuration the connections and the
+  request handlers read (frame, content and meta sizes, in-flight cap,
+  deadlines), as one frozen value, so they never see the whole config.
+* :class:`InFlight` counts the requests taken and not yet answered over all
+  connections (each connection adds and subtracts in the same object), and
+  holds the "draining" switch shutdown throws: from then on new requests are
+  refused and shutdown waits until the count reaches zero.
 * :class:`Budget` counts the bytes the daemon holds for large frames (from
   their first byte until their request is answered), for the replies of large
   reads while they are built, and for replies sitting unsent in transports.  A
@@ -28,11 +36,69 @@ import ctypes.util
 import logging
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["Budget", "Hold", "QuietLog", "Share", "tune_malloc"]
+import anyio
+
+__all__ = ["Budget", "Hold", "InFlight", "Limits", "QuietLog", "Share", "tune_malloc"]
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """The configured numbers a connection and its handlers obey."""
+
+    #: Largest frame body, either way.
+    max_frame: int
+    #: Largest ``content`` of one message, in bytes of UTF-8.
+    max_content: int
+    #: Largest ``meta`` of one message, in bytes of JSON.
+    max_meta: int
+    #: Requests one connection may have unanswered before it is not read.
+    max_inflight: int
+    #: How long a request waits for room (writer's queue, memory) before ``overloaded``.
+    enqueue_timeout: float
+    #: How long a frame may take from its first byte to its last.
+    frame_timeout: float
+    #: How long a connection with nothing in flight may stay silent.
+    idle_timeout: float
+
+
+class InFlight:
+    """Requests taken and not yet answered, over all connections; and the drain switch.
+
+    Called only on the event loop's thread.
+    """
+
+    __slots__ = ("_idle", "count", "draining")
+
+    def __init__(self) -> None:
+        self.count = 0
+        #: Shutting down: new requests get ``unavailable``.
+        self.draining = False
+        self._idle = anyio.Event()
+
+    def take(self) -> None:
+        """One more request will be answered."""
+        self.count += 1
+
+    def answered(self, n: int) -> None:
+        """``n`` requests were answered (or can no longer be: their connection is gone)."""
+        self.count -= n
+        if self.draining and self.count <= 0:
+            self._idle.set()
+
+    def drain(self) -> None:
+        """Refuse new requests from now on."""
+        self.draining = True
+        if self.count <= 0:
+            self._idle.set()
+
+    async def wait_idle(self) -> None:
+        """Return once draining and every request taken has been answered."""
+        await self._idle.wait()
 
 
 class Budget:
