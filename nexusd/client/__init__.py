@@ -1,6 +1,17 @@
 """The Python clients of nexusd: :class:`AsyncClient`, :class:`Client`, and the v1 compat store.
 
-Imports only :mod:`nexusd.wire`.
+Imports only :mod:`nexusd.wire` (a test holds it).  The modules, by role:
+
+* ``client_async.py``: the client, written once (async); ``client_sync.py``:
+  the blocking client generated from it by ``scripts/unasync.py``;
+  ``clients.py`` names both.
+* ``transport_async.py`` / ``transport_sync.py``: how each moves frames (the
+  only hand-written difference between them).
+* ``requests.py``: building and checking requests; ``replies.py``: reading
+  replies (bad bytes become ``ConnectionLost``), paging; ``retry.py``: which
+  calls are resent, and when; ``connect.py``: socket path checks, connect
+  errors, who serves the socket; ``backup.py``: the file a backup is written to.
+* ``compat.py``: the v1 ``NexusStore`` API over :class:`Client`.
 """
 
 from __future__ import annotations

@@ -9,17 +9,21 @@ of v1.  Differences, all deliberate: the daemon owns the database, so
 ``db_path`` is accepted but cannot choose the file; timestamps the store makes
 are full ISO 8601 UTC instants instead of v1's bare ``HH:MM:SS``, and a
 ``timestamp`` passed in must be an RFC 3339 instant (a bare ``HH:MM:SS`` is
-refused with :class:`~nexusd.errors.BadRequest`); and retention
+refused with :class:`~nexusd.wire.errors.BadRequest`); and retention
 (``MAX_MESSAGES``) is the daemon's ``max_messages`` setting.  One instance is
 safe to share between threads, which v1 was not.
+
+Importing this module does nothing else: the module singleton ``nexus_store``
+is made when first named (PEP 562), and connects on its first call.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
-from typing import TypedDict
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..wire.protocol import DEFAULT_SESSION, Message
 from .clients import Client
@@ -97,5 +101,18 @@ class NexusStore:
         return self._client.clear_all()
 
 
-#: Module singleton, as in v1 (connects on first use).
-nexus_store = NexusStore()
+_singleton_lock = threading.Lock()
+
+if TYPE_CHECKING:
+    #: Module singleton, as in v1: made when first named, connected on first use.
+    nexus_store: NexusStore
+
+
+def __getattr__(name: str) -> Any:
+    if name != "nexus_store":
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    with _singleton_lock:  # two threads naming it first still share one store
+        store = globals().get("nexus_store")
+        if store is None:
+            store = globals()["nexus_store"] = NexusStore()
+    return store

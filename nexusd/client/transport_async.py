@@ -1,7 +1,21 @@
-"""How :class:`~nexusd.client.AsyncClient` moves frames: one "link" per connection.
+"""How :class:`~nexusd.client.AsyncClient` moves frames: links, and what opens them.
 
-Two implementations of the same small interface (``roundtrip``, ``broken``,
-``max_frame``, ``aclose``):
+The client (``nexusd/client/client_async.py``) is written once over this
+module; its blocking twin is generated from it and runs over
+:mod:`nexusd.client.transport_sync`, which offers the same names.  The
+interface a link offers the client (:class:`AsyncLink`):
+
+* ``roundtrip(rid, frame, timeout)``: send one frame, return the reply with
+  that id (an error reply raised as its exception).  ``timeout`` None waits
+  without bound; a number is the call's deadline in seconds, so 0 expires at
+  once on every transport (the clients refuse 0 when made).
+* ``usable()``: whether a call may be sent now; False once the connection
+  broke or the daemon closed it.  ``broken`` then says why, and ``reported``
+  whether a caller has already been told.
+* ``max_frame``: the daemon's frame limit once learnt; ``aclose()``.
+
+Two links implement it here, both pipelining (many tasks await their replies
+at once; frames queued in the same turn of the loop are written together):
 
 * :class:`AnyioLink` works on every backend anyio supports (trio included): a
   receiver task and a sender task around an anyio Unix stream.
@@ -11,27 +25,58 @@ Two implementations of the same small interface (``roundtrip``, ``broken``,
   plus an epoll registration each time) and an Event and a cancel scope per
   call, which roughly halves the client's cost per request.
 
-Both pipeline: many tasks may await their replies at once, and frames queued
-in the same turn of the loop are written together.
+:class:`AsyncConnector` opens them (checking who serves the socket before
+anything is sent) and owns the task group their tasks run in; the small
+helpers at the end are what the client needs of the event loop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-from typing import Any
+import os
+import socket
+from collections.abc import Callable
+from typing import Any, Final, Protocol, TypeVar, cast
 
 import anyio
-import msgspec
-from anyio.abc import SocketStream, TaskGroup
+from anyio.abc import SocketAttribute, SocketStream, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..wire import protocol as p
 from ..wire.errors import ConnectionLost, NexusError, Timeout
-from ..wire.framing import FrameDecoder
-from .requests import CLIENT_MAX_FRAME, RECV_BYTES
+from .connect import check_server, connect_error
+from .replies import RECV_BYTES, ReplyReader
 
-__all__ = ["AnyioLink", "AsyncioLink", "on_asyncio"]
+__all__ = [
+    "LINK_SURVIVES_INTERRUPTS",
+    "AnyioLink",
+    "AsyncCallGate",
+    "AsyncConnector",
+    "AsyncLink",
+    "AsyncLock",
+    "AsyncioLink",
+    "offload",
+    "on_asyncio",
+    "shielded",
+    "sleep",
+]
+
+T = TypeVar("T")
+
+
+class AsyncLink(Protocol):
+    """One connection to the daemon, as the client uses it (see the module doc)."""
+
+    broken: NexusError | None
+    reported: bool
+    max_frame: int | None
+
+    def usable(self) -> bool: ...
+
+    async def roundtrip(self, rid: int, frame: bytes, timeout: float | None) -> Any: ...
+
+    async def aclose(self) -> None: ...
 
 
 def on_asyncio() -> bool:
@@ -71,7 +116,7 @@ class AnyioLink:
         self.broken: NexusError | None = None
         #: Whether some caller has been told that this connection broke.
         self.reported = False
-        #: The server's frame limit once learnt (0: it states none).
+        #: The server's frame limit once learnt.
         self.max_frame: int | None = None
         self.out_send: MemoryObjectSendStream[bytes]
         self.out_recv: MemoryObjectReceiveStream[bytes]
@@ -79,6 +124,9 @@ class AnyioLink:
         self.out_send, self.out_recv = anyio.create_memory_object_stream[bytes](math.inf)
         tg.start_soon(self._receiver)
         tg.start_soon(self._sender)
+
+    def usable(self) -> bool:
+        return self.broken is None
 
     def fail(self, err: NexusError) -> None:
         if self.broken is None:
@@ -129,24 +177,22 @@ class AnyioLink:
             self.fail(ConnectionLost("connection to nexusd lost while sending"))
 
     async def _receiver(self) -> None:
-        decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        reader = ReplyReader()
         err: NexusError = ConnectionLost("nexusd closed the connection")
         try:
             while True:
                 chunk = await self.stream.receive(RECV_BYTES)
-                for body in decoder.feed(chunk):
-                    reply = p.reply_decoder.decode(body)
+                for reply in reader.feed(chunk):
                     if reply.id is None:  # not tied to a request: we are being dropped
-                        assert isinstance(reply, p.ErrorReply)
                         err = p.error_for_reply(reply)
                         continue
                     slot = self.pending.pop(reply.id, None)
                     if slot is not None:
                         slot.set(reply)
+        except NexusError as exc:  # not a reply, or too large: the stream is out of step
+            err = exc  # (first: ConnectionLost is an OSError too)
         except (anyio.EndOfStream, anyio.BrokenResourceError, anyio.ClosedResourceError, OSError):
             pass
-        except (NexusError, msgspec.DecodeError) as exc:
-            err = exc if isinstance(exc, NexusError) else ConnectionLost(f"bad reply: {exc}")
         self.fail(err)
         with anyio.CancelScope(shield=True):
             await self.stream.aclose()
@@ -163,10 +209,10 @@ class AsyncioLink(asyncio.Protocol):
         self.broken: NexusError | None = None
         #: Whether some caller has been told that this connection broke.
         self.reported = False
-        #: The server's frame limit once learnt (0: it states none).
+        #: The server's frame limit once learnt.
         self.max_frame: int | None = None
         self.transport: asyncio.Transport | None = None
-        self._decoder = FrameDecoder(CLIENT_MAX_FRAME)
+        self._reader = ReplyReader()
         self._out: list[bytes] = []
         self._flush: asyncio.Handle | None = None
         self._error: NexusError = ConnectionLost("nexusd closed the connection")
@@ -177,30 +223,33 @@ class AsyncioLink(asyncio.Protocol):
         _, link = await asyncio.get_running_loop().create_unix_connection(cls, path)
         return link
 
-    def raw_socket(self) -> Any:
+    def raw_socket(self) -> socket.socket:
         """The connected socket (for ``SO_PEERCRED``)."""
         assert self.transport is not None
-        return self.transport.get_extra_info("socket")
+        return cast(socket.socket, self.transport.get_extra_info("socket"))
+
+    def usable(self) -> bool:
+        return self.broken is None
 
     # protocol callbacks
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)
 
     def data_received(self, data: bytes) -> None:
         try:
-            bodies = self._decoder.feed(data)
-            for body in bodies:
-                reply = p.reply_decoder.decode(body)
-                if reply.id is None:  # not tied to a request: we are being dropped
-                    self._error = p.error_for_reply(reply)
-                    continue
-                fut = self.pending.pop(reply.id, None)
-                if fut is not None and not fut.done():
-                    fut.set_result(reply)
-        except (NexusError, msgspec.DecodeError) as exc:
-            self._fail(exc if isinstance(exc, NexusError) else ConnectionLost(f"bad reply: {exc}"))
+            replies = self._reader.feed(data)
+        except NexusError as exc:  # not a reply, or too large: the stream is out of step
+            self._fail(exc)
             if self.transport is not None:
                 self.transport.abort()
+            return
+        for reply in replies:
+            if reply.id is None:  # not tied to a request: we are being dropped
+                self._error = p.error_for_reply(reply)
+                continue
+            fut = self.pending.pop(reply.id, None)
+            if fut is not None and not fut.done():
+                fut.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._fail(self._error)
@@ -241,7 +290,8 @@ class AsyncioLink(asyncio.Protocol):
         self._out.append(frame)
         if self._flush is None:  # frames of this turn of the loop go out together
             self._flush = self.loop.call_soon(self._write_out)
-        timer = self.loop.call_later(timeout, _expire, fut, timeout) if timeout else None
+        # None is no bound; any number is a deadline, 0 included (as anyio's fail_after).
+        timer = None if timeout is None else self.loop.call_later(timeout, _expire, fut, timeout)
         try:
             reply = await fut
         finally:
@@ -259,3 +309,89 @@ class AsyncioLink(asyncio.Protocol):
 def _expire(fut: asyncio.Future[Any], timeout: float) -> None:
     if not fut.done():
         fut.set_exception(Timeout(f"no reply from nexusd within {timeout}s"))
+
+
+# ── opening links ────────────────────────────────────────────────────────────
+class AsyncConnector:
+    """Opens an :class:`~nexusd.client.AsyncClient`'s links and owns their task group.
+
+    Like any anyio task group it is entered and left by the same task, so an
+    ``AsyncClient`` is entered (``async with``) before its first call, and
+    several clients opened in one task close in reverse order (``async with``,
+    or :class:`contextlib.AsyncExitStack`).
+    """
+
+    __slots__ = ("_tg",)
+
+    def __init__(self) -> None:
+        self._tg: TaskGroup | None = None
+
+    async def start(self) -> None:
+        tg = anyio.create_task_group()
+        await tg.__aenter__()
+        self._tg = tg
+
+    async def aclose(self) -> None:
+        """Cancel the links' tasks and leave the task group (idempotent)."""
+        tg, self._tg = self._tg, None
+        if tg is not None:
+            tg.cancel_scope.cancel()
+            await tg.__aexit__(None, None, None)
+
+    async def open(self, path: os.PathLike[str] | str, trusted: frozenset[int]) -> AsyncLink:
+        """A new link to ``path``, once its server's uid is known to be ``trusted``."""
+        if self._tg is None:
+            raise ConnectionLost("client is not open; use `async with AsyncClient()`")
+        try:
+            if on_asyncio():
+                link = await AsyncioLink.open(str(path))
+                try:
+                    check_server(link.raw_socket(), path, trusted)
+                except BaseException:
+                    await link.aclose()
+                    raise
+                return link
+            stream = await anyio.connect_unix(path)
+        except OSError as exc:
+            raise connect_error(path, exc) from None
+        try:
+            # Before the link exists: its sender cannot have sent anything.
+            check_server(stream.extra(SocketAttribute.raw_socket), path, trusted)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        return AnyioLink(stream, self._tg)
+
+
+# ── what the client needs of the event loop ──────────────────────────────────
+class AsyncCallGate:
+    """Admits every call at once: a link pipelines, so tasks need not wait for each other."""
+
+    __slots__ = ()
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+#: Serialises reconnecting: one reconnect for all the tasks that found the link broken.
+AsyncLock = anyio.Lock
+
+#: A cancellation lands at an ``await``, between frames: the link stays usable
+#: (and other tasks keep using it), so a cancelled backup still says goodbye.
+LINK_SURVIVES_INTERRUPTS: Final = True
+
+sleep = anyio.sleep
+
+
+async def offload(fn: Callable[..., T], *args: Any) -> T:
+    """Run blocking file work (backup writes) on a worker thread."""
+    return await anyio.to_thread.run_sync(fn, *args)
+
+
+def shielded() -> anyio.CancelScope:
+    """A scope cancellation cannot interrupt: for the goodbye of a cancelled call."""
+    return anyio.CancelScope(shield=True)
