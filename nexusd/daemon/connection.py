@@ -1,10 +1,8 @@
 """One client connection, as an asyncio protocol: frames in, requests routed, replies out.
 
-The daemon runs on asyncio (aiosqlite needs it), so the connection layer talks
-to the event loop's transports directly instead of through stream wrappers: a
-``receive()`` per frame costs a failed ``recv`` and an epoll registration,
-while ``data_received`` gets whatever arrived and every frame in it is handled
-in one go.
+An asyncio protocol, not a stream: a ``receive()`` per frame costs a failed
+``recv`` and an epoll registration, while ``data_received`` gets whatever
+arrived and every frame in it is handled in one go.
 
 * Each frame is decoded once and routed by its row of the table of
   operations (:data:`~nexusd.wire.ops.OPERATIONS`): ``LOCAL`` is answered at
@@ -39,9 +37,8 @@ from protocol callbacks (see :mod:`nexusd.daemon.limits`).
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-from typing import Any, Final, cast
+from typing import Final, cast
 
 import anyio
 
@@ -50,9 +47,10 @@ from ..wire.codec import RequestError, decode_request
 from ..wire.errors import NexusError, Overloaded, Unavailable
 from ..wire.framing import FrameDecoder, encode_frame
 from ..wire.ops import BY_REQUEST, Runs
+from .backlog import DONE, QUEUE_FULL, READS_BUSY, Backlog, Parked
 from .context import Context
 from .deadlines import Deadlines, Expired
-from .handlers import Dispatcher, Job
+from .handlers import Dispatcher
 from .jobs import Jobs
 from .limits import QuietLog, Share
 from .outbox import Outbox
@@ -74,12 +72,11 @@ _read_view = memoryview(_read_buffer)
 #: Room for a reply's envelope around one message, for the smallest history page.
 _ENVELOPE: Final = 16 * 1024
 
-# What _handle did with a frame.
-_DONE, _QUEUE_FULL, _READS_BUSY = 0, 1, 2
-
-#: A frame waiting in the backlog, in the form it reached: raw, decoded, or a
-#: write job (with its request id) that found the writer's queue full.
-_Parked = bytes | p.Request | tuple[int, Job[Any]]
+_HANDLED: Final[tuple[int, Parked]] = (DONE, b"")
+_CLOSING: Final[dict[Expired, str]] = {
+    "idle": "closing a connection idle for %gs",
+    "frame": "closing a connection whose frame took over %gs",
+}
 
 
 class Connection(asyncio.BufferedProtocol):
@@ -111,16 +108,19 @@ class Connection(asyncio.BufferedProtocol):
         self.outstanding = 0  # frames taken, replies not yet handed to the transport
         self.closed = False
         #: Frames that must wait, each with the budget reserved for it (big frames).
-        self._backlog: collections.deque[tuple[_Parked, int]] = collections.deque()
-        self._backlog_task: anyio.TaskHandle[None] | None = None
-        #: What _handle parked when it could not finish a frame.
-        self._parked: _Parked = b""
+        self.backlog = Backlog(
+            ctx.tasks,
+            self.jobs,
+            handle=self._handle,
+            has_room=lambda: self.outstanding < self.max_inflight,
+            closed=lambda: self.closed,
+            idle=self._set_reading,
+        )
         self._reading = True
         self._close_when_flushed = False
         self._frame_reserved = 0  # budget held for the big frame in progress
         self._frame_wait: asyncio.Future[int] | None = None  # in line for that budget
         self._starved = False  # waiting for the budget to have room again
-        self._room: anyio.Event | None = None  # set when in-flight room frees up
         self.finished = anyio.Event()
 
     # ── lifecycle ─────────────────────────────────────────────────────────
@@ -146,7 +146,7 @@ class Connection(asyncio.BufferedProtocol):
             # The smallest history page we cut to when memory is short: one message that fits.
             min_page=min(limits.max_frame, limits.max_content + limits.max_meta + _ENVELOPE),
             enqueue_timeout=limits.enqueue_timeout,
-            ended=self._wake,
+            ended=self.backlog.wake,
         )
         self.deadlines.start()
 
@@ -172,9 +172,7 @@ class Connection(asyncio.BufferedProtocol):
             self.budget.forget_room(self._room_again)
         if self.queries is not None:
             self.queries.cancel()
-        if self._backlog_task is not None:
-            self._backlog_task.cancel()
-        self._backlog.clear()
+        self.backlog.cancel()
         if self.dispatcher is not None:
             self.dispatcher.release()
             self.ctx.gate.forget(self)
@@ -231,23 +229,23 @@ class Connection(asyncio.BufferedProtocol):
         expected = decoder.expected
         if expected > LARGE_FRAME and not self._frame_reserved and self._frame_wait is None:
             self._reserve_frame(expected)
-        backlog = self._backlog
+        backlog = self.backlog
         for i, body in enumerate(frames):
             if backlog or self.outstanding >= self.max_inflight:
-                backlog.append((body, reserved))
-            elif self._handle(body, reserved) != _DONE:
-                backlog.append((self._parked, reserved))
+                backlog.add(body, reserved)
             else:
-                reserved = 0
-                continue
-            backlog.extend((f, 0) for f in frames[i + 1 :])
+                status, parked = self._handle(body, reserved)
+                if status == DONE:
+                    reserved = 0
+                    continue
+                backlog.add(parked, reserved)
+            backlog.items.extend((f, 0) for f in frames[i + 1 :])
+            backlog.start()
             break
-        if backlog and self._backlog_task is None:
-            self._backlog_task = self.ctx.tasks.start_soon(self._work_backlog)
         self._set_reading()
 
-    def _handle(self, frame: bytes | p.Request, reserved: int) -> int:
-        """Handle one frame now, or park it (in :attr:`_parked`) and say why it must wait.
+    def _handle(self, frame: bytes | p.Request, reserved: int) -> tuple[int, Parked]:
+        """Handle one frame now (DONE), or say why it must wait and in what form.
 
         ``reserved``: the budget held for this frame (0 for a small one); it is
         kept until the request's reply is handed to the transport.
@@ -258,13 +256,13 @@ class Connection(asyncio.BufferedProtocol):
             except RequestError as exc:
                 self._answer_now(reserved)
                 self.out.error(exc.request_id, exc)
-                return _DONE
+                return _HANDLED
         else:
             req = cast(p.Request, frame)
         if self.inflight.draining:
             self._answer_now(reserved)
             self.out.error(req.id, Unavailable("nexusd is shutting down"))
-            return _DONE
+            return _HANDLED
         dispatcher = self.dispatcher
         assert dispatcher is not None and self.queries is not None
         runs = BY_REQUEST[type(req)].runs
@@ -272,22 +270,20 @@ class Connection(asyncio.BufferedProtocol):
             try:
                 job = dispatcher.write(req)
                 if not self.jobs.try_submit(req.id, job, reserved):
-                    self._parked = (req.id, job)
-                    return _QUEUE_FULL
+                    return QUEUE_FULL, (req.id, job)
             except NexusError as exc:
                 self._answer_now(reserved)
                 self.out.error(req.id, exc)
-            return _DONE
+            return _HANDLED
         if runs is Runs.LOCAL:
             self._answer_now(reserved)
             self.out.reply(dispatcher.local(req))
-            return _DONE
+            return _HANDLED
         if self.out.paused or self.queries.full:
-            self._parked = req
-            return _READS_BUSY
+            return READS_BUSY, req
         self._take()
         self.queries.start(req, reserved)
-        return _DONE
+        return _HANDLED
 
     def _answer_now(self, reserved: int) -> None:
         """Count a request answered at once; its frame's reservation pays for the reply."""
@@ -297,42 +293,6 @@ class Connection(asyncio.BufferedProtocol):
     def _take(self) -> None:
         self.outstanding += 1
         self.inflight.take()
-
-    # ── the backlog ───────────────────────────────────────────────────────
-    def _wake(self) -> None:
-        """Something the backlog may be waiting for happened."""
-        if self._room is not None:
-            self._room.set()
-
-    async def _wait(self) -> None:
-        room = self._room = anyio.Event()
-        await room.wait()
-
-    async def _work_backlog(self) -> None:
-        """Frames that had to wait (in-flight limit or full queue), in order."""
-        backlog = self._backlog
-        try:
-            while backlog and not self.closed:
-                if self.outstanding >= self.max_inflight:
-                    await self._wait()
-                    continue
-                item, reserved = backlog[0]
-                if type(item) is tuple:
-                    backlog.popleft()
-                    rid, job = item
-                    await self.jobs.submit(rid, job, reserved)
-                    continue
-                status = self._handle(cast("bytes | p.Request", item), reserved)
-                if status == _DONE:
-                    backlog.popleft()
-                    continue
-                # Decoded (and for a write, its job built) once: kept as such.
-                backlog[0] = (self._parked, reserved)
-                if status == _READS_BUSY:
-                    await self._wait()
-        finally:
-            self._backlog_task = None
-            self._set_reading()
 
     # ── reading the peer, or not ──────────────────────────────────────────
     def _set_reading(self) -> None:
@@ -345,7 +305,7 @@ class Connection(asyncio.BufferedProtocol):
             self._starved = True
             self.budget.when_room(self._room_again)
         want = not (
-            self._backlog
+            self.backlog
             or self.out.paused
             or self.outstanding >= self.max_inflight
             or self._close_when_flushed
@@ -382,28 +342,24 @@ class Connection(asyncio.BufferedProtocol):
 
     # ── deadlines ─────────────────────────────────────────────────────────
     def _busy(self) -> bool:
-        return bool(self.outstanding or self._backlog or self.queries)
+        return bool(self.outstanding or self.backlog or self.queries)
 
     def _expired(self, what: Expired) -> None:
         if self.closed:
             return
-        if what == "idle":
-            timeout = self.deadlines.idle_timeout
-            _quiet.info("idle", "closing a connection idle for %gs", timeout)
-            self.close()
-            return
-        timeout = self.deadlines.frame_timeout
-        if self._frame_wait is not None:
+        timeout = self.deadlines.timeout(what)
+        if what == "frame" and self._frame_wait is not None:
             _quiet.warning(
                 "budget",
                 "refusing a %d-byte frame: max_buffered stayed spent for %gs",
                 self.decoder.expected,
                 timeout,
             )
-            err = Overloaded("max_buffered is spent; send that frame later", retry_after=1.0)
-            self._refuse(err)
+            self._refuse(
+                Overloaded("max_buffered is spent; send that frame later", retry_after=1.0)
+            )
             return
-        _quiet.info("frame", "closing a connection whose frame took over %gs", timeout)
+        _quiet.info(what, _CLOSING[what], timeout)
         self.close()
 
     # ── answers ───────────────────────────────────────────────────────────
@@ -413,7 +369,7 @@ class Connection(asyncio.BufferedProtocol):
         if not self.outstanding:
             self.deadlines.idle_since = self.loop.time()
         self.inflight.answered(n)
-        self._wake()
+        self.backlog.wake()
         self._set_reading()
         self._maybe_close()
 
@@ -421,7 +377,7 @@ class Connection(asyncio.BufferedProtocol):
         if (
             self._close_when_flushed
             and self.outstanding == 0
-            and not self._backlog
+            and not self.backlog
             and self.transport is not None
             and not self.closed
         ):
@@ -434,5 +390,5 @@ class Connection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         # Everything is written (low=0): give its budget back.
         self.out.written()
-        self._wake()
+        self.backlog.wake()
         self._set_reading()

@@ -57,6 +57,9 @@ class Deadlines:
         #: The first byte of the frame in progress (None: no partial frame).
         self.frame_start: float | None = None
 
+    def timeout(self, what: Expired) -> float:
+        return self.frame_timeout if what == "frame" else self.idle_timeout
+
     def start(self) -> None:
         self.arm(self.idle_since + self.idle_timeout)
 
