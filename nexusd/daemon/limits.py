@@ -12,7 +12,13 @@ flight, quiet warnings, malloc.
   their first byte until their request is answered), for the replies of large
   reads while they are built, and for replies sitting unsent in transports.  A
   taker either gets room now, waits in line for it (first come, first served),
-  or charges bytes that already exist.
+  or charges bytes that already exist.  A place in line is an asyncio future,
+  the one kind of wait here that is not an anyio event: a grant carries a
+  value (the bytes granted), leaving the line is cancelling it (with no race:
+  a grant that lands as its taker gives up is seen and given back), and a
+  connection waits on one from protocol callbacks, where there is no task to
+  await an event in.  No task ever awaits one directly (see
+  :mod:`.queries`).
 * :class:`Share` is one connection's part of the budget.  Everything it takes
   is counted in it the moment it is taken (a grant in line included), its
   releases never give back more than it holds, and :meth:`Share.close` gives

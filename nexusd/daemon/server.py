@@ -14,10 +14,12 @@ functions, the handlers' :class:`~.handlers.Services`, and the task group
 their tasks run in); nothing below it ever sees the server.
 
 Concurrency: everything runs on one asyncio event loop (aiosqlite needs
-asyncio).  Every task lives in the root task group opened in :meth:`_serve`
-(the writer, the systemd reporter, and the connections' queries and
-backlogs); events are anyio's.  The threads are the storage's and the
-backups' (their modules say why each exists).
+asyncio), driven through anyio.  Every task lives in the root task group
+opened in :meth:`Server._serve` (the writer, the systemd reporter, and the
+connections' queries and backlogs); events are anyio's (asyncio futures
+remain only where the memory budget hands out grants, see
+:mod:`.limits`).  The only threads are the storage's and the backup
+readers': :mod:`nexusd.storage.sqlite` says why each exists.
 """
 
 from __future__ import annotations
