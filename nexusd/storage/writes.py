@@ -19,31 +19,15 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Final, TypeAlias
+from typing import Any, Final
 
 from ..wire.errors import NexusError
 from ..wire.protocol import Message
-from .base import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest
+from .base import ClearSession, Insert, Op, PopNewest
 from .schema import MESSAGE_COLUMNS, message_of
 from .scope import NS_MARK, scope_bounds
 
-# The ops are declared in base.py; re-exported here for the modules that still
-# import them from this one.
-__all__ = [
-    "ClearAll",
-    "ClearSession",
-    "CountCache",
-    "Insert",
-    "NewRow",
-    "Op",
-    "Outcome",
-    "PopNewest",
-    "Row",
-    "run",
-]
-
-#: A popped row: the old name of :class:`~nexusd.wire.protocol.Message` (import that).
-Row: TypeAlias = Message
+__all__ = ["CountCache", "Outcome", "run"]
 
 #: Sessions pruned per DELETE (SQLite allows 500 terms in a compound SELECT).
 _PRUNE_CHUNK: Final = 200
