@@ -43,7 +43,7 @@ class ReplyReader:
     def __init__(self) -> None:
         self._frames = FrameDecoder(CLIENT_MAX_FRAME)
 
-    def feed(self, data: bytes) -> list[Any]:
+    def feed(self, data: bytes | memoryview) -> list[Any]:
         """The replies completed by ``data``, in the order they arrived."""
         decode = p.reply_decoder.decode
         try:

@@ -49,6 +49,7 @@ class SocketLink:
     """A connected Unix socket, its reply reader, and the replies read ahead."""
 
     __slots__ = (
+        "_inbox",
         "_poller",
         "_reader",
         "_ready",
@@ -71,6 +72,10 @@ class SocketLink:
         self._poller.register(sock, select.POLLIN)
         self._reader = ReplyReader()
         self._ready: list[Any] = []
+        # Received into, every time: recv(n) would allocate n bytes per call, and
+        # 256 KiB is past malloc's mmap threshold (an mmap, mremap and munmap
+        # per call: measured +30 us of system time per round trip).
+        self._inbox = memoryview(bytearray(RECV_BYTES))
 
     def usable(self) -> bool:
         """Whether the daemon has not closed (or begun closing) this connection.
@@ -83,11 +88,11 @@ class SocketLink:
             return False
         try:
             while self._poller.poll(0):
-                chunk = self.sock.recv(RECV_BYTES)  # readable: returns at once
-                if not chunk:
+                n = self.sock.recv_into(self._inbox)  # readable: returns at once
+                if not n:
                     self._fail(ConnectionLost("nexusd closed the connection"))
                     return False
-                self._ready += self._reader.feed(chunk)
+                self._ready += self._reader.feed(self._inbox[:n])
                 for reply in self._ready:
                     if reply.id is None:
                         self._fail(p.error_for_reply(reply))
@@ -131,10 +136,10 @@ class SocketLink:
 
     def _next_reply(self) -> Any:
         while not self._ready:
-            chunk = self.sock.recv(RECV_BYTES)
-            if not chunk:
+            n = self.sock.recv_into(self._inbox)
+            if not n:
                 raise ConnectionLost("nexusd closed the connection")
-            self._ready = self._reader.feed(chunk)
+            self._ready = self._reader.feed(self._inbox[:n])  # the reader copies what it keeps
         return self._ready.pop(0)
 
     def _fail(self, err: NexusError) -> None:
