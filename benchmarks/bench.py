@@ -62,7 +62,7 @@ def pct(values: list[float], q: float) -> float:
     return s[min(len(s) - 1, max(0, round(q * (len(s) - 1))))]
 
 
-def summary(n: int, seconds: float, lat: list[float]) -> dict[str, float]:
+def summary(n: int, seconds: float, lat: list[float]) -> dict[str, Any]:
     return {
         "ops": n,
         "seconds": round(seconds, 3),
@@ -76,7 +76,7 @@ def wait_socket(path: Path, proc: subprocess.Popen[bytes], deadline: float = 30)
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited with {proc.returncode}")
+            raise RuntimeError(f"{proc.args!r} exited with {proc.returncode}")
         s = socket.socket(socket.AF_UNIX)
         try:
             s.connect(str(path))
@@ -161,7 +161,7 @@ async def bench_nexusd(sock: Path, secs: float, conc: tuple[int, ...]) -> dict[s
     for n in conc:
         async with AsyncClient(sock) as c:
             out["A_shared"][str(n)] = await timed_tasks(
-                n, secs, lambda t, c=c: c.append("user", CONTENT, session_tag=f"s{t % SESSIONS}")
+                n, secs, lambda t: c.append("user", CONTENT, session_tag=f"s{t % SESSIONS}")
             )
         async with contextlib.AsyncExitStack() as stack:  # closes them in LIFO order
             clients = [await stack.enter_async_context(AsyncClient(sock)) for _ in range(n)]
@@ -348,7 +348,7 @@ async def bench_redis(base: Path, secs: float, conc: tuple[int, ...]) -> dict[st
                 out["A_shared"][str(n)] = await timed_tasks(
                     n,
                     secs,
-                    lambda t, client=client: client.xadd(
+                    lambda t: client.xadd(
                         f"s{t % SESSIONS}",
                         {"role": "user", "content": CONTENT},
                         maxlen=PREFILL,
@@ -376,7 +376,7 @@ async def bench_scaling(base: Path, secs: float) -> dict[str, Any]:
             for size in (100, 1_000, 10_000, 100_000):
                 text = "y" * size
                 out["message_size"][str(size)] = await timed_tasks(
-                    32, secs, lambda t, text=text: c.append("user", text, session_tag=f"m{t % 8}")
+                    32, secs, lambda t: c.append("user", text, session_tag=f"m{t % 8}")
                 )
                 print(
                     f"  S message {size:>6} B @32: {out['message_size'][str(size)]['per_s']:.0f}/s",
@@ -384,9 +384,7 @@ async def bench_scaling(base: Path, secs: float) -> dict[str, Any]:
                 )
             for bs in (1, 10, 100, 1000):
                 batch = [("user", CONTENT)] * bs
-                r = await timed_tasks(
-                    4, secs, lambda t, batch=batch: c.append_many(batch, session_tag=f"b{t}")
-                )
+                r = await timed_tasks(4, secs, lambda t: c.append_many(batch, session_tag=f"b{t}"))
                 r["rows_per_s"] = round(r["per_s"] * bs, 1)
                 out["batch_size"][str(bs)] = r
                 print(f"  S batch {bs:>4}: {r['rows_per_s']:.0f} rows/s", flush=True)

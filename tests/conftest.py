@@ -177,7 +177,7 @@ def shared_daemon() -> Iterator[Daemon]:
 @pytest.fixture
 def tag(request: pytest.FixtureRequest) -> str:
     """A session tag unique to the test (and its backend parameter)."""
-    return request.node.name[:200]
+    return str(request.node.name)[:200]
 
 
 # ── in-process server (asyncio only: aiosqlite is asyncio-bound) ──────────────

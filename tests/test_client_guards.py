@@ -223,7 +223,7 @@ def test_timeouts_out_of_range_are_refused_when_the_client_is_made(timeout: Any)
 def test_lone_surrogates_are_refused_in_plain_words(small_frames: Daemon) -> None:
     from nexusd.wire.errors import BadRequest
 
-    cases = [
+    cases: list[tuple[dict[str, Any], str]] = [
         ({"meta": {"\ud800": 1}}, "meta"),
         ({"meta": {"a": ["ok", "\udc80"]}}, "meta"),
         ({"content": "caf\udce9"}, "content"),

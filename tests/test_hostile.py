@@ -40,7 +40,7 @@ scalars = st.one_of(
     st.booleans(),
     st.integers(min_value=-(2**63), max_value=2**64 - 1),
     st.floats(allow_nan=True, allow_infinity=True),
-    st.text(alphabet=st.characters(blacklist_categories=("Cs",)), max_size=40),
+    st.text(alphabet=st.characters(blacklist_categories=["Cs"]), max_size=40),
     st.text(alphabet="\x00\x01a", max_size=10),
     st.binary(max_size=40),
 )

@@ -389,7 +389,7 @@ def test_pipelined_big_writes_stay_within_the_budget(short_dir: Path) -> None:
         # Every pipelined write is answered: committed whole, or overloaded; none lost.
         committed = 0
         for c, s in enumerate(conns):
-            dec, replies = FrameDecoder(1 << 20), []
+            dec, replies = FrameDecoder(1 << 20), list[dict[str, Any]]()
             while len(replies) < n_frames:
                 chunk = s.recv(65536)
                 assert chunk, f"connection {c} closed after {len(replies)} replies"

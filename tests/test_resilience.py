@@ -155,7 +155,7 @@ def test_rss_stays_bounded_under_a_flood_from_clients_that_never_read(short_dir:
             stop.set()
             for t in threads:
                 t.join()
-            assert good.ping() is None
+            good.ping()  # raises unless the daemon still answers
         print(
             f"flood: {sum(sent)} appends offered by 20 non-reading clients; "
             f"RSS {baseline >> 20} MiB -> peak {peak >> 20} MiB"
