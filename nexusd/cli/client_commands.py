@@ -16,7 +16,7 @@ import sys
 
 import msgspec
 
-from ..client.clients import Client
+from ..client import Client
 from ..client.requests import encode
 from ..wire import protocol as p
 from .output import ProgressBar, one_line, out, safe, table, usage

@@ -29,8 +29,9 @@ from collections.abc import Sequence
 from typing import Any, NoReturn
 
 from .._version import __version__
-from ..client.clients import Client
-from ..client.requests import MAX_TIMEOUT, Unreachable, socket_path_problem
+from ..client import Client
+from ..client.connect import Unreachable, socket_path_problem
+from ..client.requests import MAX_TIMEOUT
 from ..wire import protocol as p
 from ..wire.errors import (
     BadRequest,

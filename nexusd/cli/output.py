@@ -20,7 +20,7 @@ from typing import Any, Final, NoReturn
 
 import msgspec
 
-from ..client.requests import file_kind
+from ..client.backup import file_kind
 from ..wire.errors import NexusError
 
 # What each exit code means is told once, in the docstring of nexusd.cli.main.

@@ -19,11 +19,6 @@ from typing import Any, Final
 from ..wire import protocol as p
 from ..wire.errors import BadRequest, TooLarge
 
-# Where the CLI has imported these from; they live in the modules named.
-from .backup import file_kind as file_kind
-from .connect import Unreachable as Unreachable
-from .connect import socket_path_problem as socket_path_problem
-
 __all__ = [
     "CLIENT_NAME",
     "MAX_TIMEOUT",

@@ -49,7 +49,7 @@ from .limits import Limits
 from .peers import Namespace
 from .validate import check_content, check_distinct_keys, meta_json
 
-__all__ = ["Dispatcher", "Job", "Services", "row_to_message"]
+__all__ = ["Dispatcher", "Job", "Services"]
 
 logger = logging.getLogger(__name__)
 
@@ -239,9 +239,6 @@ class Dispatcher:
     def _inner(self, tag: str) -> str:
         return tag if self.ns is None else self.ns.inner(tag)
 
-    def _outer(self, stored: str) -> str:
-        return stored if self.ns is None else self.ns.outer(stored)
-
     def _message(self, msg: p.Message) -> p.Message:
         """``msg`` as this peer sees it: its session tag without the namespace prefix."""
         if self.ns is None or not self.ns.prefix:
@@ -351,11 +348,6 @@ class Dispatcher:
         if not snapshots.owns(self, token):
             raise NotFound("no such backup on this connection", field="backup")
         return snapshots
-
-
-def row_to_message(msg: p.Message) -> p.Message:
-    """Storage returns typed messages now (meta decoded there, once): nothing to convert."""
-    return msg
 
 
 def _append_reply(rid: int, ids: list[int]) -> p.AppendReply:
