@@ -14,7 +14,7 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeAlias
+from typing import Protocol
 
 import anyio
 import anyio.abc
@@ -24,11 +24,9 @@ from ..wire.errors import NexusError
 from .handlers import Services
 from .limits import Budget, InFlight, Limits
 from .peers import Namespace
+from .writer import Done
 
 __all__ = ["Closable", "Context", "Done", "Gate", "Submit"]
-
-#: Called once, in the event loop, with a write's result or its NexusError.
-Done: TypeAlias = Callable[[Any], None]
 
 
 class Closable(Protocol):

@@ -1,4 +1,6 @@
-"""The storage contract: the v1 table, numbered migrations and connection set-up.
+"""The SQLite schema: the v1 table, numbered migrations and connection set-up.
+
+(The contract every backend keeps is :class:`~nexusd.storage.base.Storage`.)
 
 The table ``nexus_messages`` is exactly what the v1 store created, so a v1
 ``nexus.db`` opens in place.  Everything nexusd adds comes through numbered

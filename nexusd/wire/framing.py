@@ -32,7 +32,7 @@ def encode_frame(body: bytes) -> bytes:
 class FrameDecoder:
     """Incremental frame parser with a size limit.
 
-    After :class:`~nexusd.errors.TooLarge` the decoder is poisoned: the stream
+    After :class:`~nexusd.wire.errors.TooLarge` the decoder is poisoned: the stream
     is out of sync and the caller must close the connection.
     """
 

@@ -4,7 +4,7 @@ A leaf shared by the daemon and the clients (it imports nothing of nexusd):
 
 * :func:`peer_cred` decodes ``SO_PEERCRED``.  The daemon asks it who connected
   (:func:`nexusd.daemon.peers.peer_of`); a client asks it who serves the
-  socket before sending one byte (``check_server`` in :mod:`nexusd.client`).
+  socket before sending one byte (``check_server`` in :mod:`nexusd.client.connect`).
 * :func:`file_id` names a file by ``(st_dev, st_ino)``, which every name of it
   (hard links, symlinks to it) shares.  The daemon watches its live files with
   it (:mod:`nexusd.storage.files`) and sends their ids in ``backup_begin``; a
