@@ -8,6 +8,7 @@ internals say so in their name and skip the others.
 
 from __future__ import annotations
 
+import logging
 import sqlite3
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -26,6 +27,8 @@ from nexusd.storage.base import (
     PopNewest,
     Storage,
 )
+from nexusd.storage.files import LockError
+from nexusd.storage.schema import StorageError
 from nexusd.storage.scope import NS_MARK
 from nexusd.storage.sqlite import SQLiteStorage
 from nexusd.wire.errors import NexusError, TooLarge
@@ -302,3 +305,80 @@ async def test_a_backup_taken_while_writes_commit_holds_a_consistent_prefix(
     # Everything committed when the copy began, nothing half-way: a prefix of the rows.
     assert len(copied) >= 400 and copied == [m.id for m in final.items][: len(copied)]
     assert len(written) == 50
+
+
+# ── one daemon per stored data ─────────────────────────────────────────────
+async def test_a_second_open_on_the_same_data_is_refused_until_the_first_closes(
+    opener: Opener,
+) -> None:
+    async with opener() as first:
+        with pytest.raises(NexusError):
+            async with opener():
+                pass
+        # The refused one took nothing from the first: it still writes and reads.
+        assert await write(first, [Insert("s", [row("still mine")])]) == [[1]]
+    async with opener() as again:
+        assert await contents(again, "s") == ["still mine"]
+
+
+def _sqlite(path: Path) -> SQLiteStorage:
+    return SQLiteStorage(
+        path, max_messages=0, synchronous="full", wal_autocheckpoint=8000, readers=1
+    )
+
+
+async def test_sqlite_lock_holds_the_file_by_any_name(tmp_path: Path) -> None:
+    real = tmp_path / "real" / "n.db"
+    real.parent.mkdir(mode=0o700)
+    link = tmp_path / "link.db"
+    link.symlink_to(real)
+    first = _sqlite(real)
+    await first.open()
+    try:
+        for name in (real, link):
+            with pytest.raises(LockError, match="already serves") as refused:
+                await _sqlite(name).open()
+            assert str(name) in refused.value.message and "\n" not in refused.value.message
+        # Snapshots go beside the file the link points to, not beside the link.
+        assert _sqlite(link).snapshot_dir == real.parent == first.snapshot_dir
+    finally:
+        await first.close()
+    through_link = _sqlite(link)
+    await through_link.open()  # released by close(): a new one opens, by either name
+    try:
+        assert await write(through_link, [Insert("s", [row("x")])]) == [[1]]
+        with pytest.raises(LockError):
+            await _sqlite(real).open()
+    finally:
+        await through_link.close()
+        await through_link.close()  # a second close does nothing
+
+
+async def test_sqlite_open_that_fails_halfway_releases_the_lock(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    db.write_text("definitely not sqlite")
+    with pytest.raises(StorageError, match="not an SQLite database"):
+        await _sqlite(db).open()
+    db.unlink()
+    storage = _sqlite(db)
+    await storage.open()  # the failed one's lock is gone with it
+    await storage.close()
+
+
+async def test_sqlite_open_warns_once_when_the_previous_daemon_did_not_stop_cleanly(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    db = tmp_path / "n.db"
+    Path(f"{db}.lock").write_text("4242\n")  # what a killed daemon leaves behind
+    caplog.set_level(logging.WARNING, logger="nexusd")
+    storage = _sqlite(db)
+    await storage.open()
+    await storage.close()
+    warned = [r for r in caplog.records if "did not stop cleanly" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].levelno == logging.WARNING
+    assert "pid 4242" in warned[0].getMessage()
+    caplog.clear()
+    storage = _sqlite(db)
+    await storage.open()  # the clean close() left no pid behind
+    await storage.close()
+    assert not [r for r in caplog.records if "did not stop cleanly" in r.getMessage()]

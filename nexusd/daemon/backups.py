@@ -2,8 +2,9 @@
 
 ``backup_begin`` has storage write a consistent snapshot
 (:meth:`~nexusd.storage.base.Storage.backup`; SQLite's online backup, one read
-transaction, so writers are not blocked) into a hidden file in the daemon's
-own state directory (next to the database); ``backup_read`` streams it in
+transaction, so writers are not blocked) into a hidden file in the directory
+storage names for it (:attr:`~nexusd.storage.base.Storage.snapshot_dir`; the
+SQLite backend: next to the database); ``backup_read`` streams it in
 chunks; ``backup_end`` (or the connection closing) deletes it.  The client
 process writes the destination file, so a backup works even when the daemon
 is sandboxed by systemd and the destination belongs to the caller.

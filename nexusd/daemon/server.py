@@ -1,11 +1,18 @@
-"""The daemon's lifecycle: it owns the lock, the storage, the writer and the sockets.
+"""The daemon's lifecycle: it owns the storage, the writer and the sockets.
 
-:class:`Server` opens everything in order (lock → storage → sockets, its own
-or systemd's), tells systemd it is ready, and shuts down in the order that
-loses nothing: stop accepting, answer new requests with ``unavailable``, wait
-(bounded) until every accepted request is answered, commit what the writer
-still holds, close the storage (the SQLite backend checkpoints its WAL),
+:class:`Server` opens everything in order (socket checks → storage, which
+takes its single-instance lock first → sockets, its own or systemd's), tells
+systemd it is ready, and shuts down in the order that loses nothing: stop
+accepting, answer new requests with ``unavailable``, wait (bounded) until
+every accepted request is answered, commit what the writer still holds, close
+the storage (the SQLite backend checkpoints its WAL and releases its lock),
 remove the socket it created (never one systemd passed it).
+
+Storage is reached only through the seam (:class:`~nexusd.storage.base.Storage`):
+the one line that knows the backend is the construction of
+:class:`~nexusd.storage.sqlite.SQLiteStorage` in :meth:`Server.__init__`; that
+line is where a second backend plugs in.  Its files, its lock, the size of
+its data and where backup snapshots go are the backend's to answer.
 
 It builds the narrow values the rest of the daemon works with and hands each
 part only what it uses: connections get a :class:`~.connection.Context`
@@ -34,9 +41,10 @@ import anyio
 import anyio.abc
 
 from .._version import __version__
-from ..storage.files import DbFiles, InstanceLock, LockError
+from ..storage.base import Storage
 from ..storage.sqlite import SQLiteStorage
 from ..wire import protocol as p
+from ..wire.errors import NexusError
 from ..wire.paths import default_socket_path
 from .admission import Admission
 from .backups import Snapshots
@@ -60,8 +68,9 @@ class Server:
     def __init__(self, config: Config) -> None:
         self.config = config
         #: The storage seam (storage/base.py): opened and closed here, written
-        #: through the writer, read by the handlers.
-        self.storage = SQLiteStorage(
+        #: through the writer, read by the handlers.  The one backend-specific
+        #: line of the daemon: a second backend is chosen here.
+        self.storage: Storage = SQLiteStorage(
             config.db,
             max_messages=config.max_messages,
             synchronous=config.synchronous,
@@ -70,11 +79,8 @@ class Server:
         )
         self.writer = Writer(self.storage, queue_size=config.queue_size, batch_max=config.batch_max)
         self.readers = self.storage
-        #: The database's real files: a symlinked db keeps its WAL and the
-        #: snapshots next to the file it points to, not next to the link.
-        self.files = DbFiles.of(config.db)
         self.snapshots = Snapshots(
-            self.storage, self.files.db.parent, max_snapshots=config.max_snapshots
+            self.storage, self.storage.snapshot_dir, max_snapshots=config.max_snapshots
         )
         self.notifier = Notifier()
         #: Bytes held for big partial frames and unsent replies, over all connections.
@@ -101,7 +107,6 @@ class Server:
         )
         self.started = time.monotonic()
         self._stop = anyio.Event()
-        self._lock: InstanceLock | None = None
         self._reporting = anyio.CancelScope()
 
     # ── public control ────────────────────────────────────────────────────
@@ -123,10 +128,9 @@ class Server:
             check_socket_dir(path, explicit=path != default_socket_path())
             # A live daemon on that socket is refused before any database file is made.
             clear_stale_socket(path)
-        self._take_lock()
         socks: list[socket.socket] = []
         try:
-            await self.storage.open()
+            await self._open_storage()
             self.snapshots.remove_stale()
             socks = self.listener.listen(activated)
             await self._serve(socks, task_status)
@@ -134,8 +138,7 @@ class Server:
             self.listener.unlink()
             for sock in socks:
                 sock.close()
-            await self.storage.close()
-            self._release_lock()
+            await self.storage.close()  # also after a failed open: it does what is left
             self.notifier.close()
         logger.info("nexusd stopped")
 
@@ -269,33 +272,19 @@ class Server:
             buffered_max=self.budget.total,
             buffered_waiting=self.budget.waiting,
             uptime_s=round(time.monotonic() - self.started, 3),
-            db_bytes=self.files.bytes_on_disk(),
+            db_bytes=self.storage.size_bytes(),
             max_messages=self.config.max_messages,
             synchronous=self.config.synchronous,
             version=__version__,
         )
         return out
 
-    # ── single instance ───────────────────────────────────────────────────
-    def _take_lock(self) -> None:
-        # Keyed on the database file itself (resolved path and inode): a
-        # second daemon reaching it through a symlink or a hard link is
-        # refused, and every OS error becomes one clear line.
-        lock = InstanceLock(self.config.db)
+    # ── storage ───────────────────────────────────────────────────────────
+    async def _open_storage(self) -> None:
+        # Storage refuses a second daemon on the same data first thing (before
+        # creating any file of it), and says why in one line: every refusal or
+        # failure of open() is the daemon's start-up error, with that line.
         try:
-            lock.acquire()
-        except LockError as exc:
+            await self.storage.open()
+        except NexusError as exc:
             raise StartupError(exc.message) from None
-        self._lock = lock
-        if lock.unclean_pid is not None:
-            logger.warning(
-                "the previous nexusd (pid %s) on %s did not stop cleanly (killed or crashed);"
-                " SQLite recovers every committed write from the WAL",
-                lock.unclean_pid,
-                lock.files.db,
-            )
-
-    def _release_lock(self) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            lock.release()

@@ -3,7 +3,10 @@
 The daemon's writer actor and its request handlers talk to storage only
 through :class:`Storage`; :class:`~nexusd.storage.sqlite.SQLiteStorage` is the
 one implementation today.  Everything here is backend-neutral: no SQL, no
-connections, no pragmas, no files except the one a backup is written into.
+connections, no pragmas, no files except where backups are written.  What
+is particular to a backend (its files, its single-instance lock, where its
+snapshots go) stays behind this seam: the daemon constructs a backend and
+from then on knows only :class:`Storage`.
 What travels across are the write ops below and the wire's own typed values
 (:class:`~nexusd.wire.protocol.Message`, :class:`~nexusd.wire.protocol.SessionInfo`),
 with ``meta`` already decoded.
@@ -145,11 +148,22 @@ def utc_now() -> str:
 class Storage(Protocol):
     """Where messages are kept: one batch writer, concurrent readers.
 
-    Lifecycle: :meth:`open` once (creates or migrates what it needs, raises a
-    :class:`NexusError` with a one-line reason when it cannot), then any number
-    of reads and writes, then :meth:`close` once, after the last write was
-    answered (it makes everything committed durable on its own: the SQLite
-    backend checkpoints its WAL).
+    Lifecycle: :meth:`open` once, then any number of reads and writes, then
+    :meth:`close` once, after the last write was answered.
+
+    - :meth:`open` first makes sure this process is the only daemon using the
+      stored data, for as long as it stays open (the SQLite backend: an
+      ``flock`` on the database file, whatever name reaches it), and refuses
+      otherwise before creating or touching anything of the stored data; then
+      it creates or migrates what it needs.  Any refusal or failure is raised
+      as a :class:`NexusError` whose message is one line for the operator
+      (the daemon reports it as its start-up error) after undoing whatever
+      was done, the exclusivity released last.  A backend notices, and logs
+      as a warning, that the previous daemon did not stop cleanly.
+    - :meth:`close` makes everything committed durable on its own (the SQLite
+      backend checkpoints its WAL), closes, and gives up exclusivity last.
+      It may be called again, or after a failed :meth:`open`: it does only
+      what is left to do.
 
     **Writes.**  :meth:`write` is called by one writer at a time (the daemon's
     writer actor), never concurrently with itself.
@@ -239,7 +253,16 @@ class Storage(Protocol):
         ...
 
     def size_bytes(self) -> int:
-        """About how many bytes the stored data takes (a backup's size estimate)."""
+        """About how many bytes the stored data takes: a backup's size estimate, and
+        ``stats``' ``db_bytes`` (the SQLite backend: the database and its WAL)."""
+        ...
+
+    @property
+    def snapshot_dir(self) -> Path:
+        """Where the daemon writes :meth:`backup` copies and holds them while clients
+        read them: a directory of its own, private (a copy holds everyone's messages),
+        known before :meth:`open` (the SQLite backend: the resolved database's
+        directory, which :meth:`open` checks is private)."""
         ...
 
     def live_files(self) -> list[Path]:

@@ -2,11 +2,13 @@
 
 Its parts: :mod:`.schema` (table, migrations, connection set-up), :mod:`.writes`
 (what one write transaction does), :mod:`.reads` (the reader pool and its
-queries), :mod:`.files` (the files on disk, and noticing when they change
-under us), :mod:`.thread` (the writer's thread).  This module puts them
-together and owns what happens *around* a transaction: the retry with
-idempotency keys looked up, the retry op by op, the check of the files after
-each commit, the monotonic commit timestamp and the write figures.
+queries), :mod:`.files` (the files on disk, the single-instance lock, and
+noticing when the files change under us), :mod:`.thread` (the writer's
+thread).  This module puts them together and owns what happens *around* a
+transaction: the retry with idempotency keys looked up, the retry op by op,
+the check of the files after each commit, the monotonic commit timestamp and
+the write figures; and around the whole run: the lock is taken first in
+:meth:`SQLiteStorage.open` and released last in :meth:`SQLiteStorage.close`.
 
 Threads, and why each exists.  This is the one place that says so: the
 daemon's own code runs on one event loop, and the only threads besides it are
@@ -44,7 +46,7 @@ from ..wire.errors import STORAGE_LOST, Internal, NexusError, Unavailable
 from ..wire.protocol import Message, SessionInfo
 from . import writes
 from .base import Answer, Op, Page, WriteStats, utc_now
-from .files import DbFiles, FileWatch
+from .files import DbFiles, FileWatch, InstanceLock
 from .reads import ReaderPool
 from .schema import open_writer, snapshot
 from .thread import SQLiteThread
@@ -89,45 +91,80 @@ class SQLiteStorage:
         self._thread = SQLiteThread("nexusd-writer")
         self._counts = writes.CountCache()
         self._watch = FileWatch(path)
+        #: One daemon per database file, held from the start of open() to the end of close().
+        self._instance = InstanceLock(path)
         self._told_external = False
         self._last_ts = ""
 
     # ── lifecycle ─────────────────────────────────────────────────────────
     async def open(self) -> None:
-        """Open and migrate the database (on the writer's thread: it may take a while),
-        then the readers."""
-        self._thread.start()
-        self._conn = await self._thread.call(
-            lambda: open_writer(
-                self.path,
-                synchronous=self.synchronous,
-                wal_autocheckpoint=self.wal_autocheckpoint,
+        """Take the single-instance lock, open and migrate the database (on the
+        writer's thread: it may take a while), then the readers.
+
+        The lock comes first: a second daemon on the same file (by any name) is
+        refused with a :class:`~.files.LockError` before it touches the
+        database.  A failure part-way closes what was opened, the lock last.
+        """
+        self._take_lock()
+        try:
+            self._thread.start()
+            self._conn = await self._thread.call(
+                lambda: open_writer(
+                    self.path,
+                    synchronous=self.synchronous,
+                    wal_autocheckpoint=self.wal_autocheckpoint,
+                )
             )
-        )
-        self._watch.arm()  # the files as SQLite has them open now
-        await self._readers.open()
+            self._watch.arm()  # the files as SQLite has them open now
+            await self._readers.open()
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
-        """Close the readers; checkpoint the WAL into the database; close; end the thread."""
+        """Close the readers; checkpoint the WAL into the database; close; end the thread;
+        release the lock.  Safe to call again, and after a failed :meth:`open`."""
         with anyio.CancelScope(shield=True):
-            await self._readers.aclose()
-            conn, self._conn = self._conn, None
-            if conn is None:
-                self._thread.stop()
-                return
-
-            def finish() -> None:
-                try:
-                    conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
-                except sqlite3.Error as exc:
-                    logger.warning("final WAL checkpoint failed: %s", exc)
-                finally:
-                    conn.close()
-
             try:
-                await self._thread.call(finish)
+                await self._close_database()
             finally:
-                self._thread.stop()
+                # Last: closing the lock's descriptor of the database would drop
+                # SQLite's POSIX locks if a connection were still open.
+                self._instance.release()
+
+    async def _close_database(self) -> None:
+        await self._readers.aclose()
+        conn, self._conn = self._conn, None
+        if conn is None:
+            self._thread.stop()
+            return
+
+        def finish() -> None:
+            try:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            except sqlite3.Error as exc:
+                logger.warning("final WAL checkpoint failed: %s", exc)
+            finally:
+                conn.close()
+
+        try:
+            await self._thread.call(finish)
+        finally:
+            self._thread.stop()
+
+    def _take_lock(self) -> None:
+        # Keyed on the database file itself (resolved path and inode): a second
+        # daemon reaching it through a symlink or a hard link is refused, and
+        # every OS error becomes one clear line (a LockError).
+        lock = self._instance
+        lock.acquire()
+        if lock.unclean_pid is not None:
+            logger.warning(
+                "the previous nexusd (pid %s) on %s did not stop cleanly (killed or crashed);"
+                " SQLite recovers every committed write from the WAL",
+                lock.unclean_pid,
+                lock.files.db,
+            )
 
     # ── writes ────────────────────────────────────────────────────────────
     async def write(self, ops: Sequence[Op], answer: Answer) -> None:
@@ -254,6 +291,13 @@ class SQLiteStorage:
 
     def size_bytes(self) -> int:
         return self.files.bytes_on_disk()
+
+    @property
+    def snapshot_dir(self) -> Path:
+        # The resolved database's directory: a symlinked database keeps its
+        # snapshots next to the file it points to (checked private when the
+        # lock was taken), not next to the link.
+        return self.files.db.parent
 
     def live_files(self) -> list[Path]:
         return list(self.files.live())
