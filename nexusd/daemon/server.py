@@ -15,7 +15,7 @@ line is where a second backend plugs in.  Its files, its lock, the size of
 its data and where backup snapshots go are the backend's to answer.
 
 It builds the narrow values the rest of the daemon works with and hands each
-part only what it uses: connections get a :class:`~.connection.Context`
+part only what it uses: connections get a :class:`~.context.Context`
 (limits, memory budget, in-flight count, admission, the writer's submit
 functions, the handlers' :class:`~.handlers.Services`, and the task group
 their tasks run in); nothing below it ever sees the server.

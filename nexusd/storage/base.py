@@ -202,8 +202,9 @@ class Storage(Protocol):
          later batch is answered the same without being tried.
 
     - :meth:`write` always finishes a batch once called, even if the awaiting
-      task is cancelled, and calls ``answer`` exactly once, in the event loop,
-      before it returns (so the writer can answer without waking its task).
+      task is cancelled, and, unless it raises (case 2), calls ``answer``
+      exactly once, in the event loop, before it returns (so the writer can
+      answer without waking its task).
 
     **Reads** run concurrently with each other and with a write, on a
     committed snapshot each.  A storage fault is raised as ``unavailable``.
