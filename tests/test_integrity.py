@@ -288,3 +288,35 @@ def test_a_symlink_planted_at_the_lock_name_is_never_written_through(short_dir: 
     assert r.returncode == 1, r.stderr
     assert "nexus.db.lock" in r.stderr and "Traceback" not in r.stderr
     assert victim.read_text() == "IMPORTANT"
+
+
+def test_a_stored_value_messagepack_cannot_carry_costs_one_request_not_the_daemon(
+    short_dir: Path,
+) -> None:
+    # Another program writes meta with an integer past 64 bits: JSON holds it,
+    # MessagePack cannot.  Reading or popping that row must be one error reply,
+    # never an exception that stops the daemon for everyone (every read runs
+    # in the daemon's one task group) or fails a whole write batch.
+    d = _new_daemon(short_dir).start()
+    try:
+        with Client(d.socket, retry_for=0) as c:
+            c.append("user", "fine", session_tag="s")
+            _sql_outside(
+                d.db,
+                "INSERT INTO nexus_messages (role, content, timestamp, session_tag, meta)"
+                " VALUES ('user', 'huge', '2026-11-26T00:00:00.000000Z', 's',"
+                " '{\"n\": 123456789012345678901234567890}')",
+            )
+            for call in (lambda: c.get_history(session_tag="s"), lambda: c.pop("s")):
+                with pytest.raises(NexusError) as info:
+                    call()
+                assert info.value.code == "internal", info.value
+                assert "MessagePack cannot carry" in info.value.message
+            assert c.append("user", "still serving", session_tag="other") > 0
+        with Client(d.socket, retry_for=0) as fresh:
+            fresh.ping()
+            assert fresh.message_count("s") == 2  # the pop removed nothing
+    finally:
+        rc = d.stop()
+    assert rc == 0, d.log
+    assert "Traceback" not in d.log, d.log

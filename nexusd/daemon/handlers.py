@@ -41,7 +41,8 @@ from ..storage.base import (
     WriteOp,
 )
 from ..wire import protocol as p
-from ..wire.errors import BadRequest, Forbidden, NotFound, TooLarge
+from ..wire.codec import encode_reply
+from ..wire.errors import BadRequest, Forbidden, NexusError, NotFound, TooLarge
 from ..wire.ops import OPERATIONS, Runs
 from ..wire.timestamps import parse_timestamp
 from .backups import Snapshots
@@ -245,7 +246,7 @@ class Dispatcher:
             return msg
         return msgspec.structs.replace(msg, session_tag=self.ns.outer(msg.session_tag))
 
-    def _unsendable(self, msg: p.Message) -> TooLarge | None:
+    def _unsendable(self, msg: p.Message) -> NexusError | None:
         """Run by the writer before a pop deletes ``msg``: None if its reply fits a frame."""
         # An upper bound first (a code point is at most 4 bytes of UTF-8): nearly
         # every message without meta plainly fits, and only a doubtful one (or
@@ -258,6 +259,8 @@ class Dispatcher:
             self._must_fit(reply, f"message {msg.id}")
         except TooLarge as exc:
             return TooLarge(f"{exc.message}; it was not removed", field="session_tag")
+        except NexusError as exc:  # it cannot be encoded at all: keep it
+            return type(exc)(f"message {msg.id}: {exc.message}; it was not removed")
         return None
 
     def _pop_reply(self, rid: int, msg: p.Message | None) -> p.PopReply:
@@ -311,7 +314,7 @@ class Dispatcher:
 
     def _must_fit(self, reply: Any, what: str) -> None:
         """Refuse, naming ``what``, a one-item page that cannot fit in a frame."""
-        size = len(p.encoder.encode(reply))
+        size = len(encode_reply(reply))
         if size > self.max_frame:
             raise TooLarge(
                 f"{what} alone makes a reply of {size} bytes, over the frame limit of"

@@ -3,6 +3,9 @@
 * Replies produced in one turn of the loop leave in one ``write``.
 * A reply over the frame limit is replaced by a ``too_large`` error for its
   request: the peer's decoder would refuse the frame and lose the stream.
+  One that cannot be encoded at all (a stored value MessagePack cannot carry)
+  is replaced by an ``internal`` error: encoding never raises out of here, so
+  no task answering a request can fail on it.
 * Memory: bytes the transport could not write yet count against the daemon's
   budget (the connection's :class:`~nexusd.daemon.limits.Share`) until it has
   written them.  A big request's reservations (its frame's, its reply's) are
@@ -15,15 +18,19 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from typing import Any, Final
 
 from ..wire import protocol as p
+from ..wire.codec import encode_reply
 from ..wire.errors import NexusError, TooLarge
 from ..wire.framing import encode_frame
 from .limits import Share
 
 __all__ = ["WRITE_HIGH_WATER", "Outbox"]
+
+logger = logging.getLogger(__name__)
 
 #: The transport's buffer size above which we stop reading the peer.
 WRITE_HIGH_WATER: Final = 1024 * 1024
@@ -75,7 +82,11 @@ class Outbox:
     def reply(self, reply: Any) -> None:
         if self.closed:
             return
-        body = p.encoder.encode(reply)
+        try:
+            body = encode_reply(reply)
+        except NexusError as exc:
+            logger.error("answering %s %s: %s", type(reply).__name__, reply.id, exc.message)
+            body = p.encoder.encode(p.error_reply(reply.id, exc))
         if len(body) > self.max_frame:
             err = TooLarge(f"reply of {len(body)} bytes exceeds the frame limit")
             body = p.encoder.encode(p.error_reply(reply.id, err))

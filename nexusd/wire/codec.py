@@ -7,6 +7,12 @@ body is a map holding one (so the error reply can echo it), and the error
 names the field at fault, for validation errors and for values that do not
 even decode (invalid UTF-8 in ``content``, say).  That error path only runs
 for bad bodies: a valid request costs one typed decode.
+
+:func:`encode_reply` is the one way a reply becomes a frame body.  Replies
+carry rows as stored, and a row another program wrote into the database may
+hold what MessagePack cannot carry (an integer past 64 bits in ``meta``): such
+a reply becomes an ``internal`` error for its request, never an exception in
+the daemon.
 """
 
 from __future__ import annotations
@@ -17,10 +23,10 @@ from typing import Any, Final
 import msgspec
 from msgspec import Struct
 
-from .errors import BadRequest
+from .errors import BadRequest, Internal
 from .protocol import MAX_REQUEST_ID, Request, encoder
 
-__all__ = ["RequestError", "decode_request", "request_decoder"]
+__all__ = ["RequestError", "decode_request", "encode_reply", "request_decoder"]
 
 request_decoder: Final = msgspec.msgpack.Decoder(Request)
 _loose_decoder: Final = msgspec.msgpack.Decoder()
@@ -174,3 +180,14 @@ def _salvage_id(body: bytes) -> int | None:
     if type(rid) is int and 0 <= rid <= MAX_REQUEST_ID:
         return rid
     return None
+
+
+def encode_reply(reply: Any) -> bytes:
+    """``reply`` as a frame body, or :class:`Internal` if a stored value cannot be encoded."""
+    try:
+        return encoder.encode(reply)
+    except (msgspec.EncodeError, OverflowError, TypeError, ValueError) as exc:
+        raise Internal(
+            f"the reply holds a stored value MessagePack cannot carry ({exc});"
+            " the row was written by another program"
+        ) from None
