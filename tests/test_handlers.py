@@ -239,3 +239,28 @@ def test_every_row_of_the_table_is_bound_and_a_second_handler_is_refused() -> No
         # Binding a second handler to a row is refused at import time.
         with pytest.raises(RuntimeError, match="two handlers"):
             kinds[op.runs](op.request)(lambda *a: None)
+
+
+async def test_a_backup_ended_while_its_read_waits_is_not_found(tmp_path: Path) -> None:
+    # backup_end pipelined behind a backup_read can remove the snapshot before
+    # the read's thread opens it: that read is "no such backup", not internal.
+    async with daemonless(tmp_path) as dl:
+        d = dl.dispatcher()
+        began = await dl.ask(d, p.BackupBegin(id=1))
+        (snapshot,) = tmp_path.glob(f"*{began.backup}*")
+        snapshot.unlink()  # what backup_end does, a moment early
+        with pytest.raises(NotFound) as info:
+            await dl.ask(d, p.BackupRead(id=2, backup=began.backup, offset=0))
+        assert info.value.field == "backup"
+        d.release()
+
+
+async def test_a_namespace_mark_is_refused_naming_the_key_it_came_in(tmp_path: Path) -> None:
+    async with daemonless(tmp_path) as dl:
+        peer = dl.dispatcher(isolated(os.getuid() + 1))
+        with pytest.raises(BadRequest) as info:
+            await dl.ask(peer, p.Sessions(id=1, after="\x1fu0\x1f"))
+        assert info.value.field == "after"
+        with pytest.raises(BadRequest) as info:
+            await dl.ask(peer, p.Count(id=2, session_tag="\x1fu0\x1fx"))
+        assert info.value.field == "session_tag"

@@ -149,7 +149,11 @@ class Snapshots:
             raise NotFound("no such backup in progress", field="backup")
 
         def read() -> tuple[bytes, bool]:
-            fd = os.open(path, os.O_RDONLY)
+            try:
+                fd = os.open(path, os.O_RDONLY)
+            except FileNotFoundError:
+                # backup_end (pipelined behind this read) removed it first.
+                raise NotFound("no such backup in progress", field="backup") from None
             try:
                 size = os.fstat(fd).st_size
                 if offset >= size:

@@ -296,7 +296,7 @@ class Dispatcher:
     async def _sessions(self, req: p.Sessions, room: int) -> p.SessionsReply:
         readers = self.services.readers
         ns = self.ns
-        after = req.after if ns is None or req.after is None else ns.inner(req.after)
+        after = req.after if ns is None or req.after is None else ns.inner(req.after, "after")
         scope = None if ns is None else ns.scope
         # The page is bounded by the real lengths of its tags and timestamps
         # (rows stored before timestamps were validated may hold long ones).

@@ -92,9 +92,10 @@ class Namespace:
     prefix: str
     scope: str | None
 
-    def inner(self, tag: str) -> str:
+    def inner(self, tag: str, field: str = "session_tag") -> str:
+        """The stored form of ``tag``; ``field``: the request key it came in (for errors)."""
         if tag.startswith(NS_MARK):
-            raise BadRequest("session tags may not start with \\x1f", field="session_tag")
+            raise BadRequest(f"{field} may not start with \\x1f", field=field)
         return self.prefix + tag
 
     def outer(self, stored: str) -> str:
