@@ -24,6 +24,7 @@ import anyio.abc
 from ..wire import protocol as p
 from .handlers import Job
 from .jobs import Jobs
+from .tasks import Spawner
 
 __all__ = ["DONE", "QUEUE_FULL", "READS_BUSY", "Backlog", "Parked"]
 
@@ -58,7 +59,7 @@ class Backlog:
 
     def __init__(
         self,
-        tasks: anyio.abc.TaskGroup,
+        tasks: Spawner,
         jobs: Jobs,
         *,
         handle: Handle,

@@ -24,6 +24,7 @@ from ..wire.errors import NexusError
 from .handlers import Services
 from .limits import Budget, InFlight, Limits
 from .peers import Namespace
+from .tasks import Spawner
 from .writer import Done
 
 __all__ = ["Closable", "Context", "Done", "Gate", "Submit"]
@@ -73,4 +74,4 @@ class Context:
     #: The writer's queue, waiting for room.
     submit: Submit
     #: Where the connections' tasks (queries, backlogs) run.
-    tasks: anyio.abc.TaskGroup
+    tasks: Spawner

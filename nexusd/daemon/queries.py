@@ -29,6 +29,7 @@ from ..wire.errors import Internal, NexusError, Overloaded, Unavailable
 from .handlers import Dispatcher
 from .limits import Share
 from .outbox import Outbox
+from .tasks import Spawner
 
 __all__ = ["MAX_READS", "Queries"]
 
@@ -60,7 +61,7 @@ class Queries:
 
     def __init__(
         self,
-        tasks: anyio.abc.TaskGroup,
+        tasks: Spawner,
         dispatcher: Dispatcher,
         share: Share,
         out: Outbox,

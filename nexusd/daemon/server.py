@@ -55,6 +55,7 @@ from .handlers import Services
 from .limits import Budget, InFlight, Limits, tune_malloc
 from .sockets import Listener, StartupError, check_socket_dir, clear_stale_socket
 from .systemd import ActivationError, Notifier, listen_fds
+from .tasks import Spawner
 from .writer import Writer
 
 __all__ = ["Server", "StartupError"]
@@ -159,7 +160,7 @@ class Server:
             services=services,
             submit_nowait=self.writer.submit_nowait,
             submit=self.writer.submit,
-            tasks=tasks,
+            tasks=Spawner(tasks),
         )
 
     async def _serve(self, socks: list[socket.socket], task_status: Any) -> None:
