@@ -476,6 +476,13 @@ def test_empty_or_too_long_socket_path_is_a_usage_error(short_dir: Path) -> None
     _one_clear_line(run_cli("ping", env=env), 2, "NEXUSD_SOCKET", "at most 107 bytes")
 
 
+def test_serve_refuses_a_socket_path_too_long_before_making_any_file(short_dir: Path) -> None:
+    long = str(short_dir / ("s" * 120))
+    r = run_cli("serve", "--db", str(short_dir / "db" / "nexus.db"), "--socket", long)
+    _one_clear_line(r, 2, "socket is", "at most 107 bytes")
+    assert not (short_dir / "db").exists()
+
+
 def test_check_exit_codes_split_not_ours_from_damaged(short_dir: Path) -> None:
     import sqlite3
 

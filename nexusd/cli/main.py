@@ -30,7 +30,7 @@ from typing import Any, NoReturn
 
 from .._version import __version__
 from ..client import Client
-from ..client.connect import Unreachable, socket_path_problem
+from ..client.connect import Unreachable
 from ..client.requests import MAX_TIMEOUT
 from ..wire import protocol as p
 from ..wire.errors import (
@@ -41,6 +41,7 @@ from ..wire.errors import (
     Timeout,
     TooLarge,
 )
+from ..wire.paths import socket_path_problem
 from . import client_commands as cc
 from .check import cmd_check
 from .output import (

@@ -18,6 +18,7 @@ from typing import Final
 
 from ..wire.errors import BadRequest, DaemonNotRunning, Forbidden, NexusError
 from ..wire.local import peer_cred
+from ..wire.paths import MAX_SOCKET_PATH, socket_path_problem
 
 __all__ = [
     "LIBRARY_HINT",
@@ -34,8 +35,6 @@ __all__ = [
 
 #: Where a library user points a client at another socket; the CLI names ``--socket``.
 LIBRARY_HINT: Final = "NEXUSD_SOCKET / socket_path"
-#: The longest socket path AF_UNIX takes portably (``sun_path`` is 108 bytes with its NUL).
-MAX_SOCKET_PATH: Final = 107
 #: The user the system service runs as (systemd/nexusd.service).
 SERVICE_USER: Final = "nexusd"
 TRUSTED_UIDS_ENV: Final = "NEXUSD_TRUSTED_UIDS"
@@ -62,22 +61,6 @@ class Unreachable(DaemonNotRunning):
                 f"`nexusd serve` (or `systemctl --user start nexusd`), or point {option} at it."
             )
         return f"cannot reach nexusd: {self.why}; point {option} at the daemon's socket."
-
-
-def socket_path_problem(path: os.PathLike[str] | str) -> str | None:
-    """What makes ``path`` unusable as a socket path before trying it, else None.
-
-    Worded to follow the name of wherever the path came from.
-    """
-    raw = os.fsencode(path)
-    if not raw:
-        return "must not be empty"
-    if len(raw) > MAX_SOCKET_PATH:
-        return (
-            f"is {len(raw)} bytes long; a Unix socket path can be at most {MAX_SOCKET_PATH} "
-            "bytes (use a shorter directory)"
-        )
-    return None
 
 
 def check_socket_path(path: os.PathLike[str] | str | None) -> None:

@@ -29,7 +29,12 @@ import msgspec
 from msgspec import Meta
 
 from ..wire.errors import NexusError
-from ..wire.paths import default_db_path, default_socket_path, resolve_socket_path
+from ..wire.paths import (
+    default_db_path,
+    default_socket_path,
+    resolve_socket_path,
+    socket_path_problem,
+)
 
 __all__ = [
     "MAX_FRAME_CAP",
@@ -173,6 +178,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             self.max_connections_per_uid <= self.max_connections,
             "max_connections_per_uid must be <= max_connections",
         )
+        problem = socket_path_problem(self.socket)
+        need(problem is None, f"socket {problem}")  # before any file is made
         if self.socket_group:
             self.socket_gid()  # fails here, at start-up, if the group does not exist
         return self

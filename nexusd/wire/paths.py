@@ -15,15 +15,18 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Final
 
 from .errors import BadRequest
 
 __all__ = [
+    "MAX_SOCKET_PATH",
     "SYSTEM_SOCKET",
     "NoHomeDirectory",
     "default_db_path",
     "default_socket_path",
     "resolve_socket_path",
+    "socket_path_problem",
 ]
 
 #: Where the system service's socket unit listens.
@@ -99,3 +102,23 @@ def resolve_socket_path(
     if not own.exists() and SYSTEM_SOCKET.exists():
         return SYSTEM_SOCKET
     return own
+
+
+#: The longest socket path AF_UNIX takes portably (``sun_path`` is 108 bytes with its NUL).
+MAX_SOCKET_PATH: Final = 107
+
+
+def socket_path_problem(path: os.PathLike[str] | str) -> str | None:
+    """What makes ``path`` unusable as a socket path before trying it, else None.
+
+    Worded to follow the name of wherever the path came from.
+    """
+    raw = os.fsencode(path)
+    if not raw:
+        return "must not be empty"
+    if len(raw) > MAX_SOCKET_PATH:
+        return (
+            f"is {len(raw)} bytes long; a Unix socket path can be at most {MAX_SOCKET_PATH} "
+            "bytes (use a shorter directory)"
+        )
+    return None
