@@ -15,6 +15,8 @@ active), then measures in one run on this machine:
      one transaction, synchronous=FULL
   R  when redis-server is on PATH: A's workload as XADD ... MAXLEN 500 through
      redis-py's asyncio client over a Unix socket, appendfsync always
+  P  many processes (benchmarks/procs.py): 1 to 128 processes, each with its own
+     blocking Client or AsyncClient, against Redis with the same, back to back
   S  scaling: message size, batch size, database size (1k vs 1M rows)
 
 Everything runs on loopback Unix sockets, bounded in time.
@@ -42,6 +44,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import procs  # the sibling module: python benchmarks/bench.py
 
 from nexusd import AsyncClient
 from nexusd.storage.schema import open_writer
@@ -311,37 +314,13 @@ def bench_ceiling(base: Path, rows: int) -> dict[str, Any]:
 
 # ── R: Redis ─────────────────────────────────────────────────────────────────
 async def bench_redis(base: Path, secs: float, conc: tuple[int, ...]) -> dict[str, Any]:
-    server = shutil.which("redis-server")
-    try:
-        import redis.asyncio as aioredis
-    except ImportError:
-        return {"skipped": "redis-py not installed (pip install '.[bench]')"}
-    if server is None:
-        return {"skipped": "redis-server not on PATH"}
-    sock = base / "redis.sock"
-    proc = subprocess.Popen(
-        [
-            server,
-            "--port",
-            "0",
-            "--unixsocket",
-            str(sock),
-            "--unixsocketperm",
-            "700",
-            "--appendonly",
-            "yes",
-            "--appendfsync",
-            "always",
-            "--save",
-            "",
-            "--dir",
-            str(base),
-        ],
-        stdout=subprocess.DEVNULL,
-    )
+    skip = procs.redis_missing()
+    if skip:
+        return {"skipped": skip}
+    import redis.asyncio as aioredis
+
     out: dict[str, Any] = {"A_shared": {}}
-    try:
-        wait_socket(sock, proc)
+    with procs.redis_server(base) as (sock, _):
         for n in conc:
             client = aioredis.Redis(unix_socket_path=str(sock), max_connections=max(n, 1))
             try:
@@ -362,9 +341,6 @@ async def bench_redis(base: Path, secs: float, conc: tuple[int, ...]) -> dict[st
                 f"p99 {out['A_shared'][str(n)]['p99_ms']:.2f} ms",
                 flush=True,
             )
-    finally:
-        proc.terminate()
-        proc.wait(30)
     return out
 
 
@@ -469,7 +445,11 @@ def plot(res: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     conc = res["concurrency"]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.5))
+    rows = 2 if "procs" in res else 1
+    fig, axes = plt.subplots(rows, 2, figsize=(12, 4.5 * rows), squeeze=False)
+    ax1, ax2 = axes[0]
+    if "procs" in res:
+        procs.plot(res["procs"], axes[1][0], axes[1][1])
     a = res["nexusd"]
     ax1.plot(
         conc,
@@ -538,6 +518,12 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         prefill(base / "nexus.db", SESSIONS, PREFILL)
         with Daemon(base) as d:
             res["nexusd"] = await bench_nexusd(d.sock, secs, conc)
+            if not args.no_procs:
+                print("many processes, one connection each (P)", flush=True)
+                assert d.proc is not None
+                res["procs"] = await anyio.to_thread.run_sync(
+                    procs.run, base, d.sock, d.proc.pid, secs
+                )
         res["nexusd"]["B"] = await bench_batched(base, secs)
         print("v1 NexusStore", flush=True)
         res["v1"] = {}
@@ -562,6 +548,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per point")
     ap.add_argument("--quick", action="store_true", help="1 s per point")
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling runs (S)")
+    ap.add_argument("--no-procs", action="store_true", help="skip the many-processes runs (P)")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
     ap.add_argument("--plot", type=Path, nargs="?", const=Path("benchmarks/results.png"))
     args = ap.parse_args()
@@ -575,6 +562,9 @@ def main() -> None:
     args.json.write_text(json.dumps(res, indent=1, default=str))
     print()
     print(table(res))
+    if "procs" in res:
+        print()
+        print(procs.table(res["procs"]))
     if "scaling" in res:
         print()
         print(scaling_table(res["scaling"]))
