@@ -97,43 +97,35 @@ _READ: Final[dict[type[Any], ReadHandler[Any]]] = {}
 _BOUND: Final[dict[type[Any], Runs]] = {}
 
 
-def _bind(request: type[Any], runs: Runs) -> None:
-    if request in _BOUND:
-        raise RuntimeError(f"two handlers for {request.__name__}")
-    _BOUND[request] = runs
+H = TypeVar("H")
+
+
+def _binder(request: type[Any], runs: Runs, table: dict[type[Any], Any]) -> Callable[[H], H]:
+    """A decorator putting its handler in ``table`` as the one handler of ``request``."""
+
+    def bind(fn: H) -> H:
+        if request in _BOUND:
+            raise RuntimeError(f"two handlers for {request.__name__}")
+        _BOUND[request] = runs
+        table[request] = fn
+        return fn
+
+    return bind
 
 
 def on_local(request: type[R]) -> Callable[[LocalHandler[R]], LocalHandler[R]]:
     """Bind a handler answered on the spot."""
-
-    def bind(fn: LocalHandler[R]) -> LocalHandler[R]:
-        _bind(request, Runs.LOCAL)
-        _LOCAL[request] = fn
-        return fn
-
-    return bind
+    return _binder(request, Runs.LOCAL, _LOCAL)
 
 
 def on_write(request: type[R]) -> Callable[[WriteHandler[R]], WriteHandler[R]]:
     """Bind a handler that makes a job for the writer."""
-
-    def bind(fn: WriteHandler[R]) -> WriteHandler[R]:
-        _bind(request, Runs.WRITE)
-        _WRITE[request] = fn
-        return fn
-
-    return bind
+    return _binder(request, Runs.WRITE, _WRITE)
 
 
 def on_read(request: type[R]) -> Callable[[ReadHandler[R]], ReadHandler[R]]:
     """Bind a query."""
-
-    def bind(fn: ReadHandler[R]) -> ReadHandler[R]:
-        _bind(request, Runs.READ)
-        _READ[request] = fn
-        return fn
-
-    return bind
+    return _binder(request, Runs.READ, _READ)
 
 
 class Dispatcher:
