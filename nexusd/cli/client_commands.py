@@ -1,7 +1,7 @@
 """The commands that talk to a running daemon: append, history, count, sessions, ...
 
 Each ``cmd_*`` takes the parsed arguments and a connected-on-demand
-:class:`~nexusd.client.clients.Client`, checks what it can before any I/O
+:class:`~nexusd.client.Client`, checks what it can before any I/O
 (one line, exit 2 through :func:`~nexusd.cli.output.usage`), makes its calls
 and prints the answer through :func:`~nexusd.cli.output.out`.  The errors the
 daemon or the connection raise are left to ``nexusd.cli.main``, which maps

@@ -3,8 +3,7 @@
 Imports only :mod:`nexusd.wire` (a test holds it).  The modules, by role:
 
 * ``client_async.py``: the client, written once (async); ``client_sync.py``:
-  the blocking client generated from it by ``scripts/unasync.py``;
-  ``clients.py`` names both.
+  the blocking client generated from it by ``scripts/unasync.py``.
 * ``transport_async.py`` / ``transport_sync.py``: how each moves frames (the
   only hand-written difference between them).
 * ``requests.py``: building and checking requests; ``replies.py``: reading
@@ -16,6 +15,7 @@ Imports only :mod:`nexusd.wire` (a test holds it).  The modules, by role:
 
 from __future__ import annotations
 
-from .clients import AsyncClient, Client
+from .client_async import AsyncClient
+from .client_sync import Client
 
 __all__ = ["AsyncClient", "Client"]

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict
 
 from ..wire.protocol import DEFAULT_SESSION, Message
-from .clients import Client
+from .client_sync import Client
 
 logger = logging.getLogger(__name__)
 
