@@ -83,8 +83,6 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
 
 #: The row of each request type.
 BY_REQUEST: Final[dict[type[Any], Operation]] = {op.request: op for op in OPERATIONS}
-#: The row of each ``op`` tag.
-BY_NAME: Final[dict[str, Operation]] = {op.name: op for op in OPERATIONS}
 
 
 def retryable(req: Any) -> bool:
