@@ -517,13 +517,16 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
         print("nexusd (synchronous=FULL, pre-filled: pruning active)", flush=True)
         prefill(base / "nexus.db", SESSIONS, PREFILL)
         with Daemon(base) as d:
-            res["nexusd"] = await bench_nexusd(d.sock, secs, conc)
+            if not args.procs_only:
+                res["nexusd"] = await bench_nexusd(d.sock, secs, conc)
             if not args.no_procs:
                 print("many processes, one connection each (P)", flush=True)
                 assert d.proc is not None
                 res["procs"] = await anyio.to_thread.run_sync(
-                    procs.run, base, d.sock, d.proc.pid, secs
+                    procs.run, base, d.sock, d.proc.pid, secs, args.processes
                 )
+        if args.procs_only:
+            return res
         res["nexusd"]["B"] = await bench_batched(base, secs)
         print("v1 NexusStore", flush=True)
         res["v1"] = {}
@@ -549,6 +552,15 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 s per point")
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling runs (S)")
     ap.add_argument("--no-procs", action="store_true", help="skip the many-processes runs (P)")
+    ap.add_argument(
+        "--procs-only", action="store_true", help="run only the many-processes section (P)"
+    )
+    ap.add_argument(
+        "--processes",
+        type=lambda v: tuple(int(x) for x in v.split(",")),
+        default=procs.PROCESSES,
+        help="process counts of section P, comma-separated (default: %(default)s)",
+    )
     ap.add_argument("--json", type=Path, default=Path("benchmarks/results.json"))
     ap.add_argument("--plot", type=Path, nargs="?", const=Path("benchmarks/results.png"))
     args = ap.parse_args()
@@ -560,15 +572,16 @@ def main() -> None:
         options = {}
     res = anyio.run(main_async, args, backend="asyncio", backend_options=options)
     args.json.write_text(json.dumps(res, indent=1, default=str))
-    print()
-    print(table(res))
+    if not args.procs_only:
+        print()
+        print(table(res))
     if "procs" in res:
         print()
         print(procs.table(res["procs"]))
     if "scaling" in res:
         print()
         print(scaling_table(res["scaling"]))
-    if args.plot:
+    if args.plot and "nexusd" in res:
         plot(res, args.plot)
         print(f"chart: {args.plot}")
     print(f"results: {args.json}")
