@@ -15,7 +15,8 @@ two on a small machine.  Each connects, reports ready and waits; the parent
 releases them together, lets them warm up, then measures for the same window
 in all of them: acknowledged calls/s summed over processes, p50/p99 per call
 over the merged samples, and, from before/after the window, the server's CPU
-(utime+stime from /proc) per message and, for nexusd, the mean batch size
+(utime+stime from /proc) per message, each client's own CPU per call (its
+process time over the window) and, for nexusd, the mean batch size
 (rows committed / batches committed, from the daemon's ``stats``).
 """
 
@@ -81,17 +82,20 @@ def _blocking(system: str, sock: str, index: int, ready: Any, go: Event, start: 
         go.wait()
         begin = start.value + WARMUP
         end = begin + start.secs
-        n, i = 0, index
+        n, i, cpu0 = 0, index, 0.0
         while True:
             t0 = mono()
             if t0 >= end:
                 break
+            if not n and t0 >= begin:
+                cpu0 = time.process_time()
             call(TAGS[i % SESSIONS])
             i += 1
             if t0 >= begin:
                 lat.append(mono() - t0)
                 n += 1
-    return n, lat
+        cpu = time.process_time() - cpu0 if n else 0.0
+    return n, lat, cpu
 
 
 def _async(system: str, sock: str, index: int, ready: Any, go: Event, start: Any) -> Any:
@@ -122,17 +126,20 @@ def _async(system: str, sock: str, index: int, ready: Any, go: Event, start: Any
             go.wait()  # nothing else runs on this loop yet: blocking it is harmless
             begin = start.value + WARMUP
             end = begin + start.secs
-            n, i = 0, index
+            n, i, cpu0 = 0, index, 0.0
             while True:
                 t0 = mono()
                 if t0 >= end:
                     break
+                if not n and t0 >= begin:
+                    cpu0 = time.process_time()
                 await call(TAGS[i % SESSIONS])
                 i += 1
                 if t0 >= begin:
                     lat.append(mono() - t0)
                     n += 1
-        return n, lat
+            cpu = time.process_time() - cpu0 if n else 0.0
+        return n, lat, cpu
 
     return anyio.run(run, backend="asyncio", backend_options=_loop_options())
 
@@ -159,10 +166,10 @@ def worker(
     """One process: connect, report ready, wait for the release, append for the window."""
     try:
         run = _blocking if kind == "blocking" else _async
-        n, lat = run(system, sock, index, ready, go, start)
-        ready.put(("done", index, n, lat.tobytes(), None))
+        n, lat, cpu = run(system, sock, index, ready, go, start)
+        ready.put(("done", index, n, lat.tobytes(), None, cpu))
     except BaseException as exc:  # reported, not raised: the parent counts it
-        ready.put(("done", index, 0, b"", f"{type(exc).__name__}: {exc}"))
+        ready.put(("done", index, 0, b"", f"{type(exc).__name__}: {exc}", 0.0))
 
 
 # ── the parent ───────────────────────────────────────────────────────────────
@@ -243,6 +250,7 @@ def run_point(
         a.frombytes(r[3])
         lat.extend(a)
     errors = [r[4] for r in results if r[4]]
+    client_cpu = sum(r[5] for r in results)
     out: dict[str, Any] = {
         "processes": n,
         "ops": ops,
@@ -252,6 +260,7 @@ def run_point(
         "p99_ms": round(_pct(lat, 0.99) * 1e3, 3),
         "server_cpu_s": round(cpu1 - cpu0, 3),
         "cpu_us_per_msg": round((cpu1 - cpu0) / ops * 1e6, 1) if ops else None,
+        "client_cpu_us_per_call": round(client_cpu / ops * 1e6, 1) if ops else None,
         "errors": len(errors),
     }
     if errors:
@@ -376,24 +385,25 @@ def table(p: dict[str, Any]) -> str:
         lines += [
             "" if lines else f"P many processes, one connection each ({p['loop']} for async):",
             f"{kind} clients:",
-            "| processes | nexusd /s | p50 ms | p99 ms | batch | CPU µs/msg | Redis /s | p50 ms | p99 ms | CPU µs/msg | nexusd / Redis |",
-            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| processes | nexusd /s | p50 ms | p99 ms | batch | server CPU µs/msg | client CPU µs/call"
+            " | Redis /s | p50 ms | p99 ms | server CPU µs/msg | client CPU µs/call | nexusd / Redis |",
+            "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for n in p["processes"]:
             a = p["nexusd"][kind][str(n)]
             r = redis.get(kind, {}).get(str(n))
             row = (
                 f"| {n} | {a['per_s']:.0f} | {a['p50_ms']:.2f} | {a['p99_ms']:.2f} | "
-                f"{a['mean_batch']} | {a['cpu_us_per_msg']} | "
+                f"{a['mean_batch']} | {a['cpu_us_per_msg']} | {a.get('client_cpu_us_per_call')} | "
             )
             if r:
                 ratio = f"{a['per_s'] / r['per_s']:.2f}" if r["per_s"] else "-"
                 row += (
                     f"{r['per_s']:.0f} | {r['p50_ms']:.2f} | {r['p99_ms']:.2f} | "
-                    f"{r['cpu_us_per_msg']} | {ratio} |"
+                    f"{r['cpu_us_per_msg']} | {r.get('client_cpu_us_per_call')} | {ratio} |"
                 )
             else:
-                row += "- | - | - | - | - |"
+                row += "- | - | - | - | - | - |"
             lines.append(row)
     if "skipped" in redis:
         lines.append(f"Redis skipped: {redis['skipped']}")
