@@ -311,7 +311,7 @@ def redis_missing() -> str | None:
     return None
 
 
-def _prefill_redis(sock: Path) -> dict[str, Any]:
+def prefill_redis(sock: Path) -> dict[str, Any]:
     """Every stream at MAXLEN, like the daemon's pre-filled sessions: each XADD trims one."""
     import redis
 
@@ -352,7 +352,7 @@ def run(
             (base / "procs-redis").mkdir()
             rsock, rproc = stack.enter_context(redis_server(base / "procs-redis"))
             rpid = rproc.pid
-            out["redis"].update(_prefill_redis(rsock))
+            out["redis"].update(prefill_redis(rsock))
         for kind in KINDS:
             for n in counts:
                 a = run_point(ctx, "nexusd", kind, sock, n, secs, daemon_pid, admin.stats)
