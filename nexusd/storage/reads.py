@@ -29,8 +29,9 @@ import aiosqlite
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..wire.errors import Unavailable
-from ..wire.protocol import Message, SessionInfo
+from ..wire.errors import BadRequest, Unavailable
+from ..wire.protocol import Message, SearchHit, SessionInfo
+from . import search as fts
 from .base import Page
 from .schema import MESSAGE_COLUMNS, StorageError, message_of, open_reader
 from .scope import NS_MARK, scope_bounds
@@ -133,15 +134,48 @@ class ReaderPool:
             async with self._lend() as conn:
                 return list(await conn.execute_fetchall(sql, params))
         except sqlite3.Error as exc:
-            # A storage failure (file deleted or replaced, I/O error, corrupt
-            # page), not a bug: say so to the caller, and to the log once.
-            what = f"{type(exc).__name__}: {exc}"
-            if what != self._logged_failure:
-                self._logged_failure = what
-                logger.error("reading %s failed: %s", self.db_path, what)
-            raise Unavailable(f"storage failure while reading: {exc}") from None
+            raise self._failed(exc) from None
+
+    def _failed(self, exc: sqlite3.Error) -> Unavailable:
+        # A storage failure (file deleted or replaced, I/O error, corrupt
+        # page), not a bug: say so to the caller, and to the log once.
+        what = f"{type(exc).__name__}: {exc}"
+        if what != self._logged_failure:
+            self._logged_failure = what
+            logger.error("reading %s failed: %s", self.db_path, what)
+        return Unavailable(f"storage failure while reading: {exc}")
 
     # ── queries ───────────────────────────────────────────────────────────
+    async def search(
+        self,
+        match: str,
+        filters: fts.Filters,
+        *,
+        newest: bool,
+        after: tuple[float, int] | None,
+        limit: int,
+    ) -> list[SearchHit]:
+        """One page of hits for the FTS5 expression ``match`` (see :mod:`.search`).
+
+        An expression FTS5 refuses is ``bad_request`` (field ``query``), never
+        a storage failure.
+        """
+        sql, params = fts.query(match, filters, newest=newest, after=after, limit=limit)
+        try:
+            async with self._lend() as conn:
+                rows = await conn.execute_fetchall(sql, params)
+        except sqlite3.Error as exc:
+            if isinstance(exc, sqlite3.OperationalError) and fts.is_syntax_error(exc):
+                raise BadRequest(f"search query refused: {exc}", field="query") from None
+            raise self._failed(exc) from None
+        hits = []
+        for row in rows:
+            text, spans = fts.split_snippet(row[6])
+            hits.append(
+                SearchHit(message=message_of(row), snippet=text, highlights=spans, rank=row[7])
+            )
+        return hits
+
     async def history(
         self,
         tag: str,

@@ -43,7 +43,8 @@ from typing import Any, Final
 import anyio
 
 from ..wire.errors import STORAGE_LOST, Internal, NexusError, Unavailable
-from ..wire.protocol import Message, SessionInfo
+from ..wire.protocol import Message, SearchHit, SessionInfo
+from . import search as fts
 from . import writes
 from .base import Answer, Op, Page, WriteStats, utc_now
 from .files import DbFiles, FileWatch, InstanceLock
@@ -75,6 +76,7 @@ class SQLiteStorage:
         synchronous: str,
         wal_autocheckpoint: int,
         readers: int,
+        search: bool = True,
     ) -> None:
         if max_messages < 0:
             raise ValueError("max_messages must be >= 0")
@@ -84,6 +86,10 @@ class SQLiteStorage:
         self.synchronous = synchronous
         self.wal_autocheckpoint = wal_autocheckpoint
         self.write_stats = WriteStats()
+        #: Whether the full-text index is kept (config ``search``).
+        self.search_enabled = search
+        #: How far the full-text index is built (None: search is off).
+        self.index_state: fts.IndexState | None = None
         #: Why writes are refused for good (the files changed under us), or None.
         self.storage_error: str | None = None
         self._readers = ReaderPool(path, size=readers)
@@ -115,11 +121,59 @@ class SQLiteStorage:
                     wal_autocheckpoint=self.wal_autocheckpoint,
                 )
             )
+            self.index_state = await self._thread.call(self._prepare_index)
             self._watch.arm()  # the files as SQLite has them open now
             await self._readers.open()
         except BaseException:
             await self.close()
             raise
+
+    def _prepare_index(self) -> fts.IndexState | None:
+        """Writer thread, at open: the full-text index exists, or is removed when search is off."""
+        assert self._conn is not None
+        if not self.search_enabled:
+            fts.drop(self._conn)
+            return None
+        return fts.ensure(self._conn)
+
+    async def build_search_index(self) -> None:
+        """Index the rows stored before the index existed, a chunk per writer-thread call.
+
+        Writes queued meanwhile run between chunks (the thread takes calls in
+        order); progress goes to the log about every tenth.
+        """
+        state = self.index_state
+        if state is None or state.complete:
+            return
+        logged = state.percent() // 10
+        while not state.complete:
+            conn = self._conn
+            if conn is None:
+                return  # closed meanwhile: the next start goes on from here
+            state = await self._thread.call(fts.build_step, conn)
+            self.index_state = state
+            if state.percent() // 10 > logged:
+                logged = state.percent() // 10
+                logger.info("search index: %d%% of the stored messages indexed", state.percent())
+        logger.info("search index complete")
+
+    async def search(
+        self,
+        match: str,
+        filters: fts.Filters,
+        *,
+        newest: bool,
+        after: tuple[float, int] | None,
+        limit: int,
+    ) -> list[SearchHit]:
+        state = self.index_state
+        if state is None:
+            raise Unavailable("search is off in this daemon (setting search = false)")
+        if not state.complete:
+            raise Unavailable(
+                f"the search index is being built ({state.percent()}% done); try again shortly"
+            )
+        return await self._readers.search(match, filters, newest=newest, after=after, limit=limit)
 
     async def close(self) -> None:
         """Close the readers; checkpoint the WAL into the database; close; end the thread;

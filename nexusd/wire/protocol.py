@@ -70,6 +70,20 @@ class SessionInfo(Struct, frozen=True, kw_only=True):
     last_timestamp: str
 
 
+class SearchHit(Struct, frozen=True, kw_only=True):
+    """One message a search found: the message, a snippet of it, and its rank.
+
+    ``highlights`` are the [start, end) offsets, in code points of
+    ``snippet``, of each matched term.  ``rank`` is bm25's (lower is a better
+    match); in newest-first order it is still given.
+    """
+
+    message: Message
+    snippet: str
+    highlights: list[tuple[int, int]] = []
+    rank: float = 0.0
+
+
 class NewMessage(Struct, frozen=True, kw_only=True):
     """One item of an ``append_many`` request."""
 

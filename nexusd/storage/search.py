@@ -1,0 +1,284 @@
+"""Full-text search in the SQLite backend: the FTS5 index, its upkeep and its queries.
+
+The index is an FTS5 table over ``nexus_messages.content`` with external
+content (the text is stored once, in the table; FTS5 keeps only the index and
+reads the text back for snippets).  Triggers keep it in the same transaction
+as every insert, delete and content update, so a search sees exactly what is
+committed: pruning, ``clear`` and ``pop`` leave the index with the rows, and
+so do rows another program writes into the file.
+
+A database that had no index (older files, v1 files, or search switched back
+on) gets one built behind the triggers, oldest rows first, one chunk per
+transaction on the writer's thread between batches: ``boundary`` is the
+largest id when the index was created (the triggers index every row above
+it), ``built`` how far the chunks have come (every row up to it is indexed).
+The triggers leave alone the rows in between, which a later chunk indexes, so
+no row is indexed twice or deleted from the index before it was added.
+
+With search switched off the index, its triggers and its state are dropped:
+nothing is maintained, and switching it on again builds it afresh.
+
+Queries: plain words by default, each quoted so user input is never FTS5
+syntax (``"a" "b"``: every word, in any order); the FTS5 syntax (phrases,
+``prefix*``, ``NEAR``, ``AND``/``OR``/``NOT``) only when asked for.  The
+tokenizer is ``unicode61`` with ``remove_diacritics 2``: case and accents are
+folded (``Über`` finds ``uber``); scripts written without spaces (Chinese,
+Japanese) are indexed as runs of characters between punctuation, so a word
+inside a run is found only as the run's prefix (``"東京"*``), not in its middle.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sqlite3
+from dataclasses import dataclass
+from typing import Final
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHUNK_ROWS",
+    "Filters",
+    "IndexState",
+    "build_step",
+    "drop",
+    "ensure",
+    "is_syntax_error",
+    "match_expression",
+    "query",
+    "split_snippet",
+]
+
+TOKENIZE: Final = "unicode61 remove_diacritics 2"
+#: Rows indexed per chunk while an index is built (one transaction on the writer's thread).
+CHUNK_ROWS: Final = 5_000
+
+_IN_RANGE: Final = (
+    "({row}.id > (SELECT boundary FROM nexus_fts_state)"
+    " OR {row}.id <= (SELECT built FROM nexus_fts_state))"
+)
+
+_CREATE: Final = (
+    "CREATE VIRTUAL TABLE nexus_fts USING fts5("
+    f"content, content='nexus_messages', content_rowid='id', tokenize='{TOKENIZE}')",
+    "CREATE TABLE nexus_fts_state (boundary INTEGER NOT NULL, built INTEGER NOT NULL)",
+    "INSERT INTO nexus_fts_state (boundary, built)"
+    " SELECT coalesce(max(id), 0), 0 FROM nexus_messages",
+    "CREATE TRIGGER nexus_fts_insert AFTER INSERT ON nexus_messages"
+    f" WHEN {_IN_RANGE.format(row='new')} BEGIN"
+    " INSERT INTO nexus_fts (rowid, content) VALUES (new.id, new.content); END",
+    "CREATE TRIGGER nexus_fts_delete AFTER DELETE ON nexus_messages"
+    f" WHEN {_IN_RANGE.format(row='old')} BEGIN"
+    " INSERT INTO nexus_fts (nexus_fts, rowid, content) VALUES ('delete', old.id, old.content);"
+    " END",
+    "CREATE TRIGGER nexus_fts_update AFTER UPDATE OF content ON nexus_messages"
+    f" WHEN {_IN_RANGE.format(row='old')} BEGIN"
+    " INSERT INTO nexus_fts (nexus_fts, rowid, content) VALUES ('delete', old.id, old.content);"
+    " INSERT INTO nexus_fts (rowid, content) VALUES (new.id, new.content); END",
+)
+_DROP: Final = (
+    "DROP TRIGGER IF EXISTS nexus_fts_insert",
+    "DROP TRIGGER IF EXISTS nexus_fts_delete",
+    "DROP TRIGGER IF EXISTS nexus_fts_update",
+    "DROP TABLE IF EXISTS nexus_fts",
+    "DROP TABLE IF EXISTS nexus_fts_state",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class IndexState:
+    """How far the index is built: every row up to ``built`` and above ``boundary``."""
+
+    boundary: int
+    built: int
+
+    @property
+    def complete(self) -> bool:
+        return self.built >= self.boundary
+
+    def percent(self) -> int:
+        return 100 if self.complete else int(100 * self.built / max(1, self.boundary))
+
+
+def _state(conn: sqlite3.Connection) -> IndexState | None:
+    try:
+        row = conn.execute("SELECT boundary, built FROM nexus_fts_state").fetchone()
+    except sqlite3.OperationalError:  # no such table: no index
+        return None
+    return IndexState(int(row[0]), int(row[1])) if row is not None else None
+
+
+def _script(conn: sqlite3.Connection, statements: tuple[str, ...]) -> None:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        for stmt in statements:
+            conn.execute(stmt)
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+
+
+def ensure(conn: sqlite3.Connection) -> IndexState:
+    """Writer's connection, at start-up: the index exists (created empty if it did not)."""
+    state = _state(conn)
+    if state is None:
+        _script(conn, _DROP + _CREATE)  # drop first: a half-made index from elsewhere
+        state = _state(conn)
+        assert state is not None
+        if not state.complete:
+            logger.info(
+                "search index created; indexing the %d stored ids in the background", state.boundary
+            )
+    return state
+
+
+def drop(conn: sqlite3.Connection) -> bool:
+    """Writer's connection, at start-up with search off: remove the index; True if there was one."""
+    if (
+        _state(conn) is None
+        and not conn.execute("SELECT 1 FROM sqlite_master WHERE name LIKE 'nexus_fts%'").fetchone()
+    ):
+        return False
+    _script(conn, _DROP)
+    logger.info("search is off: search index removed")
+    return True
+
+
+def build_step(conn: sqlite3.Connection, rows: int = CHUNK_ROWS) -> IndexState:
+    """Writer's connection: index the next ``rows`` ids of an unfinished index (one transaction)."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        state = _state(conn)
+        if state is None or state.complete:
+            conn.execute("ROLLBACK")
+            return state or IndexState(0, 0)
+        # The next ``rows`` ids that exist (ids have gaps: pruned rows), by the rowid.
+        upto = conn.execute(
+            "SELECT max(id) FROM (SELECT id FROM nexus_messages WHERE id > ? AND id <= ?"
+            " ORDER BY id LIMIT ?)",
+            (state.built, state.boundary, rows),
+        ).fetchone()[0]
+        upto = state.boundary if upto is None else int(upto)
+        conn.execute(
+            "INSERT INTO nexus_fts (rowid, content)"
+            " SELECT id, content FROM nexus_messages WHERE id > ? AND id <= ?",
+            (state.built, upto),
+        )
+        conn.execute("UPDATE nexus_fts_state SET built = ?", (upto,))
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return IndexState(state.boundary, upto)
+
+
+_WORD: Final = re.compile(r"\S+")
+
+
+def match_expression(query: str, *, syntax: bool) -> str:
+    """The FTS5 MATCH expression for ``query``: its words, each quoted, unless ``syntax``.
+
+    Raises ValueError for a query with no word in it.
+    """
+    if syntax:
+        if not query.strip():
+            raise ValueError("the query is empty")
+        return query
+    words = _WORD.findall(query)
+    if not words:
+        raise ValueError("the query has no words")
+    return " ".join('"' + w.replace('"', '""') + '"' for w in words)
+
+
+#: Around each matched term in a snippet, as SQLite returns it (private-use
+#: characters, then turned into spans by :func:`split_snippet`).
+MARK_OPEN: Final = "\ue000"
+MARK_CLOSE: Final = "\ue001"
+#: Tokens of context in a snippet.
+SNIPPET_TOKENS: Final = 16
+
+
+@dataclass(frozen=True, slots=True)
+class Filters:
+    """What a search is narrowed to besides its words (None: no narrowing)."""
+
+    sessions: tuple[str, ...] | None = None
+    role: str | None = None
+    since: str | None = None
+    until: str | None = None
+    #: Session tags in [lo, hi): a namespaced peer's own (see :mod:`.scope`).
+    scope: tuple[str, str] | None = None
+
+
+def query(
+    match: str, filters: Filters, *, newest: bool, after: tuple[float, int] | None, limit: int
+) -> tuple[str, list[object]]:
+    """SQL and parameters of one page of hits: message columns, snippet, rank.
+
+    Ordered by relevance (bm25, best first; ties by id) or, with ``newest``,
+    by id descending.  ``after`` is the (rank, id) of the last hit of the
+    previous page (only the id counts when ``newest``).
+    """
+    where = ["nexus_fts MATCH ?"]
+    params: list[object] = [MARK_OPEN, MARK_CLOSE, match]
+    if filters.sessions is not None:
+        where.append(f"m.session_tag IN ({', '.join('?' * len(filters.sessions))})")
+        params += filters.sessions
+    if filters.role is not None:
+        where.append("m.role = ?")
+        params.append(filters.role)
+    if filters.since is not None:
+        where.append("m.timestamp >= ?")
+        params.append(filters.since)
+    if filters.until is not None:
+        where.append("m.timestamp < ?")
+        params.append(filters.until)
+    if filters.scope is not None:
+        where.append("m.session_tag >= ? AND m.session_tag < ?")
+        params += filters.scope
+    if after is not None:
+        if newest:
+            where.append("m.id < ?")
+            params.append(after[1])
+        else:
+            where.append("(bm25(nexus_fts) > ? OR (bm25(nexus_fts) = ? AND m.id > ?))")
+            params += [after[0], after[0], after[1]]
+    order = "m.id DESC" if newest else "bm25(nexus_fts), m.id"
+    params.append(limit)
+    sql = (
+        "SELECT m.id, m.role, m.content, m.timestamp, m.session_tag, m.meta,"
+        f" snippet(nexus_fts, 0, ?, ?, '…', {SNIPPET_TOKENS}), bm25(nexus_fts)"
+        " FROM nexus_fts JOIN nexus_messages AS m ON m.id = nexus_fts.rowid"
+        f" WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
+    )
+    return sql, params
+
+
+def split_snippet(marked: str) -> tuple[str, list[tuple[int, int]]]:
+    """A snippet as SQLite marks it -> its text and the [start, end) of each matched term."""
+    text: list[str] = []
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    start = -1
+    for ch in marked:
+        if ch == MARK_OPEN:
+            start = pos
+        elif ch == MARK_CLOSE:
+            if start >= 0:
+                spans.append((start, pos))
+            start = -1
+        else:
+            text.append(ch)
+            pos += 1
+    return "".join(text), spans
+
+
+_SYNTAX: Final = ("fts5: ", "unterminated string", "no such column", "unknown special query")
+
+
+def is_syntax_error(exc: sqlite3.OperationalError) -> bool:
+    """Whether FTS5 refused the query expression itself (as opposed to a storage failure)."""
+    return str(exc).startswith(_SYNTAX)
