@@ -76,7 +76,7 @@ class SQLiteStorage:
         synchronous: str,
         wal_autocheckpoint: int,
         readers: int,
-        search: bool = True,
+        search: bool = False,
     ) -> None:
         if max_messages < 0:
             raise ValueError("max_messages must be >= 0")
@@ -86,7 +86,8 @@ class SQLiteStorage:
         self.synchronous = synchronous
         self.wal_autocheckpoint = wal_autocheckpoint
         self.write_stats = WriteStats()
-        #: Whether the full-text index is kept (config ``search``).
+        #: Whether the full-text index is kept.  Off unless asked for until the
+        #: daemon serves ``search`` and builds the index of older rows (issue 12).
         self.search_enabled = search
         #: How far the full-text index is built (None: search is off).
         self.index_state: fts.IndexState | None = None
