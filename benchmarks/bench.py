@@ -553,8 +553,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=3.0, help="measuring time per point")
     ap.add_argument("--quick", action="store_true", help="1 s per point")
     ap.add_argument("--no-scaling", action="store_true", help="skip the scaling runs (S)")
-    ap.add_argument("--no-procs", action="store_true", help="skip the many-processes runs (P)")
-    ap.add_argument(
+    sections = ap.add_mutually_exclusive_group()
+    sections.add_argument(
+        "--no-procs", action="store_true", help="skip the many-processes runs (P)"
+    )
+    sections.add_argument(
         "--procs-only", action="store_true", help="run only the many-processes section (P)"
     )
     ap.add_argument(

@@ -57,9 +57,42 @@ def _loop_options() -> dict[str, Any]:
     return {"use_uvloop": True}
 
 
-def _blocking(system: str, sock: str, index: int, ready: Any, go: Event, start: Any) -> Any:
-    lat = array.array("d")
-    mono = time.monotonic
+class _Meter:
+    """One worker's window: which session each call goes to, each call's latency, the CPU.
+
+    ``next()`` is called before every call: it records the call before it (if
+    that one started inside the window) and gives the next call's session, or
+    None once the window is over.
+    """
+
+    def __init__(self, start: _Start, index: int) -> None:
+        self.begin = start.value + WARMUP
+        self.end = self.begin + start.secs
+        self.lat = array.array("d")
+        self.n = 0
+        self._i = index
+        self._t0 = 0.0
+        self._cpu0 = 0.0
+
+    def next(self) -> str | None:
+        now = time.monotonic()
+        if self._t0 >= self.begin:
+            self.lat.append(now - self._t0)
+            self.n += 1
+        if now >= self.end:
+            return None
+        if not self.n and now >= self.begin:
+            self._cpu0 = time.process_time()
+        self._t0 = now
+        tag = TAGS[self._i % SESSIONS]
+        self._i += 1
+        return tag
+
+    def result(self) -> tuple[int, array.array[float], float]:
+        return self.n, self.lat, time.process_time() - self._cpu0 if self.n else 0.0
+
+
+def _blocking(system: str, sock: str, index: int, ready: Any, go: Event, start: _Start) -> Any:
     with contextlib.ExitStack() as stack:
         if system == "nexusd":
             from nexusd import Client
@@ -80,30 +113,16 @@ def _blocking(system: str, sock: str, index: int, ready: Any, go: Event, start: 
 
         ready.put(("ready", index))
         go.wait()
-        begin = start.value + WARMUP
-        end = begin + start.secs
-        n, i, cpu0 = 0, index, 0.0
-        while True:
-            t0 = mono()
-            if t0 >= end:
-                break
-            if not n and t0 >= begin:
-                cpu0 = time.process_time()
-            call(TAGS[i % SESSIONS])
-            i += 1
-            if t0 >= begin:
-                lat.append(mono() - t0)
-                n += 1
-        cpu = time.process_time() - cpu0 if n else 0.0
-    return n, lat, cpu
+        meter = _Meter(start, index)
+        while (tag := meter.next()) is not None:
+            call(tag)
+    return meter.result()
 
 
-def _async(system: str, sock: str, index: int, ready: Any, go: Event, start: Any) -> Any:
+def _async(system: str, sock: str, index: int, ready: Any, go: Event, start: _Start) -> Any:
     import anyio
 
     async def run() -> Any:
-        lat = array.array("d")
-        mono = time.monotonic
         async with contextlib.AsyncExitStack() as stack:
             if system == "nexusd":
                 from nexusd import AsyncClient
@@ -124,22 +143,10 @@ def _async(system: str, sock: str, index: int, ready: Any, go: Event, start: Any
 
             ready.put(("ready", index))
             go.wait()  # nothing else runs on this loop yet: blocking it is harmless
-            begin = start.value + WARMUP
-            end = begin + start.secs
-            n, i, cpu0 = 0, index, 0.0
-            while True:
-                t0 = mono()
-                if t0 >= end:
-                    break
-                if not n and t0 >= begin:
-                    cpu0 = time.process_time()
-                await call(TAGS[i % SESSIONS])
-                i += 1
-                if t0 >= begin:
-                    lat.append(mono() - t0)
-                    n += 1
-            cpu = time.process_time() - cpu0 if n else 0.0
-        return n, lat, cpu
+            meter = _Meter(start, index)
+            while (tag := meter.next()) is not None:
+                await call(tag)
+        return meter.result()
 
     return anyio.run(run, backend="asyncio", backend_options=_loop_options())
 
