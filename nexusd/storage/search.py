@@ -32,6 +32,8 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
@@ -59,31 +61,44 @@ _IN_RANGE: Final = (
     " OR {row}.id <= (SELECT built FROM nexus_fts_state))"
 )
 
-_CREATE: Final = (
+_TABLES: Final = (
     "CREATE VIRTUAL TABLE nexus_fts USING fts5("
     f"content, content='nexus_messages', content_rowid='id', tokenize='{TOKENIZE}')",
     "CREATE TABLE nexus_fts_state (boundary INTEGER NOT NULL, built INTEGER NOT NULL)",
     "INSERT INTO nexus_fts_state (boundary, built)"
     " SELECT coalesce(max(id), 0), 0 FROM nexus_messages",
-    "CREATE TRIGGER nexus_fts_insert AFTER INSERT ON nexus_messages"
-    f" WHEN {_IN_RANGE.format(row='new')} BEGIN"
-    " INSERT INTO nexus_fts (rowid, content) VALUES (new.id, new.content); END",
-    "CREATE TRIGGER nexus_fts_delete AFTER DELETE ON nexus_messages"
-    f" WHEN {_IN_RANGE.format(row='old')} BEGIN"
-    " INSERT INTO nexus_fts (nexus_fts, rowid, content) VALUES ('delete', old.id, old.content);"
-    " END",
-    "CREATE TRIGGER nexus_fts_update AFTER UPDATE OF content ON nexus_messages"
-    f" WHEN {_IN_RANGE.format(row='old')} BEGIN"
-    " INSERT INTO nexus_fts (nexus_fts, rowid, content) VALUES ('delete', old.id, old.content);"
-    " INSERT INTO nexus_fts (rowid, content) VALUES (new.id, new.content); END",
 )
-_DROP: Final = (
+_DROP_TRIGGERS: Final = (
     "DROP TRIGGER IF EXISTS nexus_fts_insert",
     "DROP TRIGGER IF EXISTS nexus_fts_delete",
     "DROP TRIGGER IF EXISTS nexus_fts_update",
+)
+_DROP: Final = (
+    *_DROP_TRIGGERS,
     "DROP TABLE IF EXISTS nexus_fts",
     "DROP TABLE IF EXISTS nexus_fts_state",
 )
+
+
+def _triggers(*, building: bool) -> tuple[str, ...]:
+    """The triggers that keep the index; while it is being built they leave alone the
+    rows the build has yet to reach (two lookups of the state per row, gone once built)."""
+
+    def when(row: str) -> str:
+        return f" WHEN {_IN_RANGE.format(row=row)}" if building else ""
+
+    return (
+        *_DROP_TRIGGERS,
+        f"CREATE TRIGGER nexus_fts_insert AFTER INSERT ON nexus_messages{when('new')} BEGIN"
+        " INSERT INTO nexus_fts (rowid, content) VALUES (new.id, new.content); END",
+        f"CREATE TRIGGER nexus_fts_delete AFTER DELETE ON nexus_messages{when('old')} BEGIN"
+        " INSERT INTO nexus_fts (nexus_fts, rowid, content) VALUES ('delete', old.id, old.content);"
+        " END",
+        f"CREATE TRIGGER nexus_fts_update AFTER UPDATE OF content ON nexus_messages{when('old')}"
+        " BEGIN"
+        " INSERT INTO nexus_fts (nexus_fts, rowid, content) VALUES ('delete', old.id, old.content);"
+        " INSERT INTO nexus_fts (rowid, content) VALUES (new.id, new.content); END",
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,50 +124,55 @@ def _state(conn: sqlite3.Connection) -> IndexState | None:
     return IndexState(int(row[0]), int(row[1])) if row is not None else None
 
 
-def _script(conn: sqlite3.Connection, statements: tuple[str, ...]) -> None:
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
     conn.execute("BEGIN IMMEDIATE")
     try:
-        for stmt in statements:
-            conn.execute(stmt)
+        yield
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
         raise
     conn.execute("COMMIT")
+
+
+def _run(conn: sqlite3.Connection, statements: tuple[str, ...]) -> None:
+    for stmt in statements:
+        conn.execute(stmt)
 
 
 def ensure(conn: sqlite3.Connection) -> IndexState:
     """Writer's connection, at start-up: the index exists (created empty if it did not)."""
     state = _state(conn)
-    if state is None:
-        _script(conn, _DROP + _CREATE)  # drop first: a half-made index from elsewhere
+    if state is not None:
+        return state
+    with _transaction(conn):
+        _run(conn, _DROP + _TABLES)  # drop first: a half-made index from elsewhere
         state = _state(conn)
         assert state is not None
-        if not state.complete:
-            logger.info(
-                "search index created; indexing the %d stored ids in the background", state.boundary
-            )
+        _run(conn, _triggers(building=not state.complete))
+    if not state.complete:
+        logger.info(
+            "search index created; indexing the %d stored ids in the background", state.boundary
+        )
     return state
 
 
 def drop(conn: sqlite3.Connection) -> bool:
     """Writer's connection, at start-up with search off: remove the index; True if there was one."""
-    if (
-        _state(conn) is None
-        and not conn.execute("SELECT 1 FROM sqlite_master WHERE name LIKE 'nexus_fts%'").fetchone()
-    ):
+    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name GLOB 'nexus_fts*'").fetchone():
         return False
-    _script(conn, _DROP)
+    with _transaction(conn):
+        _run(conn, _DROP)
     logger.info("search is off: search index removed")
     return True
 
 
 def build_step(conn: sqlite3.Connection, rows: int = CHUNK_ROWS) -> IndexState:
     """Writer's connection: index the next ``rows`` ids of an unfinished index (one transaction)."""
-    conn.execute("BEGIN IMMEDIATE")
-    try:
+    with _transaction(conn):
         state = _state(conn)
         if state is None or state.complete:
-            conn.execute("ROLLBACK")
             return state or IndexState(0, 0)
         # The next ``rows`` ids that exist (ids have gaps: pruned rows), by the rowid.
         upto = conn.execute(
@@ -167,12 +187,10 @@ def build_step(conn: sqlite3.Connection, rows: int = CHUNK_ROWS) -> IndexState:
             (state.built, upto),
         )
         conn.execute("UPDATE nexus_fts_state SET built = ?", (upto,))
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-    return IndexState(state.boundary, upto)
+        state = IndexState(state.boundary, upto)
+        if state.complete:  # every row is indexed: the triggers need not ask any more
+            _run(conn, _triggers(building=False))
+    return state
 
 
 _WORD: Final = re.compile(r"\S+")
