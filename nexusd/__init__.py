@@ -41,6 +41,8 @@ _EXPORTS = {
     "Unavailable": "nexusd.wire.errors",
     "Message": "nexusd.wire.protocol",
     "SessionInfo": "nexusd.wire.protocol",
+    "SearchHit": "nexusd.wire.protocol",
+    "SearchResults": "nexusd.client.replies",
 }
 
 __all__ = [
@@ -55,6 +57,8 @@ __all__ = [
     "NexusError",
     "NotFound",
     "Overloaded",
+    "SearchHit",
+    "SearchResults",
     "SessionInfo",
     "Timeout",
     "TooLarge",
@@ -64,6 +68,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .client import AsyncClient, Client
+    from .client.replies import SearchResults
     from .wire.errors import (
         BadRequest,
         ConnectionLost,
@@ -77,7 +82,7 @@ if TYPE_CHECKING:
         TooLarge,
         Unavailable,
     )
-    from .wire.protocol import Message, SessionInfo
+    from .wire.protocol import Message, SearchHit, SessionInfo
 
 
 def __getattr__(name: str) -> Any:

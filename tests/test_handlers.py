@@ -17,9 +17,10 @@ from typing import Any
 import anyio
 import pytest
 
-from nexusd.daemon import handlers
+from nexusd.daemon import binding
 from nexusd.daemon.backups import Snapshots
-from nexusd.daemon.handlers import Dispatcher, Services
+from nexusd.daemon.binding import Services
+from nexusd.daemon.handlers import Dispatcher
 from nexusd.daemon.limits import Limits
 from nexusd.daemon.peers import Namespace, Peer, namespace_for
 from nexusd.daemon.writer import Writer
@@ -231,9 +232,9 @@ async def test_a_backup_handle_of_another_connection_is_not_found(tmp_path: Path
 
 def test_every_row_of_the_table_is_bound_and_a_second_handler_is_refused() -> None:
     kinds: dict[Runs, Callable[[Any], Any]] = {
-        Runs.LOCAL: handlers.on_local,
-        Runs.WRITE: handlers.on_write,
-        Runs.READ: handlers.on_read,
+        Runs.LOCAL: binding.on_local,
+        Runs.WRITE: binding.on_write,
+        Runs.READ: binding.on_read,
     }
     for op in OPERATIONS:
         # Binding a second handler to a row is refused at import time.

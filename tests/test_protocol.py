@@ -179,6 +179,7 @@ def test_nil_means_absent_for_every_optional_key(cls: type[Any], name: str, defa
         "content": "c",
         "messages": [{"role": "r", "content": "c"}],
         "backup": "b",
+        "query": "q",
         "offset": 0,
     }
     if cls is p.NewMessage:

@@ -205,6 +205,7 @@ _SAMPLES: dict[str, Any] = {
     "role": "user",
     "content": "hi",
     "messages": [{"role": "user", "content": "hi"}],
+    "query": "hi",
 }
 
 

@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from nexusd.storage import search as fts
-from nexusd.storage.base import ClearSession, Insert, NewRow, Op, PopNewest
+from nexusd.storage.base import ClearSession, Insert, NewRow, Op, PopNewest, SearchQuery
 from nexusd.storage.schema import open_writer
 from nexusd.storage.sqlite import SQLiteStorage
 from nexusd.wire.errors import BadRequest, Unavailable
@@ -55,14 +55,7 @@ async def write(storage: SQLiteStorage, ops: list[Op]) -> list[Any]:
 
 
 async def find(storage: SQLiteStorage, q: str, **kw: Any) -> list[SearchHit]:
-    filters = fts.Filters(**{k: kw.pop(k) for k in list(kw) if k in fts.Filters.__slots__})
-    return await storage.search(
-        fts.match_expression(q, syntax=kw.pop("syntax", False)),
-        filters,
-        newest=kw.pop("newest", False),
-        after=kw.pop("after", None),
-        limit=kw.pop("limit", 50),
-    )
+    return (await storage.search(SearchQuery(q, **{"limit": 50, **kw}))).items
 
 
 def index_is_exact(db: Path) -> None:
@@ -118,7 +111,7 @@ async def test_plain_words_are_never_fts_syntax(tmp_path: Path) -> None:
         assert [h.message.content for h in hits] == ['she said "NEAR(x" AND -y OR z*']
         assert len(await find(s, "z y x")) == 2  # every word, in any order
         assert len(await find(s, "z said")) == 1
-        with pytest.raises(ValueError):
+        with pytest.raises(BadRequest):
             fts.match_expression("  \t ", syntax=False)
 
 
@@ -180,7 +173,7 @@ async def test_an_existing_database_gets_its_index_built_behind_live_writes(
             await write(s, [Insert("t", [row("during the build")])])
         assert s.index_state is not None and s.index_state.complete
         assert trigger_conditions(db) == {False}  # built: no lookup of the state per row
-        assert len(await find(s, "old", limit=20_000)) == 12_000
+        assert len(await find(s, "old", limit=20_000, budget=1 << 30)) == 12_000
         assert [h.message.content for h in await find(s, "new")] == []
         assert [h.message.content for h in await find(s, "newer")] == ["newer message"]
         assert len(await find(s, "during build")) == 1

@@ -19,7 +19,7 @@ import msgspec
 from ..client import Client
 from ..client.requests import encode
 from ..wire import protocol as p
-from .output import ProgressBar, one_line, out, safe, table, usage
+from .output import ProgressBar, highlighting, marked, one_line, out, safe, table, usage
 
 
 def read_stdin(raw: bool) -> str:
@@ -99,6 +99,30 @@ def _more_hint(args: argparse.Namespace, c: Client, msgs: list[p.Message]) -> st
         f"(showing the newest {len(msgs)} of {total}; --limit N or --before {msgs[0].id} "
         "to see more)"
     )
+
+
+def cmd_search(args: argparse.Namespace, c: Client) -> None:
+    found = c.search(
+        args.query,
+        session_tag=args.session,
+        role=args.role,
+        since=args.since,
+        until=args.until,
+        limit=args.limit,
+        syntax=args.fts,
+        order="newest" if args.newest else "rank",
+        cursor=args.cursor,
+    )
+    marks = highlighting(sys.stdout)
+    lines = []
+    for hit in found:
+        m = hit.message
+        lines.append(f"#{m.id}  {safe(m.session_tag)}  {safe(m.role)}  {m.timestamp}")
+        lines.append("    " + marked(hit.snippet, hit.highlights, marks))
+    if found.cursor is not None:
+        lines.append(f"(more: --cursor {found.cursor})")
+    human = "\n".join(lines) if found else "(no matches)"
+    out(args, {"hits": list(found), "cursor": found.cursor}, human)
 
 
 def cmd_count(args: argparse.Namespace, c: Client) -> None:

@@ -200,6 +200,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--after", type=row_id, metavar="ID", help="page forward: messages newer than ID"
     )
     h.add_argument("--full", action="store_true", help="do not shorten long contents")
+    f = client_cmd(
+        "search", cc.cmd_search, "find messages by their words, best match first", session=False
+    )
+    f.add_argument("query", help="words to find (all of them, any order), or FTS5 with --fts")
+    f.add_argument(
+        "--session", action="append", metavar="TAG", help="only this session (repeatable)"
+    )
+    f.add_argument("--role", help="only messages of this role")
+    f.add_argument("--since", metavar="TIME", help="only messages at or after this RFC 3339 time")
+    f.add_argument("--until", metavar="TIME", help="only messages before this RFC 3339 time")
+    f.add_argument(
+        "--limit",
+        type=_bounded(1, p.MAX_SEARCH_LIMIT),
+        default=20,
+        metavar="N",
+        help=f"most hits to print, 1 to {p.MAX_SEARCH_LIMIT} (default %(default)s)",
+    )
+    f.add_argument("--newest", action="store_true", help="newest first instead of best first")
+    f.add_argument(
+        "--fts", action="store_true", help='QUERY is FTS5 syntax: "a phrase", pre*, NEAR, OR, NOT'
+    )
+    f.add_argument("--cursor", help="go on from where a previous search stopped")
     client_cmd("count", cc.cmd_count, "print how many messages a session holds")
     client_cmd("sessions", cc.cmd_sessions, "list session tags", session=False)
     client_cmd("pop", cc.cmd_pop, "remove and print the newest message of a session")
@@ -221,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: Arguments that are text sent to the daemon (paths may be any bytes).
-_TEXT_ARGS = ("role", "content", "session", "meta", "timestamp")
+_TEXT_ARGS = ("role", "content", "session", "meta", "timestamp", "query", "since", "until")
 
 
 def _merge_globals(args: argparse.Namespace) -> None:
@@ -257,18 +279,19 @@ def _check_socket_path(name: str, path: str | os.PathLike[str]) -> None:
 def _check_text(args: argparse.Namespace) -> None:
     """Arguments with bytes that are not UTF-8 arrive as lone surrogates: refuse them."""
     for name in _TEXT_ARGS:
-        value = getattr(args, name, None)
-        if not isinstance(value, str):
-            continue
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError as exc:
-            byte = ord(value[exc.start]) - 0xDC00
-            what = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else "a surrogate"
-            usage(
-                f"the {name} argument is not UTF-8 text ({what} at position {exc.start}); "
-                "convert it first, e.g. with iconv"
-            )
+        given = getattr(args, name, None)
+        for value in given if isinstance(given, list) else [given]:
+            if not isinstance(value, str):
+                continue
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                byte = ord(value[exc.start]) - 0xDC00
+                what = f"byte 0x{byte:02x}" if 0x80 <= byte <= 0xFF else "a surrogate"
+                usage(
+                    f"the {name} argument is not UTF-8 text ({what} at position {exc.start}); "
+                    "convert it first, e.g. with iconv"
+                )
 
 
 def main(argv: Sequence[str] | None = None) -> int:

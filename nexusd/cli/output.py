@@ -70,6 +70,27 @@ def out(args: argparse.Namespace, value: Any, human: str) -> None:
         sys.stdout.write(human + ("\n" if human and not human.endswith("\n") else ""))
 
 
+def highlighting(stream: Any) -> tuple[str, str]:
+    """How matched terms are marked on ``stream``: bold and underlined on a terminal
+    (unless ``NO_COLOR`` is set), not at all elsewhere."""
+    if os.environ.get("NO_COLOR") or not stream.isatty():
+        return "", ""
+    return "\x1b[1;4m", "\x1b[0m"
+
+
+def marked(text: str, spans: Sequence[tuple[int, int]], marks: tuple[str, str]) -> str:
+    """``text`` on one line, escaped, with each [start, end) span between ``marks``."""
+    parts = []
+    pos = 0
+    for start, end in spans:
+        if start < pos or end > len(text) or start > end:
+            continue  # not a span of this text: show it unmarked
+        parts += [safe(text[pos:start]), marks[0], safe(text[start:end]), marks[1]]
+        pos = end
+    parts.append(safe(text[pos:]))
+    return "".join(parts)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     cells = [[safe(str(c)) for c in r] for r in rows]
     widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]

@@ -35,6 +35,7 @@ FLAGS = (
     "socket",
     "max_messages",
     "synchronous",
+    "search",
     "queue_size",
     "batch_max",
     "readers",

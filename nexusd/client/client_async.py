@@ -30,8 +30,9 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from typing import Any, Literal
 
 import msgspec
 
@@ -39,11 +40,11 @@ from ..wire import protocol as p
 from ..wire.errors import ConnectionLost, NexusError
 from ..wire.framing import encode_frame
 from ..wire.paths import resolve_socket_path
-from ..wire.protocol import DEFAULT_SESSION, Message, SessionInfo
+from ..wire.protocol import DEFAULT_SESSION, Message, SearchHit, SessionInfo
 from .backup import BackupTarget, Progress, backup_chunk
 from .connect import check_socket_path
 from .connect import trusted_uids as _trusted_uids
-from .replies import expect, merge, next_page
+from .replies import SearchResults, expect, merge, next_page
 from .requests import (
     CLIENT_NAME,
     SMALL_FRAME,
@@ -57,6 +58,7 @@ from .requests import (
     encode,
     frame_limit,
     history_request,
+    search_request,
 )
 from .retry import RETRY_ON, backoff, give_up
 from .transport_async import (
@@ -278,6 +280,40 @@ class AsyncClient:
             if not page.truncated or not page.sessions:
                 return out
             after = page.sessions[-1].session_tag
+
+    async def search(
+        self,
+        query: str,
+        session_tag: str | Sequence[str] | None = None,
+        role: str | None = None,
+        since: str | datetime | None = None,
+        until: str | datetime | None = None,
+        limit: int = 20,
+        *,
+        syntax: bool = False,
+        order: Literal["rank", "newest"] = "rank",
+        cursor: str | None = None,
+    ) -> SearchResults:
+        """Messages matching ``query``, best match first (or ``order="newest"``).
+
+        ``query`` is plain words (each must occur, in any order; case and
+        accents do not matter) unless ``syntax=True``: then it is an SQLite
+        FTS5 query (``"a phrase"``, ``prefix*``, ``NEAR(a b)``, ``AND``/``OR``/
+        ``NOT``).  Narrowed to ``session_tag`` (one tag or several), ``role``,
+        and ``since`` <= timestamp < ``until``.  Each hit has ``.message``,
+        ``.snippet`` (matched terms at ``.highlights``) and ``.rank``.  At most
+        ``limit`` hits; the result's ``.cursor``, passed back with the same
+        arguments, gets the next ones (None: there are no more).
+        """
+        req = search_request(query, session_tag, role, since, until, limit, syntax, order, cursor)
+        hits: list[SearchHit] = []
+        while True:
+            page = expect(await self._call(req), p.SearchReply)
+            hits += page.hits
+            if page.cursor is None or len(hits) >= limit:
+                return SearchResults(hits, page.cursor)
+            # The daemon cut the page to fit its frame limit: go on from its edge.
+            req = msgspec.structs.replace(req, cursor=page.cursor, limit=limit - len(hits))
 
     async def pop(self, session_tag: str = DEFAULT_SESSION) -> Message | None:
         """Remove and return the newest message of ``session_tag`` (None if empty)."""

@@ -17,10 +17,18 @@ import msgspec
 from ..wire import protocol as p
 from ..wire.errors import ConnectionLost, NexusError
 from ..wire.framing import FrameDecoder
-from ..wire.protocol import Message
+from ..wire.protocol import Message, SearchHit
 from .requests import history_request
 
-__all__ = ["CLIENT_MAX_FRAME", "RECV_BYTES", "ReplyReader", "expect", "merge", "next_page"]
+__all__ = [
+    "CLIENT_MAX_FRAME",
+    "RECV_BYTES",
+    "ReplyReader",
+    "SearchResults",
+    "expect",
+    "merge",
+    "next_page",
+]
 
 R = TypeVar("R")
 
@@ -74,3 +82,17 @@ def next_page(first: p.History, got: list[Message], page: p.HistoryReply) -> p.H
 def merge(first: p.History, got: list[Message], page: list[Message]) -> list[Message]:
     """Join a continued page to what came before, keeping oldest-first order."""
     return page + got if first.after_id is None else got + page
+
+
+class SearchResults(list[SearchHit]):
+    """The hits of one search call, best (or newest) first: a list, plus ``cursor``.
+
+    ``cursor`` is None when these are all the hits there are; otherwise pass
+    it back with the same query and filters for the next ones.
+    """
+
+    __slots__ = ("cursor",)
+
+    def __init__(self, hits: list[SearchHit], cursor: str | None) -> None:
+        super().__init__(hits)
+        self.cursor = cursor

@@ -13,7 +13,8 @@ import itertools
 import re
 import secrets
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
 from typing import Any, Final
 
 from ..wire import protocol as p
@@ -33,6 +34,7 @@ __all__ = [
     "encode",
     "frame_limit",
     "history_request",
+    "search_request",
 ]
 
 #: An ``append_many`` item: ``(role, content)`` or a mapping with ``role``,
@@ -242,4 +244,41 @@ def history_request(
 ) -> p.History:
     return p.History(
         id=0, session_tag=session_tag, limit=limit, before_id=before_id, after_id=after_id
+    )
+
+
+def _instant(value: str | datetime | None, field: str) -> str | None:
+    """A ``since``/``until`` argument as the RFC 3339 text the daemon takes."""
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, datetime):
+        if value.utcoffset() is None:
+            raise BadRequest(f"{field} must be timezone-aware: a naive datetime names no instant")
+        return value.isoformat()
+    raise BadRequest(f"{field} must be an RFC 3339 string or a datetime", field=field)
+
+
+def search_request(
+    query: str,
+    session_tag: str | Sequence[str] | None,
+    role: str | None,
+    since: str | datetime | None,
+    until: str | datetime | None,
+    limit: int,
+    syntax: bool,
+    order: str,
+    cursor: str | None,
+) -> p.Search:
+    tags = [session_tag] if isinstance(session_tag, str) else session_tag
+    return p.Search(
+        id=0,
+        query=query,
+        syntax=syntax,
+        session_tags=None if tags is None else list(tags),
+        role=role,
+        since=_instant(since, "since"),
+        until=_instant(until, "until"),
+        order=order,  # type: ignore[arg-type]  # the daemon checks it
+        limit=limit,
+        cursor=cursor,
     )

@@ -22,7 +22,7 @@ import anyio
 import anyio.abc
 
 from ..wire import protocol as p
-from .handlers import Job
+from .binding import Job
 from .jobs import Jobs
 from .tasks import Spawner
 

@@ -85,6 +85,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_messages: Annotated[
         int, Meta(ge=0, description="rows kept per session tag, 0 = unbounded")
     ] = 500
+    search: Annotated[
+        bool, Meta(description="keep a full-text index and answer search (false: neither)")
+    ] = True
     synchronous: Annotated[
         Literal["full", "normal"],
         Meta(description="SQLite durability: see Durability in the README"),

@@ -21,7 +21,7 @@ import anyio.abc
 
 from ..storage.base import Op
 from ..wire.errors import NexusError
-from .handlers import Services
+from .binding import Services
 from .limits import Budget, InFlight, Limits
 from .peers import Namespace
 from .tasks import Spawner

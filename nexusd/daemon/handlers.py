@@ -2,52 +2,42 @@
 
 No I/O here.  A :class:`Dispatcher` is one connection's view of the daemon
 (its tag namespace, its backups, the limits) and has one handler for each
-:data:`~nexusd.wire.ops.OPERATIONS` row, of the row's kind:
-
-* ``LOCAL``: ``handler(req) -> reply``, on the spot;
-* ``WRITE``: ``handler(req) -> Job``, a storage write for the writer paired
-  with the function that builds the reply from its result (validation
-  errors are raised here, before anything is queued);
-* ``READ``: ``await handler(req, room) -> reply``, a query.
-
-The handlers are bound with :func:`on_local`, :func:`on_write` and :func:`on_read`,
-and the binding is checked against the table when this module is imported:
-a row without a handler, a handler without a row, or one of the wrong kind
-is an error.  :mod:`nexusd.daemon.connection` routes each request by its
-row's ``runs`` and moves the bytes.
-
-What the handlers use of the daemon comes in one :class:`Services` value:
-the limits, the reader pool, the backup store, and the daemon's hello and
-stats; they never see the server.
+:data:`~nexusd.wire.ops.OPERATIONS` row, of the row's kind, bound with the
+decorators of :mod:`nexusd.daemon.binding` (which also says what each kind
+returns); the binding is checked against the table when this module is
+imported.  :mod:`nexusd.daemon.connection` routes each request by its row's
+``runs`` and moves the bytes.  What a search request means (its filters,
+its cursor) is :mod:`nexusd.daemon.searching`'s.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Any, Final, Generic, NamedTuple, TypeVar, cast
+from collections.abc import Awaitable
+from typing import Any, Final
 
 import msgspec
 
-from ..storage.base import (
-    ClearAll,
-    ClearSession,
-    Insert,
-    NewRow,
-    Op,
-    PopNewest,
-    Storage,
-    WriteOp,
-)
+from ..storage.base import ClearAll, ClearSession, Insert, NewRow, PopNewest
 from ..wire import protocol as p
 from ..wire.codec import encode_reply
 from ..wire.errors import BadRequest, Forbidden, NexusError, NotFound, TooLarge
-from ..wire.ops import OPERATIONS, Runs
 from ..wire.timestamps import parse_timestamp
 from .backups import Snapshots
-from .limits import Limits
+from .binding import (
+    LOCAL_HANDLERS,
+    READ_HANDLERS,
+    WRITE_HANDLERS,
+    Job,
+    Services,
+    check_bound,
+    job,
+    on_local,
+    on_read,
+    on_write,
+)
 from .peers import Namespace
+from .searching import next_cursor, search_query
 from .validate import check_content, check_distinct_keys, meta_json
 
 __all__ = ["Dispatcher", "Job", "Services"]
@@ -55,77 +45,6 @@ __all__ = ["Dispatcher", "Job", "Services"]
 logger = logging.getLogger(__name__)
 
 _ENVELOPE: Final = 1024
-
-T = TypeVar("T")
-R = TypeVar("R")
-
-
-class Job(NamedTuple, Generic[T]):
-    """A storage write whose result is a ``T``, and how its reply is built from it."""
-
-    op: Op
-    build: Callable[[int, T], p.Reply]
-
-
-def job(op: WriteOp[T], build: Callable[[int, T], p.Reply]) -> Job[T]:
-    """Pair a storage write with the builder of its reply: the types say their
-    result types agree (each write op declares its own, :class:`WriteOp`)."""
-    return Job(cast(Op, op), build)
-
-
-@dataclass(frozen=True, slots=True)
-class Services:
-    """What the handlers use of the daemon, and nothing else."""
-
-    limits: Limits
-    #: The read queries of the storage seam.
-    readers: Storage
-    snapshots: Snapshots
-    #: The daemon's answer to a hello (its version and limits), for a request id.
-    hello: Callable[[int], p.HelloReply]
-    #: The daemon's counters, as the ``stats`` reply carries them.
-    stats: Callable[[], dict[str, Any]]
-
-
-LocalHandler = Callable[["Dispatcher", R], p.Reply]
-WriteHandler = Callable[["Dispatcher", R], Job[Any]]
-ReadHandler = Callable[["Dispatcher", R, int], Awaitable[p.Reply]]
-
-_LOCAL: Final[dict[type[Any], LocalHandler[Any]]] = {}
-_WRITE: Final[dict[type[Any], WriteHandler[Any]]] = {}
-_READ: Final[dict[type[Any], ReadHandler[Any]]] = {}
-_BOUND: Final[dict[type[Any], Runs]] = {}
-
-
-H = TypeVar("H")
-
-
-def _binder(request: type[Any], runs: Runs, table: dict[type[Any], Any]) -> Callable[[H], H]:
-    """A decorator putting its handler in ``table`` as the one handler of ``request``."""
-
-    def bind(fn: H) -> H:
-        if request in _BOUND:
-            raise RuntimeError(f"two handlers for {request.__name__}")
-        _BOUND[request] = runs
-        table[request] = fn
-        return fn
-
-    return bind
-
-
-def on_local(request: type[R]) -> Callable[[LocalHandler[R]], LocalHandler[R]]:
-    """Bind a handler answered on the spot."""
-    return _binder(request, Runs.LOCAL, _LOCAL)
-
-
-def on_write(request: type[R]) -> Callable[[WriteHandler[R]], WriteHandler[R]]:
-    """Bind a handler that makes a job for the writer."""
-    return _binder(request, Runs.WRITE, _WRITE)
-
-
-def on_read(request: type[R]) -> Callable[[ReadHandler[R]], ReadHandler[R]]:
-    """Bind a query."""
-    return _binder(request, Runs.READ, _READ)
 
 
 class Dispatcher:
@@ -142,15 +61,15 @@ class Dispatcher:
 
     # ── routing (the connection knows the row; these find the handler) ────
     def local(self, req: Any) -> p.Reply:
-        return _LOCAL[type(req)](self, req)
+        return LOCAL_HANDLERS[type(req)](self, req)
 
     def write(self, req: Any) -> Job[Any]:
         """The writer job for a mutating request (raises BadRequest)."""
-        return _WRITE[type(req)](self, req)
+        return WRITE_HANDLERS[type(req)](self, req)
 
     def read(self, req: Any, room: int = 0) -> Awaitable[p.Reply]:
         """The query for ``req``; ``room``: bytes of memory held for its reply (0: none)."""
-        return _READ[type(req)](self, req, room)
+        return READ_HANDLERS[type(req)](self, req, room)
 
     def release(self) -> None:
         """The connection is gone: drop its snapshots (also one still being taken)."""
@@ -304,6 +223,26 @@ class Dispatcher:
             self._must_fit(sessions, f"the entry of session {infos[0].session_tag[:80]!r}")
         return sessions
 
+    @on_read(p.Search)
+    async def _search(self, req: p.Search, room: int) -> p.SearchReply:
+        ns = self.ns
+        query = search_query(
+            req,
+            sessions=None
+            if req.session_tags is None
+            else [self._inner(t) for t in req.session_tags],
+            scope=None if ns is None else ns.scope,
+            budget=min(room or self.max_frame, self.max_frame) - _ENVELOPE,
+        )
+        page = await self.services.readers.search(query)
+        hits = page.items
+        if ns is not None and ns.prefix:
+            hits = [msgspec.structs.replace(h, message=self._message(h.message)) for h in hits]
+        reply = p.SearchReply(id=req.id, hits=hits, cursor=next_cursor(page, query.newest))
+        if page.over:
+            self._must_fit(reply, f"message {hits[0].message.id}")
+        return reply
+
     def _must_fit(self, reply: Any, what: str) -> None:
         """Refuse, naming ``what``, a one-item page that cannot fit in a frame."""
         size = len(encode_reply(reply))
@@ -361,17 +300,4 @@ def _clear_all_reply(rid: int, n: int) -> p.ClearAllReply:
     return p.ClearAllReply(id=rid, deleted=n)
 
 
-def _check() -> None:
-    """Exactly one handler, of the row's kind, for every row of the table."""
-    rows = {op.request: op.runs for op in OPERATIONS}
-    if rows != _BOUND:
-        unbound = sorted(t.__name__ for t in rows.keys() - _BOUND.keys())
-        stray = sorted(t.__name__ for t in _BOUND.keys() - rows.keys())
-        wrong = sorted(t.__name__ for t in rows.keys() & _BOUND.keys() if rows[t] != _BOUND[t])
-        raise RuntimeError(
-            "the handlers of nexusd.daemon.handlers and nexusd.wire.ops.OPERATIONS disagree:"
-            f" no handler for {unbound}, no row for {stray}, wrong kind for {wrong}"
-        )
-
-
-_check()
+check_bound()

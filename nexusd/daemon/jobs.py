@@ -22,8 +22,8 @@ from typing import Any
 
 from ..wire import protocol as p
 from ..wire.errors import NexusError
+from .binding import Job
 from .context import Context, Done
-from .handlers import Job
 from .limits import Hold, Share
 from .outbox import Outbox
 

@@ -48,10 +48,10 @@ from ..wire.errors import NexusError
 from ..wire.paths import default_socket_path
 from .admission import Admission
 from .backups import Snapshots
+from .binding import Services
 from .config import Config
 from .connection import Connection
 from .context import Context
-from .handlers import Services
 from .limits import Budget, InFlight, Limits, tune_malloc
 from .sockets import Listener, StartupError, check_socket_dir, clear_stale_socket
 from .systemd import ActivationError, Notifier, listen_fds
@@ -77,6 +77,7 @@ class Server:
             synchronous=config.synchronous,
             wal_autocheckpoint=config.wal_autocheckpoint,
             readers=config.readers,
+            search=config.search,
         )
         self.writer = Writer(self.storage, queue_size=config.queue_size, batch_max=config.batch_max)
         self.readers = self.storage
@@ -109,6 +110,7 @@ class Server:
         self.started = time.monotonic()
         self._stop = anyio.Event()
         self._reporting = anyio.CancelScope()
+        self._indexing = anyio.CancelScope()
 
     # ── public control ────────────────────────────────────────────────────
     def request_shutdown(self) -> None:
@@ -186,6 +188,7 @@ class Server:
             )
             task_status.started(self)
             self.notifier.ready(f"serving on {where}")
+            root.start_soon(self._build_search_index)
             if self.notifier.enabled:
                 root.start_soon(self._report_to_systemd)
             await self._stop.wait()
@@ -193,6 +196,12 @@ class Server:
             # No connection is left to submit: let the writer finish its queue.
             self.writer.close()
             self._reporting.cancel()
+            self._indexing.cancel()
+
+    async def _build_search_index(self) -> None:
+        """Index older rows (a database from before search) while serving; stopped by a stop."""
+        with self._indexing:
+            await self.storage.build_search_index()
 
     async def _drain(self, servers: list[asyncio.Server]) -> None:
         """Refuse new work, wait (bounded) for the answers owed, close every connection."""
@@ -276,6 +285,7 @@ class Server:
             db_bytes=self.storage.size_bytes(),
             max_messages=self.config.max_messages,
             synchronous=self.config.synchronous,
+            search=self.storage.search_status,
             version=__version__,
         )
         return out

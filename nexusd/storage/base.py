@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, Protocol, TypeAlias, TypeVar
 
 from ..wire.errors import NexusError
-from ..wire.protocol import Message, SessionInfo
+from ..wire.protocol import Message, SearchHit, SessionInfo
 
 __all__ = [
     "Answer",
@@ -35,6 +35,7 @@ __all__ = [
     "Op",
     "Page",
     "PopNewest",
+    "SearchQuery",
     "Storage",
     "WriteOp",
     "WriteStats",
@@ -120,6 +121,33 @@ class Page(Generic[T]):
     items: list[T]
     truncated: bool
     over: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SearchQuery:
+    """One page of a full-text search, as the daemon asks it of a backend.
+
+    ``text``: plain words (each must occur, in any order, case and accents
+    folded), or with ``syntax`` the backend's own query language.  The
+    filters narrow it (None: no narrowing); ``since``/``until`` are stored-form
+    timestamps (``since`` inclusive, ``until`` exclusive).  ``scope`` as for
+    :class:`ClearAll`.  Hits come best match first, or newest first with
+    ``newest``; ``after`` is the (rank, id) of the previous page's last hit
+    (only the id counts when ``newest``).  At most ``limit`` hits and about
+    ``budget`` bytes of them.
+    """
+
+    text: str
+    syntax: bool = False
+    sessions: tuple[str, ...] | None = None
+    role: str | None = None
+    since: str | None = None
+    until: str | None = None
+    scope: str | None = None
+    newest: bool = False
+    after: tuple[float, int] | None = None
+    limit: int = 20
+    budget: int = 1 << 20
 
 
 @dataclass(slots=True)
@@ -251,6 +279,27 @@ class Storage(Protocol):
         """Write a consistent copy of everything committed into the new file ``dest``;
         return its size.  Runs concurrently with writes (they are not blocked) and,
         once started, to its end; a backup that fails leaves no file behind."""
+        ...
+
+    async def search(self, query: SearchQuery) -> Page[SearchHit]:
+        """One page of hits for ``query``, each with its message, a snippet with
+        the matched terms' spans, and its rank (lower is better).  ``truncated``:
+        more hits follow (ask again with ``after`` = the last hit's rank and id).
+
+        Raises ``bad_request`` (field ``query``) for a query the backend's
+        language refuses or one with no words, ``unavailable`` while the index
+        is not ready or when search is off.
+        """
+        ...
+
+    @property
+    def search_status(self) -> str:
+        """``"off"``, ``"building N%"`` or ``"ready"`` (for ``stats``)."""
+        ...
+
+    async def build_search_index(self) -> None:
+        """Index what was stored before the index existed, without blocking writes or
+        reads (returns at once when there is nothing to do); progress goes to the log."""
         ...
 
     def size_bytes(self) -> int:

@@ -32,30 +32,22 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ..wire.errors import BadRequest, Unavailable
 from ..wire.protocol import Message, SearchHit, SessionInfo
 from . import search as fts
-from .base import Page
-from .schema import MESSAGE_COLUMNS, StorageError, message_of, open_reader
+from .base import Page, SearchQuery
+from .schema import MESSAGE_COLUMNS, StorageError, message_of, open_reader, row_size
 from .scope import NS_MARK, scope_bounds
 
 logger = logging.getLogger(__name__)
 
-#: msgpack bytes per message map besides its strings (keys, headers, the id), with room.
-ROW_OVERHEAD: Final = 96
 #: msgpack bytes per SessionInfo map besides its two strings (keys, headers, three ints).
 SESSION_OVERHEAD: Final = 128
 #: Timestamps up to this many bytes are read with their session's entry.
 _SHORT: Final = 256
 
-# An upper bound of each row's size in the reply: its strings' bytes, meta at
-# three times its JSON (a float like 0.5 is 3 bytes of JSON, 9 of msgpack), and
-# the map's overhead.  Rows are kept while the running sum *before* them is
-# under the budget, which returns one row past the budget as a sentinel; the
-# window's row count tells "cut" from "complete".  The window runs over (id,
-# size) only, so no content is copied into SQLite's temporary table.
-_SIZE: Final = (
-    "length(CAST(content AS BLOB)) + length(CAST(role AS BLOB)) "
-    "+ length(CAST(timestamp AS BLOB)) + length(CAST(session_tag AS BLOB)) "
-    f"+ 3 * coalesce(length(CAST(meta AS BLOB)), 0) + {ROW_OVERHEAD}"
-)
+# Rows are kept while the running sum of their sizes (:func:`.schema.row_size`)
+# *before* them is under the budget, which returns one row past the budget as a
+# sentinel; the window's row count tells "cut" from "complete".  The window runs
+# over (id, size) only, so no content is copied into SQLite's temporary table.
+_SIZE: Final = row_size()
 
 
 @functools.cache
@@ -84,6 +76,17 @@ def _history_queries(before: bool, after: bool, newest_first: bool) -> tuple[str
         f" WHERE w.run - w.size < ? ORDER BY m.id {order}"
     )
     return guarded, windowed
+
+
+def _fit(found: list[Any], budget: int) -> tuple[list[Any], bool]:
+    """The leading hits whose sizes (last column) fit ``budget``; whether the page is
+    one hit whose estimate alone is over it (it comes back alone, to be measured)."""
+    total = 0
+    for i, row in enumerate(found):
+        total += row[3] + len(row[1]) * 4 + fts.HIT_OVERHEAD
+        if total > budget:
+            return (found[:1], True) if i == 0 else (found[:i], False)
+    return found, False
 
 
 class ReaderPool:
@@ -146,35 +149,45 @@ class ReaderPool:
         return Unavailable(f"storage failure while reading: {exc}")
 
     # ── queries ───────────────────────────────────────────────────────────
-    async def search(
-        self,
-        match: str,
-        filters: fts.Filters,
-        *,
-        newest: bool,
-        after: tuple[float, int] | None,
-        limit: int,
-    ) -> list[SearchHit]:
-        """One page of hits for the FTS5 expression ``match`` (see :mod:`.search`).
+    async def search(self, q: SearchQuery) -> Page[SearchHit]:
+        """One page of hits (see :class:`~nexusd.storage.base.SearchQuery`).
 
-        An expression FTS5 refuses is ``bad_request`` (field ``query``), never
-        a storage failure.
+        Two queries in one read transaction: the hits' ids, snippets, ranks and
+        sizes first (one more than ``limit``, to tell whether more follow), then
+        the messages of those that fit ``budget``, so a page never holds more
+        than a frame's worth of messages in the daemon.  An expression FTS5
+        refuses is ``bad_request`` (field ``query``), never a storage failure.
         """
-        sql, params = fts.query(match, filters, newest=newest, after=after, limit=limit)
+        sql, params = fts.query(q)
         try:
             async with self._lend() as conn:
-                rows = await conn.execute_fetchall(sql, params)
+                # Shielded: a cancelled search must not lend its connection on
+                # with its transaction open (a snapshot pinned for the next user).
+                with anyio.CancelScope(shield=True):
+                    await conn.execute("BEGIN")
+                    try:
+                        found = list(await conn.execute_fetchall(sql, params))
+                        kept, over = _fit(found[: q.limit], q.budget)
+                        ids = [row[0] for row in kept]
+                        rows = await conn.execute_fetchall(
+                            f"SELECT {MESSAGE_COLUMNS} FROM nexus_messages"
+                            f" WHERE id IN ({', '.join('?' * len(ids))})",
+                            ids,
+                        )
+                    finally:
+                        await conn.commit()
         except sqlite3.Error as exc:
             if isinstance(exc, sqlite3.OperationalError) and fts.is_syntax_error(exc):
                 raise BadRequest(f"search query refused: {exc}", field="query") from None
             raise self._failed(exc) from None
+        messages = {row[0]: message_of(row) for row in rows}
         hits = []
-        for row in rows:
-            text, spans = fts.split_snippet(row[6])
+        for hit_id, marked, rank, _ in kept:
+            text, spans = fts.split_snippet(marked)
             hits.append(
-                SearchHit(message=message_of(row), snippet=text, highlights=spans, rank=row[7])
+                SearchHit(message=messages[hit_id], snippet=text, highlights=spans, rank=rank)
             )
-        return hits
+        return Page(hits, len(kept) < len(found), over)
 
     async def history(
         self,

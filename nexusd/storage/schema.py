@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -27,6 +28,24 @@ logger = logging.getLogger(__name__)
 TABLE: Final = "nexus_messages"
 #: The columns of a message, in the order :func:`message_of` reads them.
 MESSAGE_COLUMNS: Final = "id, role, content, timestamp, session_tag, meta"
+#: msgpack bytes per message map besides its strings (keys, headers, the id), with room.
+ROW_OVERHEAD: Final = 96
+
+
+def row_size(alias: str = "") -> str:
+    """SQL for an upper bound of a row's size in a reply (``alias``: its table's, with the dot).
+
+    Its strings' bytes, meta at three times its JSON (a float like 0.5 is 3
+    bytes of JSON, 9 of msgpack), and the map's overhead.
+    """
+    a = alias
+    return (
+        f"length(CAST({a}content AS BLOB)) + length(CAST({a}role AS BLOB))"
+        f" + length(CAST({a}timestamp AS BLOB)) + length(CAST({a}session_tag AS BLOB))"
+        f" + 3 * coalesce(length(CAST({a}meta AS BLOB)), 0) + {ROW_OVERHEAD}"
+    )
+
+
 #: How long a connection waits for another's lock before SQLITE_BUSY (ms).
 BUSY_TIMEOUT_MS: Final = 5000
 _decode_meta = msgspec.json.decode
@@ -259,3 +278,33 @@ def describe(path: Path) -> dict[str, int]:
         return {"schema_version": version, "messages": messages, "sessions": sessions}
     finally:
         conn.close()
+
+
+class SnapshotJob:
+    """A snapshot taken on a worker thread that removes its file if abandoned.
+
+    A cancelled task stops waiting but cannot stop the thread: whichever of
+    the two finishes last removes the file.
+    """
+
+    def __init__(self, db_path: Path, dest: Path) -> None:
+        self.db_path = db_path
+        self.dest = dest
+        self._lock = threading.Lock()
+        self._abandoned = False
+
+    def run(self) -> int:
+        try:
+            size = snapshot(self.db_path, self.dest)
+        except BaseException:
+            self.dest.unlink(missing_ok=True)
+            raise
+        with self._lock:
+            if self._abandoned:
+                self.dest.unlink(missing_ok=True)
+        return size
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+        self.dest.unlink(missing_ok=True)

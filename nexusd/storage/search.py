@@ -37,11 +37,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Final
 
+from ..wire.errors import BadRequest
+from .base import SearchQuery
+from .schema import row_size
+from .scope import NS_MARK, scope_bounds
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CHUNK_ROWS",
-    "Filters",
     "IndexState",
     "build_step",
     "drop",
@@ -199,15 +203,15 @@ _WORD: Final = re.compile(r"\S+")
 def match_expression(query: str, *, syntax: bool) -> str:
     """The FTS5 MATCH expression for ``query``: its words, each quoted, unless ``syntax``.
 
-    Raises ValueError for a query with no word in it.
+    Raises BadRequest (field ``query``) for a query with no word in it.
     """
     if syntax:
         if not query.strip():
-            raise ValueError("the query is empty")
+            raise BadRequest("the query is empty", field="query")
         return query
     words = _WORD.findall(query)
     if not words:
-        raise ValueError("the query has no words")
+        raise BadRequest("the query has no words", field="query")
     return " ".join('"' + w.replace('"', '""') + '"' for w in words)
 
 
@@ -217,58 +221,54 @@ MARK_OPEN: Final = "\ue000"
 MARK_CLOSE: Final = "\ue001"
 #: Tokens of context in a snippet.
 SNIPPET_TOKENS: Final = 16
+#: Longest snippet, in characters (a "token" may be a long run without spaces).
+SNIPPET_CHARS: Final = 400
+#: Bytes a hit adds to its message in a reply (keys, rank, the spans), with room.
+HIT_OVERHEAD: Final = 160
 
 
-@dataclass(frozen=True, slots=True)
-class Filters:
-    """What a search is narrowed to besides its words (None: no narrowing)."""
-
-    sessions: tuple[str, ...] | None = None
-    role: str | None = None
-    since: str | None = None
-    until: str | None = None
-    #: Session tags in [lo, hi): a namespaced peer's own (see :mod:`.scope`).
-    scope: tuple[str, str] | None = None
-
-
-def query(
-    match: str, filters: Filters, *, newest: bool, after: tuple[float, int] | None, limit: int
-) -> tuple[str, list[object]]:
-    """SQL and parameters of one page of hits: message columns, snippet, rank.
+def query(q: SearchQuery) -> tuple[str, list[object]]:
+    """SQL and parameters of up to ``q.limit + 1`` hits, without their messages:
+    (id, snippet, rank, size of the message in a reply).
 
     Ordered by relevance (bm25, best first; ties by id) or, with ``newest``,
     by id descending.  ``after`` is the (rank, id) of the last hit of the
-    previous page (only the id counts when ``newest``).
+    previous page (only the id counts when ``newest``).  The messages are read
+    afterwards, only for the hits that fit the page.
     """
     where = ["nexus_fts MATCH ?"]
-    params: list[object] = [MARK_OPEN, MARK_CLOSE, match]
-    if filters.sessions is not None:
-        where.append(f"m.session_tag IN ({', '.join('?' * len(filters.sessions))})")
-        params += filters.sessions
-    if filters.role is not None:
+    params: list[object] = [MARK_OPEN, MARK_CLOSE, match_expression(q.text, syntax=q.syntax)]
+    if q.sessions is not None:
+        where.append(f"m.session_tag IN ({', '.join('?' * len(q.sessions))})")
+        params += q.sessions
+    if q.role is not None:
         where.append("m.role = ?")
-        params.append(filters.role)
-    if filters.since is not None:
+        params.append(q.role)
+    if q.since is not None:
         where.append("m.timestamp >= ?")
-        params.append(filters.since)
-    if filters.until is not None:
+        params.append(q.since)
+    if q.until is not None:
         where.append("m.timestamp < ?")
-        params.append(filters.until)
-    if filters.scope is not None:
+        params.append(q.until)
+    if q.scope == "":
+        where.append("NOT (m.session_tag >= ? AND m.session_tag < ?)")
+        params += scope_bounds(NS_MARK)
+    elif q.scope is not None:
         where.append("m.session_tag >= ? AND m.session_tag < ?")
-        params += filters.scope
-    if after is not None:
-        if newest:
+        params += scope_bounds(q.scope)
+    if q.after is not None:
+        if q.newest:
             where.append("m.id < ?")
-            params.append(after[1])
+            params.append(q.after[1])
         else:
             where.append("(bm25(nexus_fts) > ? OR (bm25(nexus_fts) = ? AND m.id > ?))")
-            params += [after[0], after[0], after[1]]
-    order = "m.id DESC" if newest else "bm25(nexus_fts), m.id"
-    params.append(limit)
+            params += [q.after[0], q.after[0], q.after[1]]
+    order = "m.id DESC" if q.newest else "bm25(nexus_fts), m.id"
+    params.append(q.limit + 1)
     sql = (
-        "SELECT m.id, m.role, m.content, m.timestamp, m.session_tag, m.meta,"
-        f" snippet(nexus_fts, 0, ?, ?, '…', {SNIPPET_TOKENS}), bm25(nexus_fts)"
+        "SELECT m.id,"
+        f" substr(snippet(nexus_fts, 0, ?, ?, '…', {SNIPPET_TOKENS}), 1, {SNIPPET_CHARS}),"
+        f" bm25(nexus_fts), {row_size('m.')}"
         " FROM nexus_fts JOIN nexus_messages AS m ON m.id = nexus_fts.rowid"
         f" WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
     )

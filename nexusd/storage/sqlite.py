@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Final
@@ -46,10 +45,10 @@ from ..wire.errors import STORAGE_LOST, Internal, NexusError, Unavailable
 from ..wire.protocol import Message, SearchHit, SessionInfo
 from . import search as fts
 from . import writes
-from .base import Answer, Op, Page, WriteStats, utc_now
+from .base import Answer, Op, Page, SearchQuery, WriteStats, utc_now
 from .files import DbFiles, FileWatch, InstanceLock
 from .reads import ReaderPool
-from .schema import open_writer, snapshot
+from .schema import SnapshotJob, open_writer
 from .thread import SQLiteThread
 
 __all__ = ["SQLiteStorage"]
@@ -151,22 +150,20 @@ class SQLiteStorage:
             conn = self._conn
             if conn is None:
                 return  # closed meanwhile: the next start goes on from here
-            state = await self._thread.call(fts.build_step, conn)
+            try:
+                state = await self._thread.call(fts.build_step, conn)
+            except sqlite3.Error as exc:
+                # A storage fault: serving goes on, search says it is not ready,
+                # and the next start resumes the build where it stopped.
+                logger.error("building the search index stopped: %s", exc)
+                return
             self.index_state = state
             if state.percent() // 10 > logged:
                 logged = state.percent() // 10
                 logger.info("search index: %d%% of the stored messages indexed", state.percent())
         logger.info("search index complete")
 
-    async def search(
-        self,
-        match: str,
-        filters: fts.Filters,
-        *,
-        newest: bool,
-        after: tuple[float, int] | None,
-        limit: int,
-    ) -> list[SearchHit]:
+    async def search(self, query: SearchQuery) -> Page[SearchHit]:
         state = self.index_state
         if state is None:
             raise Unavailable("search is off in this daemon (setting search = false)")
@@ -174,7 +171,14 @@ class SQLiteStorage:
             raise Unavailable(
                 f"the search index is being built ({state.percent()}% done); try again shortly"
             )
-        return await self._readers.search(match, filters, newest=newest, after=after, limit=limit)
+        return await self._readers.search(query)
+
+    @property
+    def search_status(self) -> str:
+        state = self.index_state
+        if state is None:
+            return "off"
+        return "ready" if state.complete else f"building {state.percent()}%"
 
     async def close(self) -> None:
         """Close the readers; checkpoint the WAL into the database; close; end the thread;
@@ -337,7 +341,7 @@ class SQLiteStorage:
 
     # ── backups and files ─────────────────────────────────────────────────
     async def backup(self, dest: Path) -> int:
-        job = _Snapshot(self.files.db, dest)
+        job = SnapshotJob(self.files.db, dest)
         try:
             return await anyio.to_thread.run_sync(job.run)
         except BaseException:
@@ -356,36 +360,6 @@ class SQLiteStorage:
 
     def live_files(self) -> list[Path]:
         return list(self.files.live())
-
-
-class _Snapshot:
-    """A snapshot taken on a worker thread that removes its file if abandoned.
-
-    A cancelled task stops waiting but cannot stop the thread: whichever of
-    the two finishes last removes the file.
-    """
-
-    def __init__(self, db_path: Path, dest: Path) -> None:
-        self.db_path = db_path
-        self.dest = dest
-        self._lock = threading.Lock()
-        self._abandoned = False
-
-    def run(self) -> int:
-        try:
-            size = snapshot(self.db_path, self.dest)
-        except BaseException:
-            self.dest.unlink(missing_ok=True)
-            raise
-        with self._lock:
-            if self._abandoned:
-                self.dest.unlink(missing_ok=True)
-        return size
-
-    def abandon(self) -> None:
-        with self._lock:
-            self._abandoned = True
-        self.dest.unlink(missing_ok=True)
 
 
 def _storage_error(exc: sqlite3.Error) -> NexusError:

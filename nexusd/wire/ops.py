@@ -72,6 +72,7 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     _row(p.History, p.HistoryReply, Runs.READ, Retry.ALWAYS),
     _row(p.Count, p.CountReply, Runs.READ, Retry.ALWAYS),
     _row(p.Sessions, p.SessionsReply, Runs.READ, Retry.ALWAYS),
+    _row(p.Search, p.SearchReply, Runs.READ, Retry.ALWAYS),
     _row(p.Pop, p.PopReply, Runs.WRITE, Retry.NEVER),
     _row(p.Clear, p.ClearReply, Runs.WRITE, Retry.NEVER),
     _row(p.ClearAll, p.ClearAllReply, Runs.WRITE, Retry.NEVER),

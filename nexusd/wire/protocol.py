@@ -17,7 +17,7 @@ error hierarchy.  ``docs/protocol.md`` is the prose version of this file.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Final, Union
+from typing import Annotated, Any, Final, Literal, Union
 
 import msgspec
 from msgspec import Meta, Struct
@@ -46,6 +46,12 @@ IdemKey = Annotated[str, Meta(min_length=1, max_length=MAX_IDEM_KEY_CHARS)]
 MetaMap = dict[str, Any]
 #: Longest caller-supplied ``timestamp``, in characters (Unicode code points).
 MAX_TIMESTAMP_CHARS: Final = 64
+#: Longest search query, in characters.
+MAX_QUERY_CHARS: Final = 1_000
+#: Most hits in one page of a search.
+MAX_SEARCH_LIMIT: Final = 1_000
+#: Most session tags one search may be narrowed to.
+MAX_SEARCH_SESSIONS: Final = 100
 
 
 # ── Shared value types ────────────────────────────────────────────────────────
@@ -141,6 +147,21 @@ class Sessions(_Req, frozen=True, tag="sessions"):
     limit: Annotated[int, Meta(ge=1, le=MAX_SESSIONS_PAGE)] = MAX_SESSIONS_PAGE
 
 
+class Search(_Req, frozen=True, tag="search"):
+    #: Plain words (every one must occur), or with ``syntax`` an FTS5 query.
+    query: Annotated[str, Meta(min_length=1, max_length=MAX_QUERY_CHARS)]
+    syntax: bool = False
+    session_tags: Annotated[list[SessionTag], Meta(max_length=MAX_SEARCH_SESSIONS)] | None = None
+    role: Role | None = None
+    #: Timestamps (RFC 3339): messages at or after ``since``, before ``until``.
+    since: str | None = None
+    until: str | None = None
+    order: Literal["rank", "newest"] = "rank"
+    limit: Annotated[int, Meta(ge=1, le=MAX_SEARCH_LIMIT)] = 20
+    #: The previous page's ``cursor``, with the same query and filters.
+    cursor: Annotated[str, Meta(max_length=64)] | None = None
+
+
 class Pop(_Req, frozen=True, tag="pop"):
     session_tag: SessionTag = DEFAULT_SESSION
 
@@ -179,6 +200,7 @@ Request = Union[
     History,
     Count,
     Sessions,
+    Search,
     Pop,
     Clear,
     ClearAll,
@@ -226,6 +248,12 @@ class SessionsReply(_Rep, frozen=True, tag="sessions"):
     sessions: list[SessionInfo]
     #: True when more tags follow: ask again with ``after`` = the last tag.
     truncated: bool = False
+
+
+class SearchReply(_Rep, frozen=True, tag="search"):
+    hits: list[SearchHit]
+    #: Present when more hits follow: send it back as the next page's ``cursor``.
+    cursor: str | None = None
 
 
 class PopReply(_Rep, frozen=True, tag="pop"):
@@ -278,6 +306,7 @@ Reply = Union[
     HistoryReply,
     CountReply,
     SessionsReply,
+    SearchReply,
     PopReply,
     ClearReply,
     ClearAllReply,
