@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any, Final
 
 from ..wire.errors import (
+    SEARCH_INDEX,
     STORAGE_LOST,
     ConnectionLost,
     DaemonNotRunning,
@@ -33,8 +34,10 @@ MAX_BACKOFF: Final = 1.0
 
 def worth_retrying(req: Any, err: NexusError) -> bool:
     """Whether ``req`` may be sent again after ``err`` (one of :data:`RETRY_ON`)."""
-    if isinstance(err, Unavailable) and err.field == STORAGE_LOST:
-        return False  # the daemon lost its database: only a restart helps
+    if isinstance(err, Unavailable) and err.field in (STORAGE_LOST, SEARCH_INDEX):
+        # The daemon lost its database (only a restart helps), or has no search
+        # index (switched off, or built for minutes yet): say so now.
+        return False
     return retryable(req)
 
 

@@ -41,7 +41,7 @@ from typing import Any, Final
 
 import anyio
 
-from ..wire.errors import STORAGE_LOST, Internal, NexusError, Unavailable
+from ..wire.errors import SEARCH_INDEX, STORAGE_LOST, Internal, NexusError, Unavailable
 from ..wire.protocol import Message, SearchHit, SessionInfo
 from . import search as fts
 from . import writes
@@ -166,10 +166,13 @@ class SQLiteStorage:
     async def search(self, query: SearchQuery) -> Page[SearchHit]:
         state = self.index_state
         if state is None:
-            raise Unavailable("search is off in this daemon (setting search = false)")
+            raise Unavailable(
+                "search is off in this daemon (setting search = false)", field=SEARCH_INDEX
+            )
         if not state.complete:
             raise Unavailable(
-                f"the search index is being built ({state.percent()}% done); try again shortly"
+                f"the search index is being built ({state.percent()}% done); try again shortly",
+                field=SEARCH_INDEX,
             )
         return await self._readers.search(query)
 

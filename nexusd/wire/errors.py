@@ -10,6 +10,7 @@ msgspec) are translated at the boundary and never leak to users.
 from __future__ import annotations
 
 __all__ = [
+    "SEARCH_INDEX",
     "STORAGE_LOST",
     "BadRequest",
     "ConnectionLost",
@@ -66,12 +67,17 @@ class Overloaded(NexusError):
 #: itself: the database files were deleted or replaced under the daemon, which
 #: refuses writes until it is restarted.  Clients do not retry it.
 STORAGE_LOST = "storage"
+#: ``field`` of an ``unavailable`` answer to ``search`` when the daemon has no
+#: index to search: switched off (``search = false``), or still being built
+#: (which can take minutes).  Clients do not retry it: they say so at once.
+SEARCH_INDEX = "search"
 
 
 class Unavailable(NexusError):
     """The daemon is shutting down or its storage is failing; retry elsewhere/later.
 
-    With ``field == STORAGE_LOST`` retrying is pointless until an operator acts.
+    With ``field == STORAGE_LOST`` retrying is pointless until an operator acts;
+    with ``field == SEARCH_INDEX`` there is no search index (yet).
     """
 
     code = "unavailable"
