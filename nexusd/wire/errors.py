@@ -17,6 +17,7 @@ __all__ = [
     "DaemonNotRunning",
     "Forbidden",
     "Internal",
+    "Lagged",
     "NexusError",
     "NotFound",
     "Overloaded",
@@ -83,6 +84,22 @@ class Unavailable(NexusError):
     code = "unavailable"
 
 
+class Lagged(NexusError):
+    """A watch fell too far behind (its buffer filled) and was ended.
+
+    ``last_id`` is the id of the last message the daemon sent on it (None:
+    none yet); a new watch from there loses nothing that is still stored.
+    """
+
+    code = "lagged"
+
+    def __init__(
+        self, message: str = "", *, field: str | None = None, last_id: int | None = None
+    ) -> None:
+        super().__init__(message, field=field)
+        self.last_id = last_id
+
+
 class Forbidden(NexusError):
     """The peer is not allowed to use this daemon or this operation."""
 
@@ -121,12 +138,26 @@ class Timeout(NexusError, TimeoutError):
 
 _BY_CODE: dict[str, type[NexusError]] = {
     cls.code: cls
-    for cls in (BadRequest, TooLarge, Overloaded, Unavailable, Forbidden, NotFound, Internal)
+    for cls in (
+        BadRequest,
+        TooLarge,
+        Overloaded,
+        Unavailable,
+        Lagged,
+        Forbidden,
+        NotFound,
+        Internal,
+    )
 }
 
 
 def error_for_code(
-    code: str, message: str, *, field: str | None = None, retry_after: float | None = None
+    code: str,
+    message: str,
+    *,
+    field: str | None = None,
+    retry_after: float | None = None,
+    last_id: int | None = None,
 ) -> NexusError:
     """Build the exception for a wire error; unknown codes become a plain NexusError."""
     cls = _BY_CODE.get(code)
@@ -136,4 +167,6 @@ def error_for_code(
         return err
     if cls is Overloaded:
         return Overloaded(message, field=field, retry_after=retry_after or 0.1)
+    if cls is Lagged:
+        return Lagged(message, field=field, last_id=last_id)
     return cls(message, field=field)

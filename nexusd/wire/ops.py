@@ -34,6 +34,8 @@ class Runs(enum.Enum):
     READ = "read"
     #: A job for the single writer, answered after its batch commits.
     WRITE = "write"
+    #: A stream: replies pushed with the request's id until it ends (watch, unwatch).
+    WATCH = "watch"
 
 
 class Retry(enum.Enum):
@@ -73,6 +75,8 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     _row(p.Count, p.CountReply, Runs.READ, Retry.ALWAYS),
     _row(p.Sessions, p.SessionsReply, Runs.READ, Retry.ALWAYS),
     _row(p.Search, p.SearchReply, Runs.READ, Retry.ALWAYS),
+    _row(p.Watch, p.WatchReply, Runs.WATCH, Retry.ALWAYS),
+    _row(p.Unwatch, p.UnwatchReply, Runs.WATCH, Retry.NEVER),
     _row(p.Pop, p.PopReply, Runs.WRITE, Retry.NEVER),
     _row(p.Clear, p.ClearReply, Runs.WRITE, Retry.NEVER),
     _row(p.ClearAll, p.ClearAllReply, Runs.WRITE, Retry.NEVER),

@@ -52,6 +52,8 @@ MAX_QUERY_CHARS: Final = 1_000
 MAX_SEARCH_LIMIT: Final = 1_000
 #: Most session tags one search may be narrowed to.
 MAX_SEARCH_SESSIONS: Final = 100
+#: Most watches open at once on one connection.
+MAX_WATCHES: Final = 64
 
 
 # ── Shared value types ────────────────────────────────────────────────────────
@@ -88,6 +90,19 @@ class SearchHit(Struct, frozen=True, kw_only=True):
     snippet: str
     highlights: list[tuple[int, int]] = []
     rank: float = 0.0
+
+
+class Removal(Struct, frozen=True, kw_only=True):
+    """Messages a watch covered that went away (``pop``, ``clear``, retention).
+
+    Gone: the ids in ``ids``, and with ``before_id`` every message of the
+    session with a smaller id.  ``session_tag`` nil: of every session the
+    watch covers (``clear_all``).
+    """
+
+    session_tag: str | None = None
+    ids: list[int] = []
+    before_id: int | None = None
 
 
 class NewMessage(Struct, frozen=True, kw_only=True):
@@ -162,6 +177,19 @@ class Search(_Req, frozen=True, tag="search"):
     cursor: Annotated[str, Meta(max_length=64)] | None = None
 
 
+class Watch(_Req, frozen=True, tag="watch"):
+    session_tag: SessionTag = DEFAULT_SESSION
+    #: Every session the peer may see instead of ``session_tag``.
+    all: bool = False
+    #: Send the stored messages after this id first; nil: only what is committed from now on.
+    after_id: RowId | None = None
+
+
+class Unwatch(_Req, frozen=True, tag="unwatch"):
+    #: The request id of the watch to end.
+    watch: RequestId
+
+
 class Pop(_Req, frozen=True, tag="pop"):
     session_tag: SessionTag = DEFAULT_SESSION
 
@@ -201,6 +229,8 @@ Request = Union[
     Count,
     Sessions,
     Search,
+    Watch,
+    Unwatch,
     Pop,
     Clear,
     ClearAll,
@@ -256,6 +286,18 @@ class SearchReply(_Rep, frozen=True, tag="search"):
     cursor: str | None = None
 
 
+class WatchReply(_Rep, frozen=True, tag="watch"):
+    #: New messages (or, before ``live``, stored ones), in id order.
+    messages: list[Message] = []
+    removed: list[Removal] = []
+    #: True from the frame on that ends the stored messages: what follows is live.
+    live: bool = False
+
+
+class UnwatchReply(_Rep, frozen=True, tag="unwatch"):
+    pass
+
+
 class PopReply(_Rep, frozen=True, tag="pop"):
     message: Message | None = None
 
@@ -296,6 +338,8 @@ class ErrorReply(_Rep, frozen=True, tag="error"):
     message: str
     field: str | None = None
     retry_after: float | None = None
+    #: With ``lagged``: the id of the last message the watch sent (nil: none).
+    last_id: int | None = None
 
 
 Reply = Union[
@@ -307,6 +351,8 @@ Reply = Union[
     CountReply,
     SessionsReply,
     SearchReply,
+    WatchReply,
+    UnwatchReply,
     PopReply,
     ClearReply,
     ClearAllReply,
@@ -333,13 +379,18 @@ def error_reply(request_id: int | None, err: NexusError) -> ErrorReply:
         message=err.message,
         field=err.field,
         retry_after=getattr(err, "retry_after", None),
+        last_id=getattr(err, "last_id", None),
     )
 
 
 def error_for_reply(reply: ErrorReply) -> NexusError:
     """The exception matching an error reply."""
     return error_for_code(
-        reply.code, reply.message, field=reply.field, retry_after=reply.retry_after
+        reply.code,
+        reply.message,
+        field=reply.field,
+        retry_after=reply.retry_after,
+        last_id=reply.last_id,
     )
 
 
