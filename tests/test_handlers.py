@@ -23,6 +23,7 @@ from nexusd.daemon.binding import Services
 from nexusd.daemon.handlers import Dispatcher
 from nexusd.daemon.limits import Limits
 from nexusd.daemon.peers import Namespace, Peer, namespace_for
+from nexusd.daemon.watch import Hub
 from nexusd.daemon.writer import Writer
 from nexusd.storage.sqlite import SQLiteStorage
 from nexusd.wire import protocol as p
@@ -62,6 +63,7 @@ class Daemonless:
                 id=rid, version=p.PROTOCOL_VERSION, server="t", limits={}
             ),
             stats=lambda: {"answered": "here"},
+            hub=Hub(buffer=1 << 20),
         )
 
     def dispatcher(self, ns: Namespace | None = None) -> Dispatcher:
@@ -235,6 +237,7 @@ def test_every_row_of_the_table_is_bound_and_a_second_handler_is_refused() -> No
         Runs.LOCAL: binding.on_local,
         Runs.WRITE: binding.on_write,
         Runs.READ: binding.on_read,
+        Runs.WATCH: binding.on_watch,
     }
     for op in OPERATIONS:
         # Binding a second handler to a row is refused at import time.

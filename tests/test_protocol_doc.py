@@ -215,6 +215,8 @@ def _required(raw: RawSync, op: Op) -> dict[str, Any]:
         keys["backup"] = _call(raw, "backup_begin")["backup"]
     if "offset" in op.required:
         keys["offset"] = 0
+    if "watch" in op.required:  # unwatch: of a watch open on this connection
+        keys["watch"] = _call(raw, "watch")["id"]
     return keys
 
 

@@ -7,7 +7,9 @@ A handler is bound to one :data:`~nexusd.wire.ops.OPERATIONS` row with
 * ``WRITE``: ``handler(dispatcher, req) -> Job``, a storage write for the
   writer paired with the function that builds the reply from its result
   (validation errors are raised here, before anything is queued);
-* ``READ``: ``await handler(dispatcher, req, room) -> reply``, a query.
+* ``READ``: ``await handler(dispatcher, req, room) -> reply``, a query;
+* ``WATCH``: ``handler(dispatcher, req) -> None``, a stream opened or closed
+  (its frames are pushed by :mod:`nexusd.daemon.watch`; errors raised here).
 
 :func:`check_bound` (run once every handler module is imported, by
 :mod:`nexusd.daemon.handlers`) refuses a row without a handler, a handler
@@ -28,10 +30,12 @@ from ..wire import protocol as p
 from ..wire.ops import OPERATIONS, Runs
 from .backups import Snapshots
 from .limits import Limits
+from .watch import Hub
 
 __all__ = [
     "LOCAL_HANDLERS",
     "READ_HANDLERS",
+    "WATCH_HANDLERS",
     "WRITE_HANDLERS",
     "Job",
     "Services",
@@ -39,6 +43,7 @@ __all__ = [
     "job",
     "on_local",
     "on_read",
+    "on_watch",
     "on_write",
 ]
 
@@ -71,6 +76,8 @@ class Services:
     hello: Callable[[int], p.HelloReply]
     #: The daemon's counters, as the ``stats`` reply carries them.
     stats: Callable[[], dict[str, Any]]
+    #: Every open watch, fed by storage's commits.
+    hub: Hub
 
 
 # The first argument is the connection's Dispatcher (nexusd.daemon.handlers),
@@ -78,10 +85,12 @@ class Services:
 LocalHandler = Callable[[Any, R], p.Reply]
 WriteHandler = Callable[[Any, R], Job[Any]]
 ReadHandler = Callable[[Any, R, int], Awaitable[p.Reply]]
+WatchHandler = Callable[[Any, R], None]
 
 LOCAL_HANDLERS: Final[dict[type[Any], LocalHandler[Any]]] = {}
 WRITE_HANDLERS: Final[dict[type[Any], WriteHandler[Any]]] = {}
 READ_HANDLERS: Final[dict[type[Any], ReadHandler[Any]]] = {}
+WATCH_HANDLERS: Final[dict[type[Any], WatchHandler[Any]]] = {}
 _BOUND: Final[dict[type[Any], Runs]] = {}
 
 
@@ -114,6 +123,11 @@ def on_write(request: type[R]) -> Callable[[WriteHandler[R]], WriteHandler[R]]:
 def on_read(request: type[R]) -> Callable[[ReadHandler[R]], ReadHandler[R]]:
     """Bind a query."""
     return _binder(request, Runs.READ, READ_HANDLERS)
+
+
+def on_watch(request: type[R]) -> Callable[[WatchHandler[R]], WatchHandler[R]]:
+    """Bind a handler that opens or closes a stream."""
+    return _binder(request, Runs.WATCH, WATCH_HANDLERS)
 
 
 def check_bound() -> None:

@@ -127,6 +127,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         ),
     ] = 256 * MiB
     max_snapshots: Annotated[Count, _about("backup snapshots held at once, one per connection")] = 2
+    watch_buffer: Annotated[
+        int,
+        Meta(ge=16 * 1024, description="bytes of messages one watch may fall behind before lagged"),
+    ] = MiB
     enqueue_timeout: Annotated[Seconds, _about("seconds a write may wait for queue space")] = 5.0
     idle_timeout: Annotated[
         Seconds, _about("seconds a connection may send nothing while nothing is in flight")

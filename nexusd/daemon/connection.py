@@ -48,6 +48,7 @@ from ..wire.errors import NexusError, Overloaded, Unavailable
 from ..wire.framing import FrameDecoder, encode_frame
 from ..wire.ops import BY_REQUEST, Runs
 from .backlog import DONE, QUEUE_FULL, READS_BUSY, Backlog, Parked
+from .bigframe import BigFrame
 from .context import Context
 from .deadlines import Deadlines, Expired
 from .handlers import Dispatcher
@@ -55,6 +56,7 @@ from .jobs import Jobs
 from .limits import QuietLog, Share
 from .outbox import Outbox
 from .queries import Queries
+from .watch import Watches
 
 __all__ = ["LARGE_FRAME", "READ_CHUNK", "Connection"]
 
@@ -104,6 +106,7 @@ class Connection(asyncio.BufferedProtocol):
         )
         self.dispatcher: Dispatcher | None = None
         self.queries: Queries | None = None
+        self.watches: Watches | None = None
         self.transport: asyncio.Transport | None = None
         self.outstanding = 0  # frames taken, replies not yet handed to the transport
         self.closed = False
@@ -118,8 +121,7 @@ class Connection(asyncio.BufferedProtocol):
         )
         self._reading = True
         self._close_when_flushed = False
-        self._frame_reserved = 0  # budget held for the big frame in progress
-        self._frame_wait: asyncio.Future[int] | None = None  # in line for that budget
+        self.big = BigFrame(self.share, self._set_reading)
         self._starved = False  # waiting for the budget to have room again
         self.finished = anyio.Event()
 
@@ -135,8 +137,17 @@ class Connection(asyncio.BufferedProtocol):
         if refusal is not None:
             self._refuse(refusal)
             return
-        dispatcher = self.dispatcher = Dispatcher(self.ctx.services, ns)
         limits = self.limits
+        services = self.ctx.services
+        self.watches = Watches(
+            services.hub,
+            self.out,
+            self.ctx.tasks,
+            services.readers,
+            ns=ns,
+            max_frame=limits.max_frame,
+        )
+        dispatcher = self.dispatcher = Dispatcher(services, ns, self.watches)
         self.queries = Queries(
             self.ctx.tasks,
             dispatcher,
@@ -164,14 +175,15 @@ class Connection(asyncio.BufferedProtocol):
         self._stop()
         self.deadlines.stop()
         # Whatever this connection held or was granted, in any state: all back.
-        self._frame_wait = None
+        self.big.forget()
         self.share.close()
-        self._frame_reserved = 0
         self.out.close()
         if self._starved:
             self.budget.forget_room(self._room_again)
         if self.queries is not None:
             self.queries.cancel()
+        if self.watches is not None:
+            self.watches.cancel()
         self.backlog.cancel()
         if self.dispatcher is not None:
             self.dispatcher.release()
@@ -218,17 +230,17 @@ class Connection(asyncio.BufferedProtocol):
             self._maybe_close()
             return
         reserved = 0
-        if frames and self._frame_reserved:
+        if frames and self.big.reserved:
             # That big frame is complete (it is frames[0]): its reservation now
             # follows the request until it is answered.
-            reserved, self._frame_reserved = self._frame_reserved, 0
+            reserved = self.big.take()
         if not decoder.pending:
             deadlines.frame_start = None
         elif frames or not in_frame:  # a new frame began in this chunk
             deadlines.frame_begun(now)
         expected = decoder.expected
-        if expected > LARGE_FRAME and not self._frame_reserved and self._frame_wait is None:
-            self._reserve_frame(expected)
+        if expected > LARGE_FRAME and not self.big.reserved and self.big.wait is None:
+            self.big.reserve(expected)
         backlog = self.backlog
         for i, body in enumerate(frames):
             if backlog or self.outstanding >= self.max_inflight:
@@ -279,6 +291,13 @@ class Connection(asyncio.BufferedProtocol):
             self._answer_now(reserved)
             self.out.reply(dispatcher.local(req))
             return _HANDLED
+        if runs is Runs.WATCH:  # its frames are pushes: nothing is left in flight
+            self.out.credit += reserved
+            try:
+                dispatcher.watch(req)
+            except NexusError as exc:
+                self.out.push(p.error_reply(req.id, exc))
+            return _HANDLED
         if self.out.paused or self.queries.full:
             return READS_BUSY, req
         self._take()
@@ -309,7 +328,7 @@ class Connection(asyncio.BufferedProtocol):
             or self.out.paused
             or self.outstanding >= self.max_inflight
             or self._close_when_flushed
-            or self._frame_wait is not None
+            or self.big.wait is not None
             or self._starved
         )
         if want != self._reading:
@@ -323,32 +342,15 @@ class Connection(asyncio.BufferedProtocol):
         self._starved = False
         self._set_reading()
 
-    def _reserve_frame(self, size: int) -> None:
-        """Hold ``size`` bytes of the budget for the frame in progress, or wait in line."""
-        taken = self.share.try_take(size)
-        if taken:
-            self._frame_reserved = taken
-            return
-        wait = self._frame_wait = self.share.wait(size)
-        wait.add_done_callback(self._frame_granted)
-
-    def _frame_granted(self, wait: asyncio.Future[int]) -> None:
-        # (Granted bytes are in the share already: a closed one gave them back.)
-        if wait.cancelled() or wait is not self._frame_wait or self.closed:
-            return
-        self._frame_wait = None
-        self._frame_reserved = wait.result()
-        self._set_reading()
-
     # ── deadlines ─────────────────────────────────────────────────────────
     def _busy(self) -> bool:
-        return bool(self.outstanding or self.backlog or self.queries)
+        return bool(self.outstanding or self.backlog or self.queries or self.watches)
 
     def _expired(self, what: Expired) -> None:
         if self.closed:
             return
         timeout = self.deadlines.timeout(what)
-        if what == "frame" and self._frame_wait is not None:
+        if what == "frame" and self.big.wait is not None:
             _quiet.warning(
                 "budget",
                 "refusing a %d-byte frame: max_buffered stayed spent for %gs",
@@ -390,5 +392,7 @@ class Connection(asyncio.BufferedProtocol):
     def resume_writing(self) -> None:
         # Everything is written (low=0): give its budget back.
         self.out.written()
+        if self.watches is not None:
+            self.watches.wake()
         self.backlog.wake()
         self._set_reading()

@@ -27,6 +27,7 @@ from .backups import Snapshots
 from .binding import (
     LOCAL_HANDLERS,
     READ_HANDLERS,
+    WATCH_HANDLERS,
     WRITE_HANDLERS,
     Job,
     Services,
@@ -34,11 +35,13 @@ from .binding import (
     job,
     on_local,
     on_read,
+    on_watch,
     on_write,
 )
 from .peers import Namespace
 from .searching import next_cursor, search_query
 from .validate import check_content, check_distinct_keys, meta_json
+from .watch import Watches
 
 __all__ = ["Dispatcher", "Job", "Services"]
 
@@ -50,10 +53,14 @@ _ENVELOPE: Final = 1024
 class Dispatcher:
     """One connection's request handling."""
 
-    def __init__(self, services: Services, ns: Namespace | None) -> None:
+    def __init__(
+        self, services: Services, ns: Namespace | None, watches: Watches | None = None
+    ) -> None:
         self.services = services
         #: The peer's namespace of session tags (None: tags pass through).
         self.ns = ns
+        #: The connection's watches (None: this one cannot watch, e.g. in tests).
+        self.watches = watches
         limits = services.limits
         self.max_frame = limits.max_frame
         self.max_content = limits.max_content
@@ -70,6 +77,10 @@ class Dispatcher:
     def read(self, req: Any, room: int = 0) -> Awaitable[p.Reply]:
         """The query for ``req``; ``room``: bytes of memory held for its reply (0: none)."""
         return READ_HANDLERS[type(req)](self, req, room)
+
+    def watch(self, req: Any) -> None:
+        """Open or close a watch (raises NexusError; frames go out as pushes)."""
+        WATCH_HANDLERS[type(req)](self, req)
 
     def release(self) -> None:
         """The connection is gone: drop its snapshots (also one still being taken)."""
@@ -146,6 +157,20 @@ class Dispatcher:
     @on_write(p.ClearAll)
     def _clear_all(self, req: p.ClearAll) -> Job[int]:
         return job(ClearAll(None if self.ns is None else self.ns.scope), _clear_all_reply)
+
+    # ── watches ───────────────────────────────────────────────────────────
+    @on_watch(p.Watch)
+    def _watch(self, req: p.Watch) -> None:
+        self._watches().start(req, tag=None if req.all else self._inner(req.session_tag))
+
+    @on_watch(p.Unwatch)
+    def _unwatch(self, req: p.Unwatch) -> None:
+        self._watches().stop(req)
+
+    def _watches(self) -> Watches:
+        if self.watches is None:
+            raise BadRequest("watches are not served here")
+        return self.watches
 
     # ── namespaces (isolate_peers) ─────────────────────────────────────────
     def _inner(self, tag: str) -> str:

@@ -44,6 +44,7 @@ class Outbox:
         "_flushed",
         "_loop",
         "_out",
+        "_pushed",
         "charged",
         "closed",
         "credit",
@@ -68,6 +69,8 @@ class Outbox:
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._out: list[bytes] = []
+        #: Of those, frames pushed (watches'), which answer no request in flight.
+        self._pushed = 0
         self._flush_handle: asyncio.Handle | None = None
         #: Budget held for bytes in the transport's buffer.
         self.charged = 0
@@ -78,6 +81,17 @@ class Outbox:
 
     def error(self, request_id: int | None, err: NexusError) -> None:
         self.reply(p.error_reply(request_id, err))
+
+    def push(self, reply: Any) -> None:
+        """Send a frame that answers no request in flight (a watch's)."""
+        if self.closed:
+            return
+        self._pushed += 1
+        self.reply(reply)
+
+    def unsent(self) -> int:
+        """Bytes written to the transport and not yet taken by the peer."""
+        return 0 if self.transport is None else self.transport.get_write_buffer_size()
 
     def reply(self, reply: Any) -> None:
         if self.closed:
@@ -98,6 +112,7 @@ class Outbox:
     def _flush(self) -> None:
         self._flush_handle = None
         out, self._out = self._out, []
+        pushed, self._pushed = self._pushed, 0
         if self.closed or self.transport is None or not out:
             return  # (a lost connection's share gave its credit back)
         transport = self.transport
@@ -113,7 +128,7 @@ class Outbox:
         self.charged = buffered
         if buffered > WRITE_HIGH_WATER:
             self.paused = True
-        self._flushed(len(out))
+        self._flushed(len(out) - pushed)
 
     def written(self) -> None:
         """The transport wrote everything it held: give its budget back."""
@@ -129,3 +144,4 @@ class Outbox:
             self._flush_handle.cancel()
             self._flush_handle = None
         self._out.clear()
+        self._pushed = 0

@@ -132,7 +132,7 @@ class Queries:
 
     async def _reserve_reply(self, req: p.Request) -> int:
         """Room in the budget for a big reply before it is built (0: not a big one)."""
-        if type(req) is p.History:
+        if type(req) is p.History or type(req) is p.Search:
             want, floor = self.max_frame, self.min_page
         elif type(req) is p.BackupRead:
             want = floor = min(self.max_frame, req.length + _ENVELOPE)

@@ -39,12 +39,13 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import anyio.lowlevel
 
 from .._version import __version__
 from ..storage.base import Storage
 from ..storage.sqlite import SQLiteStorage
 from ..wire import protocol as p
-from ..wire.errors import NexusError
+from ..wire.errors import NexusError, Unavailable
 from ..wire.paths import default_socket_path
 from .admission import Admission
 from .backups import Snapshots
@@ -56,6 +57,7 @@ from .limits import Budget, InFlight, Limits, tune_malloc
 from .sockets import Listener, StartupError, check_socket_dir, clear_stale_socket
 from .systemd import ActivationError, Notifier, listen_fds
 from .tasks import Spawner
+from .watch import Hub
 from .writer import Writer
 
 __all__ = ["Server", "StartupError"]
@@ -80,6 +82,9 @@ class Server:
             search=config.search,
         )
         self.writer = Writer(self.storage, queue_size=config.queue_size, batch_max=config.batch_max)
+        #: Every open watch; storage tells it each commit.
+        self.hub = Hub(buffer=config.watch_buffer)
+        self.storage.on_commit = self.hub.publish
         self.readers = self.storage
         self.snapshots = Snapshots(
             self.storage, self.storage.snapshot_dir, max_snapshots=config.max_snapshots
@@ -153,6 +158,7 @@ class Server:
             snapshots=self.snapshots,
             hello=self.hello,
             stats=self.stats,
+            hub=self.hub,
         )
         return Context(
             limits=self.limits,
@@ -222,6 +228,10 @@ class Server:
                     cfg.shutdown_timeout,
                     inflight.count,
                 )
+        # Watches end with a word (clients resume from their last id elsewhere or
+        # later); one turn of the loop hands those frames to the transports.
+        self.hub.close(Unavailable("nexusd is shutting down"))
+        await anyio.lowlevel.checkpoint()
         live = self.admission.live()
         for conn in live:
             conn.close()
@@ -286,6 +296,8 @@ class Server:
             max_messages=self.config.max_messages,
             synchronous=self.config.synchronous,
             search=self.storage.search_status,
+            watches=self.hub.count,
+            watches_lagged=self.hub.lagged,
             version=__version__,
         )
         return out

@@ -27,7 +27,9 @@ from ..wire.errors import NexusError
 from ..wire.protocol import Message, SearchHit, SessionInfo
 
 __all__ = [
+    "Added",
     "Answer",
+    "Change",
     "ClearAll",
     "ClearSession",
     "Insert",
@@ -35,8 +37,10 @@ __all__ = [
     "Op",
     "Page",
     "PopNewest",
+    "Removed",
     "SearchQuery",
     "Storage",
+    "StoredRow",
     "WriteOp",
     "WriteStats",
     "utc_now",
@@ -108,6 +112,35 @@ Op: TypeAlias = Insert | PopNewest | ClearSession | ClearAll
 #: Called once, in the event loop, with one result per op, in op order: the op's
 #: result, or the :class:`NexusError` it is answered with.
 Answer: TypeAlias = Callable[[list[Any]], None]
+
+
+#: A stored row as the writer inserts it: (role, content, timestamp, session_tag,
+#: meta as JSON text or None, idempotency key or None).
+StoredRow: TypeAlias = tuple[str, str, str, str, "str | None", "str | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    """Rows a committed batch stored: ``rows[i]`` got id ``first_id + i``."""
+
+    first_id: int
+    rows: list[StoredRow]
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """Rows a committed batch deleted: ``ids``, and with ``before_id`` every row of
+    ``session_tag`` with a smaller id.  ``session_tag`` None: in every session of
+    ``scope`` (as :class:`ClearAll`)."""
+
+    session_tag: str | None
+    ids: tuple[int, ...] = ()
+    before_id: int | None = None
+    scope: str | None = None
+
+
+#: What a committed batch changed, in the order it happened (for watchers).
+Change: TypeAlias = Added | Removed
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,6 +276,10 @@ class Storage(Protocol):
     #: Why writes are refused for good (storage lost), or None while it is sound.
     storage_error: str | None
     write_stats: WriteStats
+    #: Called in the event loop, after ``answer``, with what each committed batch
+    #: changed (rows stored, rows deleted), in commit order; None: nobody asks.
+    #: Not called for a batch whose storage was found lost.
+    on_commit: Callable[[list[Change]], None] | None
 
     async def open(self) -> None: ...
 
@@ -267,6 +304,13 @@ class Storage(Protocol):
         ...
 
     async def count(self, tag: str) -> int: ...
+
+    async def feed(
+        self, after_id: int, *, scope: str | None, limit: int, budget: int
+    ) -> Page[Message]:
+        """Messages of every session in ``scope`` (as :class:`ClearAll`) with ids above
+        ``after_id``, oldest first, bounded like :meth:`history`'s ``after_id`` pages."""
+        ...
 
     async def sessions(
         self, *, after: str | None, limit: int, budget: int, scope: str | None = None

@@ -50,9 +50,28 @@ _SHORT: Final = 256
 _SIZE: Final = row_size()
 
 
+#: Which rows a page is of: one session's, or every session's in a scope.
+_ONE_SESSION: Final = "session_tag = ?"
+_SCOPES: Final = {
+    "all": "1",
+    "plain": "NOT (session_tag >= ? AND session_tag < ?)",
+    "prefix": "session_tag >= ? AND session_tag < ?",
+}
+
+
+def _scope_clause(scope: str | None) -> tuple[str, tuple[str, ...]]:
+    if scope is None:
+        return _SCOPES["all"], ()
+    if scope == "":
+        return _SCOPES["plain"], scope_bounds(NS_MARK)
+    return _SCOPES["prefix"], scope_bounds(scope)
+
+
 @functools.cache
-def _history_queries(before: bool, after: bool, newest_first: bool) -> tuple[str, str]:
-    """(guarded, windowed) SQL for one shape of history request."""
+def _history_queries(
+    before: bool, after: bool, newest_first: bool, rows: str = _ONE_SESSION
+) -> tuple[str, str]:
+    """(guarded, windowed) SQL for one shape of history request (``rows``: whose)."""
     where = ""
     if after:
         where += " AND id > ?"
@@ -60,9 +79,9 @@ def _history_queries(before: bool, after: bool, newest_first: bool) -> tuple[str
         where += " AND id < ?"
     order = "DESC" if newest_first else "ASC"
     guarded = (
-        f"SELECT {MESSAGE_COLUMNS} FROM nexus_messages WHERE session_tag = ?{where}"
+        f"SELECT {MESSAGE_COLUMNS} FROM nexus_messages WHERE {rows}{where}"
         f" AND (SELECT SUM(size) FROM (SELECT {_SIZE} AS size FROM nexus_messages"
-        f"      WHERE session_tag = ?{where} ORDER BY id {order} LIMIT ?)) <= ?"
+        f"      WHERE {rows}{where} ORDER BY id {order} LIMIT ?)) <= ?"
         f" ORDER BY id {order} LIMIT ?"
     )
     windowed = (
@@ -71,7 +90,7 @@ def _history_queries(before: bool, after: bool, newest_first: bool) -> tuple[str
         f"  SELECT id, size, SUM(size) OVER (ORDER BY id {order} ROWS UNBOUNDED PRECEDING) AS run,"
         f"  COUNT(*) OVER () AS total"
         f"  FROM (SELECT id, {_SIZE} AS size FROM nexus_messages"
-        f"        WHERE session_tag = ?{where} ORDER BY id {order} LIMIT ?)"
+        f"        WHERE {rows}{where} ORDER BY id {order} LIMIT ?)"
         f") AS w JOIN nexus_messages AS m ON m.id = w.id"
         f" WHERE w.run - w.size < ? ORDER BY m.id {order}"
     )
@@ -208,13 +227,36 @@ class ReaderPool:
         page is never empty while the range holds a row: a first row over the
         estimate comes back alone, flagged, for the caller to measure.
         """
+        return await self._page(
+            _ONE_SESSION, (tag,), limit, before_id=before_id, after_id=after_id, budget=budget
+        )
+
+    async def feed(
+        self, after_id: int, *, scope: str | None, limit: int, budget: int
+    ) -> Page[Message]:
+        """Every session's messages in ``scope`` above ``after_id``, oldest first (watch)."""
+        rows, params = _scope_clause(scope)
+        return await self._page(
+            rows, params, limit, before_id=None, after_id=after_id, budget=budget
+        )
+
+    async def _page(
+        self,
+        rows_sql: str,
+        rows_params: tuple[str, ...],
+        limit: int,
+        *,
+        before_id: int | None,
+        after_id: int | None,
+        budget: int,
+    ) -> Page[Message]:
         newest_first = after_id is None
-        where: list[Any] = [tag]
+        where: list[Any] = [*rows_params]
         if after_id is not None:
             where.append(after_id)
         if before_id is not None:
             where.append(before_id)
-        shape = (before_id is not None, after_id is not None, newest_first)
+        shape = (before_id is not None, after_id is not None, newest_first, rows_sql)
         # Usually the whole page fits: one plain query, guarded by the page's
         # size bound.  Only when the guard says no (or the page is empty) does
         # the windowed query work out where to cut.
@@ -256,12 +298,10 @@ class ReaderPool:
         if after is not None:
             where.append("session_tag > ?")
             params.append(after)
-        if scope == "":
-            where.append("NOT (session_tag >= ? AND session_tag < ?)")
-            params += scope_bounds(NS_MARK)
-        elif scope is not None:
-            where.append("session_tag >= ? AND session_tag < ?")
-            params += scope_bounds(scope)
+        if scope is not None:
+            rows_sql, bounds = _scope_clause(scope)
+            where.append(rows_sql)
+            params += bounds
         clause = f"WHERE {' AND '.join(where)}" if where else ""
         # Each entry comes with its size; a long timestamp (an old row's) is
         # not read here but only if its entry is kept, so a page never holds

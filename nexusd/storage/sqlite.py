@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -45,7 +45,7 @@ from ..wire.errors import SEARCH_INDEX, STORAGE_LOST, Internal, NexusError, Unav
 from ..wire.protocol import Message, SearchHit, SessionInfo
 from . import search as fts
 from . import writes
-from .base import Answer, Op, Page, SearchQuery, WriteStats, utc_now
+from .base import Answer, Change, Op, Page, SearchQuery, WriteStats, utc_now
 from .files import DbFiles, FileWatch, InstanceLock
 from .reads import ReaderPool
 from .schema import SnapshotJob, open_writer
@@ -85,6 +85,9 @@ class SQLiteStorage:
         self.synchronous = synchronous
         self.wal_autocheckpoint = wal_autocheckpoint
         self.write_stats = WriteStats()
+        self.on_commit: Callable[[list[Change]], None] | None = None
+        #: What the batch on the writer thread changed so far (its retries' included).
+        self._changes: list[Change] = []
         #: Whether the full-text index is kept.  Off unless asked for until the
         #: daemon serves ``search`` and builds the index of older rows (issue 12).
         self.search_enabled = search
@@ -233,15 +236,26 @@ class SQLiteStorage:
         # Shielded: a batch handed to SQLite always finishes.  ``answer`` runs
         # straight from the thread's hand-back, before this task is resumed.
         with anyio.CancelScope(shield=True):
-            await self._thread.call(self._apply, ops, then=lambda _ops, results: answer(results))
+            await self._thread.call(
+                self._apply, ops, then=lambda _ops, done: self._done(done, answer)
+            )
 
-    def _apply(self, ops: Sequence[Op]) -> list[Any]:
-        """Writer thread: run a batch as one transaction; op by op if it fails."""
+    def _done(self, done: tuple[list[Any], list[Change]], answer: Answer) -> None:
+        """In the loop: answer the batch, then tell whoever follows the commits."""
+        results, changes = done
+        answer(results)
+        if changes and self.on_commit is not None:
+            self.on_commit(changes)
+
+    def _apply(self, ops: Sequence[Op]) -> tuple[list[Any], list[Change]]:
+        """Writer thread: run a batch as one transaction (op by op if it fails); its
+        results and what it changed."""
+        changes = self._changes = []
         conn = self._conn
         if conn is None:
-            return [Unavailable("database is closed")] * len(ops)
+            return [Unavailable("database is closed")] * len(ops), []
         if self.storage_error is not None:
-            return [Unavailable(self.storage_error, field=STORAGE_LOST)] * len(ops)
+            return [Unavailable(self.storage_error, field=STORAGE_LOST)] * len(ops), []
         try:
             try:
                 results = self._transaction(conn, ops, lookup=False)
@@ -253,7 +267,7 @@ class SQLiteStorage:
             self.write_stats.failed_batches += 1
             if len(ops) == 1:
                 logger.error("write failed, nothing was written: %s", exc)
-                return [_storage_error(exc)]
+                return [_storage_error(exc)], []
             # One op may be the culprit: retry each alone so only it fails.
             logger.warning("batch of %d failed (%s); retrying jobs one by one", len(ops), exc)
             results = []
@@ -265,8 +279,8 @@ class SQLiteStorage:
         # Committed, not yet answered: into the files the database lives in?
         changed = self._watch.check()
         if changed is not None:
-            return [self._files_changed(conn, changed)] * len(ops)
-        return results
+            return [self._files_changed(conn, changed)] * len(ops), []
+        return results, changes
 
     def _transaction(
         self, conn: sqlite3.Connection, ops: Sequence[Op], *, lookup: bool
@@ -295,6 +309,7 @@ class SQLiteStorage:
                 self.path,
             )
         self._last_ts = now
+        self._changes += done.changes
         st.batches += 1
         st.ops += len(ops)
         st.rows += done.rows_added
@@ -336,6 +351,11 @@ class SQLiteStorage:
 
     async def count(self, tag: str) -> int:
         return await self._readers.count(tag)
+
+    async def feed(
+        self, after_id: int, *, scope: str | None, limit: int, budget: int
+    ) -> Page[Message]:
+        return await self._readers.feed(after_id, scope=scope, limit=limit, budget=budget)
 
     async def sessions(
         self, *, after: str | None, limit: int, budget: int, scope: str | None = None

@@ -23,7 +23,7 @@ from typing import Any, Final
 
 from ..wire.errors import NexusError
 from ..wire.protocol import Message
-from .base import ClearSession, Insert, Op, PopNewest
+from .base import Added, Change, ClearSession, Insert, Op, PopNewest, Removed, StoredRow
 from .schema import MESSAGE_COLUMNS, message_of
 from .scope import NS_MARK, scope_bounds
 
@@ -37,10 +37,10 @@ _PRUNE_ONE: Final = (
 #: From this many rows on, one session's overflow goes as an id range (measured:
 #: 25% cheaper than an id list for 100 rows, no better for one).
 _PRUNE_RANGE_FROM: Final = 16
-_PRUNE_RANGE: Final = (
-    "DELETE FROM nexus_messages WHERE session_tag = ? AND id <= (SELECT id FROM nexus_messages"
-    " WHERE session_tag = ? ORDER BY id LIMIT 1 OFFSET ?)"
+_PRUNE_LAST: Final = (
+    "SELECT id FROM nexus_messages WHERE session_tag = ? ORDER BY id LIMIT 1 OFFSET ?"
 )
+_PRUNE_RANGE: Final = "DELETE FROM nexus_messages WHERE session_tag = ? AND id <= ?"
 _NEWEST: Final = (
     f"SELECT {MESSAGE_COLUMNS} FROM nexus_messages WHERE session_tag = ? ORDER BY id DESC LIMIT 1"
 )
@@ -79,11 +79,13 @@ class CountCache:
 
 @dataclass(slots=True)
 class Outcome:
-    """What a committed batch did: per-op results, rows stored, rows pruned."""
+    """What a committed batch did: per-op results, rows stored, rows pruned, and the
+    changes in the order they happened (for watchers)."""
 
     results: list[Any]
     rows_added: int
     pruned: int
+    changes: list[Change]
 
 
 def run(
@@ -104,7 +106,8 @@ def run(
     an IntegrityError told us a key is already stored).
     """
     results: list[Any] = []
-    inserts = _CheckedInserts(conn, now) if lookup else _PendingInserts(conn, now)
+    changes: list[Change] = []
+    inserts = (_CheckedInserts if lookup else _PendingInserts)(conn, now, changes)
     rows_added = 0
     conn.execute("BEGIN IMMEDIATE")
     try:
@@ -120,26 +123,39 @@ def run(
                 continue
             inserts.flush()
             if isinstance(op, PopNewest):
-                results.append(_pop(conn, op, counts))
+                popped = _pop(conn, op, counts)
+                if isinstance(popped, Message):
+                    changes.append(Removed(op.session_tag, ids=(popped.id,)))
+                results.append(popped)
             elif isinstance(op, ClearSession):
                 n = conn.execute(
                     "DELETE FROM nexus_messages WHERE session_tag = ?", (op.session_tag,)
                 ).rowcount
                 counts.set(op.session_tag, 0)
+                if n:
+                    changes.append(Removed(op.session_tag, before_id=_next_id(conn)))
                 results.append(n)
             else:
                 n = conn.execute(*_clear_all_sql(op.scope)).rowcount
                 counts.clear_all()
+                if n:
+                    changes.append(Removed(None, before_id=_next_id(conn), scope=op.scope))
                 results.append(n)
         inserts.flush()
-        pruned = _prune(conn, counts, max_messages)
+        pruned = _prune(conn, counts, max_messages, changes)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     counts.commit()
-    return Outcome(results, rows_added, pruned)
+    return Outcome(results, rows_added, pruned, changes)
+
+
+def _next_id(conn: sqlite3.Connection) -> int:
+    """The id the next stored row will get (AUTOINCREMENT never reuses one)."""
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'nexus_messages'").fetchone()
+    return 1 if row is None else int(row[0]) + 1
 
 
 def _pop(conn: sqlite3.Connection, op: PopNewest, counts: _Counts) -> Message | NexusError | None:
@@ -156,19 +172,22 @@ def _pop(conn: sqlite3.Connection, op: PopNewest, counts: _Counts) -> Message | 
     return msg
 
 
-def _prune(conn: sqlite3.Connection, counts: _Counts, keep: int) -> int:
+def _prune(conn: sqlite3.Connection, counts: _Counts, keep: int, changes: list[Change]) -> int:
     """Delete exactly the oldest overflow of every session this batch grew.
 
     The writer knows every session's count (exact: :class:`CountCache`), so it
     can delete exactly the overflow, found by an index range scan of
     ``idx_nexus_session``.  A large overflow is deleted as one id range of its
     session; many small ones (the usual case: a row or two per session) go
-    together, up to :data:`_PRUNE_CHUNK` sessions per statement.
+    together, up to :data:`_PRUNE_CHUNK` sessions per statement.  Each pruned
+    session's new first id is recorded in ``changes``: the oldest rows go, so
+    every row below it is gone.
     """
     if not keep:
         return 0
     small: list[tuple[str, int]] = []
     pruned = 0
+    below: dict[str, int] = {}
     for tag in counts.grown:
         excess = counts.get(tag) - keep
         if excess <= 0:
@@ -176,14 +195,22 @@ def _prune(conn: sqlite3.Connection, counts: _Counts, keep: int) -> int:
         counts.set(tag, keep)
         pruned += excess
         if excess >= _PRUNE_RANGE_FROM:
-            conn.execute(_PRUNE_RANGE, (tag, tag, excess - 1))
+            (last,) = conn.execute(_PRUNE_LAST, (tag, excess - 1)).fetchone()
+            conn.execute(_PRUNE_RANGE, (tag, last))
+            below[tag] = last + 1
         else:
             small.append((tag, excess))
     for i in range(0, len(small), _PRUNE_CHUNK):
         chunk = small[i : i + _PRUNE_CHUNK]
         union = " UNION ALL ".join([_PRUNE_ONE] * len(chunk))
         params = [x for pair in chunk for x in pair]
-        conn.execute(f"DELETE FROM nexus_messages WHERE id IN ({union})", params)
+        gone = conn.execute(
+            f"DELETE FROM nexus_messages WHERE id IN ({union}) RETURNING session_tag, id", params
+        ).fetchall()
+        for tag, row_id in gone:
+            if row_id >= below.get(tag, 0):
+                below[tag] = row_id + 1
+    changes += [Removed(tag, before_id=first) for tag, first in below.items()]
     return pruned
 
 
@@ -195,12 +222,14 @@ class _PendingInserts:
     writer then redoes the batch with :class:`_CheckedInserts`.
     """
 
-    __slots__ = ("_conn", "_now", "_rows", "_spans")
+    __slots__ = ("_changes", "_conn", "_now", "_rows", "_spans")
 
-    def __init__(self, conn: sqlite3.Connection, now: str) -> None:
+    def __init__(self, conn: sqlite3.Connection, now: str, changes: list[Change]) -> None:
         self._conn = conn
         self._now = now
-        self._rows: list[tuple[str, str, str, str, str | None, str | None]] = []
+        #: Each flush's rows go here too, with their first id (no copy).
+        self._changes = changes
+        self._rows: list[StoredRow] = []
         self._spans: list[tuple[list[int], int]] = []  # (ids to fill, how many)
 
     def add(self, op: Insert) -> tuple[list[int], int]:
@@ -222,7 +251,9 @@ class _PendingInserts:
         )
         # One writer, AUTOINCREMENT, one statement: the new ids are consecutive.
         last: int = conn.execute("SELECT last_insert_rowid()").fetchone()[0]
-        return last - len(rows) + 1
+        first = last - len(rows) + 1
+        self._changes.append(Added(first, rows))
+        return first
 
     def flush(self) -> None:
         if not self._rows:
@@ -244,8 +275,8 @@ class _CheckedInserts(_PendingInserts):
 
     __slots__ = ("_fills", "_keys")
 
-    def __init__(self, conn: sqlite3.Connection, now: str) -> None:
-        super().__init__(conn, now)
+    def __init__(self, conn: sqlite3.Connection, now: str, changes: list[Change]) -> None:
+        super().__init__(conn, now, changes)
         self._fills: list[list[tuple[list[int], int]]] = []  # per queued row: who gets its id
         self._keys: dict[tuple[str, str], int] = {}  # (tag, key) -> queued row
 
