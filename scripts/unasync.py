@@ -1,14 +1,15 @@
 #!/usr/bin/env python3
 """Write the blocking client from the async one, the httpcore way.
 
-    python scripts/unasync.py           # (re)write nexusd/client/client_sync.py
+    python scripts/unasync.py           # (re)write client_sync.py and watch_sync.py
     python scripts/unasync.py --check   # exit 1, writing nothing, if it is out of date
 
-The async client (``nexusd/client/client_async.py``) is the only one written
-by hand.  Each of its lines goes through :data:`SUBSTITUTIONS`, whole words
-only, in order; the result, under a "generated, do not edit" header, is the
-blocking client.  Every substitution must be used, so the table says exactly
-what differs.  No dependency beyond the standard library.
+The async client (``nexusd/client/client_async.py``) and its watch iterator
+(``watch_async.py``) are the only ones written by hand.  Each of their lines
+goes through :data:`SUBSTITUTIONS`, whole words only, in order; the result,
+under a "generated, do not edit" header, is the blocking module.  Every
+substitution must be used, so the table says exactly what differs.  No
+dependency beyond the standard library.
 """
 
 from __future__ import annotations
@@ -20,26 +21,36 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nexusd" / "client"
 #: Each async source and the blocking module generated from it.
-FILES = {"client_async.py": "client_sync.py"}
+FILES = {"client_async.py": "client_sync.py", "watch_async.py": "watch_sync.py"}
 HEADER = (
     "# Generated from nexusd/client/{name} by scripts/unasync.py: do not edit.\n"
     "# Change the async original, then run `python scripts/unasync.py`.\n"
 )
 
-#: (async, blocking): the async transport's names and the blocking one's
-#: (nexusd/client/transport_async.py, transport_sync.py), then the syntax.
+#: (async, blocking): the generated classes' names; the async transports' names
+#: and the blocking ones' (nexusd/client/transport_async.py, transport_sync.py;
+#: a watch's connection: stream_async.py, stream_sync.py); then the syntax.
 SUBSTITUTIONS = (
     ("AsyncClient", "Client"),
+    ("AsyncWatcher", "Watcher"),
+    ("AsyncWatching", "Watching"),
+    ("watch_async", "watch_sync"),
     ("AsyncCallGate", "CallGate"),
     ("AsyncConnector", "Connector"),
     ("AsyncLink", "Link"),
     ("AsyncLock", "Lock"),
     ("transport_async", "transport_sync"),
+    ("AsyncFrameStream", "FrameStream"),
+    ("stream_async", "stream_sync"),
     ("__aenter__", "__enter__"),
     ("__aexit__", "__exit__"),
+    ("__aiter__", "__iter__"),
+    ("__anext__", "__next__"),
+    ("StopAsyncIteration", "StopIteration"),
     ("aclose", "close"),
     ("async def", "def"),
     ("async with", "with"),
+    ("async for", "for"),
     ("await ", ""),
 )
 

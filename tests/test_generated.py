@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "unasync.py"
 
@@ -56,8 +58,11 @@ def test_the_substitutions_turn_async_code_into_blocking_code() -> None:
     ]
 
 
-def test_the_generated_client_has_no_async_code_left() -> None:
-    path = ROOT / "nexusd" / "client" / "client_sync.py"
+@pytest.mark.parametrize(
+    ("name", "io"), [("client_sync.py", "transport_sync"), ("watch_sync.py", "stream_sync")]
+)
+def test_the_generated_modules_have_no_async_code_left(name: str, io: str) -> None:
+    path = ROOT / "nexusd" / "client" / name
     tree = ast.parse(path.read_text(encoding="utf-8"))
     asynchronous = (ast.AsyncFunctionDef, ast.AsyncWith, ast.AsyncFor, ast.Await)
     assert [type(n).__name__ for n in ast.walk(tree) if isinstance(n, asynchronous)] == []
@@ -66,4 +71,4 @@ def test_the_generated_client_has_no_async_code_left() -> None:
     names |= {a.name for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) for a in n.names}
     modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)}
     assert [n for n in names if n.startswith("Async") or n == "aclose"] == []
-    assert "transport_sync" in modules and "transport_async" not in modules
+    assert io in modules and io.replace("_sync", "_async") not in modules

@@ -5,9 +5,8 @@
 from it by removing ``async``/``await`` and naming the blocking transport's
 parts instead of the async one's (its table of substitutions says exactly
 which).  So the two cannot drift: edit the async source, then run
-``python scripts/unasync.py``; a test fails while they differ.  What
-is not shared is the I/O, in the transports: how calls share a connection,
-what opens it, how a timeout and an interruption act.
+``python scripts/unasync.py``; a test fails while they differ.  What is not
+shared is the I/O, in the transports.  ``watch()`` comes from ``watch_async.py``.
 
 Before sending anything on a new connection the client checks who serves the
 socket (``SO_PEERCRED``): its own uid, root (socket activation), the
@@ -71,6 +70,7 @@ from .transport_async import (
     shielded,
     sleep,
 )
+from .watch_async import AsyncWatching
 
 __all__ = ["AsyncClient"]
 
@@ -79,7 +79,7 @@ logger = logging.getLogger(__name__)
 _with_id = msgspec.structs.replace
 
 
-class AsyncClient:
+class AsyncClient(AsyncWatching):
     """A client of nexusd: ``async with AsyncClient() as c: await c.ping()``.
 
     ``timeout`` bounds each call: seconds > 0 and at most a day
