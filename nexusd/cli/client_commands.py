@@ -1,4 +1,4 @@
-"""The commands that talk to a running daemon: append, history, count, sessions, ...
+"""The commands that talk to a running daemon: append, history, tail, count, sessions, ...
 
 Each ``cmd_*`` takes the parsed arguments and a connected-on-demand
 :class:`~nexusd.client.Client`, checks what it can before any I/O
@@ -19,7 +19,19 @@ import msgspec
 from ..client import Client
 from ..client.requests import encode
 from ..wire import protocol as p
-from .output import ProgressBar, highlighting, marked, one_line, out, safe, table, usage
+from .output import (
+    ProgressBar,
+    as_json,
+    flush,
+    highlighting,
+    line,
+    marked,
+    one_line,
+    out,
+    safe,
+    table,
+    usage,
+)
 
 
 def read_stdin(raw: bool) -> str:
@@ -123,6 +135,71 @@ def cmd_search(args: argparse.Namespace, c: Client) -> None:
         lines.append(f"(more: --cursor {found.cursor})")
     human = "\n".join(lines) if found else "(no matches)"
     out(args, {"hits": list(found), "cursor": found.cursor}, human)
+
+
+def cmd_tail(args: argparse.Namespace, c: Client) -> None:
+    """The newest ``-n`` messages, then with ``-f`` each new one until Ctrl-C (exit 0)."""
+    try:
+        _tail(args, c)
+    except KeyboardInterrupt:
+        if not args.follow:
+            raise
+        # Ctrl-C is how `tail -f` normally ends: exit 0, no "interrupted".
+
+
+def _tail(args: argparse.Namespace, c: Client) -> None:
+    if args.all:
+        shown, upto = _newest_everywhere(c, args.lines)
+    else:
+        recent = c.get_history(args.session, max(args.lines, 1))
+        upto = recent[-1].id if recent else 0
+        shown = recent[-args.lines :] if args.lines else []
+    for m in shown:
+        line(_tail_line(args, m))
+    flush()
+    if not args.follow:
+        return
+    # From the last id seen, not from "now": what was written meanwhile follows.
+    removals = args.json or sys.stdout.isatty()
+    with c.watch(args.session, all=args.all, after_id=upto, removals=removals) as w:
+        for item in w:
+            line(_tail_line(args, item))
+            if not w.buffered:  # the next one is not here yet: show what came
+                flush()
+
+
+def _newest_everywhere(c: Client, n: int) -> tuple[list[p.Message], int]:
+    """The ``n`` newest messages of every session (oldest first), and the newest id then.
+
+    One ``sessions`` call fixes the moment (its largest ``last_id``); then the
+    sessions are read newest first, each up to that id, until no session left
+    can hold one of the ``n`` newest (its ``last_id`` is below them all).
+    """
+    infos = c.sessions()
+    upto = max((s.last_id for s in infos), default=0)
+    newest: list[p.Message] = []
+    for s in sorted(infos, key=lambda s: s.last_id, reverse=True):
+        if n == 0 or (len(newest) >= n and s.last_id < newest[0].id):
+            break
+        page = c.get_history(s.session_tag, n, before_id=upto + 1)
+        newest = sorted(newest + page, key=lambda m: m.id)[-n:]
+    return newest, upto
+
+
+def _tail_line(args: argparse.Namespace, item: p.Message | p.Removal) -> str:
+    """One line of ``tail``: a message, or what went away (JSON Lines with ``--json``)."""
+    if isinstance(item, p.Removal):
+        if args.json:
+            return as_json({"removed": item})
+        gone = [", ".join(map(str, item.ids))] if item.ids else []
+        if item.before_id is not None:
+            gone.append(f"every message before {item.before_id}")
+        where = "every session" if item.session_tag is None else safe(item.session_tag)
+        return f"(removed {' and '.join(gone) or 'nothing'} from {where})"
+    if args.json:
+        return as_json(item)
+    tag = f"{safe(item.session_tag)}  " if args.all else ""
+    return f"{item.id}  {item.timestamp}  {tag}{safe(item.role)}  {safe(item.content)}"
 
 
 def cmd_count(args: argparse.Namespace, c: Client) -> None:

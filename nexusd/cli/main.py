@@ -12,7 +12,8 @@ damaged), 2 usage (including what the daemon rejected as
 ``--config``/``--db``/backup destination that exists but is not a regular
 file, and a default database path needing a home directory there is none of),
 3 cannot reach the daemon (nothing listens there, or the socket path names
-something that is not a socket), 130 interrupted (Ctrl-C).  Every mistake is
+something that is not a socket), 130 interrupted (Ctrl-C; but ``tail -f``,
+which Ctrl-C ends normally, exits 0).  Every mistake is
 one line on stderr, never a traceback.  ``--json`` gives machine output;
 otherwise a readable table, in which control characters are shown escaped.
 The errors of the client commands are mapped to these codes in :func:`_main`;
@@ -222,6 +223,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--fts", action="store_true", help='QUERY is FTS5 syntax: "a phrase", pre*, NEAR, OR, NOT'
     )
     f.add_argument("--cursor", help="go on from where a previous search stopped")
+    t = client_cmd(
+        "tail", cc.cmd_tail, "print the newest messages; -f: follow new ones", session=False
+    )
+    which = t.add_mutually_exclusive_group()
+    which.add_argument(
+        "--session", default="nexus", metavar="TAG", help="session tag (default %(default)s)"
+    )
+    which.add_argument("--all", action="store_true", help="every session, merged by id")
+    t.add_argument(
+        "-n",
+        "--lines",
+        type=_bounded(0, p.MAX_HISTORY_LIMIT),
+        default=10,
+        metavar="N",
+        help=f"print the newest N first, 0 to {p.MAX_HISTORY_LIMIT} (default %(default)s)",
+    )
+    t.add_argument(
+        "-f", "--follow", action="store_true", help="then print each new one until Ctrl-C"
+    )
     client_cmd("count", cc.cmd_count, "print how many messages a session holds")
     client_cmd("sessions", cc.cmd_sessions, "list session tags", session=False)
     client_cmd("pop", cc.cmd_pop, "remove and print the newest message of a session")

@@ -70,6 +70,20 @@ def out(args: argparse.Namespace, value: Any, human: str) -> None:
         sys.stdout.write(human + ("\n" if human and not human.endswith("\n") else ""))
 
 
+def line(text: str) -> None:
+    """One line of a command that streams (``tail``); :func:`flush` shows what was written."""
+    sys.stdout.write(text + "\n")
+
+
+def flush() -> None:
+    sys.stdout.flush()
+
+
+def as_json(value: Any) -> str:
+    """``value`` as one line of JSON (exact: JSON escapes control characters itself)."""
+    return msgspec.json.encode(value).decode()
+
+
 def highlighting(stream: Any) -> tuple[str, str]:
     """How matched terms are marked on ``stream``: bold and underlined on a terminal
     (unless ``NO_COLOR`` is set), not at all elsewhere."""
