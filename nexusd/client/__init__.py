@@ -4,8 +4,12 @@ Imports only :mod:`nexusd.wire` (a test holds it).  The modules, by role:
 
 * ``client_async.py``: the client, written once (async); ``client_sync.py``:
   the blocking client generated from it by ``scripts/unasync.py``.
+* ``watch_async.py``: ``client.watch()``, the iterator following a
+  conversation as it is written (resuming by itself), written once;
+  ``watch_sync.py``: its blocking twin, generated the same way.
 * ``transport_async.py`` / ``transport_sync.py``: how each moves frames (the
-  only hand-written difference between them).
+  only hand-written difference between them); ``stream_async.py`` /
+  ``stream_sync.py``: the same for a watch's own connection.
 * ``requests.py``: building and checking requests; ``replies.py``: reading
   replies (bad bytes become ``ConnectionLost``), paging; ``retry.py``: which
   calls are resent, and when; ``connect.py``: socket path checks, connect
