@@ -126,6 +126,7 @@ class AsyncWatcher(Generic[T]):
     async def __anext__(self) -> T:
         while not self._queue:
             if self._closed:
+                await self._drop()  # closed from elsewhere while it was connecting
                 raise StopAsyncIteration
             await self._step()
         item = self._queue.popleft()
@@ -141,6 +142,8 @@ class AsyncWatcher(Generic[T]):
         """
         while not self._closed and not self._answered:
             await self._step()
+        if self._closed:
+            await self._drop()
 
     async def aclose(self) -> None:
         """Stop watching and close the connection (idempotent; from another thread too)."""

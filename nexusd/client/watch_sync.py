@@ -128,6 +128,7 @@ class Watcher(Generic[T]):
     def __next__(self) -> T:
         while not self._queue:
             if self._closed:
+                self._drop()  # closed from elsewhere while it was connecting
                 raise StopIteration
             self._step()
         item = self._queue.popleft()
@@ -143,6 +144,8 @@ class Watcher(Generic[T]):
         """
         while not self._closed and not self._answered:
             self._step()
+        if self._closed:
+            self._drop()
 
     def close(self) -> None:
         """Stop watching and close the connection (idempotent; from another thread too)."""
