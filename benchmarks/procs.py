@@ -40,7 +40,8 @@ PROCESSES = (1, 2, 4, 8, 32, 128)
 KINDS = ("blocking", "async")
 SESSIONS = 64
 MAXLEN = 500  # the daemon's default retention, and Redis's MAXLEN
-CONTENT = "x" * 200
+#: What each append stores (benchmarks/live.py sets prose, to measure search's upkeep).
+CONTENT = os.environ.get("NEXUSD_BENCH_CONTENT", "x" * 200)
 TAGS = [f"s{k}" for k in range(SESSIONS)]
 FIELDS: dict[Any, Any] = {"role": "user", "content": CONTENT}
 WARMUP = 0.3

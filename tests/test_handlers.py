@@ -21,9 +21,9 @@ from nexusd.daemon import binding
 from nexusd.daemon.backups import Snapshots
 from nexusd.daemon.binding import Services
 from nexusd.daemon.handlers import Dispatcher
+from nexusd.daemon.hub import Hub
 from nexusd.daemon.limits import Limits
 from nexusd.daemon.peers import Namespace, Peer, namespace_for
-from nexusd.daemon.watch import Hub
 from nexusd.daemon.writer import Writer
 from nexusd.storage.sqlite import SQLiteStorage
 from nexusd.wire import protocol as p

@@ -29,8 +29,8 @@ from ..storage.base import Op, Storage, WriteOp
 from ..wire import protocol as p
 from ..wire.ops import OPERATIONS, Runs
 from .backups import Snapshots
+from .hub import Hub
 from .limits import Limits
-from .watch import Hub
 
 __all__ = [
     "LOCAL_HANDLERS",

@@ -53,11 +53,11 @@ from .binding import Services
 from .config import Config
 from .connection import Connection
 from .context import Context
+from .hub import Hub
 from .limits import Budget, InFlight, Limits, tune_malloc
 from .sockets import Listener, StartupError, check_socket_dir, clear_stale_socket
 from .systemd import ActivationError, Notifier, listen_fds
 from .tasks import Spawner
-from .watch import Hub
 from .writer import Writer
 
 __all__ = ["Server", "StartupError"]

@@ -1,24 +1,17 @@
 """Watches: every committed message pushed, in id order, to whoever follows its session.
 
-Three parts:
-
-* :class:`Hub`, one per daemon: every open watch, by session tag and by scope.
-  Storage calls :meth:`Hub.publish` in the event loop after each committed
-  batch (``Storage.on_commit``, after the batch's callers were answered), with
-  what the batch stored and deleted in the order it happened; each message is
-  built once, shared by every watch it goes to.
-* :class:`Watch`, one per ``watch`` request: registered with the hub *before*
-  the stored messages after ``after_id`` are read (the replay, paged like
-  ``history``), so nothing committed meanwhile is missed; what arrives during
-  the replay waits in the watch's buffer and is sent after it, without the
-  messages the replay already sent (ids only grow: one writer, AUTOINCREMENT,
-  ids handed out in commit order).  Then each batch is one frame, pushed as it
-  commits.  A watch whose connection does not take its frames keeps them in its
-  buffer (references to the shared messages, about ``watch_buffer`` bytes of
-  them); past that it is ended with ``lagged``, carrying the id to resume
-  from.  A slow watcher therefore costs the writers nothing and other watchers
-  nothing: frames are written only while the connection's transport holds less
-  than :data:`HIGH_WATER` unsent.
+* :class:`Watch`, one per ``watch`` request: registered with the
+  :class:`~nexusd.daemon.hub.Hub` *before* the stored messages after
+  ``after_id`` are read (the replay, paged like ``history``), so nothing
+  committed meanwhile is missed; what arrives during the replay waits in the
+  watch's buffer and is sent after it, without the messages the replay already
+  sent (ids only grow: one writer, AUTOINCREMENT, ids handed out in commit
+  order).  Then each batch is one frame, pushed as it commits.  A watch whose
+  connection does not take its frames keeps them in its buffer (references to
+  the shared messages, about ``watch_buffer`` bytes of them); past that it is
+  ended with ``lagged``, carrying the id to resume from.  A slow watcher so
+  costs the writers and the other watchers nothing: frames are written only
+  while the connection's transport holds less than :data:`HIGH_WATER` unsent.
 * :class:`Watches`, one per connection: its watches by request id (for
   ``unwatch``), woken when its transport drained, ended with it.
 
@@ -38,15 +31,15 @@ from typing import Any, Final
 import anyio
 import msgspec
 
-from ..storage.base import Added, Change, Removed, Storage
-from ..storage.scope import NS_MARK
+from ..storage.base import Removed, Storage
 from ..wire import protocol as p
 from ..wire.errors import BadRequest, Internal, Lagged, NexusError, NotFound, TooLarge
+from .hub import PER_MESSAGE, Batch, Frame, Hub
 from .outbox import Outbox
 from .peers import Namespace
 from .tasks import Spawner
 
-__all__ = ["HIGH_WATER", "Hub", "Watch", "Watches"]
+__all__ = ["HIGH_WATER", "Watch", "Watches"]
 
 logger = logging.getLogger(__name__)
 
@@ -56,109 +49,6 @@ HIGH_WATER: Final = 256 * 1024
 REPLAY_PAGE: Final = 1_000
 #: Room for a frame's envelope around the messages it carries.
 _ENVELOPE: Final = 16 * 1024
-#: Bytes counted per message besides its content (keys, role, tag, timestamp).
-_PER_MESSAGE: Final = 160
-
-_decode_meta = msgspec.json.decode
-#: A message with its size, as counted against a watch's buffer.
-Item = tuple[p.Message, int]
-
-
-def _covers(scope: str | None, tag: str) -> bool:
-    """Whether the stored ``tag`` is in ``scope`` (as ``ClearAll``'s)."""
-    if scope is None:
-        return True
-    if scope == "":
-        return not tag.startswith(NS_MARK)
-    return tag.startswith(scope)
-
-
-class Hub:
-    """Every open watch of the daemon, and the fan-out of each committed batch."""
-
-    def __init__(self, *, buffer: int) -> None:
-        #: Bytes of messages a watch may hold unsent before it is ``lagged``.
-        self.buffer = buffer
-        self._by_tag: dict[str, set[Watch]] = {}
-        self._all: set[Watch] = set()
-        self.count = 0
-        #: Watches ended because they fell behind, since start.
-        self.lagged = 0
-
-    def add(self, w: Watch) -> None:
-        if w.tag is None:
-            self._all.add(w)
-        else:
-            self._by_tag.setdefault(w.tag, set()).add(w)
-        self.count += 1
-
-    def remove(self, w: Watch) -> None:
-        if w.tag is None:
-            self._all.discard(w)
-        else:
-            group = self._by_tag.get(w.tag)
-            if group is None or w not in group:
-                return
-            group.discard(w)
-            if not group:
-                del self._by_tag[w.tag]
-        self.count -= 1
-
-    def close(self, err: NexusError) -> None:
-        """End every watch with ``err`` (shutdown)."""
-        for w in [*self._all, *(w for g in self._by_tag.values() for w in g)]:
-            w.end(err)
-
-    def _targets(self, tag: str) -> list[Watch]:
-        found = [w for w in self._all if _covers(w.scope, tag)] if self._all else []
-        group = self._by_tag.get(tag)
-        if group:
-            found += group
-        return found
-
-    def publish(self, changes: list[Change]) -> None:
-        """One committed batch: what it stored and removed, to every watch concerned."""
-        if not self.count:
-            return
-        out: dict[Watch, tuple[list[Item], list[Removed]]] = {}
-        targets: dict[str, list[Watch]] = {}
-        for change in changes:
-            if type(change) is Added:
-                first = change.first_id
-                for i, (role, content, ts, tag, meta, _) in enumerate(change.rows):
-                    to = targets.get(tag)
-                    if to is None:
-                        to = targets[tag] = self._targets(tag)
-                    if not to:
-                        continue
-                    msg = p.Message(
-                        id=first + i,
-                        role=role,
-                        content=content,
-                        timestamp=ts,
-                        session_tag=tag,
-                        meta=None if meta is None else _decode_meta(meta),
-                    )
-                    item = (msg, len(content) + (len(meta) if meta else 0) + _PER_MESSAGE)
-                    for w in to:
-                        out.setdefault(w, ([], []))[0].append(item)
-            else:
-                assert type(change) is Removed
-                for w in self._removal_targets(change):
-                    out.setdefault(w, ([], []))[1].append(change)
-        for w, (items, removed) in out.items():
-            w.offer(items, removed)
-
-    def _removal_targets(self, change: Removed) -> list[Watch]:
-        tag = change.session_tag
-        if tag is not None:
-            return self._targets(tag)
-        scope = change.scope  # clear_all: every session of its scope
-        found = [w for w in self._all if scope is None or w.scope == scope]
-        for t, group in self._by_tag.items():
-            if _covers(scope, t):
-                found += group
-        return found
 
 
 class Watch:
@@ -189,19 +79,19 @@ class Watch:
         #: The id after which a new watch loses nothing: the last message sent.
         self.last_sent = after_id
         self.replaying = after_id is not None
-        self.pending: deque[tuple[list[Item], list[Removed]]] = deque()
+        self.pending: deque[tuple[Batch, list[Removed]]] = deque()
         self.pending_bytes = 0
         self.ended = False
         self.writable = anyio.Event()
         self.task: Any = None
 
     # ── fed by the hub ────────────────────────────────────────────────────
-    def offer(self, items: list[Item], removed: list[Removed]) -> None:
+    def offer(self, batch: Batch, removed: list[Removed]) -> None:
         if self.ended:
             return
         if self.replaying or self.pending or self.out.unsent() > HIGH_WATER:
-            self.pending.append((items, removed))
-            self.pending_bytes += sum(size for _, size in items)
+            self.pending.append((batch, removed))
+            self.pending_bytes += sum(size for _, size in batch.items)
             if self.pending_bytes > self.hub.buffer:
                 self.hub.lagged += 1
                 self.end(
@@ -212,7 +102,7 @@ class Watch:
                     )
                 )
             return
-        self._send([m for m, _ in items], removed, live=True)
+        self._send_batch(batch, removed)
 
     def drain(self) -> None:
         """The transport has room: send what waits, and let the replay go on."""
@@ -220,9 +110,9 @@ class Watch:
             return
         self.writable.set()
         while self.pending and not self.replaying:
-            items, removed = self.pending.popleft()
-            self.pending_bytes -= sum(size for _, size in items)
-            self._send([m for m, _ in items], removed, live=True)
+            batch, removed = self.pending.popleft()
+            self.pending_bytes -= sum(size for _, size in batch.items)
+            self._send_batch(batch, removed)
             if self.ended or self.out.unsent() > HIGH_WATER:
                 return
 
@@ -241,6 +131,23 @@ class Watch:
         self._ended(self)
 
     # ── frames ────────────────────────────────────────────────────────────
+    def _send_batch(self, batch: Batch, removed: list[Removed]) -> None:
+        """A live batch: as encoded once for every watch of its session when it can be."""
+        items = batch.items
+        last = self.last_sent
+        plain = self.ns is None or not self.ns.prefix
+        if (
+            plain
+            and items
+            and (last is None or items[0][0].id > last)
+            and sum(size for _, size in items) * 4 < self.max_frame - _ENVELOPE
+        ):
+            gone = [self._removal(r) for r in removed]
+            self.out.push(Frame(id=self.rid, messages=batch.raw(), removed=gone, live=True))
+            self.last_sent = items[-1][0].id
+            return
+        self._send([m for m, _ in items], removed, live=True)
+
     def _send(
         self, msgs: list[p.Message], removed: list[Removed], *, live: bool, marker: bool = False
     ) -> None:
@@ -258,7 +165,7 @@ class Watch:
         room = self.max_frame - _ENVELOPE
         start = used = 0
         for i, m in enumerate(msgs):
-            size = 4 * (len(m.content) + len(m.role) + len(m.session_tag)) + _PER_MESSAGE
+            size = 4 * (len(m.content) + len(m.role) + len(m.session_tag)) + PER_MESSAGE
             if m.meta is not None:
                 size += 3 * len(msgspec.json.encode(m.meta))
             if used + size > room and i > start:
