@@ -97,15 +97,15 @@ def _history_queries(
     return guarded, windowed
 
 
-def _fit(found: list[Any], budget: int) -> tuple[list[Any], bool]:
-    """The leading hits whose sizes (last column) fit ``budget``; whether the page is
-    one hit whose estimate alone is over it (it comes back alone, to be measured)."""
+def _fit(sizes: list[int], budget: int) -> tuple[int, bool]:
+    """How many leading hits fit ``budget``, and whether the page is one hit whose
+    estimate alone is over it (it comes back alone, to be measured)."""
     total = 0
-    for i, row in enumerate(found):
-        total += row[3] + len(row[1]) * 4 + fts.HIT_OVERHEAD
+    for i, size in enumerate(sizes):
+        total += size + fts.SNIPPET_CHARS * 4 + fts.HIT_OVERHEAD
         if total > budget:
-            return (found[:1], True) if i == 0 else (found[:i], False)
-    return found, False
+            return (1, True) if i == 0 else (i, False)
+    return len(sizes), False
 
 
 class ReaderPool:
@@ -171,13 +171,16 @@ class ReaderPool:
     async def search(self, q: SearchQuery) -> Page[SearchHit]:
         """One page of hits (see :class:`~nexusd.storage.base.SearchQuery`).
 
-        Two queries in one read transaction: the hits' ids, snippets, ranks and
-        sizes first (one more than ``limit``, to tell whether more follow), then
-        the messages of those that fit ``budget``, so a page never holds more
-        than a frame's worth of messages in the daemon.  An expression FTS5
-        refuses is ``bad_request`` (field ``query``), never a storage failure.
+        Up to three queries in one read transaction: the hits' ids and ranks
+        (one more than ``limit``, to tell whether more follow; newest first,
+        with their snippets and sizes), the sizes of their messages (best
+        first), then the messages (and, best first, the snippets) of those that
+        fit ``budget``, so a page never holds more than a frame's worth of
+        messages in the daemon and only the page's snippets are made.  An expression
+        FTS5 refuses is ``bad_request`` (field ``query``), never a storage failure.
         """
-        sql, params = fts.query(q)
+        match = fts.match_expression(q.text, syntax=q.syntax)
+        sql, params = fts.hits_query(q, match)
         try:
             async with self._lend() as conn:
                 # Shielded: a cancelled search must not lend its connection on
@@ -186,12 +189,15 @@ class ReaderPool:
                     await conn.execute("BEGIN")
                     try:
                         found = list(await conn.execute_fetchall(sql, params))
-                        kept, over = _fit(found[: q.limit], q.budget)
-                        ids = [row[0] for row in kept]
+                        ids = [row[0] for row in found[: q.limit]]
+                        if q.newest:  # sizes and snippets came with the hits
+                            sizes = {row[0]: row[3] for row in found}
+                        else:
+                            measured = await conn.execute_fetchall(*fts.sizes_query(ids))
+                            sizes = {row[0]: row[1] for row in measured}
+                        kept, over = _fit([sizes.get(i, 0) for i in ids], q.budget)
                         rows = await conn.execute_fetchall(
-                            f"SELECT {MESSAGE_COLUMNS} FROM nexus_messages"
-                            f" WHERE id IN ({', '.join('?' * len(ids))})",
-                            ids,
+                            *fts.page_query(None if q.newest else match, ids[:kept])
                         )
                     finally:
                         await conn.commit()
@@ -199,14 +205,15 @@ class ReaderPool:
             if isinstance(exc, sqlite3.OperationalError) and fts.is_syntax_error(exc):
                 raise BadRequest(f"search query refused: {exc}", field="query") from None
             raise self._failed(exc) from None
-        messages = {row[0]: message_of(row) for row in rows}
+        by_id = {row[0]: row for row in rows}
         hits = []
-        for hit_id, marked, rank, _ in kept:
-            text, spans = fts.split_snippet(marked)
+        for hit_id, rank, snippet, _ in found[:kept]:
+            row = by_id[hit_id]
+            text, spans = fts.split_snippet(snippet if q.newest else row[6])
             hits.append(
-                SearchHit(message=messages[hit_id], snippet=text, highlights=spans, rank=rank)
+                SearchHit(message=message_of(row), snippet=text, highlights=spans, rank=rank)
             )
-        return Page(hits, len(kept) < len(found), over)
+        return Page(hits, kept < len(found), over)
 
     async def history(
         self,

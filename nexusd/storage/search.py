@@ -39,7 +39,7 @@ from typing import Final
 
 from ..wire.errors import BadRequest
 from .base import SearchQuery
-from .schema import row_size
+from .schema import MESSAGE_COLUMNS, row_size
 from .scope import NS_MARK, scope_bounds
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,9 @@ __all__ = [
     "ensure",
     "is_syntax_error",
     "match_expression",
-    "query",
+    "hits_query",
+    "page_query",
+    "sizes_query",
     "split_snippet",
 ]
 
@@ -225,19 +227,23 @@ SNIPPET_TOKENS: Final = 16
 SNIPPET_CHARS: Final = 400
 #: Bytes a hit adds to its message in a reply (keys, rank, the spans), with room.
 HIT_OVERHEAD: Final = 160
+_SNIPPET: Final = f"substr(snippet(nexus_fts, 0, ?, ?, '…', {SNIPPET_TOKENS}), 1, {SNIPPET_CHARS})"
 
 
-def query(q: SearchQuery) -> tuple[str, list[object]]:
-    """SQL and parameters of up to ``q.limit + 1`` hits, without their messages:
-    (id, snippet, rank, size of the message in a reply).
+def hits_query(q: SearchQuery, match: str) -> tuple[str, list[object]]:
+    """SQL and parameters of up to ``q.limit + 1`` hits: (id, rank, snippet, size).
 
     Ordered by relevance (bm25, best first; ties by id) or, with ``newest``,
     by id descending.  ``after`` is the (rank, id) of the last hit of the
-    previous page (only the id counts when ``newest``).  The messages are read
-    afterwards, only for the hits that fit the page.
+    previous page (only the id counts when ``newest``).  Newest first, FTS5
+    walks its index in that order and stops at the limit, so the snippets and
+    sizes come along for just those rows.  Best first, every match is ranked
+    and sorted, and the sorter would compute every column for every match:
+    snippet and size are NULL then, made for the page only (:func:`sizes_query`,
+    :func:`page_query`).
     """
     where = ["nexus_fts MATCH ?"]
-    params: list[object] = [MARK_OPEN, MARK_CLOSE, match_expression(q.text, syntax=q.syntax)]
+    params: list[object] = [match]
     if q.sessions is not None:
         where.append(f"m.session_tag IN ({', '.join('?' * len(q.sessions))})")
         params += q.sessions
@@ -256,23 +262,49 @@ def query(q: SearchQuery) -> tuple[str, list[object]]:
     elif q.scope is not None:
         where.append("m.session_tag >= ? AND m.session_tag < ?")
         params += scope_bounds(q.scope)
+    joined = q.newest or len(where) > 1
     if q.after is not None:
         if q.newest:
-            where.append("m.id < ?")
+            where.append("f.rowid < ?")
             params.append(q.after[1])
         else:
-            where.append("(bm25(nexus_fts) > ? OR (bm25(nexus_fts) = ? AND m.id > ?))")
+            where.append("(bm25(nexus_fts) > ? OR (bm25(nexus_fts) = ? AND f.rowid > ?))")
             params += [q.after[0], q.after[0], q.after[1]]
-    order = "m.id DESC" if q.newest else "bm25(nexus_fts), m.id"
     params.append(q.limit + 1)
+    join = " JOIN nexus_messages AS m ON m.id = f.rowid" if joined else ""
+    if q.newest:
+        columns = f"{_SNIPPET}, {row_size('m.')}"
+        params = [MARK_OPEN, MARK_CLOSE, *params]
+        order = "f.rowid DESC"
+    else:
+        columns, order = "NULL, NULL", "bm25(nexus_fts), f.rowid"
     sql = (
-        "SELECT m.id,"
-        f" substr(snippet(nexus_fts, 0, ?, ?, '…', {SNIPPET_TOKENS}), 1, {SNIPPET_CHARS}),"
-        f" bm25(nexus_fts), {row_size('m.')}"
-        " FROM nexus_fts JOIN nexus_messages AS m ON m.id = nexus_fts.rowid"
+        f"SELECT f.rowid, bm25(nexus_fts), {columns} FROM nexus_fts AS f{join}"
         f" WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
     )
     return sql, params
+
+
+def sizes_query(ids: list[int]) -> tuple[str, list[object]]:
+    """(id, size in a reply) of the messages ``ids``."""
+    return (
+        f"SELECT id, {row_size()} FROM nexus_messages WHERE id IN ({', '.join('?' * len(ids))})",
+        list(ids),
+    )
+
+
+def page_query(match: str | None, ids: list[int]) -> tuple[str, list[object]]:
+    """The messages ``ids`` (as :data:`~.schema.MESSAGE_COLUMNS`), with their snippets
+    for ``match`` (None: the snippets are made already)."""
+    marks = ", ".join("?" * len(ids))
+    if match is None:
+        return f"SELECT {MESSAGE_COLUMNS}, NULL FROM nexus_messages WHERE id IN ({marks})", [*ids]
+    return (
+        f"SELECT m.id, m.role, m.content, m.timestamp, m.session_tag, m.meta, {_SNIPPET}"
+        " FROM nexus_fts AS f JOIN nexus_messages AS m ON m.id = f.rowid"
+        f" WHERE nexus_fts MATCH ? AND f.rowid IN ({marks})",
+        [MARK_OPEN, MARK_CLOSE, match, *ids],
+    )
 
 
 def split_snippet(marked: str) -> tuple[str, list[tuple[int, int]]]:
