@@ -178,7 +178,8 @@ def test_a_watch_resumes_after_a_restart_without_loss_or_duplicate(
     d = _new_daemon(short_dir).start()
 
     async def restart() -> None:
-        assert await anyio.to_thread.run_sync(d.stop) == 0
+        rc = await anyio.to_thread.run_sync(d.stop)
+        assert rc == 0, f"the daemon exited with {rc}: {d.log}"
         await anyio.to_thread.run_sync(d.start)
 
     async def scenario() -> None:
@@ -189,7 +190,7 @@ def test_a_watch_resumes_after_a_restart_without_loss_or_duplicate(
                 # disconnected: resumed from where "now" was, not from nil.
                 await restart()
                 await c.append("user", "one", session_tag="t")
-                assert [m.content for m in await take(w, 1)] == ["one"]
+                assert [m.content for m in await take(w, 1)] == ["one"], w.resumes
                 await c.append("user", "two", session_tag="t")
                 await restart()
                 await c.append("user", "three", session_tag="t")
