@@ -33,6 +33,7 @@ _EXPORTS = {
     "DaemonNotRunning": "nexusd.wire.errors",
     "Forbidden": "nexusd.wire.errors",
     "Internal": "nexusd.wire.errors",
+    "Lagged": "nexusd.wire.errors",
     "NexusError": "nexusd.wire.errors",
     "NotFound": "nexusd.wire.errors",
     "Overloaded": "nexusd.wire.errors",
@@ -41,40 +42,50 @@ _EXPORTS = {
     "Unavailable": "nexusd.wire.errors",
     "Message": "nexusd.wire.protocol",
     "SessionInfo": "nexusd.wire.protocol",
+    "Removal": "nexusd.wire.protocol",
+    "AsyncWatcher": "nexusd.client.watch_async",
+    "Watcher": "nexusd.client.watch_sync",
     "SearchHit": "nexusd.wire.protocol",
     "SearchResults": "nexusd.client.replies",
 }
 
 __all__ = [
     "AsyncClient",
+    "AsyncWatcher",
     "BadRequest",
     "Client",
     "ConnectionLost",
     "DaemonNotRunning",
     "Forbidden",
     "Internal",
+    "Lagged",
     "Message",
     "NexusError",
     "NotFound",
     "Overloaded",
+    "Removal",
     "SearchHit",
     "SearchResults",
     "SessionInfo",
     "Timeout",
     "TooLarge",
     "Unavailable",
+    "Watcher",
     "__version__",
 ]
 
 if TYPE_CHECKING:
     from .client import AsyncClient, Client
     from .client.replies import SearchResults
+    from .client.watch_async import AsyncWatcher
+    from .client.watch_sync import Watcher
     from .wire.errors import (
         BadRequest,
         ConnectionLost,
         DaemonNotRunning,
         Forbidden,
         Internal,
+        Lagged,
         NexusError,
         NotFound,
         Overloaded,
@@ -82,7 +93,7 @@ if TYPE_CHECKING:
         TooLarge,
         Unavailable,
     )
-    from .wire.protocol import Message, SearchHit, SessionInfo
+    from .wire.protocol import Message, Removal, SearchHit, SessionInfo
 
 
 def __getattr__(name: str) -> Any:

@@ -243,3 +243,26 @@ def test_a_watching_connection_is_never_idle(short_dir: Path) -> None:
         assert f["messages"][0]["content"] == "still here"
     finally:
         d.stop()
+
+
+def test_a_message_no_frame_can_carry_ends_the_watch_naming_it(short_dir: Path) -> None:
+    d = _new_daemon(short_dir).start()  # stored while the frame limit was 4 MiB
+    try:
+        with Client(d.socket) as c:
+            before = c.append("user", "small", session_tag="s")
+            huge = c.append("user", "x" * 1_000_000, session_tag="s")
+            after = c.append("user", "small again", session_tag="s")
+    finally:
+        d.stop()
+    d = _new_daemon(short_dir, "--max-frame", "1000000", "--max-content", "900000").start()
+    try:
+        raw = RawSync(d.socket)
+        raw.send({"op": "watch", "id": 1, "session_tag": "s", "after_id": 0})
+        got = frames(raw, 1, lambda g: bool(g) and g[-1]["op"] == "error")
+        end = got[-1]
+        assert (end["code"], end["last_id"]) == ("too_large", huge)
+        assert ids_of(got) == [before] and str(huge) in end["message"]
+        raw.send({"op": "watch", "id": 2, "session_tag": "s", "after_id": end["last_id"]})
+        assert ids_of(frames(raw, 2, live)) == [after]
+    finally:
+        d.stop()

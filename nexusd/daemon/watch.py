@@ -49,6 +49,8 @@ HIGH_WATER: Final = 256 * 1024
 REPLAY_PAGE: Final = 1_000
 #: Room for a frame's envelope around the messages it carries.
 _ENVELOPE: Final = 16 * 1024
+#: A watch frame's bytes besides its one message (keys, id, flags), with room.
+_SMALL_ENVELOPE: Final = 256
 
 
 class Watch:
@@ -168,6 +170,19 @@ class Watch:
             size = 4 * (len(m.content) + len(m.role) + len(m.session_tag)) + PER_MESSAGE
             if m.meta is not None:
                 size += 3 * len(msgspec.json.encode(m.meta))
+            if size > room and len(p.encoder.encode(m)) > self.max_frame - _SMALL_ENVELOPE:
+                # No frame can carry it (stored under a larger max_frame, or its
+                # content and meta together): say so, with the id to go on after.
+                if i > start:
+                    self._push(msgs[start:i], [], live)
+                    self.last_sent = msgs[i - 1].id
+                err = TooLarge(
+                    f"message {m.id} is too big for any frame (max_frame {self.max_frame});"
+                    f" watch again from after_id {m.id} (last_id) to go on without it"
+                )
+                err.last_id = m.id  # carried by the error frame
+                self.end(err)
+                return
             if used + size > room and i > start:
                 self._push(msgs[start:i], [], live)
                 start, used = i, 0
@@ -214,13 +229,9 @@ class Watch:
                 page = await storage.feed(after, scope=self.scope, limit=REPLAY_PAGE, budget=budget)
             if self.ended:
                 return
-            if page.over:
-                m = page.items[0]
-                raise TooLarge(
-                    f"message {m.id} is too big for any frame (max_frame {self.max_frame});"
-                    f" watch again from after_id {m.id}"
-                )
-            self._send(page.items, [], live=False)
+            self._send(page.items, [], live=False)  # (measures a lone oversized one)
+            if self.ended:
+                return
             if not page.truncated and len(page.items) < REPLAY_PAGE:
                 break
         self.replaying = False

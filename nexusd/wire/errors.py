@@ -32,6 +32,9 @@ class NexusError(Exception):
     """Base class of every nexusd error.  ``code`` is the stable wire code."""
 
     code: str = "internal"
+    #: An error that ends a watch: the id to watch again from (``after_id``) to
+    #: lose nothing still stored, when there is one (``lagged``, ``too_large``).
+    last_id: int | None = None
 
     def __init__(self, message: str = "", *, field: str | None = None) -> None:
         super().__init__(message or self.code)
@@ -167,6 +170,6 @@ def error_for_code(
         return err
     if cls is Overloaded:
         return Overloaded(message, field=field, retry_after=retry_after or 0.1)
-    if cls is Lagged:
-        return Lagged(message, field=field, last_id=last_id)
-    return cls(message, field=field)
+    err = cls(message, field=field)
+    err.last_id = last_id
+    return err

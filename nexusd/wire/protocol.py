@@ -338,7 +338,7 @@ class ErrorReply(_Rep, frozen=True, tag="error"):
     message: str
     field: str | None = None
     retry_after: float | None = None
-    #: With ``lagged``: the id of the last message the watch sent (nil: none).
+    #: An error ending a watch (``lagged``, ``too_large``): the id to watch again from.
     last_id: int | None = None
 
 
@@ -379,7 +379,7 @@ def error_reply(request_id: int | None, err: NexusError) -> ErrorReply:
         message=err.message,
         field=err.field,
         retry_after=getattr(err, "retry_after", None),
-        last_id=getattr(err, "last_id", None),
+        last_id=err.last_id,
     )
 
 
