@@ -198,3 +198,20 @@ async def test_search_off_drops_the_index_and_on_again_rebuilds_it(tmp_path: Pat
         assert len(await find(s, "kept")) == 1
         assert len(await find(s, "written while off")) == 1
     index_is_exact(db)
+
+
+async def test_a_snippet_is_cut_around_its_match_and_says_where(tmp_path: Path) -> None:
+    async with opened(tmp_path / "n.db") as s:
+        long_before = "y" * 5000 + " needle"
+        long_after = "needle " + "z" * 5000
+        await write(s, [Insert("s", [row(long_before), row(long_after), row("a short needle")])])
+        for newest in (False, True):
+            hits = {h.message.content: h for h in await find(s, "needle", newest=newest)}
+            for content, h in hits.items():
+                assert len(h.snippet) <= fts.SNIPPET_CHARS
+                assert [h.snippet[a:b] for a, b in h.highlights] == ["needle"], content
+            assert hits[long_before].snippet.startswith("…")
+            assert hits[long_before].snippet.endswith("y needle")
+            assert hits[long_after].snippet.startswith("needle z")
+            assert hits[long_after].snippet.endswith("…")
+            assert hits["a short needle"].snippet == "a short needle"

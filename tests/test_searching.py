@@ -14,11 +14,12 @@ import time
 from pathlib import Path
 
 import anyio
+import msgspec
 import pytest
 
 from nexusd import BadRequest, Client, TooLarge, Unavailable
-from nexusd.daemon.searching import next_cursor, search_query
-from nexusd.storage.base import Page
+from nexusd.daemon.searching import Cursors, search_query
+from nexusd.storage.base import Page, SearchQuery
 from nexusd.storage.sqlite import SQLiteStorage
 from nexusd.wire import protocol as p
 from tests.conftest import Daemon, RawSync, _new_daemon, make_v1_db
@@ -32,20 +33,42 @@ def hit(mid: int, rank: float) -> p.SearchHit:
 
 
 # ── the cursor ──────────────────────────────────────────────────────────────
+def ask(req: p.Search, cursors: Cursors | None = None) -> SearchQuery:
+    return search_query(req, cursors or Cursors(req), sessions=None, scope=None, budget=1)
+
+
 @pytest.mark.parametrize("rank", [-1.2345678901234567e-06, -3.0, 0.0, -1e-300])
 def test_a_ranked_cursor_carries_the_rank_exactly(rank: float) -> None:
-    cursor = next_cursor(Page([hit(7, rank)], truncated=True), newest=False)
+    first = p.Search(id=1, query="x")
+    cursor = Cursors(first).after(Page([hit(7, rank)], truncated=True))
     assert cursor is not None
-    q = search_query(p.Search(id=1, query="x", cursor=cursor), sessions=None, scope=None, budget=1)
-    assert q.after == (rank, 7)
-    assert next_cursor(Page([hit(7, rank)], truncated=False), newest=False) is None
+    assert ask(p.Search(id=2, query="x", cursor=cursor)).after == (rank, 7)
+    assert Cursors(first).after(Page([hit(7, rank)], truncated=False)) is None
 
 
 @pytest.mark.parametrize(
-    ("order", "cursor"),
+    "other",
     [
-        ("rank", "n:5"),  # the other order's
-        ("newest", "r:-0x1p+0:5"),
+        {"order": "newest"},  # the other order's
+        {"query": "y"},
+        {"syntax": True},
+        {"session_tags": ["s"]},
+        {"role": "user"},
+        {"since": "2026-01-01T00:00:00Z"},
+        {"until": "2026-01-01T00:00:00Z"},
+    ],
+)
+def test_a_cursor_of_another_search_is_bad_request(other: dict[str, object]) -> None:
+    cursor = Cursors(p.Search(id=1, query="x")).after(Page([hit(7, -1.0)], truncated=True))
+    req = p.Search(id=2, **{"query": "x", **other, "cursor": cursor})  # type: ignore[arg-type]
+    with pytest.raises(BadRequest) as err:
+        ask(req)
+    assert err.value.field == "cursor"
+
+
+@pytest.mark.parametrize(
+    ("order", "made"),
+    [
         ("rank", "r:nan:5"),
         ("rank", "r:inf:5"),
         ("rank", "r:-0x1p+0:-5"),
@@ -56,21 +79,20 @@ def test_a_ranked_cursor_carries_the_rank_exactly(rank: float) -> None:
         ("rank", ""),
     ],
 )
-def test_a_cursor_not_made_by_this_order_is_bad_request(order: str, cursor: str) -> None:
-    req = p.Search(id=1, query="x", order=order, cursor=cursor)  # type: ignore[arg-type]
+def test_a_cursor_that_does_not_parse_is_bad_request(order: str, made: str) -> None:
+    req = p.Search(id=1, query="x", order=order)  # type: ignore[arg-type]
+    fp = Cursors(req).past(hit(1, 0.0)).rsplit(":", 1)[1]  # even with the right hash
     with pytest.raises(BadRequest) as err:
-        search_query(req, sessions=None, scope=None, budget=1)
+        ask(msgspec.structs.replace(req, cursor=f"{made}:{fp}"))
     assert err.value.field == "cursor"
 
 
 def test_since_and_until_are_checked_and_stored_in_the_daemons_form() -> None:
     req = p.Search(id=1, query="x", since="2026-11-26T08:00:00+01:00", until="2026-11-27T00:00:00Z")
-    q = search_query(req, sessions=None, scope=None, budget=1)
+    q = ask(req)
     assert (q.since, q.until) == ("2026-11-26T07:00:00.000000Z", "2026-11-27T00:00:00.000000Z")
     with pytest.raises(BadRequest) as err:
-        search_query(
-            p.Search(id=1, query="x", until="tomorrow"), sessions=None, scope=None, budget=1
-        )
+        ask(p.Search(id=1, query="x", until="tomorrow"))
     assert err.value.field == "until"
 
 
@@ -215,15 +237,20 @@ def test_too_large_a_hit_is_named(short_dir: Path) -> None:
     d = _new_daemon(short_dir).start()
     try:
         with Client(d.socket) as c:
+            first = c.append("user", "huge but small")
             mid = c.append("user", "huge " + "x" * 1_000_000)
     finally:
         d.stop()
     d = _new_daemon(short_dir, "--max-frame", "1000000", "--max-content", "900000").start()
     try:
         with Client(d.socket) as c:
-            with pytest.raises(TooLarge, match=f"message {mid}"):
-                c.search("huge")
+            with pytest.raises(TooLarge, match=f"message {mid}") as err:
+                c.search("huge", order="newest")
             c.ping()  # the connection stays usable
+            assert err.value.cursor is not None  # pages on past it
+            assert [
+                h.message.id for h in c.search("huge", cursor=err.value.cursor, order="newest")
+            ] == [first]
     finally:
         d.stop()
 

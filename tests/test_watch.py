@@ -198,12 +198,18 @@ def test_unwatch_limits_and_bad_requests(plain: Daemon) -> None:
     raw = RawSync(plain.socket)
     raw.send({"op": "watch", "id": 1, "session_tag": "s"})
     frames(raw, 1, live)
+    raw.send({"op": "watch", "id": 2, "session_tag": "s"})
+    frames(raw, 2, live)
+    bye = raw.call({"op": "unwatch", "id": 3, "watch": 2})
+    assert bye == {"op": "unwatch", "id": 3}
+    again = raw.call({"op": "unwatch", "id": 4, "watch": 2})
+    assert (again["code"], again["field"]) == ("not_found", "watch")
+    # A second watch with an open one's id: its error frame carries that id, so
+    # it ends both (a client would take it for the first one's end).
     dup = raw.call({"op": "watch", "id": 1, "session_tag": "t"})
     assert (dup["op"], dup["code"], dup["field"]) == ("error", "bad_request", "id")
-    bye = raw.call({"op": "unwatch", "id": 2, "watch": 1})
-    assert bye == {"op": "unwatch", "id": 2}
-    again = raw.call({"op": "unwatch", "id": 3, "watch": 1})
-    assert (again["code"], again["field"]) == ("not_found", "watch")
+    gone = raw.call({"op": "unwatch", "id": 5, "watch": 1})
+    assert gone["code"] == "not_found"
     with Client(plain.socket) as c:
         c.append("user", "after the unwatch", session_tag="s")
         assert c.stats()["watches"] == 0

@@ -39,7 +39,7 @@ from .binding import (
     on_write,
 )
 from .peers import Namespace
-from .searching import next_cursor, search_query
+from .searching import Cursors, search_query
 from .validate import check_content, check_distinct_keys, meta_json
 from .watch import Watches
 
@@ -251,11 +251,12 @@ class Dispatcher:
     @on_read(p.Search)
     async def _search(self, req: p.Search, room: int) -> p.SearchReply:
         ns = self.ns
+        tags = req.session_tags
+        cursors = Cursors(req)
         query = search_query(
             req,
-            sessions=None
-            if req.session_tags is None
-            else [self._inner(t) for t in req.session_tags],
+            cursors,
+            sessions=None if tags is None else [self._inner(t) for t in tags],
             scope=None if ns is None else ns.scope,
             budget=min(room or self.max_frame, self.max_frame) - _ENVELOPE,
         )
@@ -263,9 +264,13 @@ class Dispatcher:
         hits = page.items
         if ns is not None and ns.prefix:
             hits = [msgspec.structs.replace(h, message=self._message(h.message)) for h in hits]
-        reply = p.SearchReply(id=req.id, hits=hits, cursor=next_cursor(page, query.newest))
+        reply = p.SearchReply(id=req.id, hits=hits, cursor=cursors.after(page))
         if page.over:
-            self._must_fit(reply, f"message {hits[0].message.id}")
+            try:
+                self._must_fit(reply, f"message {hits[0].message.id}")
+            except TooLarge as exc:
+                exc.cursor = cursors.past(hits[0])  # pages on without it
+                raise
         return reply
 
     def _must_fit(self, reply: Any, what: str) -> None:

@@ -266,7 +266,12 @@ class Watches:
     def start(self, req: p.Watch, *, tag: str | None) -> None:
         """Open a watch (``tag``: the stored tag, None for every session of the peer)."""
         if req.id in self._open:
-            raise BadRequest(f"watch {req.id} is open on this connection already", field="id")
+            # Its error frame carries that id, which ends a watch: end the open one too.
+            self._open[req.id].end(None)
+            raise BadRequest(
+                f"watch {req.id} was open on this connection already; both are ended",
+                field="id",
+            )
         if len(self._open) >= p.MAX_WATCHES:
             raise BadRequest(
                 f"this connection has {p.MAX_WATCHES} watches open, the most it may;"

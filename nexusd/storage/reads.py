@@ -191,7 +191,7 @@ class ReaderPool:
                         found = list(await conn.execute_fetchall(sql, params))
                         ids = [row[0] for row in found[: q.limit]]
                         if q.newest:  # sizes and snippets came with the hits
-                            sizes = {row[0]: row[3] for row in found}
+                            sizes = {row[0]: row[4] for row in found}
                         else:
                             measured = await conn.execute_fetchall(*fts.sizes_query(ids))
                             sizes = {row[0]: row[1] for row in measured}
@@ -207,9 +207,11 @@ class ReaderPool:
             raise self._failed(exc) from None
         by_id = {row[0]: row for row in rows}
         hits = []
-        for hit_id, rank, snippet, _ in found[:kept]:
+        for hit_id, rank, snippet, start, _ in found[:kept]:
             row = by_id[hit_id]
-            text, spans = fts.split_snippet(snippet if q.newest else row[6])
+            if not q.newest:
+                snippet, start = row[6], row[7]
+            text, spans = fts.split_snippet(snippet, start)
             hits.append(
                 SearchHit(message=message_of(row), snippet=text, highlights=spans, rank=rank)
             )

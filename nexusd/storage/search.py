@@ -227,11 +227,21 @@ SNIPPET_TOKENS: Final = 16
 SNIPPET_CHARS: Final = 400
 #: Bytes a hit adds to its message in a reply (keys, rank, the spans), with room.
 HIT_OVERHEAD: Final = 160
-_SNIPPET: Final = f"substr(snippet(nexus_fts, 0, ?, ?, '…', {SNIPPET_TOKENS}), 1, {SNIPPET_CHARS})"
+#: Characters of the snippet kept before its first match when it is cut.
+_LEAD: Final = 120
+# FTS5's snippet (16 tokens around the best matches; a "token" may be thousands
+# of characters), cut in SQL to a window that starts a little before its first
+# match, plus that window's start; :func:`split_snippet` makes the rest.  (The
+# snippet is computed per use: three times, for the page's rows only.)
+_S: Final = (
+    f"snippet(nexus_fts, 0, char({ord(MARK_OPEN)}), char({ord(MARK_CLOSE)}), '…', {SNIPPET_TOKENS})"
+)
+_FROM: Final = f"max(1, instr({_S}, char({ord(MARK_OPEN)})) - {_LEAD})"
+_SNIPPET: Final = f"substr({_S}, {_FROM}, {SNIPPET_CHARS + _LEAD + 100}), {_FROM}"
 
 
 def hits_query(q: SearchQuery, match: str) -> tuple[str, list[object]]:
-    """SQL and parameters of up to ``q.limit + 1`` hits: (id, rank, snippet, size).
+    """SQL and parameters of up to ``q.limit + 1`` hits: (id, rank, snippet, its start, size).
 
     Ordered by relevance (bm25, best first; ties by id) or, with ``newest``,
     by id descending.  ``after`` is the (rank, id) of the last hit of the
@@ -274,10 +284,9 @@ def hits_query(q: SearchQuery, match: str) -> tuple[str, list[object]]:
     join = " JOIN nexus_messages AS m ON m.id = f.rowid" if joined else ""
     if q.newest:
         columns = f"{_SNIPPET}, {row_size('m.')}"
-        params = [MARK_OPEN, MARK_CLOSE, *params]
         order = "f.rowid DESC"
     else:
-        columns, order = "NULL, NULL", "bm25(nexus_fts), f.rowid"
+        columns, order = "NULL, NULL, NULL", "bm25(nexus_fts), f.rowid"
     sql = (
         f"SELECT f.rowid, bm25(nexus_fts), {columns} FROM nexus_fts AS f{join}"
         f" WHERE {' AND '.join(where)} ORDER BY {order} LIMIT ?"
@@ -298,31 +307,46 @@ def page_query(match: str | None, ids: list[int]) -> tuple[str, list[object]]:
     for ``match`` (None: the snippets are made already)."""
     marks = ", ".join("?" * len(ids))
     if match is None:
-        return f"SELECT {MESSAGE_COLUMNS}, NULL FROM nexus_messages WHERE id IN ({marks})", [*ids]
+        return (
+            f"SELECT {MESSAGE_COLUMNS}, NULL, NULL FROM nexus_messages WHERE id IN ({marks})",
+            [*ids],
+        )
     return (
         f"SELECT m.id, m.role, m.content, m.timestamp, m.session_tag, m.meta, {_SNIPPET}"
         " FROM nexus_fts AS f JOIN nexus_messages AS m ON m.id = f.rowid"
         f" WHERE nexus_fts MATCH ? AND f.rowid IN ({marks})",
-        [MARK_OPEN, MARK_CLOSE, match, *ids],
+        [match, *ids],
     )
 
 
-def split_snippet(marked: str) -> tuple[str, list[tuple[int, int]]]:
-    """A snippet as SQLite marks it -> its text and the [start, end) of each matched term."""
+def split_snippet(marked: str, start: int) -> tuple[str, list[tuple[int, int]]]:
+    """A snippet window as SQLite cut it -> at most :data:`SNIPPET_CHARS` characters
+    of text (``…`` where cut) and the [start, end) of each matched term in it.
+
+    ``start`` is where the window began in FTS5's snippet (1: at its start).
+    """
     text: list[str] = []
     spans: list[tuple[int, int]] = []
     pos = 0
-    start = -1
+    if start > 1:  # cut before its first match: say so
+        text.append("…")
+        pos = 1
+    begun = -1
     for ch in marked:
         if ch == MARK_OPEN:
-            start = pos
+            begun = pos
         elif ch == MARK_CLOSE:
-            if start >= 0:
-                spans.append((start, pos))
-            start = -1
+            if begun >= 0:
+                spans.append((begun, pos))
+            begun = -1
         else:
             text.append(ch)
             pos += 1
+    if len(text) > SNIPPET_CHARS:  # cut after: keep what fits, then "…"
+        del text[SNIPPET_CHARS - 1 :]
+        text.append("…")
+        end = SNIPPET_CHARS - 1
+        spans = [(a, min(b, end)) for a, b in spans if a < end]
     return "".join(text), spans
 
 

@@ -35,6 +35,8 @@ class NexusError(Exception):
     #: An error that ends a watch: the id to watch again from (``after_id``) to
     #: lose nothing still stored, when there is one (``lagged``, ``too_large``).
     last_id: int | None = None
+    #: A search hit too big for any reply (``too_large``): the cursor past it.
+    cursor: str | None = None
 
     def __init__(self, message: str = "", *, field: str | None = None) -> None:
         super().__init__(message or self.code)
@@ -161,6 +163,7 @@ def error_for_code(
     field: str | None = None,
     retry_after: float | None = None,
     last_id: int | None = None,
+    cursor: str | None = None,
 ) -> NexusError:
     """Build the exception for a wire error; unknown codes become a plain NexusError."""
     cls = _BY_CODE.get(code)
@@ -172,4 +175,5 @@ def error_for_code(
         return Overloaded(message, field=field, retry_after=retry_after or 0.1)
     err = cls(message, field=field)
     err.last_id = last_id
+    err.cursor = cursor
     return err

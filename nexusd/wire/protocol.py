@@ -166,7 +166,9 @@ class Search(_Req, frozen=True, tag="search"):
     #: Plain words (every one must occur), or with ``syntax`` an FTS5 query.
     query: Annotated[str, Meta(min_length=1, max_length=MAX_QUERY_CHARS)]
     syntax: bool = False
-    session_tags: Annotated[list[SessionTag], Meta(max_length=MAX_SEARCH_SESSIONS)] | None = None
+    session_tags: (
+        Annotated[list[SessionTag], Meta(min_length=1, max_length=MAX_SEARCH_SESSIONS)] | None
+    ) = None
     role: Role | None = None
     #: Timestamps (RFC 3339): messages at or after ``since``, before ``until``.
     since: str | None = None
@@ -340,6 +342,8 @@ class ErrorReply(_Rep, frozen=True, tag="error"):
     retry_after: float | None = None
     #: An error ending a watch (``lagged``, ``too_large``): the id to watch again from.
     last_id: int | None = None
+    #: ``too_large`` for a search hit no reply can carry: the cursor past it.
+    cursor: str | None = None
 
 
 Reply = Union[
@@ -380,6 +384,7 @@ def error_reply(request_id: int | None, err: NexusError) -> ErrorReply:
         field=err.field,
         retry_after=getattr(err, "retry_after", None),
         last_id=err.last_id,
+        cursor=err.cursor,
     )
 
 
@@ -391,6 +396,7 @@ def error_for_reply(reply: ErrorReply) -> NexusError:
         field=reply.field,
         retry_after=reply.retry_after,
         last_id=reply.last_id,
+        cursor=reply.cursor,
     )
 
 
