@@ -7,6 +7,7 @@ tests/test_watch_client.py.
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sqlite3
@@ -19,7 +20,7 @@ from typing import Any
 import pytest
 
 from nexusd import Client
-from tests.conftest import Daemon, RawSync, _new_daemon, write_config
+from tests.conftest import Daemon, RawSync, _new_daemon, as_uid, write_config
 
 
 def frames(raw: RawSync, rid: int, until: Any, deadline: float = 20.0) -> list[dict[str, Any]]:
@@ -270,5 +271,27 @@ def test_a_message_no_frame_can_carry_ends_the_watch_naming_it(short_dir: Path) 
         assert ids_of(got) == [before] and str(huge) in end["message"]
         raw.send({"op": "watch", "id": 2, "session_tag": "s", "after_id": end["last_id"]})
         assert ids_of(frames(raw, 2, live)) == [after]
+    finally:
+        d.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
+def test_a_namespaced_peer_watches_and_finds_only_its_own(short_dir: Path) -> None:
+    short_dir.chmod(0o755)
+    one, two = 61001, 61002
+    cfg = write_config(short_dir / "c.toml", socket_mode="0666", isolate_peers=True)
+    cfg.write_text(cfg.read_text() + f"allow_uids = [{one}, {two}]\n")
+    d = _new_daemon(short_dir, "--config", str(cfg)).start()
+    try:
+        for uid in (one, two):
+            req = {"op": "append", "id": 1, "role": "user", "content": f"alpha of {uid}"}
+            (ok,) = as_uid(uid, d.socket, [{**req, "session_tag": "s"}])
+            assert ok["op"] == "append", ok
+        (replay,) = as_uid(one, d.socket, [{"op": "watch", "id": 2, "all": True, "after_id": 0}])
+        (found,) = as_uid(one, d.socket, [{"op": "search", "id": 3, "query": "alpha"}])
+        assert [(m["content"], m["session_tag"]) for m in replay["messages"]] == [
+            (f"alpha of {one}", "s")
+        ]
+        assert [h["message"]["content"] for h in found["hits"]] == [f"alpha of {one}"]
     finally:
         d.stop()
