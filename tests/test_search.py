@@ -17,7 +17,7 @@ import anyio
 import pytest
 
 from nexusd.storage import search as fts
-from nexusd.storage.base import ClearSession, Insert, NewRow, Op, PopNewest, SearchQuery
+from nexusd.storage.base import ClearAll, ClearSession, Insert, NewRow, Op, PopNewest, SearchQuery
 from nexusd.storage.schema import open_writer
 from nexusd.storage.sqlite import SQLiteStorage
 from nexusd.wire.errors import BadRequest, Unavailable
@@ -68,7 +68,7 @@ def index_is_exact(db: Path) -> None:
 
 
 def trigger_conditions(db: Path) -> set[bool]:
-    """Whether each of the index's triggers has a WHEN clause."""
+    """Whether each of the index's triggers asks how far the build has come."""
     conn = sqlite3.connect(db)
     try:
         rows = conn.execute(
@@ -77,7 +77,7 @@ def trigger_conditions(db: Path) -> set[bool]:
     finally:
         conn.close()
     assert len(rows) == 3
-    return {" WHEN " in sql for (sql,) in rows}
+    return {"nexus_fts_state" in sql for (sql,) in rows}
 
 
 async def test_search_sees_exactly_what_is_committed(tmp_path: Path) -> None:
@@ -215,3 +215,40 @@ async def test_a_snippet_is_cut_around_its_match_and_says_where(tmp_path: Path) 
             assert hits[long_after].snippet.startswith("needle z")
             assert hits[long_after].snippet.endswith("…")
             assert hits["a short needle"].snippet == "a short needle"
+
+
+async def test_one_batch_that_stores_and_removes_keeps_the_index_exact(tmp_path: Path) -> None:
+    db = tmp_path / "n.db"
+    async with opened(db, keep=20) as s:
+        await write(s, [Insert("a", [row(f"old a {i}") for i in range(5)])])
+        batch: list[Op] = [
+            Insert("a", [row("fresh a")]),
+            PopNewest("a"),  # the row this batch stored, gone before the index saw it
+            Insert("b", [row(f"b {i}") for i in range(3)]),
+            ClearSession("b"),  # all of b, stored by this batch
+            Insert("c", [row(f"c {i}") for i in range(40)]),  # prunes 20 (the range path)
+            Insert("a", [row("last a")]),
+            PopNewest("a"),
+            PopNewest("a"),  # an older row, indexed by an earlier batch
+        ]
+        await write(s, batch)
+        assert [h.message.content for h in await find(s, "fresh")] == []
+        assert await find(s, "b") == []
+        assert len(await find(s, "c", limit=100)) == 20
+        assert sorted(h.message.content for h in await find(s, "old")) == [
+            f"old a {i}" for i in range(4)
+        ]
+        # Another program's writes are indexed by the triggers.
+        other = sqlite3.connect(db)
+        other.execute(
+            "INSERT INTO nexus_messages (role, content, timestamp, session_tag)"
+            " VALUES ('user', 'from the shell', '2026-01-01T00:00:00Z', 'x')"
+        )
+        other.execute("DELETE FROM nexus_messages WHERE content = 'old a 0'")
+        other.commit()
+        other.close()
+        assert [h.message.content for h in await find(s, "shell")] == ["from the shell"]
+        assert len(await find(s, "old")) == 3
+        await write(s, [Insert("z", [row("z one")]), ClearAll(None), Insert("z", [row("z two")])])
+        assert [h.message.content for h in await find(s, "z")] == ["z two"]
+    index_is_exact(db)

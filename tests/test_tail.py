@@ -216,3 +216,18 @@ def test_tail_f_all_goes_on_after_a_daemon_restart(daemon: Daemon, tails: list[T
         c.append("user", "after", session_tag="b")
     assert tail.next().endswith("  b  user  after")
     assert tail.interrupt() == (0, "")
+
+
+def test_tail_f_json_says_when_it_resumed(daemon: Daemon, tails: list[Tail]) -> None:
+    fill(daemon, "r", 1)
+    tail = Tail(daemon, "--session", "r", "-n", "1", "--json")
+    tails.append(tail)
+    assert json.loads(tail.next())["content"] == "m0"
+    assert daemon.stop() == 0
+    daemon.start()
+    with Client(daemon.socket) as c:
+        c.append("user", "after", session_tag="r")
+    marker = json.loads(tail.next())
+    assert set(marker) == {"resumed"} and isinstance(marker["resumed"]["after_id"], int)
+    assert json.loads(tail.next())["content"] == "after"
+    assert tail.interrupt() == (0, "")

@@ -17,7 +17,7 @@ import sys
 import msgspec
 
 from ..client import Client
-from ..client.requests import encode
+from ..client.requests import MAX_TIMEOUT, encode
 from ..wire import protocol as p
 from .output import (
     ProgressBar,
@@ -161,8 +161,21 @@ def _tail(args: argparse.Namespace, c: Client) -> None:
         return
     # From the last id seen, not from "now": what was written meanwhile follows.
     removals = args.json or sys.stdout.isatty()
+    # A daemon down for an upgrade or a slow restart does not end a `tail -f`:
+    # it waits (up to a day) like `tail -F` waits for its file.
+    c.retry_for = float(MAX_TIMEOUT)
+    resumes = 0
     with c.watch(args.session, all=args.all, after_id=upto, removals=removals) as w:
         for item in w:
+            if w.resumes != resumes and removals:
+                # Removals made while it was away cannot be asked for: say so, so a
+                # script keeping a copy knows to compare it with `history` again.
+                resumes = w.resumes
+                line(
+                    as_json({"resumed": {"after_id": w.last_id}})
+                    if args.json
+                    else "(reconnected: removals made meanwhile are not shown)"
+                )
             line(_tail_line(args, item))
             if not w.buffered:  # the next one is not here yet: show what came
                 flush()

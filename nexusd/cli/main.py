@@ -333,8 +333,10 @@ def _main(argv: Sequence[str] | None) -> int:
     if args.command == "check":
         return cmd_check(args)
     _check_text(args)
-    if getattr(args, "session", None) is not None:
-        cc.check_length("--session", args.session, p.MAX_SESSION_CHARS)
+    sessions = getattr(args, "session", None)
+    for tag in sessions if isinstance(sessions, list) else [sessions]:
+        if tag is not None:
+            cc.check_length("--session", tag, p.MAX_SESSION_CHARS)
     if args.socket is not None:
         _check_socket_path("--socket", args.socket)
     # Connects lazily, on the first call: usage errors come out before any I/O.

@@ -1,30 +1,15 @@
-"""Full-text search in the SQLite backend: the FTS5 index, its upkeep and its queries.
+"""Full-text search in the SQLite backend: the queries over the FTS5 index.
 
-The index is an FTS5 table over ``nexus_messages.content`` with external
-content (the text is stored once, in the table; FTS5 keeps only the index and
-reads the text back for snippets).  Triggers keep it in the same transaction
-as every insert, delete and content update, so a search sees exactly what is
-committed: pruning, ``clear`` and ``pop`` leave the index with the rows, and
-so do rows another program writes into the file.
-
-A database that had no index (older files, v1 files, or search switched back
-on) gets one built behind the triggers, oldest rows first, one chunk per
-transaction on the writer's thread between batches: ``boundary`` is the
-largest id when the index was created (the triggers index every row above
-it), ``built`` how far the chunks have come (every row up to it is indexed).
-The triggers leave alone the rows in between, which a later chunk indexes, so
-no row is indexed twice or deleted from the index before it was added.
-
-With search switched off the index, its triggers and its state are dropped:
-nothing is maintained, and switching it on again builds it afresh.
-
+The index itself (its tables, its upkeep, its building) is :mod:`.index`.
 Queries: plain words by default, each quoted so user input is never FTS5
 syntax (``"a" "b"``: every word, in any order); the FTS5 syntax (phrases,
 ``prefix*``, ``NEAR``, ``AND``/``OR``/``NOT``) only when asked for.  The
-tokenizer is ``unicode61`` with ``remove_diacritics 2``: case and accents are
-folded (``Über`` finds ``uber``); scripts written without spaces (Chinese,
-Japanese) are indexed as runs of characters between punctuation, so a word
-inside a run is found only as the run's prefix (``"東京"*``), not in its middle.
+tokenizer folds case and accents (``Über`` finds ``uber``); scripts written
+without spaces (Chinese, Japanese) are indexed as runs of characters between
+punctuation, so a word inside a run is found only as the run's prefix
+(``"東京"*``), not in its middle.  A page is made in up to three steps
+(:func:`hits_query`, :func:`sizes_query`, :func:`page_query`), so snippets and
+sizes are computed for the page only.
 """
 
 from __future__ import annotations
@@ -32,9 +17,6 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Final
 
 from ..wire.errors import BadRequest
@@ -45,159 +27,16 @@ from .scope import NS_MARK, scope_bounds
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "CHUNK_ROWS",
-    "IndexState",
-    "build_step",
-    "drop",
-    "ensure",
+    "MARK_CLOSE",
+    "MARK_OPEN",
+    "SNIPPET_CHARS",
+    "hits_query",
     "is_syntax_error",
     "match_expression",
-    "hits_query",
     "page_query",
     "sizes_query",
     "split_snippet",
 ]
-
-TOKENIZE: Final = "unicode61 remove_diacritics 2"
-#: Rows indexed per chunk while an index is built (one transaction on the writer's thread).
-CHUNK_ROWS: Final = 5_000
-
-_IN_RANGE: Final = (
-    "({row}.id > (SELECT boundary FROM nexus_fts_state)"
-    " OR {row}.id <= (SELECT built FROM nexus_fts_state))"
-)
-
-_TABLES: Final = (
-    "CREATE VIRTUAL TABLE nexus_fts USING fts5("
-    f"content, content='nexus_messages', content_rowid='id', tokenize='{TOKENIZE}')",
-    "CREATE TABLE nexus_fts_state (boundary INTEGER NOT NULL, built INTEGER NOT NULL)",
-    "INSERT INTO nexus_fts_state (boundary, built)"
-    " SELECT coalesce(max(id), 0), 0 FROM nexus_messages",
-)
-_DROP_TRIGGERS: Final = (
-    "DROP TRIGGER IF EXISTS nexus_fts_insert",
-    "DROP TRIGGER IF EXISTS nexus_fts_delete",
-    "DROP TRIGGER IF EXISTS nexus_fts_update",
-)
-_DROP: Final = (
-    *_DROP_TRIGGERS,
-    "DROP TABLE IF EXISTS nexus_fts",
-    "DROP TABLE IF EXISTS nexus_fts_state",
-)
-
-
-def _triggers(*, building: bool) -> tuple[str, ...]:
-    """The triggers that keep the index; while it is being built they leave alone the
-    rows the build has yet to reach (two lookups of the state per row, gone once built)."""
-
-    def when(row: str) -> str:
-        return f" WHEN {_IN_RANGE.format(row=row)}" if building else ""
-
-    return (
-        *_DROP_TRIGGERS,
-        f"CREATE TRIGGER nexus_fts_insert AFTER INSERT ON nexus_messages{when('new')} BEGIN"
-        " INSERT INTO nexus_fts (rowid, content) VALUES (new.id, new.content); END",
-        f"CREATE TRIGGER nexus_fts_delete AFTER DELETE ON nexus_messages{when('old')} BEGIN"
-        " INSERT INTO nexus_fts (nexus_fts, rowid, content) VALUES ('delete', old.id, old.content);"
-        " END",
-        f"CREATE TRIGGER nexus_fts_update AFTER UPDATE OF content ON nexus_messages{when('old')}"
-        " BEGIN"
-        " INSERT INTO nexus_fts (nexus_fts, rowid, content) VALUES ('delete', old.id, old.content);"
-        " INSERT INTO nexus_fts (rowid, content) VALUES (new.id, new.content); END",
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class IndexState:
-    """How far the index is built: every row up to ``built`` and above ``boundary``."""
-
-    boundary: int
-    built: int
-
-    @property
-    def complete(self) -> bool:
-        return self.built >= self.boundary
-
-    def percent(self) -> int:
-        return 100 if self.complete else int(100 * self.built / max(1, self.boundary))
-
-
-def _state(conn: sqlite3.Connection) -> IndexState | None:
-    try:
-        row = conn.execute("SELECT boundary, built FROM nexus_fts_state").fetchone()
-    except sqlite3.OperationalError:  # no such table: no index
-        return None
-    return IndexState(int(row[0]), int(row[1])) if row is not None else None
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
-def _run(conn: sqlite3.Connection, statements: tuple[str, ...]) -> None:
-    for stmt in statements:
-        conn.execute(stmt)
-
-
-def ensure(conn: sqlite3.Connection) -> IndexState:
-    """Writer's connection, at start-up: the index exists (created empty if it did not)."""
-    state = _state(conn)
-    if state is not None:
-        return state
-    with _transaction(conn):
-        _run(conn, _DROP + _TABLES)  # drop first: a half-made index from elsewhere
-        state = _state(conn)
-        assert state is not None
-        _run(conn, _triggers(building=not state.complete))
-    if not state.complete:
-        logger.info(
-            "search index created; indexing the %d stored ids in the background", state.boundary
-        )
-    return state
-
-
-def drop(conn: sqlite3.Connection) -> bool:
-    """Writer's connection, at start-up with search off: remove the index; True if there was one."""
-    if not conn.execute("SELECT 1 FROM sqlite_master WHERE name GLOB 'nexus_fts*'").fetchone():
-        return False
-    with _transaction(conn):
-        _run(conn, _DROP)
-    logger.info("search is off: search index removed")
-    return True
-
-
-def build_step(conn: sqlite3.Connection, rows: int = CHUNK_ROWS) -> IndexState:
-    """Writer's connection: index the next ``rows`` ids of an unfinished index (one transaction)."""
-    with _transaction(conn):
-        state = _state(conn)
-        if state is None or state.complete:
-            return state or IndexState(0, 0)
-        # The next ``rows`` ids that exist (ids have gaps: pruned rows), by the rowid.
-        upto = conn.execute(
-            "SELECT max(id) FROM (SELECT id FROM nexus_messages WHERE id > ? AND id <= ?"
-            " ORDER BY id LIMIT ?)",
-            (state.built, state.boundary, rows),
-        ).fetchone()[0]
-        upto = state.boundary if upto is None else int(upto)
-        conn.execute(
-            "INSERT INTO nexus_fts (rowid, content)"
-            " SELECT id, content FROM nexus_messages WHERE id > ? AND id <= ?",
-            (state.built, upto),
-        )
-        conn.execute("UPDATE nexus_fts_state SET built = ?", (upto,))
-        state = IndexState(state.boundary, upto)
-        if state.complete:  # every row is indexed: the triggers need not ask any more
-            _run(conn, _triggers(building=False))
-    return state
-
 
 _WORD: Final = re.compile(r"\S+")
 

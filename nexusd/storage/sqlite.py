@@ -43,7 +43,7 @@ import anyio
 
 from ..wire.errors import SEARCH_INDEX, STORAGE_LOST, Internal, NexusError, Unavailable
 from ..wire.protocol import Message, SearchHit, SessionInfo
-from . import search as fts
+from . import index as fts
 from . import writes
 from .base import Answer, Change, Op, Page, SearchQuery, WriteStats, utc_now
 from .files import DbFiles, FileWatch, InstanceLock
@@ -91,7 +91,8 @@ class SQLiteStorage:
         #: Whether the full-text index is kept.  Off unless asked for until the
         #: daemon serves ``search`` and builds the index of older rows (issue 12).
         self.search_enabled = search
-        #: How far the full-text index is built (None: search is off).
+        #: How far the full-text index is built (None: search is off).  Set on the
+        #: writer's thread, where each batch keeps the index by it.
         self.index_state: fts.IndexState | None = None
         #: Why writes are refused for good (the files changed under us), or None.
         self.storage_error: str | None = None
@@ -124,20 +125,26 @@ class SQLiteStorage:
                     wal_autocheckpoint=self.wal_autocheckpoint,
                 )
             )
-            self.index_state = await self._thread.call(self._prepare_index)
+            await self._thread.call(self._prepare_index)
             self._watch.arm()  # the files as SQLite has them open now
             await self._readers.open()
         except BaseException:
             await self.close()
             raise
 
-    def _prepare_index(self) -> fts.IndexState | None:
+    def _prepare_index(self) -> None:
         """Writer thread, at open: the full-text index exists, or is removed when search is off."""
         assert self._conn is not None
         if not self.search_enabled:
             fts.drop(self._conn)
-            return None
-        return fts.ensure(self._conn)
+            self.index_state = None
+        else:
+            self.index_state = fts.ensure(self._conn)
+
+    def _build_step(self, conn: sqlite3.Connection) -> fts.IndexState:
+        """Writer thread: one chunk of the build; the batches after it see how far it came."""
+        state = self.index_state = fts.build_step(conn)
+        return state
 
     async def build_search_index(self) -> None:
         """Index the rows stored before the index existed, a chunk per writer-thread call.
@@ -154,13 +161,12 @@ class SQLiteStorage:
             if conn is None:
                 return  # closed meanwhile: the next start goes on from here
             try:
-                state = await self._thread.call(fts.build_step, conn)
+                state = await self._thread.call(self._build_step, conn)
             except sqlite3.Error as exc:
                 # A storage fault: serving goes on, search says it is not ready,
                 # and the next start resumes the build where it stopped.
                 logger.error("building the search index stopped: %s", exc)
                 return
-            self.index_state = state
             if state.percent() // 10 > logged:
                 logged = state.percent() // 10
                 logger.info("search index: %d%% of the stored messages indexed", state.percent())
@@ -295,6 +301,7 @@ class SQLiteStorage:
             counts_cache=self._counts,
             max_messages=self.max_messages,
             lookup=lookup,
+            index=self.index_state,
         )
         counts = self._counts
         if len(counts.counts) > _COUNT_CACHE_MAX:

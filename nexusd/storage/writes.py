@@ -16,6 +16,7 @@ last commit.
 
 from __future__ import annotations
 
+import functools
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -24,6 +25,8 @@ from typing import Any, Final
 from ..wire.errors import NexusError
 from ..wire.protocol import Message
 from .base import Added, Change, ClearSession, Insert, Op, PopNewest, Removed, StoredRow
+from .counts import CountCache, Counts
+from .index import IndexState, Upkeep
 from .schema import MESSAGE_COLUMNS, message_of
 from .scope import NS_MARK, scope_bounds
 
@@ -37,6 +40,7 @@ _PRUNE_ONE: Final = (
 #: From this many rows on, one session's overflow goes as an id range (measured:
 #: 25% cheaper than an id list for 100 rows, no better for one).
 _PRUNE_RANGE_FROM: Final = 16
+_CLEAR: Final = "DELETE FROM nexus_messages WHERE session_tag = ?"
 _PRUNE_LAST: Final = (
     "SELECT id FROM nexus_messages WHERE session_tag = ? ORDER BY id LIMIT 1 OFFSET ?"
 )
@@ -44,37 +48,6 @@ _PRUNE_RANGE: Final = "DELETE FROM nexus_messages WHERE session_tag = ? AND id <
 _NEWEST: Final = (
     f"SELECT {MESSAGE_COLUMNS} FROM nexus_messages WHERE session_tag = ? ORDER BY id DESC LIMIT 1"
 )
-
-
-class CountCache:
-    """Committed per-session row counts, and the ``data_version`` they are true for.
-
-    ``data_version`` of a connection changes when *another* connection commits
-    to the database (our own commits leave it alone).  Read after ``BEGIN
-    IMMEDIATE`` nobody else can commit until our COMMIT, so a value equal to
-    the one seen in our previous transaction proves the counts are still
-    exact; a different one drops them all and sessions are counted afresh.
-    """
-
-    __slots__ = ("counts", "data_version", "external_changes")
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self.data_version: int | None = None
-        #: Transactions that found another writer's commit before them.
-        self.external_changes = 0
-
-    def sync(self, conn: sqlite3.Connection) -> bool:
-        """Inside the write transaction: drop the counts if someone else wrote; True if so."""
-        version: int = conn.execute("PRAGMA data_version").fetchone()[0]
-        if version == self.data_version:
-            return False
-        changed = self.data_version is not None
-        self.data_version = version
-        self.counts.clear()
-        if changed:
-            self.external_changes += 1
-        return changed
 
 
 @dataclass(slots=True)
@@ -96,6 +69,7 @@ def run(
     counts_cache: CountCache,
     max_messages: int,
     lookup: bool,
+    index: IndexState | None = None,
 ) -> Outcome:
     """Run ``ops`` as one transaction and commit; roll back and raise on any error.
 
@@ -103,17 +77,19 @@ def run(
     committed per-session row counts; it is checked against ``data_version``
     once the write lock is held, and updated only if the commit succeeds.
     ``lookup`` looks every idempotency key up first (the careful path, after
-    an IntegrityError told us a key is already stored).
+    an IntegrityError told us a key is already stored).  ``index``: the
+    full-text index's state when there is one; its upkeep goes last (:class:`~.search.Upkeep`).
     """
     results: list[Any] = []
     changes: list[Change] = []
     inserts = (_CheckedInserts if lookup else _PendingInserts)(conn, now, changes)
     rows_added = 0
     conn.execute("BEGIN IMMEDIATE")
+    fts = None if index is None else Upkeep(conn, index)
     try:
         # First thing under the write lock: are the cached counts still true?
         counts_cache.sync(conn)
-        counts = _Counts(conn, counts_cache.counts)
+        counts = Counts(conn, counts_cache.counts)
         for op in ops:
             if isinstance(op, Insert):
                 ids, added = inserts.add(op)
@@ -122,27 +98,45 @@ def run(
                 rows_added += added
                 continue
             inserts.flush()
+            if fts is not None:
+                fts.catch_up(changes)
             if isinstance(op, PopNewest):
                 popped = _pop(conn, op, counts)
                 if isinstance(popped, Message):
                     changes.append(Removed(op.session_tag, ids=(popped.id,)))
+                    if fts is not None:
+                        fts.removed(popped.id, popped.content)
                 results.append(popped)
             elif isinstance(op, ClearSession):
+                tag = op.session_tag
+                if fts is not None:
+                    fts.removing("session_tag = ?", (tag,), tag.__eq__)
                 n = conn.execute(
-                    "DELETE FROM nexus_messages WHERE session_tag = ?", (op.session_tag,)
+                    "DELETE FROM nexus_messages WHERE session_tag = ?", (tag,)
                 ).rowcount
                 counts.set(op.session_tag, 0)
                 if n:
                     changes.append(Removed(op.session_tag, before_id=_next_id(conn)))
                 results.append(n)
             else:
-                n = conn.execute(*_clear_all_sql(op.scope)).rowcount
+                sql, params = _clear_all_sql(op.scope)
+                if fts is not None:
+                    if op.scope is None:
+                        fts.removing_all()
+                    else:
+                        where = sql.split(" WHERE ", 1)[1]
+                        fts.removing(where, params, functools.partial(_in_scope, op.scope))
+                n = conn.execute(sql, params).rowcount
                 counts.clear_all()
                 if n:
                     changes.append(Removed(None, before_id=_next_id(conn), scope=op.scope))
                 results.append(n)
         inserts.flush()
-        pruned = _prune(conn, counts, max_messages, changes)
+        if fts is not None:
+            fts.catch_up(changes)
+        pruned = _prune(conn, counts, max_messages, changes, fts)
+        if fts is not None:
+            fts.flush()
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -152,13 +146,20 @@ def run(
     return Outcome(results, rows_added, pruned, changes)
 
 
+def _in_scope(scope: str, tag: str) -> bool:
+    """Whether a stored tag is among those ``clear_all`` of ``scope`` deletes."""
+    if scope == "":
+        return not tag.startswith(NS_MARK)
+    return tag.startswith(scope)
+
+
 def _next_id(conn: sqlite3.Connection) -> int:
     """The id the next stored row will get (AUTOINCREMENT never reuses one)."""
     row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'nexus_messages'").fetchone()
     return 1 if row is None else int(row[0]) + 1
 
 
-def _pop(conn: sqlite3.Connection, op: PopNewest, counts: _Counts) -> Message | NexusError | None:
+def _pop(conn: sqlite3.Connection, op: PopNewest, counts: Counts) -> Message | NexusError | None:
     tag = op.session_tag
     row = conn.execute(_NEWEST, (tag,)).fetchone()
     if row is None:
@@ -172,7 +173,13 @@ def _pop(conn: sqlite3.Connection, op: PopNewest, counts: _Counts) -> Message | 
     return msg
 
 
-def _prune(conn: sqlite3.Connection, counts: _Counts, keep: int, changes: list[Change]) -> int:
+def _prune(
+    conn: sqlite3.Connection,
+    counts: Counts,
+    keep: int,
+    changes: list[Change],
+    fts: Upkeep | None = None,
+) -> int:
     """Delete exactly the oldest overflow of every session this batch grew.
 
     The writer knows every session's count (exact: :class:`CountCache`), so it
@@ -196,6 +203,8 @@ def _prune(conn: sqlite3.Connection, counts: _Counts, keep: int, changes: list[C
         pruned += excess
         if excess >= _PRUNE_RANGE_FROM:
             (last,) = conn.execute(_PRUNE_LAST, (tag, excess - 1)).fetchone()
+            if fts is not None:
+                fts.removing("session_tag = ? AND id <= ?", (tag, last), tag.__eq__, last)
             conn.execute(_PRUNE_RANGE, (tag, last))
             below[tag] = last + 1
         else:
@@ -205,11 +214,14 @@ def _prune(conn: sqlite3.Connection, counts: _Counts, keep: int, changes: list[C
         union = " UNION ALL ".join([_PRUNE_ONE] * len(chunk))
         params = [x for pair in chunk for x in pair]
         gone = conn.execute(
-            f"DELETE FROM nexus_messages WHERE id IN ({union}) RETURNING session_tag, id", params
+            f"DELETE FROM nexus_messages WHERE id IN ({union}) RETURNING session_tag, id, content",
+            params,
         ).fetchall()
-        for tag, row_id in gone:
+        for tag, row_id, content in gone:
             if row_id >= below.get(tag, 0):
                 below[tag] = row_id + 1
+            if fts is not None:
+                fts.removed(row_id, content)
     changes += [Removed(tag, before_id=first) for tag, first in below.items()]
     return pruned
 
@@ -313,52 +325,6 @@ class _CheckedInserts(_PendingInserts):
         self._rows = []
         self._fills = []
         self._keys.clear()
-
-
-class _Counts:
-    """Per-session row counts for one transaction, over the committed cache.
-
-    Counts cached after a commit stay true until the next commit by anyone
-    (:class:`CountCache` checks); a session not cached is counted once (index scan).
-    Nothing reaches the cache unless the transaction commits.
-    """
-
-    __slots__ = ("_cache", "_cleared", "_conn", "_work", "grown")
-
-    def __init__(self, conn: sqlite3.Connection, cache: dict[str, int]) -> None:
-        self._conn = conn
-        self._cache = cache
-        self._work: dict[str, int] = {}
-        self._cleared = False
-        self.grown: set[str] = set()
-
-    def get(self, tag: str) -> int:
-        n = self._work.get(tag)
-        if n is None:
-            n = None if self._cleared else self._cache.get(tag)
-            if n is None:
-                n = self._conn.execute(
-                    "SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ?", (tag,)
-                ).fetchone()[0]
-            self._work[tag] = n
-        return n
-
-    def add(self, tag: str, n: int) -> None:
-        self._work[tag] = self.get(tag) + n
-        if n > 0:
-            self.grown.add(tag)
-
-    def set(self, tag: str, n: int) -> None:
-        self._work[tag] = n
-
-    def clear_all(self) -> None:
-        self._cleared = True
-        self._work.clear()
-
-    def commit(self) -> None:
-        if self._cleared:
-            self._cache.clear()
-        self._cache.update(self._work)
 
 
 def _clear_all_sql(scope: str | None) -> tuple[str, tuple[str, ...]]:

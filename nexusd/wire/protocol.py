@@ -24,26 +24,32 @@ from msgspec import Meta, Struct
 
 from .errors import NexusError, error_for_code
 
+# The values, re-exported: the wire's types are all reachable from here.
+from .values import MAX_IDEM_KEY_CHARS as MAX_IDEM_KEY_CHARS
+from .values import MAX_ROLE_CHARS as MAX_ROLE_CHARS
+from .values import IdemKey as IdemKey
+from .values import Message as Message
+from .values import MetaMap as MetaMap
+from .values import NewMessage as NewMessage
+from .values import Removal as Removal
+from .values import Role as Role
+from .values import SearchHit as SearchHit
+from .values import SessionInfo as SessionInfo
+
 PROTOCOL_VERSION: Final = 1
 DEFAULT_SESSION: Final = "nexus"
-MAX_ROLE_CHARS: Final = 64
 MAX_SESSION_CHARS: Final = 256
 MAX_HISTORY_LIMIT: Final = 10_000
 MAX_SESSIONS_PAGE: Final = 1_000
 #: Request ids are unsigned 63-bit so every language's integer fits them.
 MAX_REQUEST_ID: Final = 2**63 - 1
 
-Role = Annotated[str, Meta(min_length=1, max_length=MAX_ROLE_CHARS)]
 SessionTag = Annotated[str, Meta(min_length=1, max_length=MAX_SESSION_CHARS)]
 RequestId = Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
 RowId = Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
 Limit = Annotated[int, Meta(ge=1, le=MAX_HISTORY_LIMIT)]
-MAX_IDEM_KEY_CHARS: Final = 128
 #: Largest backup chunk a client may ask for (well under any frame limit).
 MAX_BACKUP_CHUNK: Final = 1024 * 1024
-IdemKey = Annotated[str, Meta(min_length=1, max_length=MAX_IDEM_KEY_CHARS)]
-#: ``meta`` is any JSON-compatible mapping; the server checks the values.
-MetaMap = dict[str, Any]
 #: Longest caller-supplied ``timestamp``, in characters (Unicode code points).
 MAX_TIMESTAMP_CHARS: Final = 64
 #: Longest search query, in characters.
@@ -54,66 +60,6 @@ MAX_SEARCH_LIMIT: Final = 1_000
 MAX_SEARCH_SESSIONS: Final = 100
 #: Most watches open at once on one connection.
 MAX_WATCHES: Final = 64
-
-
-# ── Shared value types ────────────────────────────────────────────────────────
-class Message(Struct, frozen=True, kw_only=True):
-    """One stored message."""
-
-    id: int
-    role: str
-    content: str
-    timestamp: str
-    session_tag: str
-    meta: MetaMap | None = None
-
-
-class SessionInfo(Struct, frozen=True, kw_only=True):
-    """Summary of one session tag."""
-
-    session_tag: str
-    count: int
-    first_id: int
-    last_id: int
-    last_timestamp: str
-
-
-class SearchHit(Struct, frozen=True, kw_only=True):
-    """One message a search found: the message, a snippet of it, and its rank.
-
-    ``highlights`` are the [start, end) offsets, in code points of
-    ``snippet``, of each matched term.  ``rank`` is bm25's (lower is a better
-    match); in newest-first order it is still given.
-    """
-
-    message: Message
-    snippet: str
-    highlights: list[tuple[int, int]] = []
-    rank: float = 0.0
-
-
-class Removal(Struct, frozen=True, kw_only=True):
-    """Messages a watch covered that went away (``pop``, ``clear``, retention).
-
-    Gone: the ids in ``ids``, and with ``before_id`` every message of the
-    session with a smaller id.  ``session_tag`` nil: of every session the
-    watch covers (``clear_all``).
-    """
-
-    session_tag: str | None = None
-    ids: list[int] = []
-    before_id: int | None = None
-
-
-class NewMessage(Struct, frozen=True, kw_only=True):
-    """One item of an ``append_many`` request."""
-
-    role: Role
-    content: str
-    timestamp: str | None = None
-    meta: MetaMap | None = None
-    #: A retry with the same key in the same session stores nothing new.
-    idem_key: IdemKey | None = None
 
 
 # ── Requests ──────────────────────────────────────────────────────────────────
