@@ -252,3 +252,18 @@ async def test_one_batch_that_stores_and_removes_keeps_the_index_exact(tmp_path:
         await write(s, [Insert("z", [row("z one")]), ClearAll(None), Insert("z", [row("z two")])])
         assert [h.message.content for h in await find(s, "z")] == ["z two"]
     index_is_exact(db)
+
+
+async def test_a_search_that_runs_too_long_is_stopped_and_the_reader_goes_on(
+    tmp_path: Path,
+) -> None:
+    async with opened(tmp_path / "n.db") as s:
+        await write(s, [Insert("s", [row(f"common word{i}") for i in range(400)])] * 50)
+        s._readers.search_seconds = 0.0  # every search is already over its time
+        with pytest.raises(BadRequest, match="was stopped") as err:
+            await find(s, "common", limit=10)
+        assert err.value.field == "query"
+        s._readers.search_seconds = 10.0
+        found = await find(s, "common word7")  # the same readers serve on
+        assert found and {h.message.content for h in found} == {"common word7"}
+        assert (await s.history("s", 1, before_id=None, after_id=None, budget=1 << 20)).items

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -38,6 +40,8 @@ from .scope import NS_MARK, scope_bounds
 
 logger = logging.getLogger(__name__)
 
+#: How long one search may run (seconds of its reader's time) before it is stopped.
+SEARCH_SECONDS: Final = 2.0
 #: msgpack bytes per SessionInfo map besides its two strings (keys, headers, three ints).
 SESSION_OVERHEAD: Final = 128
 #: Timestamps up to this many bytes are read with their session's entry.
@@ -111,10 +115,17 @@ def _fit(sizes: list[int], budget: int) -> tuple[int, bool]:
 class ReaderPool:
     """A fixed set of read-only connections, lent out one query at a time."""
 
-    def __init__(self, db_path: Path, *, size: int) -> None:
+    def __init__(self, db_path: Path, *, size: int, search_seconds: float = SEARCH_SECONDS) -> None:
         if size < 1:
             raise ValueError("reader pool size must be >= 1")
         self.db_path = db_path
+        #: How long one search may run before SQLite is told to stop it.
+        self.search_seconds = search_seconds
+        #: Searches at once: one reader is always left for everything else.
+        self._searches = anyio.Semaphore(max(1, size - 1))
+        #: Per connection, when the search running on it must stop (read by
+        #: SQLite's progress handler on the connection's own thread).
+        self._deadline: dict[int, float] = {}
         self.size = size
         self._conns: list[aiosqlite.Connection] = []
         self._idle_send: MemoryObjectSendStream[aiosqlite.Connection]
@@ -133,6 +144,7 @@ class ReaderPool:
                 conn = await aiosqlite.Connection(functools.partial(open_reader, path), 64)
             except sqlite3.Error as exc:
                 raise StorageError(f"cannot open a reader on {self.db_path}: {exc}") from None
+            await conn.set_progress_handler(functools.partial(self._too_long, id(conn)), 10_000)
             self._conns.append(conn)
             self._idle_send.send_nowait(conn)
 
@@ -141,6 +153,10 @@ class ReaderPool:
         with anyio.CancelScope(shield=True):
             for conn in conns:
                 await conn.close()
+
+    def _too_long(self, key: int) -> bool:
+        """SQLite's progress handler: True stops the statement ("interrupted")."""
+        return time.monotonic() > self._deadline.get(key, math.inf)
 
     @asynccontextmanager
     async def _lend(self) -> AsyncIterator[aiosqlite.Connection]:
@@ -182,10 +198,11 @@ class ReaderPool:
         match = fts.match_expression(q.text, syntax=q.syntax)
         sql, params = fts.hits_query(q, match)
         try:
-            async with self._lend() as conn:
+            async with self._searches, self._lend() as conn:
                 # Shielded: a cancelled search must not lend its connection on
                 # with its transaction open (a snapshot pinned for the next user).
                 with anyio.CancelScope(shield=True):
+                    self._deadline[id(conn)] = time.monotonic() + self.search_seconds
                     await conn.execute("BEGIN")
                     try:
                         found = list(await conn.execute_fetchall(sql, params))
@@ -200,10 +217,17 @@ class ReaderPool:
                             *fts.page_query(None if q.newest else match, ids[:kept])
                         )
                     finally:
+                        self._deadline.pop(id(conn), None)
                         await conn.commit()
         except sqlite3.Error as exc:
             if isinstance(exc, sqlite3.OperationalError) and fts.is_syntax_error(exc):
                 raise BadRequest(f"search query refused: {exc}", field="query") from None
+            if isinstance(exc, sqlite3.OperationalError) and str(exc) == "interrupted":
+                raise BadRequest(
+                    f"the search ran for over {self.search_seconds:g} s and was stopped;"
+                    " narrow it: more or rarer words, a session, a time range, or newest first",
+                    field="query",
+                ) from None
             raise self._failed(exc) from None
         by_id = {row[0]: row for row in rows}
         hits = []
