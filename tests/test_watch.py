@@ -17,9 +17,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 
 from nexusd import Client
+from nexusd.wire.framing import encode_frame
 from tests.conftest import Daemon, RawSync, _new_daemon, as_uid, write_config
 
 
@@ -293,5 +295,27 @@ def test_a_namespaced_peer_watches_and_finds_only_its_own(short_dir: Path) -> No
             (f"alpha of {one}", "s")
         ]
         assert [h["message"]["content"] for h in found["hits"]] == [f"alpha of {one}"]
+    finally:
+        d.stop()
+
+
+def test_all_watches_together_are_bounded_by_max_buffered(short_dir: Path) -> None:
+    cfg = write_config(short_dir / "n.toml", watch_buffer=1048576, max_buffered=1048576)
+    d = _new_daemon(short_dir, "--config", str(cfg), "--max-messages", "0").start()
+    try:
+        sleepers = []
+        for rid in (1, 2, 3):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(str(d.socket))
+            req = {"op": "watch", "id": rid, "session_tag": "s"}
+            s.sendall(encode_frame(msgspec.msgpack.encode(req)))
+            sleepers.append(s)
+        with Client(d.socket) as c:
+            for _ in range(60):  # ~960 kB each: under watch_buffer, not all three together
+                c.append_many([("user", "x" * 4000)] * 4, session_tag="s")
+            assert c.stats()["watches_lagged"] >= 1
+        for s in sleepers:
+            s.close()
     finally:
         d.stop()

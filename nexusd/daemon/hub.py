@@ -55,9 +55,14 @@ def _covers(scope: str | None, tag: str) -> bool:
 class Hub:
     """Every open watch of the daemon, and the fan-out of each committed batch."""
 
-    def __init__(self, *, buffer: int) -> None:
+    def __init__(self, *, buffer: int, total: int | None = None) -> None:
         #: Bytes of messages a watch may hold unsent before it is ``lagged``.
         self.buffer = buffer
+        #: ... and all watches together (counted per watch, though the messages
+        #: are shared: an upper bound of the memory they hold).
+        self.total = total if total is not None else 256 * buffer
+        #: What they hold now.
+        self.held = 0
         self._by_tag: dict[str, set[Follower]] = {}
         self._all: set[Follower] = set()
         self.count = 0

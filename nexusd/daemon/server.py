@@ -83,7 +83,7 @@ class Server:
         )
         self.writer = Writer(self.storage, queue_size=config.queue_size, batch_max=config.batch_max)
         #: Every open watch; storage tells it each commit.
-        self.hub = Hub(buffer=config.watch_buffer)
+        self.hub = Hub(buffer=config.watch_buffer, total=config.max_buffered)
         self.storage.on_commit = self.hub.publish
         self.readers = self.storage
         self.snapshots = Snapshots(

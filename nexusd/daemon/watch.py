@@ -53,6 +53,15 @@ _ENVELOPE: Final = 16 * 1024
 _SMALL_ENVELOPE: Final = 256
 
 
+#: Bytes a waiting batch costs a watch besides its messages (its entry, lists).
+_ENTRY: Final = 200
+
+
+def _held(batch: Batch) -> int:
+    """What a batch waiting in a watch's buffer counts against its limits."""
+    return _ENTRY + sum(size for _, size in batch.items)
+
+
 class Watch:
     """One watch: its replay, its buffer, its frames."""
 
@@ -93,14 +102,20 @@ class Watch:
             return
         if self.replaying or self.pending or self.out.unsent() > HIGH_WATER:
             self.pending.append((batch, removed))
-            self.pending_bytes += sum(size for _, size in batch.items)
-            if self.pending_bytes > self.hub.buffer:
-                self.hub.lagged += 1
+            size = _held(batch)
+            self.pending_bytes += size
+            hub = self.hub
+            hub.held += size
+            if self.pending_bytes > hub.buffer or hub.held > hub.total:
+                hub.lagged += 1
+                limit = (
+                    f"more than {hub.buffer} bytes behind"
+                    if self.pending_bytes > hub.buffer
+                    else f"behind while all watches held {hub.total} bytes (the most)"
+                )
                 self.end(
                     Lagged(
-                        f"this watch fell more than {self.hub.buffer} bytes behind;"
-                        " watch again from last_id",
-                        last_id=self.last_sent,
+                        f"this watch fell {limit}; watch again from last_id", last_id=self.last_sent
                     )
                 )
             return
@@ -113,7 +128,9 @@ class Watch:
         self.writable.set()
         while self.pending and not self.replaying:
             batch, removed = self.pending.popleft()
-            self.pending_bytes -= sum(size for _, size in batch.items)
+            size = _held(batch)
+            self.pending_bytes -= size
+            self.hub.held -= size
             self._send_batch(batch, removed)
             if self.ended or self.out.unsent() > HIGH_WATER:
                 return
@@ -124,6 +141,8 @@ class Watch:
             return
         self.ended = True
         self.hub.remove(self)
+        self.hub.held -= self.pending_bytes
+        self.pending_bytes = 0
         self.pending.clear()
         self.writable.set()
         if self.task is not None:
