@@ -264,6 +264,8 @@ def test_the_cli_prints_hits_with_their_snippets_and_json(shared_daemon: Daemon,
     lines = r.stdout.splitlines()
     assert lines[0].startswith("#") and f"  {tag}  user  " in lines[0]
     assert lines[1] == "    Über das Café\\x1b[31m"  # escaped, no highlighting on a pipe
+    unquoted = d.cli("search", "uber", "cafe", "--session", tag)  # words need no quotes
+    assert unquoted.returncode == 0 and unquoted.stdout == r.stdout
     r = d.cli("search", "uber cafe", "--session", tag, "--json")
     out = json.loads(r.stdout)
     assert out["cursor"] is None and out["hits"][0]["highlights"] == [[0, 4], [9, 13]]

@@ -115,7 +115,7 @@ def _more_hint(args: argparse.Namespace, c: Client, msgs: list[p.Message]) -> st
 
 def cmd_search(args: argparse.Namespace, c: Client) -> None:
     found = c.search(
-        args.query,
+        " ".join(args.query),
         session_tag=args.session,
         role=args.role,
         since=args.since,

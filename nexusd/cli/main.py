@@ -204,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
     f = client_cmd(
         "search", cc.cmd_search, "find messages by their words, best match first", session=False
     )
-    f.add_argument("query", help="words to find (all of them, any order), or FTS5 with --fts")
+    f.add_argument(
+        "query",
+        nargs="+",
+        help="words to find (all of them, any order; quotes optional), or FTS5 with --fts",
+    )
     f.add_argument(
         "--session", action="append", metavar="TAG", help="only this session (repeatable)"
     )
