@@ -74,6 +74,7 @@ def test_a_cursor_of_another_search_is_bad_request(other: dict[str, object]) -> 
         ("rank", "r:-0x1p+0:-5"),
         ("newest", "n:"),
         ("newest", "n:99999999999999999999"),
+        ("newest", "n:9999999999999999999"),  # 19 digits, over 2^63 - 1
         ("newest", "n:٣"),  # a digit, but not ASCII
         ("rank", "garbage"),
         ("rank", ""),

@@ -319,3 +319,20 @@ def test_all_watches_together_are_bounded_by_max_buffered(short_dir: Path) -> No
             s.close()
     finally:
         d.stop()
+
+
+def test_long_roles_and_tags_never_push_a_frame_past_the_limit(short_dir: Path) -> None:
+    d = _new_daemon(short_dir, "--max-frame", "131072", "--max-content", "100000").start()
+    try:
+        tag, role = "🦜" * 256, "🐍" * 64  # 4 bytes of UTF-8 each
+        raw = RawSync(d.socket)
+        raw.send({"op": "watch", "id": 1, "all": True})
+        frames(raw, 1, live)
+        with Client(d.socket) as c:
+            ids = c.append_many([(role, f"message {i}" * 4) for i in range(120)], session_tag=tag)
+        got = frames(
+            raw, 1, lambda g: bool(g) and (ids_of(g)[-1:] == ids[-1:] or g[-1]["op"] == "error")
+        )
+        assert [f["op"] for f in got] == ["watch"] * len(got) and ids_of(got) == ids
+    finally:
+        d.stop()

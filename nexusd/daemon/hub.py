@@ -123,7 +123,18 @@ class Hub:
             else:
                 assert type(change) is Removed
                 removals.append(change)
-        for tag, group in list(watched.items()):
+        # Only the sessions this commit touched (all of them only for clear_all):
+        # idle watches of other sessions cost a commit nothing.
+        touched = set(by_tag)
+        for r in removals:
+            if r.session_tag is not None:
+                touched.add(r.session_tag)
+            else:
+                touched.update(t for t in watched if _covers(r.scope, t))
+        for tag in touched:
+            group = watched.get(tag)
+            if not group:
+                continue
             items = by_tag.get(tag, [])
             gone = [r for r in removals if _removes(r, tag)]
             if items or gone:
@@ -172,6 +183,16 @@ class Batch:
     def __init__(self, items: list[Item]) -> None:
         self.items = items
         self._raw: msgspec.Raw | None = None
+
+    def bound(self) -> int:
+        """An upper bound of the messages' encoded size: every string at 4 bytes a
+        character, meta at 3 times its JSON, and the map's overhead."""
+        total = 0
+        for m, size in self.items:
+            meta = size - len(m.content) - PER_MESSAGE
+            total += 4 * (len(m.content) + len(m.role) + len(m.session_tag) + len(m.timestamp))
+            total += 3 * meta + PER_MESSAGE
+        return total
 
     def raw(self) -> msgspec.Raw:
         if self._raw is None:

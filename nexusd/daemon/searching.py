@@ -101,6 +101,6 @@ def search_query(
 
 
 def _row_id(text: str) -> int:
-    if not text.isascii() or not text.isdigit() or len(text) > 19:
-        raise ValueError(text)
+    if not text.isascii() or not text.isdigit() or len(text) > 19 or int(text) > p.MAX_REQUEST_ID:
+        raise ValueError(text)  # (ids are SQLite integers: at most 2^63 - 1)
     return int(text)

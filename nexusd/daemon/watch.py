@@ -161,7 +161,7 @@ class Watch:
             plain
             and items
             and (last is None or items[0][0].id > last)
-            and sum(size for _, size in items) * 4 < self.max_frame - _ENVELOPE
+            and batch.bound() < self.max_frame - _ENVELOPE
         ):
             gone = [self._removal(r) for r in removed]
             self.out.push(Frame(id=self.rid, messages=batch.raw(), removed=gone, live=True))
@@ -186,7 +186,8 @@ class Watch:
         room = self.max_frame - _ENVELOPE
         start = used = 0
         for i, m in enumerate(msgs):
-            size = 4 * (len(m.content) + len(m.role) + len(m.session_tag)) + PER_MESSAGE
+            size = 4 * (len(m.content) + len(m.role) + len(m.session_tag) + len(m.timestamp))
+            size += PER_MESSAGE
             if m.meta is not None:
                 size += 3 * len(msgspec.json.encode(m.meta))
             if size > room and len(p.encoder.encode(m)) > self.max_frame - _SMALL_ENVELOPE:
