@@ -45,17 +45,7 @@ class AsyncFrameStream:
     @classmethod
     async def open(cls, path: os.PathLike[str] | str, trusted: frozenset[int]) -> AsyncFrameStream:
         """A new connection to ``path``, once its server's uid is known to be ``trusted``."""
-        try:
-            stream = await anyio.connect_unix(path)
-        except OSError as exc:
-            raise connect_error(path, exc) from None
-        try:
-            check_server(stream.extra(SocketAttribute.raw_socket), path, trusted)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-            raise
-        return cls(stream)
+        return cls(await connect_checked(path, trusted))
 
     async def send(self, frame: bytes, timeout: float | None) -> None:
         """Send one frame (``timeout`` None: no bound)."""
@@ -94,3 +84,19 @@ class AsyncFrameStream:
         """Close the connection (idempotent), even from a cancelled task."""
         with anyio.CancelScope(shield=True):
             await self._stream.aclose()
+
+
+async def connect_checked(path: os.PathLike[str] | str, trusted: frozenset[int]) -> SocketStream:
+    """An anyio stream connected to ``path`` whose server's uid is ``trusted`` (the
+    AnyioLink's and the watches' streams both connect here)."""
+    try:
+        stream = await anyio.connect_unix(path)
+    except OSError as exc:
+        raise connect_error(path, exc) from None
+    try:
+        check_server(stream.extra(SocketAttribute.raw_socket), path, trusted)
+    except BaseException:
+        with anyio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    return stream

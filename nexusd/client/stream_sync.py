@@ -40,18 +40,7 @@ class FrameStream:
     @classmethod
     def open(cls, path: os.PathLike[str] | str, trusted: frozenset[int]) -> FrameStream:
         """A new connection to ``path``, once its server's uid is known to be ``trusted``."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Connect blocking, as the client does: a full accept backlog waits.
-        try:
-            sock.connect(str(path))
-            check_server(sock, path, trusted)
-        except OSError as exc:
-            sock.close()
-            raise connect_error(path, exc) from None
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
+        return cls(connect_checked(path, trusted))
 
     def _set_timeout(self, timeout: float | None) -> None:
         if timeout != self._timeout:
@@ -97,3 +86,21 @@ class FrameStream:
         except OSError:  # not connected any more, or closed already
             pass
         self._sock.close()
+
+
+def connect_checked(path: os.PathLike[str] | str, trusted: frozenset[int]) -> socket.socket:
+    """A socket connected to ``path`` whose server's uid is ``trusted`` (the client's
+    links and the watches' streams both connect here)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    # Connect blocking: a full accept backlog then waits instead of failing
+    # with EAGAIN (which a socket with a timeout reports at once).
+    try:
+        sock.connect(str(path))
+        check_server(sock, path, trusted)
+    except OSError as exc:
+        sock.close()
+        raise connect_error(path, exc) from None
+    except BaseException:
+        sock.close()
+        raise
+    return sock

@@ -40,13 +40,14 @@ from collections.abc import Callable
 from typing import Any, Final, Protocol, TypeVar, cast
 
 import anyio
-from anyio.abc import SocketAttribute, SocketStream, TaskGroup
+from anyio.abc import SocketStream, TaskGroup
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from ..wire import protocol as p
 from ..wire.errors import ConnectionLost, NexusError, Timeout
 from .connect import check_server, connect_error
 from .replies import RECV_BYTES, ReplyReader
+from .stream_async import connect_checked
 
 __all__ = [
     "LINK_SURVIVES_INTERRUPTS",
@@ -351,17 +352,10 @@ class AsyncConnector:
                     await link.aclose()
                     raise
                 return link
-            stream = await anyio.connect_unix(path)
         except OSError as exc:
             raise connect_error(path, exc) from None
-        try:
-            # Before the link exists: its sender cannot have sent anything.
-            check_server(stream.extra(SocketAttribute.raw_socket), path, trusted)
-        except BaseException:
-            with anyio.CancelScope(shield=True):
-                await stream.aclose()
-            raise
-        return AnyioLink(stream, self._tg)
+        # Checked before the link exists: its sender cannot have sent anything.
+        return AnyioLink(await connect_checked(path, trusted), self._tg)
 
 
 # ── what the client needs of the event loop ──────────────────────────────────

@@ -27,8 +27,8 @@ from typing import Any, Final, TypeVar
 
 from ..wire import protocol as p
 from ..wire.errors import ConnectionLost, NexusError, Timeout
-from .connect import check_server, connect_error
 from .replies import RECV_BYTES, ReplyReader
+from .stream_sync import connect_checked
 
 __all__ = [
     "LINK_SURVIVES_INTERRUPTS",
@@ -175,19 +175,7 @@ class Connector:
 
     def open(self, path: os.PathLike[str] | str, trusted: frozenset[int]) -> SocketLink:
         """A new link to ``path``, once its server's uid is known to be ``trusted``."""
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        # Connect blocking: a full accept backlog then waits instead of failing
-        # with EAGAIN (which a socket with a timeout reports at once).
-        try:
-            sock.connect(str(path))
-            check_server(sock, path, trusted)
-        except OSError as exc:
-            sock.close()
-            raise connect_error(path, exc) from None
-        except BaseException:
-            sock.close()
-            raise
-        return SocketLink(sock)
+        return SocketLink(connect_checked(path, trusted))
 
 
 #: One call at a time on a client's connection, from first try to last retry.
