@@ -32,14 +32,21 @@ __all__ = [
     "Change",
     "ClearAll",
     "ClearSession",
+    "DeleteIds",
+    "Deleted",
+    "Fork",
+    "Forked",
     "Insert",
     "NewRow",
     "Op",
     "Page",
     "PopNewest",
     "Removed",
+    "Retention",
     "SearchQuery",
+    "SetRetention",
     "Storage",
+    "Swept",
     "StoredRow",
     "WriteOp",
     "WriteStats",
@@ -108,7 +115,83 @@ class ClearAll(WriteOp[int]):
     scope: str | None = None
 
 
-Op: TypeAlias = Insert | PopNewest | ClearSession | ClearAll
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """What :class:`DeleteIds` did: the ids deleted and those the session did not hold."""
+
+    deleted: list[int]
+    missing: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteIds(WriteOp[Deleted]):
+    """Delete exactly these messages of one session (an id it does not hold is
+    reported missing, not an error: deleting twice is harmless)."""
+
+    session_tag: str
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Forked:
+    """What :class:`Fork` stored: ``count`` new messages with ids ``first_id..last_id``."""
+
+    count: int
+    first_id: int
+    last_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fork(WriteOp[Forked]):
+    """Copy the messages of ``source_tag`` (up to and including ``up_to_id``, None:
+    all) into ``new_tag``, in one transaction: new ids, same role, content,
+    timestamp and meta, and in meta ``forked_from = {session_tag: link_tag,
+    id: <the original's id>}`` (``link_tag``: the source's tag as its client
+    names it).  Answered ``conflict`` (field ``new_tag``) when ``new_tag``
+    already holds messages and not ``append``; ``not_found`` when there is
+    nothing to copy; ``too_large`` past :data:`MAX_FORK_MESSAGES` or
+    :data:`MAX_FORK_BYTES`.
+    """
+
+    source_tag: str
+    new_tag: str
+    link_tag: str
+    up_to_id: int | None = None
+    append: bool = False
+
+
+#: The most messages, and bytes of them, one fork copies (one transaction holds the
+#: writer for its length; bigger copies go through ``nexusd export | nexusd import``).
+MAX_FORK_MESSAGES = 100_000
+MAX_FORK_BYTES = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """One session's own retention, overriding the daemon's defaults.
+
+    Each field None: the default applies; 0: unbounded; otherwise the most
+    messages kept, or the age in seconds past which messages are deleted.
+    """
+
+    max_messages: int | None = None
+    max_age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetRetention(WriteOp[Retention]):
+    """Set (or with both None, remove) a session's own retention; result: what is now set.
+
+    Kept in the database (it survives restarts).  A lower ``max_messages``
+    hides the overflow at once (it is removed in the background); a
+    ``max_age`` applies from the next sweep, which this wakes.
+    """
+
+    session_tag: str
+    retention: Retention
+
+
+Op: TypeAlias = Insert | PopNewest | ClearSession | ClearAll | DeleteIds | Fork | SetRetention
 #: Called once, in the event loop, with one result per op, in op order: the op's
 #: result, or the :class:`NexusError` it is answered with.
 Answer: TypeAlias = Callable[[list[Any]], None]
@@ -183,6 +266,14 @@ class SearchQuery:
     budget: int = 1 << 20
 
 
+@dataclass(frozen=True, slots=True)
+class Swept:
+    """What one :meth:`Storage.sweep` step removed, and whether work is left."""
+
+    removed: int
+    more: bool
+
+
 @dataclass(slots=True)
 class WriteStats:
     """What the writes did since open (for the ``stats`` operation)."""
@@ -195,8 +286,12 @@ class WriteStats:
     rows: int = 0
     #: Batches whose transaction failed.
     failed_batches: int = 0
-    #: Rows deleted by retention.
+    #: Rows deleted by retention by count.
     pruned: int = 0
+    #: Rows deleted by retention by age.
+    expired: int = 0
+    #: Hidden rows (cleared, or over a lowered retention) removed in the background.
+    swept: int = 0
     #: Commits by other programs noticed (they force a recount of sessions).
     external_writes: int = 0
 
@@ -273,6 +368,8 @@ class Storage(Protocol):
 
     #: Rows kept per session (0: unbounded); pruning happens in the write transaction.
     max_messages: int
+    #: Seconds after its commit past which a message is deleted (0: never), by :meth:`sweep`.
+    max_age: float
     #: Why writes are refused for good (storage lost), or None while it is sound.
     storage_error: str | None
     write_stats: WriteStats
@@ -287,6 +384,13 @@ class Storage(Protocol):
 
     async def write(self, ops: Sequence[Op], answer: Answer) -> None:
         """Run ``ops`` as one batch (see the class doc); ``answer`` gets the results."""
+        ...
+
+    async def sweep(self) -> Swept:
+        """One short step of removal in the background, between batches: rows that
+        ``clear``, ``clear_all`` or a lowered retention hid (already invisible to
+        every read), then rows past their age.  Never holds the writer long: call
+        it again while ``more``."""
         ...
 
     async def history(

@@ -45,7 +45,7 @@ from ..wire.errors import SEARCH_INDEX, STORAGE_LOST, Internal, NexusError, Unav
 from ..wire.protocol import Message, SearchHit, SessionInfo
 from . import index as fts
 from . import writes
-from .base import Answer, Change, Op, Page, SearchQuery, WriteStats, utc_now
+from .base import Answer, Change, Op, Page, SearchQuery, Swept, WriteStats, utc_now
 from .files import DbFiles, FileWatch, InstanceLock
 from .reads import ReaderPool
 from .schema import SnapshotJob, open_writer
@@ -82,6 +82,7 @@ class SQLiteStorage:
         self.path = path
         self.files = DbFiles.of(path)
         self.max_messages = max_messages
+        self.max_age = 0.0
         self.synchronous = synchronous
         self.wal_autocheckpoint = wal_autocheckpoint
         self.write_stats = WriteStats()
@@ -171,6 +172,9 @@ class SQLiteStorage:
                 logged = state.percent() // 10
                 logger.info("search index: %d%% of the stored messages indexed", state.percent())
         logger.info("search index complete")
+
+    async def sweep(self) -> Swept:
+        return Swept(0, False)  # issue 13, under way
 
     async def search(self, query: SearchQuery) -> Page[SearchHit]:
         state = self.index_state

@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from ..wire.errors import NexusError
 from ..wire.protocol import Message
-from .base import Added, Change, ClearSession, Insert, Op, PopNewest, Removed, StoredRow
+from .base import Added, Change, ClearAll, ClearSession, Insert, Op, PopNewest, Removed, StoredRow
 from .counts import CountCache, Counts
 from .index import IndexState, Upkeep
 from .schema import MESSAGE_COLUMNS, message_of
@@ -118,7 +118,7 @@ def run(
                 if n:
                     changes.append(Removed(op.session_tag, before_id=_next_id(conn)))
                 results.append(n)
-            else:
+            elif isinstance(op, ClearAll):
                 sql, params = _clear_all_sql(op.scope)
                 if fts is not None:
                     if op.scope is None:
@@ -131,6 +131,8 @@ def run(
                 if n:
                     changes.append(Removed(None, before_id=_next_id(conn), scope=op.scope))
                 results.append(n)
+            else:
+                raise NotImplementedError(type(op).__name__)  # issue 13, under way
         inserts.flush()
         if fts is not None:
             fts.catch_up(changes)

@@ -13,6 +13,7 @@ __all__ = [
     "SEARCH_INDEX",
     "STORAGE_LOST",
     "BadRequest",
+    "Conflict",
     "ConnectionLost",
     "DaemonNotRunning",
     "Forbidden",
@@ -117,6 +118,12 @@ class NotFound(NexusError):
     code = "not_found"
 
 
+class Conflict(NexusError):
+    """The request clashes with what is stored (a fork onto a session that has messages)."""
+
+    code = "conflict"
+
+
 class Internal(NexusError):
     """An unexpected failure inside the daemon (logged there with a traceback)."""
 
@@ -151,6 +158,7 @@ _BY_CODE: dict[str, type[NexusError]] = {
         Lagged,
         Forbidden,
         NotFound,
+        Conflict,
         Internal,
     )
 }
