@@ -44,6 +44,7 @@ from ..wire.errors import (
 )
 from ..wire.paths import socket_path_problem
 from . import client_commands as cc
+from . import lifecycle, restore, transfer
 from .check import cmd_check
 from .output import (
     EXIT_ERROR,
@@ -260,6 +261,10 @@ def build_parser() -> argparse.ArgumentParser:
         "backup", cc.cmd_backup, "write a consistent copy of the database", session=False
     )
     b.add_argument("dest", help="file to write (replaced atomically when complete)")
+    # Each of these modules declares its own commands (and owns their code).
+    lifecycle.add_commands(sub, client_cmd)
+    transfer.add_commands(sub, client_cmd)
+    restore.add_command(sub)
     ck = sub.add_parser("check", help="run integrity checks on a database file and print a verdict")
     ck.add_argument("--db", help="database file (default: as the daemon resolves it)")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
@@ -336,6 +341,10 @@ def _main(argv: Sequence[str] | None) -> int:
         return cmd_serve(args)
     if args.command == "check":
         return cmd_check(args)
+    local = getattr(args, "local", None)
+    if local is not None:  # a command that works on files, not through the daemon
+        code: int = local(args)
+        return code
     _check_text(args)
     sessions = getattr(args, "session", None)
     for tag in sessions if isinstance(sessions, list) else [sessions]:
