@@ -148,11 +148,7 @@ class SQLiteStorage:
         return state
 
     async def build_search_index(self) -> None:
-        """Index the rows stored before the index existed, a chunk per writer-thread call.
-
-        Writes queued meanwhile run between chunks (the thread takes calls in
-        order); progress goes to the log about every tenth.
-        """
+        """Index older rows, a chunk per writer-thread call (writes run between chunks)."""
         state = self.index_state
         if state is None or state.complete:
             return

@@ -1,0 +1,187 @@
+"""The write ops the daemon hands to storage, and the changes a commit reports.
+
+Part of the storage seam (:mod:`.base`): each op is a backend-neutral
+dataclass whose committed result has the type its :class:`WriteOp` names;
+a commit reports what it changed as :class:`Added` and :class:`Removed`
+(for watchers and the full-text index).  No SQL here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final, Generic, TypeAlias, TypeVar
+
+from ..wire.errors import NexusError
+from ..wire.protocol import Message
+
+R = TypeVar("R", covariant=True)
+
+#: One row to insert: (role, content, timestamp or None, meta as JSON text or None,
+#: idempotency key or None).  A plain tuple: appends build one per message on the
+#: hot path, and a tuple is the cheapest thing to build.
+NewRow: TypeAlias = tuple[str, str, "str | None", "str | None", "str | None"]
+
+
+class WriteOp(Generic[R]):
+    """A write op whose committed result is an ``R`` (or a :class:`NexusError`)."""
+
+    __slots__ = ()
+
+
+@dataclass(frozen=True, slots=True)
+class Insert(WriteOp[list[int]]):
+    """Append rows to one session; result: their ids, all stored or none.
+
+    A row whose idempotency key the session already holds is not stored again;
+    its id in the result is the original one.  A row without a timestamp gets
+    the batch's commit time (:func:`utc_now`, never earlier than the previous
+    batch's).
+    """
+
+    session_tag: str
+    rows: list[NewRow]
+
+
+@dataclass(frozen=True, slots=True)
+class PopNewest(WriteOp[Message | None]):
+    """Remove and return the newest message of a session (None: the session is empty).
+
+    ``refuse(message)`` runs before anything is deleted and may return an error
+    to answer instead: a message too big for any reply must stay stored rather
+    than be removed and never shown.  It runs wherever the backend runs its
+    transaction (the SQLite backend: its writer thread), so it must be quick
+    and touch nothing shared.
+    """
+
+    session_tag: str
+    refuse: Callable[[Message], NexusError | None] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ClearSession(WriteOp[int]):
+    """Delete one session; result: messages deleted."""
+
+    session_tag: str
+
+
+@dataclass(frozen=True, slots=True)
+class ClearAll(WriteOp[int]):
+    """Delete every message in ``scope``; result: messages deleted.
+
+    ``scope`` None: every message.  ``""``: those whose tag is not namespaced.
+    Otherwise: those whose tag starts with ``scope`` (see :mod:`nexusd.storage.scope`).
+    """
+
+    scope: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """What :class:`DeleteIds` did: the ids deleted and those the session did not hold."""
+
+    deleted: list[int]
+    missing: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class DeleteIds(WriteOp[Deleted]):
+    """Delete exactly these messages of one session (an id it does not hold is
+    reported missing, not an error: deleting twice is harmless)."""
+
+    session_tag: str
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Forked:
+    """What :class:`Fork` stored: ``count`` new messages with ids ``first_id..last_id``."""
+
+    count: int
+    first_id: int
+    last_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Fork(WriteOp[Forked]):
+    """Copy the messages of ``source_tag`` (up to and including ``up_to_id``, None:
+    all) into ``new_tag``, in one transaction: new ids, same role, content,
+    timestamp and meta, and in meta ``forked_from = {session_tag: link_tag,
+    id: <the original's id>}`` (``link_tag``: the source's tag as its client
+    names it).  Answered ``conflict`` (field ``new_tag``) when ``new_tag``
+    already holds messages and not ``append``; ``not_found`` when there is
+    nothing to copy; ``too_large`` past :data:`MAX_FORK_MESSAGES` or
+    :data:`MAX_FORK_BYTES`.
+    """
+
+    source_tag: str
+    new_tag: str
+    link_tag: str
+    up_to_id: int | None = None
+    append: bool = False
+
+
+#: The most messages, and bytes of them, one fork copies (one transaction holds the
+#: writer for its length; bigger copies go through ``nexusd export | nexusd import``).
+MAX_FORK_MESSAGES: Final = 100_000
+MAX_FORK_BYTES: Final = 64 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """One session's own retention, overriding the daemon's defaults.
+
+    Each field None: the default applies; 0: unbounded; otherwise the most
+    messages kept, or the age in seconds past which messages are deleted.
+    """
+
+    max_messages: int | None = None
+    max_age: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SetRetention(WriteOp[Retention]):
+    """Set (or with both None, remove) a session's own retention; result: what is now set.
+
+    Kept in the database (it survives restarts).  A lower ``max_messages``
+    hides the overflow at once (it is removed in the background); a
+    ``max_age`` applies from the next sweep, which this wakes.
+    """
+
+    session_tag: str
+    retention: Retention
+
+
+Op: TypeAlias = Insert | PopNewest | ClearSession | ClearAll | DeleteIds | Fork | SetRetention
+#: Called once, in the event loop, with one result per op, in op order: the op's
+#: result, or the :class:`NexusError` it is answered with.
+Answer: TypeAlias = Callable[[list[Any]], None]
+
+
+#: A stored row as the writer inserts it: (role, content, timestamp, session_tag,
+#: meta as JSON text or None, idempotency key or None).
+StoredRow: TypeAlias = tuple[str, str, str, str, "str | None", "str | None"]
+
+
+@dataclass(frozen=True, slots=True)
+class Added:
+    """Rows a committed batch stored: ``rows[i]`` got id ``first_id + i``."""
+
+    first_id: int
+    rows: list[StoredRow]
+
+
+@dataclass(frozen=True, slots=True)
+class Removed:
+    """Rows a committed batch deleted: ``ids``, and with ``before_id`` every row of
+    ``session_tag`` with a smaller id.  ``session_tag`` None: in every session of
+    ``scope`` (as :class:`ClearAll`)."""
+
+    session_tag: str | None
+    ids: tuple[int, ...] = ()
+    before_id: int | None = None
+    scope: str | None = None
+
+
+#: What a committed batch changed, in the order it happened (for watchers).
+Change: TypeAlias = Added | Removed
