@@ -348,9 +348,9 @@ async def test_a_crash_inside_a_batch_answers_internal_and_the_writer_goes_on(
     tmp_path: Path,
 ) -> None:
     async with WriterHarness(tmp_path / "n.db") as w:
-        # Not an Op: writes.run trips over it (AttributeError), which is a bug
+        # Not an Op: writes.run trips over it (TypeError), which is a bug
         # rather than a storage error; its caller must still get an answer.
-        with pytest.raises(Internal, match="AttributeError"):
+        with pytest.raises(Internal, match="TypeError"):
             await call(w, object())  # type: ignore[arg-type]
         ids = await call(w, Insert("t", [row("after the crash")]))
         assert len(ids) == 1

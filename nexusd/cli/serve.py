@@ -34,6 +34,7 @@ FLAGS = (
     "db",
     "socket",
     "max_messages",
+    "max_age",
     "synchronous",
     "search",
     "queue_size",

@@ -28,6 +28,7 @@ from typing import Annotated, Any, Final, Literal, NamedTuple
 import msgspec
 from msgspec import Meta
 
+from ..wire.durations import parse_duration
 from ..wire.errors import NexusError
 from ..wire.paths import (
     default_db_path,
@@ -85,6 +86,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_messages: Annotated[
         int, Meta(ge=0, description="rows kept per session tag, 0 = unbounded")
     ] = 500
+    max_age: Annotated[
+        str | float,
+        Meta(
+            description="delete messages this long after their commit: 30d, 12h, 90m,"
+            " seconds; 0 = never"
+        ),
+    ] = "0"
     search: Annotated[
         bool, Meta(description="keep a full-text index and answer search (false: neither)")
     ] = True
@@ -185,11 +193,20 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             self.max_connections_per_uid <= self.max_connections,
             "max_connections_per_uid must be <= max_connections",
         )
+        try:
+            parse_duration(self.max_age)
+        except ValueError as exc:
+            need(False, f"max_age: {exc}")
         problem = socket_path_problem(self.socket)
         need(problem is None, f"socket {problem}")  # before any file is made
         if self.socket_group:
             self.socket_gid()  # fails here, at start-up, if the group does not exist
         return self
+
+    @property
+    def max_age_seconds(self) -> float:
+        """``max_age`` in seconds (0: messages never expire)."""
+        return parse_duration(self.max_age)
 
     def socket_gid(self) -> int | None:
         """The numeric group of ``socket_group`` (None when unset)."""

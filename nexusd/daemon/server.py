@@ -56,6 +56,7 @@ from .context import Context
 from .hub import Hub
 from .limits import Budget, InFlight, Limits, tune_malloc
 from .sockets import Listener, StartupError, check_socket_dir, clear_stale_socket
+from .sweeper import Sweeper
 from .systemd import ActivationError, Notifier, listen_fds
 from .tasks import Spawner
 from .writer import Writer
@@ -80,11 +81,14 @@ class Server:
             wal_autocheckpoint=config.wal_autocheckpoint,
             readers=config.readers,
             search=config.search,
+            max_age=config.max_age_seconds,
         )
         self.writer = Writer(self.storage, queue_size=config.queue_size, batch_max=config.batch_max)
         #: Every open watch; storage tells it each commit.
         self.hub = Hub(buffer=config.watch_buffer, total=config.max_buffered)
         self.storage.on_commit = self.hub.publish
+        #: Deletes what clear and retention hid, and what aged, between batches.
+        self.sweeper = Sweeper(self.storage)
         self.readers = self.storage
         self.snapshots = Snapshots(
             self.storage, self.storage.snapshot_dir, max_snapshots=config.max_snapshots
@@ -195,6 +199,7 @@ class Server:
             task_status.started(self)
             self.notifier.ready(f"serving on {where}")
             root.start_soon(self._build_search_index)
+            root.start_soon(self.sweeper.run)
             if self.notifier.enabled:
                 root.start_soon(self._report_to_systemd)
             await self._stop.wait()
@@ -203,6 +208,7 @@ class Server:
             self.writer.close()
             self._reporting.cancel()
             self._indexing.cancel()
+            self.sweeper.stop()
 
     async def _build_search_index(self) -> None:
         """Index older rows (a database from before search) while serving; stopped by a stop."""

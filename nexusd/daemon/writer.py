@@ -143,8 +143,9 @@ class Writer:
         lost = self.storage.storage_error
         if lost is not None:
             raise Unavailable(lost, field=STORAGE_LOST)
-        keep = self.storage.max_messages
-        if type(op) is Insert and 0 < keep < len(op.rows):
+        if type(op) is Insert and 0 < (keep := self.storage.max_messages_of(op.session_tag)) < len(
+            op.rows
+        ):
             # Its oldest rows would be pruned in the very commit that
             # acknowledges them: refuse rather than answer ids already gone.
             raise BadRequest(
@@ -215,6 +216,8 @@ class Writer:
             "ops_committed": st.ops,
             "rows_committed": st.rows,
             "rows_pruned": st.pruned,
+            "rows_expired": st.expired,
+            "rows_swept": st.swept,
             "failed_batches": st.failed_batches,
             "mean_batch_size": round(st.ops / st.batches, 3) if st.batches else 0.0,
             "commit_latency_p50_ms": round(_percentile(lat, 0.50) * 1000, 3),

@@ -117,10 +117,12 @@ class SearchQuery:
 
 @dataclass(frozen=True, slots=True)
 class Swept:
-    """What one :meth:`Storage.sweep` step removed, and whether work is left."""
+    """What one :meth:`Storage.sweep` step removed, whether work is left, and in how
+    many seconds rows past their age are worth sweeping again (None: no age limit)."""
 
     removed: int
     more: bool
+    next_in: float | None = None
 
 
 @dataclass(slots=True)
@@ -215,10 +217,9 @@ class Storage(Protocol):
     committed snapshot each.  A storage fault is raised as ``unavailable``.
     """
 
-    #: Rows kept per session (0: unbounded); pruning happens in the write transaction.
-    max_messages: int
-    #: Seconds after its commit past which a message is deleted (0: never), by :meth:`sweep`.
-    max_age: float
+    #: Called in the event loop when a commit left :meth:`sweep` work to do (rows
+    #: hidden, a retention changed); None: nobody asks.
+    on_sweep: Callable[[], None] | None
     #: Why writes are refused for good (storage lost), or None while it is sound.
     storage_error: str | None
     write_stats: WriteStats
@@ -233,6 +234,20 @@ class Storage(Protocol):
 
     async def write(self, ops: Sequence[Op], answer: Answer) -> None:
         """Run ``ops`` as one batch (see the class doc); ``answer`` gets the results."""
+        ...
+
+    @property
+    def max_messages(self) -> int:
+        """Rows kept per session by default (0: unbounded); pruning is in the write transaction."""
+        ...
+
+    @property
+    def max_age(self) -> float:
+        """Seconds after its commit past which a message is deleted (0: never), by :meth:`sweep`."""
+        ...
+
+    def max_messages_of(self, tag: str) -> int:
+        """Rows ``tag`` keeps: its own retention, else :attr:`max_messages` (0: unbounded)."""
         ...
 
     async def sweep(self) -> Swept:

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from .schema import VISIBLE_ONE
+
 __all__ = ["CountCache", "Counts"]
 
 
@@ -70,7 +72,8 @@ class Counts:
             n = None if self._cleared else self._cache.get(tag)
             if n is None:
                 n = self._conn.execute(
-                    "SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ?", (tag,)
+                    f"SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ? AND {VISIBLE_ONE}",
+                    (tag, tag),
                 ).fetchone()[0]
             self._work[tag] = n
         return n
@@ -79,6 +82,10 @@ class Counts:
         self._work[tag] = self.get(tag) + n
         if n > 0:
             self.grown.add(tag)
+
+    def cached(self) -> dict[str, int]:
+        """The counts known to this transaction (cached or taken), by tag."""
+        return {**({} if self._cleared else self._cache), **self._work}
 
     def set(self, tag: str, n: int) -> None:
         self._work[tag] = n

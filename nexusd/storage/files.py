@@ -21,6 +21,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import sqlite3
 import stat
 import time
 from dataclasses import dataclass
@@ -312,3 +313,22 @@ class FileWatch:
             if (st.st_dev, st.st_ino) == armed:
                 return f"/proc/{os.getpid()}/fd/{fd}"
         return None
+
+    def rescue(self, conn: sqlite3.Connection) -> str:
+        """Once the files changed: save what can be saved; say what was done.
+
+        A checkpoint copies every committed frame of the WAL we have open into
+        the database file we have open, and empties that WAL: a deleted
+        ``-wal`` loses nothing acknowledged, and a ``-wal`` left next to a
+        replaced or deleted database holds no frames to replay into the wrong
+        file at the next start.
+        """
+        try:
+            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+            done = "WAL checkpointed" if not busy else "WAL checkpoint incomplete (busy)"
+        except sqlite3.Error as exc:
+            done = f"WAL checkpoint failed: {exc}"
+        where = self.lost_database()
+        if where is not None:
+            done += f"; until nexusd stops, the database it had open can be copied from {where}"
+        return done

@@ -35,7 +35,15 @@ from ..wire.errors import BadRequest, Unavailable
 from ..wire.protocol import Message, SearchHit, SessionInfo
 from . import search as fts
 from .base import Page, SearchQuery
-from .schema import MESSAGE_COLUMNS, StorageError, message_of, open_reader, row_size
+from .schema import (
+    MESSAGE_COLUMNS,
+    VISIBLE_ONE,
+    StorageError,
+    message_of,
+    open_reader,
+    row_size,
+    visible,
+)
 from .scope import NS_MARK, scope_bounds
 
 logger = logging.getLogger(__name__)
@@ -55,7 +63,9 @@ _SIZE: Final = row_size()
 
 
 #: Which rows a page is of: one session's, or every session's in a scope.
-_ONE_SESSION: Final = "session_tag = ?"
+#: A row if some session has rows cleared but not yet swept.
+_ANY_FLOOR: Final = "SELECT 1 FROM nexus_floors LIMIT 1"
+_ONE_SESSION: Final = f"session_tag = ? AND {VISIBLE_ONE}"
 _SCOPES: Final = {
     "all": "1",
     "plain": "NOT (session_tag >= ? AND session_tag < ?)",
@@ -196,7 +206,6 @@ class ReaderPool:
         FTS5 refuses is ``bad_request`` (field ``query``), never a storage failure.
         """
         match = fts.match_expression(q.text, syntax=q.syntax)
-        sql, params = fts.hits_query(q, match)
         try:
             async with self._searches, self._lend() as conn:
                 # Shielded: a cancelled search must not lend its connection on
@@ -205,6 +214,8 @@ class ReaderPool:
                     self._deadline[id(conn)] = time.monotonic() + self.search_seconds
                     await conn.execute("BEGIN")
                     try:
+                        hidden = await conn.execute_fetchall(_ANY_FLOOR)
+                        sql, params = fts.hits_query(q, match, hidden=bool(hidden))
                         found = list(await conn.execute_fetchall(sql, params))
                         ids = [row[0] for row in found[: q.limit]]
                         if q.newest:  # sizes and snippets came with the hits
@@ -261,7 +272,7 @@ class ReaderPool:
         estimate comes back alone, flagged, for the caller to measure.
         """
         return await self._page(
-            _ONE_SESSION, (tag,), limit, before_id=before_id, after_id=after_id, budget=budget
+            _ONE_SESSION, (tag, tag), limit, before_id=before_id, after_id=after_id, budget=budget
         )
 
     async def feed(
@@ -270,7 +281,12 @@ class ReaderPool:
         """Every session's messages in ``scope`` above ``after_id``, oldest first (watch)."""
         rows, params = _scope_clause(scope)
         return await self._page(
-            rows, params, limit, before_id=None, after_id=after_id, budget=budget
+            f"{rows} AND {visible()}",
+            params,
+            limit,
+            before_id=None,
+            after_id=after_id,
+            budget=budget,
         )
 
     async def _page(
@@ -311,7 +327,10 @@ class ReaderPool:
         return Page([message_of(r) for r in rows], truncated, over)
 
     async def count(self, tag: str) -> int:
-        rows = await self.fetch("SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ?", (tag,))
+        rows = await self.fetch(
+            f"SELECT COUNT(*) FROM nexus_messages WHERE session_tag = ? AND {VISIBLE_ONE}",
+            (tag, tag),
+        )
         return int(rows[0][0])
 
     async def sessions(
@@ -326,7 +345,7 @@ class ReaderPool:
         ``scope`` as for :class:`~nexusd.storage.base.ClearAll`: None for every tag,
         ``""`` for the unprefixed tags, else the tags under that prefix.
         """
-        where: list[str] = []
+        where: list[str] = [visible()]
         params: list[Any] = []
         if after is not None:
             where.append("session_tag > ?")
@@ -335,7 +354,7 @@ class ReaderPool:
             rows_sql, bounds = _scope_clause(scope)
             where.append(rows_sql)
             params += bounds
-        clause = f"WHERE {' AND '.join(where)}" if where else ""
+        clause = f"WHERE {' AND '.join(where)}"
         # Each entry comes with its size; a long timestamp (an old row's) is
         # not read here but only if its entry is kept, so a page never holds
         # much more than the budget, whatever is stored.

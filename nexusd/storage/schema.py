@@ -46,6 +46,19 @@ def row_size(alias: str = "") -> str:
     )
 
 
+#: For a query of one session: its rows at or above its floor (one more ``?``,
+#: the session's tag, bound after the others of the clause it joins).
+VISIBLE_ONE: Final = "id >= coalesce((SELECT below_id FROM nexus_floors WHERE session_tag = ?), 0)"
+
+
+def visible(table: str = "nexus_messages") -> str:
+    """For a query over many sessions (see :mod:`.floors`): ``table``'s row is visible."""
+    return (
+        f"{table}.id >= coalesce((SELECT fl.below_id FROM nexus_floors AS fl"
+        f" WHERE fl.session_tag = {table}.session_tag), 0)"
+    )
+
+
 #: How long a connection waits for another's lock before SQLITE_BUSY (ms).
 BUSY_TIMEOUT_MS: Final = 5000
 _decode_meta = msgspec.json.decode
@@ -86,7 +99,37 @@ CREATE UNIQUE INDEX IF NOT EXISTS idx_nexus_idem ON nexus_messages(idem_key, ses
     WHERE idem_key IS NOT NULL;
 """
 
-MIGRATIONS: Final[tuple[str, ...]] = (_V1_DDL, _V2_DDL, _V3_DDL)
+# Migration 4: a conversation's life (issue 13).
+# - nexus_floors: a session's rows below ``below_id`` are gone (``clear``, a
+#   lowered retention) though not yet deleted: every read hides them at once,
+#   and the sweep deletes them in small transactions that never stall appends.
+# - nexus_retention: a session's own retention, overriding the daemon's.
+# - nexus_marks: when rows were committed, for retention by age, at one row
+#   per second of writing rather than a column per message: every row with
+#   ``id <= last_id`` was committed at or before ``at`` (Unix seconds).  Rows
+#   stored before this migration count as committed by it.
+_V4_DDL: Final = """\
+CREATE TABLE IF NOT EXISTS nexus_floors (
+    session_tag TEXT PRIMARY KEY,
+    below_id    INTEGER NOT NULL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nexus_retention (
+    session_tag  TEXT PRIMARY KEY,
+    max_messages INTEGER,
+    max_age      REAL
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS nexus_marks (
+    second  INTEGER PRIMARY KEY,
+    last_id INTEGER NOT NULL,
+    at      REAL    NOT NULL
+);
+INSERT OR IGNORE INTO nexus_marks (second, last_id, at)
+    SELECT CAST(strftime('%s', 'now') AS INTEGER), max(id),
+           (julianday('now') - 2440587.5) * 86400.0
+    FROM nexus_messages HAVING max(id) IS NOT NULL
+"""
+
+MIGRATIONS: Final[tuple[str, ...]] = (_V1_DDL, _V2_DDL, _V3_DDL, _V4_DDL)
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
 

@@ -21,7 +21,7 @@ from typing import Final
 
 from ..wire.errors import BadRequest
 from .base import SearchQuery
-from .schema import MESSAGE_COLUMNS, row_size
+from .schema import MESSAGE_COLUMNS, row_size, visible
 from .scope import NS_MARK, scope_bounds
 
 logger = logging.getLogger(__name__)
@@ -79,12 +79,13 @@ _FROM: Final = f"max(1, instr({_S}, char({ord(MARK_OPEN)})) - {_LEAD})"
 _SNIPPET: Final = f"substr({_S}, {_FROM}, {SNIPPET_CHARS + _LEAD + 100}), {_FROM}"
 
 
-def hits_query(q: SearchQuery, match: str) -> tuple[str, list[object]]:
+def hits_query(q: SearchQuery, match: str, *, hidden: bool = False) -> tuple[str, list[object]]:
     """SQL and parameters of up to ``q.limit + 1`` hits: (id, rank, snippet, its start, size).
 
     Ordered by relevance (bm25, best first; ties by id) or, with ``newest``,
     by id descending.  ``after`` is the (rank, id) of the last hit of the
-    previous page (only the id counts when ``newest``).  Newest first, FTS5
+    previous page (only the id counts when ``newest``).  ``hidden``: some
+    session has rows under its floor, which must not be found.  Newest first, FTS5
     walks its index in that order and stops at the limit, so the snippets and
     sizes come along for just those rows.  Best first, every match is ranked
     and sorted, and the sorter would compute every column for every match:
@@ -111,6 +112,8 @@ def hits_query(q: SearchQuery, match: str) -> tuple[str, list[object]]:
     elif q.scope is not None:
         where.append("m.session_tag >= ? AND m.session_tag < ?")
         params += scope_bounds(q.scope)
+    if hidden:  # some sessions have rows cleared but not yet swept (:mod:`.floors`)
+        where.append(visible("m"))
     joined = q.newest or len(where) > 1
     if q.after is not None:
         if q.newest:

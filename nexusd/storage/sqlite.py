@@ -35,18 +35,21 @@ from __future__ import annotations
 
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Final
 
 import anyio
 
-from ..wire.errors import SEARCH_INDEX, STORAGE_LOST, Internal, NexusError, Unavailable
+from ..wire.errors import STORAGE_LOST, Internal, NexusError, Unavailable
 from ..wire.protocol import Message, SearchHit, SessionInfo
 from . import index as fts
-from . import writes
+from . import sweep, writes
 from .base import Answer, Change, Op, Page, SearchQuery, Swept, WriteStats, utc_now
+from .editing import Retentions
 from .files import DbFiles, FileWatch, InstanceLock
+from .fulltext import FullText
 from .reads import ReaderPool
 from .schema import SnapshotJob, open_writer
 from .thread import SQLiteThread
@@ -76,36 +79,40 @@ class SQLiteStorage:
         wal_autocheckpoint: int,
         readers: int,
         search: bool = False,
+        max_age: float = 0.0,
     ) -> None:
-        if max_messages < 0:
-            raise ValueError("max_messages must be >= 0")
+        if max_messages < 0 or max_age < 0:
+            raise ValueError("max_messages and max_age must be >= 0")
         self.path = path
         self.files = DbFiles.of(path)
-        self.max_messages = max_messages
-        self.max_age = 0.0
+        #: The defaults, and every session's own retention (its table's copy).
+        self._retentions = Retentions(max_messages, max_age)
+        #: Called in the event loop when a commit left the sweep work (rows hidden,
+        #: a retention changed); None: nobody asks.
+        self.on_sweep: Callable[[], None] | None = None
+        self._hid = False
+        self._sweep_pace = sweep.Pace()
         self.synchronous = synchronous
         self.wal_autocheckpoint = wal_autocheckpoint
         self.write_stats = WriteStats()
         self.on_commit: Callable[[list[Change]], None] | None = None
         #: What the batch on the writer thread changed so far (its retries' included).
         self._changes: list[Change] = []
-        #: Whether the full-text index is kept.  Off unless asked for until the
-        #: daemon serves ``search`` and builds the index of older rows (issue 12).
-        self.search_enabled = search
-        #: How far the full-text index is built (None: search is off).  Set on the
-        #: writer's thread, where each batch keeps the index by it.
-        self.index_state: fts.IndexState | None = None
         #: Why writes are refused for good (the files changed under us), or None.
         self.storage_error: str | None = None
         self._readers = ReaderPool(path, size=readers)
         self._conn: sqlite3.Connection | None = None
         self._thread = SQLiteThread("nexusd-writer")
+        #: The full-text index (kept only with ``search``); its state changes on the
+        #: writer's thread, where each batch keeps the index by it.
+        self._fulltext = FullText(search, self._thread, self._readers)
         self._counts = writes.CountCache()
         self._watch = FileWatch(path)
         #: One daemon per database file, held from the start of open() to the end of close().
         self._instance = InstanceLock(path)
         self._told_external = False
         self._last_ts = ""
+        self._last_clock = 0.0
 
     # ── lifecycle ─────────────────────────────────────────────────────────
     async def open(self) -> None:
@@ -126,71 +133,65 @@ class SQLiteStorage:
                     wal_autocheckpoint=self.wal_autocheckpoint,
                 )
             )
-            await self._thread.call(self._prepare_index)
+            await self._thread.call(self._fulltext.prepare, self._conn)
+            await self._thread.call(self._retentions.load, self._conn)
             self._watch.arm()  # the files as SQLite has them open now
             await self._readers.open()
         except BaseException:
             await self.close()
             raise
 
-    def _prepare_index(self) -> None:
-        """Writer thread, at open: the full-text index exists, or is removed when search is off."""
-        assert self._conn is not None
-        if not self.search_enabled:
-            fts.drop(self._conn)
-            self.index_state = None
-        else:
-            self.index_state = fts.ensure(self._conn)
-
-    def _build_step(self, conn: sqlite3.Connection) -> fts.IndexState:
-        """Writer thread: one chunk of the build; the batches after it see how far it came."""
-        state = self.index_state = fts.build_step(conn)
-        return state
+    @property
+    def index_state(self) -> fts.IndexState | None:
+        """How far the full-text index is built (None: search is off)."""
+        return self._fulltext.state
 
     async def build_search_index(self) -> None:
-        """Index older rows, a chunk per writer-thread call (writes run between chunks)."""
-        state = self.index_state
-        if state is None or state.complete:
-            return
-        logged = state.percent() // 10
-        while not state.complete:
-            conn = self._conn
-            if conn is None:
-                return  # closed meanwhile: the next start goes on from here
-            try:
-                state = await self._thread.call(self._build_step, conn)
-            except sqlite3.Error as exc:
-                # A storage fault: serving goes on, search says it is not ready,
-                # and the next start resumes the build where it stopped.
-                logger.error("building the search index stopped: %s", exc)
-                return
-            if state.percent() // 10 > logged:
-                logged = state.percent() // 10
-                logger.info("search index: %d%% of the stored messages indexed", state.percent())
-        logger.info("search index complete")
+        await self._fulltext.build(lambda: self._conn)
+
+    @property
+    def max_messages(self) -> int:
+        return self._retentions.default_messages
+
+    @property
+    def max_age(self) -> float:
+        return self._retentions.default_age
+
+    def max_messages_of(self, tag: str) -> int:
+        return self._retentions.max_messages(tag)
 
     async def sweep(self) -> Swept:
-        return Swept(0, False)  # issue 13, under way
+        """One step of :mod:`.sweep`, on the writer's thread between batches."""
+        conn = self._conn
+        if conn is None or self.storage_error is not None:
+            return Swept(0, False, None)
+        try:
+            out = await self._thread.call(
+                lambda: sweep.step(
+                    conn,
+                    counts_cache=self._counts,
+                    retentions=self._retentions,
+                    clock=time.time(),
+                    index=self.index_state,
+                    pace=self._sweep_pace,
+                )
+            )
+        except sqlite3.Error as exc:  # a storage fault: the next sweep tries again
+            logger.error("sweeping old and cleared messages failed: %s", exc)
+            return Swept(0, False, sweep.next_due(self._retentions))
+        st = self.write_stats
+        st.swept += out.swept
+        st.expired += out.expired
+        if out.changes and self.on_commit is not None:
+            self.on_commit(out.changes)
+        return Swept(out.swept + out.expired, out.more, sweep.next_due(self._retentions))
 
     async def search(self, query: SearchQuery) -> Page[SearchHit]:
-        state = self.index_state
-        if state is None:
-            raise Unavailable(
-                "search is off in this daemon (setting search = false)", field=SEARCH_INDEX
-            )
-        if not state.complete:
-            raise Unavailable(
-                f"the search index is being built ({state.percent()}% done); try again shortly",
-                field=SEARCH_INDEX,
-            )
-        return await self._readers.search(query)
+        return await self._fulltext.search(query)
 
     @property
     def search_status(self) -> str:
-        state = self.index_state
-        if state is None:
-            return "off"
-        return "ready" if state.complete else f"building {state.percent()}%"
+        return self._fulltext.status
 
     async def close(self) -> None:
         """Close the readers; checkpoint the WAL into the database; close; end the thread;
@@ -252,11 +253,14 @@ class SQLiteStorage:
         answer(results)
         if changes and self.on_commit is not None:
             self.on_commit(changes)
+        if self._hid and self.on_sweep is not None:
+            self.on_sweep()
 
     def _apply(self, ops: Sequence[Op]) -> tuple[list[Any], list[Change]]:
         """Writer thread: run a batch as one transaction (op by op if it fails); its
         results and what it changed."""
         changes = self._changes = []
+        self._hid = False
         conn = self._conn
         if conn is None:
             return [Unavailable("database is closed")] * len(ops), []
@@ -294,12 +298,14 @@ class SQLiteStorage:
         now = utc_now()
         if now < self._last_ts:  # the clock stepped back: keep timestamps monotonic
             now = self._last_ts
+        clock = max(time.time(), self._last_clock)
         done = writes.run(
             conn,
             ops,
             now=now,
             counts_cache=self._counts,
-            max_messages=self.max_messages,
+            clock=clock,
+            retentions=self._retentions,
             lookup=lookup,
             index=self.index_state,
         )
@@ -316,6 +322,10 @@ class SQLiteStorage:
                 self.path,
             )
         self._last_ts = now
+        self._last_clock = clock
+        for tag, retention in done.retention:
+            self._retentions.update(tag, retention)
+        self._hid |= done.hid
         self._changes += done.changes
         st.batches += 1
         st.ops += len(ops)
@@ -324,26 +334,11 @@ class SQLiteStorage:
         return done.results
 
     def _files_changed(self, conn: sqlite3.Connection, what: str) -> Unavailable:
-        """Writer thread: the database's files changed under us; refuse writes from now on.
-
-        A checkpoint copies every committed frame of the WAL we have open into
-        the database file we have open, and empties that WAL: a deleted
-        ``-wal`` loses nothing acknowledged, and a ``-wal`` left next to a
-        replaced or deleted database holds no frames to replay into the wrong
-        file at the next start.
-        """
+        """Writer thread: the database's files changed under us; refuse writes from now on."""
         self.storage_error = (
             f"{what} while nexusd ran; writes are refused until nexusd is restarted"
         )
-        try:
-            busy, _, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
-            rescue = "WAL checkpointed" if not busy else "WAL checkpoint incomplete (busy)"
-        except sqlite3.Error as exc:
-            rescue = f"WAL checkpoint failed: {exc}"
-        where = self._watch.lost_database()
-        if where is not None:
-            rescue += f"; until nexusd stops, the database it had open can be copied from {where}"
-        logger.error("%s (%s)", self.storage_error, rescue)
+        logger.error("%s (%s)", self.storage_error, self._watch.rescue(conn))
         return Unavailable(
             f"{self.storage_error} (this write may not have been stored)", field=STORAGE_LOST
         )

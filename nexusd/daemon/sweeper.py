@@ -1,0 +1,66 @@
+"""The sweeper task: storage's background removal, run as long as the daemon serves.
+
+Storage hides what ``clear`` and a lowered retention remove at once, and
+deletes it later, a step at a time (:meth:`~nexusd.storage.base.Storage.sweep`);
+rows past their age go the same way.  This task decides *when*: at start
+(rows may have aged while the daemon was down), whenever a commit left work
+(storage's ``on_sweep``), and every ``next_in`` seconds while some age limit
+is set.  Between two steps it yields, so the writer's batches and the sweep
+take turns on the writer's thread: a step is a few milliseconds, and an
+append waits for at most one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import anyio
+import anyio.lowlevel
+
+from ..storage.base import Storage
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Sweeper"]
+
+
+class Sweeper:
+    """Runs :meth:`Storage.sweep` until :meth:`stop`; :meth:`wake` asks for a step soon."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._storage = storage
+        self._scope = anyio.CancelScope()
+        self._wake: anyio.Event | None = None
+        self._woken = False
+        storage.on_sweep = self.wake
+
+    def wake(self) -> None:
+        """Called in the event loop (also outside any task): a commit left work."""
+        self._woken = True
+        if self._wake is not None:
+            self._wake.set()
+
+    def stop(self) -> None:
+        self._scope.cancel()
+
+    async def run(self) -> None:
+        removed = 0
+        with self._scope:
+            while True:
+                # A new event before the step: a wake during it is not lost.
+                self._wake = anyio.Event()
+                self._woken = False
+                swept = await self._storage.sweep()
+                removed += swept.removed
+                if swept.more:
+                    await anyio.lowlevel.checkpoint()  # the writer's batches go between steps
+                    continue
+                if removed:
+                    logger.info("swept %d old or cleared messages", removed)
+                    removed = 0
+                if self._woken:
+                    continue
+                wait = math.inf if swept.next_in is None else swept.next_in
+                with anyio.move_on_after(wait):
+                    await self._wake.wait()

@@ -1,0 +1,237 @@
+"""The sweep: deleting, a little at a time between batches, what no read may see any more.
+
+Two kinds of rows go this way, never in one long transaction that would
+hold every other session's appends:
+
+- rows under a session's floor (:mod:`.floors`): a big ``clear`` or
+  ``clear_all``, or a lowered ``max_messages``, hid them at once; here they
+  are deleted, and the floor dropped once nothing is left under it;
+- rows past their age: the daemon's ``max_age``, or a session's own.  A
+  row's age is its commit time, known from ``nexus_marks`` (every row up to
+  ``last_id`` was committed by ``at``), not the timestamp a caller may have
+  supplied.  Rows past their age are visible until swept: the sweep runs
+  at least every tenth of the shortest age (from 1 s to 60 s apart).
+
+One step is one transaction of at most :attr:`Pace.rows` deletions (sized
+from the steps before so that one takes a few milliseconds); the index loses the same rows in the
+same transaction, the counts stay exact, and watchers hear of rows past
+their age as any other removal.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from .counts import CountCache, Counts
+from .editing import Retentions
+from .index import IndexState, Upkeep
+from .ops import Change, Removed
+
+__all__ = ["Pace", "SweepOutcome", "next_due", "step"]
+
+#: Floors looked at per step.
+_FLOORS: Final = 16
+#: Most and least time between two sweeps of rows past their age.
+_LONGEST: Final = 60.0
+_SHORTEST: Final = 1.0
+
+
+class Pace:
+    """How many rows a step deletes: as many as take about :data:`SECONDS` (rows with
+    long contents, or a full-text index to keep, take longer), between bounds."""
+
+    #: Seconds one step may hold the writer (an append may wait that long).
+    SECONDS: Final = 0.003
+    LEAST: Final = 10
+    MOST: Final = 5_000
+
+    __slots__ = ("rows",)
+
+    def __init__(self) -> None:
+        self.rows = 200
+
+    def took(self, seconds: float, deleted: int) -> None:
+        """A step deleted ``deleted`` rows in ``seconds``: size the next one."""
+        if deleted < self.rows:
+            return  # it ran out of work: its time says nothing of a full step
+        fits = int(self.rows * self.SECONDS / max(seconds, 1e-4))
+        self.rows = max(self.LEAST, min(self.MOST, (fits + self.rows) // 2))
+
+
+@dataclass(slots=True)
+class SweepOutcome:
+    """What one step deleted: hidden rows, rows past their age; and whether work is left."""
+
+    swept: int = 0
+    expired: int = 0
+    more: bool = False
+    changes: list[Change] = field(default_factory=list)
+
+
+def next_due(retentions: Retentions) -> float | None:
+    """Seconds until rows past their age are worth sweeping again (None: no age limit)."""
+    ages = [r.max_age for r in retentions.own.values() if r.max_age]
+    if retentions.default_age:
+        ages.append(retentions.default_age)
+    if not ages:
+        return None
+    return min(_LONGEST, max(_SHORTEST, min(ages) / 10))
+
+
+def step(
+    conn: sqlite3.Connection,
+    *,
+    counts_cache: CountCache,
+    retentions: Retentions,
+    clock: float,
+    index: IndexState | None,
+    pace: Pace,
+) -> SweepOutcome:
+    """One transaction of at most ``pace.rows`` deletions; commits only if it deleted any."""
+    out = SweepOutcome()
+    rows = pace.rows
+    started = time.perf_counter()
+    conn.execute("BEGIN IMMEDIATE")
+    fts = None if index is None else Upkeep(conn, index)
+    try:
+        counts_cache.sync(conn)
+        counts = Counts(conn, counts_cache.counts)
+        budget = rows - _hidden(conn, rows, fts, out)
+        if budget > 0 and not out.more:
+            # Only once no floor is left: every row is visible, so each one
+            # deleted here lowers its session's count by one.
+            budget -= _aged(conn, budget, clock, retentions, counts, fts, out)
+        out.more = out.more or budget <= 0
+        if not out.swept and not out.expired:
+            conn.execute("ROLLBACK")
+            return out
+        conn.execute(
+            "DELETE FROM nexus_marks WHERE last_id < (SELECT min(id) FROM nexus_messages)"
+            " AND second < (SELECT max(second) FROM nexus_marks)"
+        )
+        if fts is not None:
+            fts.flush()
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    counts.commit()
+    pace.took(time.perf_counter() - started, out.swept + out.expired)
+    return out
+
+
+def _hidden(conn: sqlite3.Connection, rows: int, fts: Upkeep | None, out: SweepOutcome) -> int:
+    """Delete rows under floors (already hidden: no count changes, no news)."""
+    budget = rows
+    floors = conn.execute(
+        f"SELECT session_tag, below_id FROM nexus_floors LIMIT {_FLOORS}"
+    ).fetchall()
+    for tag, below in floors:
+        gone = conn.execute(
+            "DELETE FROM nexus_messages WHERE id IN (SELECT id FROM nexus_messages"
+            " WHERE session_tag = ? AND id < ? ORDER BY id LIMIT ?) RETURNING id, content",
+            (tag, below, budget),
+        ).fetchall()
+        if fts is not None:
+            for row_id, content in gone:
+                fts.removed(row_id, content)
+        budget -= len(gone)
+        out.swept += len(gone)
+        if budget <= 0:
+            out.more = True
+            break
+        conn.execute(
+            "DELETE FROM nexus_floors WHERE session_tag = ? AND below_id = ?", (tag, below)
+        )
+    else:
+        out.more = len(floors) == _FLOORS
+    return rows - budget
+
+
+def _boundary(conn: sqlite3.Connection, cutoff: float) -> int:
+    """The highest id committed before ``cutoff`` for sure (0: none)."""
+    row = conn.execute(
+        "SELECT last_id FROM nexus_marks WHERE second <= ? AND at <= ?"
+        " ORDER BY second DESC LIMIT 1",
+        (int(cutoff), cutoff),
+    ).fetchone()
+    return 0 if row is None else int(row[0])
+
+
+def _aged(
+    conn: sqlite3.Connection,
+    rows: int,
+    clock: float,
+    retentions: Retentions,
+    counts: Counts,
+    fts: Upkeep | None,
+    out: SweepOutcome,
+) -> int:
+    """Delete rows past their age, oldest first; return how many."""
+    budget = rows
+    # Sessions with an age of their own first (few), then the default's.
+    for tag, r in list(retentions.own.items()):
+        if not r.max_age or budget <= 0:
+            continue
+        last = _boundary(conn, clock - r.max_age)
+        if last:
+            budget -= _expire(
+                conn,
+                "session_tag = ? AND id <= ?",
+                (tag, last),
+                budget,
+                counts,
+                fts,
+                out,
+            )
+    if retentions.default_age and budget > 0:
+        last = _boundary(conn, clock - retentions.default_age)
+        if last:
+            budget -= _expire(
+                conn,
+                "id <= ? AND session_tag NOT IN"
+                " (SELECT session_tag FROM nexus_retention WHERE max_age IS NOT NULL)",
+                (last,),
+                budget,
+                counts,
+                fts,
+                out,
+            )
+    return rows - budget
+
+
+def _expire(
+    conn: sqlite3.Connection,
+    where: str,
+    params: tuple[object, ...],
+    budget: int,
+    counts: Counts,
+    fts: Upkeep | None,
+    out: SweepOutcome,
+) -> int:
+    """Delete the oldest ``budget`` rows matching ``where``; every row of a session they
+    touch up to the newest one deleted is gone (they go in id order)."""
+    gone = conn.execute(
+        "DELETE FROM nexus_messages WHERE id IN (SELECT id FROM nexus_messages"
+        f" WHERE {where} ORDER BY id LIMIT ?) RETURNING session_tag, id, content",
+        (*params, budget),
+    ).fetchall()
+    if not gone:
+        return 0
+    newest = max(row_id for _, row_id, _ in gone)
+    per: dict[str, int] = {}
+    for tag, row_id, content in gone:
+        per[tag] = per.get(tag, 0) + 1
+        if fts is not None:
+            fts.removed(row_id, content)
+    for tag, n in per.items():
+        counts.add(tag, -n)
+        out.changes.append(Removed(tag, before_id=newest + 1))
+    out.expired += len(gone)
+    if len(gone) == budget:
+        out.more = True
+    return len(gone)
