@@ -1,0 +1,363 @@
+"""A conversation's life in storage (issue 13): hidden clears and the sweep, delete by
+id, fork, a session's own retention, retention by age.
+
+Driven through the :class:`~nexusd.storage.base.Storage` seam, against a real
+SQLite file, with the full-text index on (every removal must leave it
+consistent).  Rows "committed two hours ago" are made by moving the commit
+marks back with a second connection, as another program would: no clock is
+faked inside nexusd.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nexusd.storage import editing, floors
+from nexusd.storage.base import (
+    Change,
+    ClearAll,
+    ClearSession,
+    Deleted,
+    DeleteIds,
+    Fork,
+    Forked,
+    Insert,
+    NewRow,
+    Op,
+    PopNewest,
+    Removed,
+    Retention,
+    SearchQuery,
+    SetRetention,
+)
+from nexusd.storage.sqlite import SQLiteStorage
+from nexusd.wire.errors import BadRequest, Conflict, NotFound, TooLarge
+
+pytestmark = pytest.mark.anyio
+
+BIG = floors.HIDE_FROM + 500
+Opener = Callable[..., AbstractAsyncContextManager[SQLiteStorage]]
+
+
+@pytest.fixture
+def anyio_backend() -> str:
+    return "asyncio"
+
+
+@pytest.fixture
+def opener(tmp_path: Path) -> Opener:
+    @asynccontextmanager
+    async def open_one(*, max_messages: int = 0, max_age: float = 0.0) -> AsyncIterator[Any]:
+        storage = SQLiteStorage(
+            tmp_path / "n.db",
+            max_messages=max_messages,
+            max_age=max_age,
+            synchronous="normal",
+            wal_autocheckpoint=8000,
+            readers=2,
+            search=True,
+        )
+        await storage.open()
+        try:
+            yield storage
+        finally:
+            await storage.close()
+
+    return open_one
+
+
+@pytest.fixture
+async def storage(opener: Opener) -> AsyncIterator[SQLiteStorage]:
+    async with opener() as s:
+        yield s
+
+
+def row(content: str, *, key: str | None = None, ts: str | None = None) -> NewRow:
+    return ("user", content, ts, None, key)
+
+
+async def write(storage: SQLiteStorage, ops: list[Op]) -> list[Any]:
+    answers: list[list[Any]] = []
+    await storage.write(ops, answers.append)
+    assert len(answers) == 1
+    return answers[0]
+
+
+async def one(storage: SQLiteStorage, op: Op) -> Any:
+    return (await write(storage, [op]))[0]
+
+
+async def contents(storage: SQLiteStorage, tag: str) -> list[str]:
+    page = await storage.history(tag, 10_000, before_id=None, after_id=None, budget=1 << 30)
+    return [m.content for m in page.items]
+
+
+async def found(storage: SQLiteStorage, word: str) -> list[str]:
+    page = await storage.search(SearchQuery(word, limit=1000, newest=True))
+    return [h.message.session_tag for h in page.items]
+
+
+async def sweep_all(storage: SQLiteStorage) -> int:
+    removed = 0
+    for _ in range(10_000):
+        swept = await storage.sweep()
+        removed += swept.removed
+        if not swept.more:
+            return removed
+    raise AssertionError("the sweep never finished")
+
+
+def raw(db: Path, sql: str, *params: Any) -> list[Any]:
+    with sqlite3.connect(db) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def index_is_consistent(db: Path) -> None:
+    """FTS5's own check: the index holds exactly the stored rows' contents."""
+    conn = sqlite3.connect(db)
+    try:
+        conn.execute("INSERT INTO nexus_fts (nexus_fts, rank) VALUES ('integrity-check', 1)")
+    finally:
+        conn.close()
+
+
+# ── clear: hidden at once, deleted by the sweep ────────────────────────────
+async def test_a_big_clear_hides_at_once_and_the_sweep_deletes_later(
+    storage: SQLiteStorage,
+) -> None:
+    db = storage.path
+    await one(storage, Insert("big", [row(f"needle {i}") for i in range(BIG)]))
+    await one(storage, Insert("other", [row("needle other")]))
+    assert await one(storage, ClearSession("big")) == BIG
+    # Hidden from every read at once, though still stored.
+    assert await storage.count("big") == 0
+    assert await contents(storage, "big") == []
+    assert await found(storage, "needle") == ["other"]
+    page = await storage.sessions(after=None, limit=100, budget=1 << 20)
+    assert [s.session_tag for s in page.items] == ["other"]
+    assert raw(db, "SELECT COUNT(*) FROM nexus_messages WHERE session_tag = 'big'") == [(BIG,)]
+    assert await one(storage, PopNewest("big")) is None
+    # New rows are visible; the sweep deletes only the hidden ones.
+    (new,) = await one(storage, Insert("big", [row("needle again")]))
+    assert await contents(storage, "big") == ["needle again"]
+    assert await sweep_all(storage) == BIG
+    assert raw(db, "SELECT id FROM nexus_messages WHERE session_tag = 'big'") == [(new,)]
+    assert raw(db, "SELECT COUNT(*) FROM nexus_floors") == [(0,)]
+    assert sorted(await found(storage, "needle")) == ["big", "other"]
+    assert storage.write_stats.swept == BIG
+    index_is_consistent(db)
+
+
+async def test_a_small_clear_still_deletes_at_once(storage: SQLiteStorage) -> None:
+    await one(storage, Insert("s", [row("a"), row("b")]))
+    assert await one(storage, ClearSession("s")) == 2
+    assert raw(storage.path, "SELECT COUNT(*) FROM nexus_messages") == [(0,)]
+    assert (await storage.sweep()).removed == 0
+
+
+async def test_the_key_of_a_cleared_row_stores_a_new_row(storage: SQLiteStorage) -> None:
+    old = await one(storage, Insert("s", [row(f"m{i}", key=f"k{i}") for i in range(BIG)]))
+    await one(storage, ClearSession("s"))
+    (again,) = await one(storage, Insert("s", [row("again", key="k5")]))
+    assert again > old[-1]
+    assert await contents(storage, "s") == ["again"]
+    # And its resend is the new row, not a third one.
+    assert await one(storage, Insert("s", [row("again", key="k5")])) == [again]
+    await sweep_all(storage)
+    assert await contents(storage, "s") == ["again"]
+    index_is_consistent(storage.path)
+
+
+async def test_a_big_clear_all_hides_every_session_of_its_scope(storage: SQLiteStorage) -> None:
+    half = BIG // 2 + 1
+    await write(storage, [Insert("a", [row("x")] * half), Insert("b", [row("y")] * half)])
+    assert await one(storage, ClearAll()) == 2 * half
+    assert await storage.count("a") == await storage.count("b") == 0
+    assert (await storage.sessions(after=None, limit=10, budget=1 << 20)).items == []
+    await one(storage, Insert("a", [row("after")]))
+    assert await sweep_all(storage) == 2 * half
+    assert await contents(storage, "a") == ["after"]
+    index_is_consistent(storage.path)
+
+
+async def test_watchers_hear_a_hidden_clear_at_once(storage: SQLiteStorage) -> None:
+    heard: list[Change] = []
+    storage.on_commit = heard.extend
+    (*_, last) = await one(storage, Insert("s", [row("m")] * BIG))
+    await one(storage, ClearSession("s"))
+    assert heard[-1] == Removed("s", before_id=last + 1)
+
+
+# ── delete by id ───────────────────────────────────────────────────────────
+async def test_delete_removes_exactly_those_ids_and_reports_the_missing(
+    opener: Opener,
+) -> None:
+    async with opener(max_messages=4) as storage:
+        heard: list[Change] = []
+        storage.on_commit = heard.extend
+        ids = await one(storage, Insert("s", [row(c) for c in "abcd"]))
+        (other,) = await one(storage, Insert("t", [row("t")]))
+        done = await one(storage, DeleteIds("s", (ids[3], ids[1], other, 10**9, ids[1])))
+        assert done == Deleted([ids[1], ids[3]], [other, 10**9])
+        assert heard[-1] == Removed("s", ids=(ids[1], ids[3]))
+        assert await contents(storage, "s") == ["a", "c"]
+        assert await contents(storage, "t") == ["t"]
+        # Deleting again is harmless; the count stays exact for retention.
+        assert await one(storage, DeleteIds("s", (ids[1],))) == Deleted([], [ids[1]])
+        await one(storage, Insert("s", [row(c) for c in "xyz"]))
+        assert await contents(storage, "s") == ["c", "x", "y", "z"]
+        assert await found(storage, "b") == []
+        index_is_consistent(storage.path)
+
+
+# ── fork ───────────────────────────────────────────────────────────────────
+async def test_a_fork_copies_every_field_with_a_link_to_its_source(
+    storage: SQLiteStorage,
+) -> None:
+    ids = await one(
+        storage,
+        Insert(
+            "src",
+            [
+                ("user", "hello", "2001-02-03T04:05:06.000000Z", '{"k": [1, "x"]}', "key1"),
+                ("assistant", "world", None, None, None),
+                ("tool", "third", None, None, None),
+            ],
+        ),
+    )
+    forked = await one(storage, Fork("src", "dst", "src-as-named"))
+    assert isinstance(forked, Forked) and forked.count == 3
+    assert forked.first_id > ids[-1] and forked.last_id == forked.first_id + 2
+    src = (await storage.history("src", 10, before_id=None, after_id=None, budget=1 << 20)).items
+    dst = (await storage.history("dst", 10, before_id=None, after_id=None, budget=1 << 20)).items
+    assert [m.id for m in dst] == list(range(forked.first_id, forked.last_id + 1))
+    for a, b in zip(src, dst, strict=True):
+        assert (a.role, a.content, a.timestamp) == (b.role, b.content, b.timestamp)
+        assert b.meta is not None
+        assert b.meta["forked_from"] == {"session_tag": "src-as-named", "id": a.id}
+        assert {k: v for k, v in b.meta.items() if k != "forked_from"} == (a.meta or {})
+    assert sorted(await found(storage, "hello")) == ["dst", "src"]
+    index_is_consistent(storage.path)
+
+
+async def test_a_fork_up_to_an_id_and_its_refusals(storage: SQLiteStorage) -> None:
+    ids = await one(storage, Insert("src", [row(c) for c in "abc"]))
+    part = await one(storage, Fork("src", "part", "src", up_to_id=ids[1]))
+    assert part.count == 2 and await contents(storage, "part") == ["a", "b"]
+    taken = await one(storage, Fork("src", "part", "src"))
+    assert isinstance(taken, Conflict) and taken.field == "new_tag"
+    more = await one(storage, Fork("src", "part", "src", append=True))
+    assert more.count == 3 and await contents(storage, "part") == list("ababc")
+    missing = await one(storage, Fork("src", "x", "src", up_to_id=ids[-1] + 1000))
+    assert isinstance(missing, NotFound) and missing.field == "up_to_id"
+    empty = await one(storage, Fork("nothing", "x", "nothing"))
+    assert isinstance(empty, NotFound)
+    itself = await one(storage, Fork("src", "src", "src"))
+    assert isinstance(itself, BadRequest)
+    assert await storage.count("x") == 0
+
+
+async def test_a_fork_past_its_bound_is_refused_whole(
+    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(editing, "MAX_FORK_MESSAGES", 2)
+    await one(storage, Insert("src", [row(c) for c in "abc"]))
+    refused = await one(storage, Fork("src", "dst", "src"))
+    assert isinstance(refused, TooLarge) and "export" in refused.message
+    assert await storage.count("dst") == 0
+
+
+async def test_a_fork_does_not_copy_cleared_rows(storage: SQLiteStorage) -> None:
+    await one(storage, Insert("src", [row("old")] * BIG))
+    await one(storage, ClearSession("src"))
+    await one(storage, Insert("src", [row("new")]))
+    assert (await one(storage, Fork("src", "dst", "src"))).count == 1
+    assert await contents(storage, "dst") == ["new"]
+
+
+# ── a session's own retention ─────────────────────────────────────────────
+async def test_a_session_retention_overrides_the_default_and_survives_a_restart(
+    opener: Opener,
+) -> None:
+    async with opener(max_messages=10) as storage:
+        await one(storage, Insert("s", [row(str(i)) for i in range(10)]))
+        await one(storage, Insert("t", [row(str(i)) for i in range(10)]))
+        assert await one(storage, SetRetention("s", Retention(max_messages=3))) == Retention(3)
+        assert await contents(storage, "s") == ["7", "8", "9"]  # at once
+        assert storage.max_messages_of("s") == 3 and storage.max_messages_of("t") == 10
+        await sweep_all(storage)
+        assert raw(storage.path, "SELECT COUNT(*) FROM nexus_messages WHERE session_tag='s'") == [
+            (3,)
+        ]
+    async with opener(max_messages=10) as storage:
+        await one(storage, Insert("s", [row("10")]))
+        assert await contents(storage, "s") == ["8", "9", "10"]
+        # Unbounded for this one session, then back to the default.
+        await one(storage, SetRetention("s", Retention(max_messages=0)))
+        await one(storage, Insert("s", [row(str(i)) for i in range(11, 20)]))
+        assert await storage.count("s") == 12
+        await one(storage, SetRetention("s", Retention()))
+        await one(storage, Insert("s", [row("20")]))
+        assert await storage.count("s") == 10
+        assert storage.max_messages_of("s") == 10
+
+
+# ── retention by age ───────────────────────────────────────────────────────
+def age_everything(db: Path, seconds: float) -> None:
+    """As if every row stored so far had been committed ``seconds`` earlier."""
+    with sqlite3.connect(db) as conn:
+        conn.execute(
+            "UPDATE nexus_marks SET second = second - ?, at = at - ?", (int(seconds), seconds)
+        )
+
+
+async def test_rows_past_the_age_go_by_commit_time_not_by_their_timestamp(
+    opener: Opener,
+) -> None:
+    async with opener(max_age=3600) as storage:
+        heard: list[Change] = []
+        storage.on_commit = heard.extend
+        await one(storage, Insert("s", [row("old1"), row("old2")]))
+        await one(storage, Insert("t", [row("old3")]))
+        age_everything(storage.path, 7200)
+        # Claims to be from 2001, but committed now: it stays.
+        await one(storage, Insert("s", [row("new", ts="2001-01-01T00:00:00Z")]))
+        assert await sweep_all(storage) == 3
+        assert await contents(storage, "s") == ["new"]
+        assert await contents(storage, "t") == []
+        assert await storage.count("s") == 1
+        assert storage.write_stats.expired == 3
+        assert {c.session_tag for c in heard if isinstance(c, Removed)} == {"s", "t"}
+        assert await found(storage, "old1") == []
+        index_is_consistent(storage.path)
+
+
+async def test_a_session_age_of_its_own_overrides_the_default(opener: Opener) -> None:
+    async with opener(max_age=3600) as storage:
+        await one(storage, SetRetention("forever", Retention(max_age=0)))
+        await one(storage, SetRetention("short", Retention(max_age=60)))
+        await write(
+            storage,
+            [Insert(t, [row(t)]) for t in ("forever", "short", "default")],
+        )
+        age_everything(storage.path, 120)  # past short's minute, within the hour
+        await sweep_all(storage)
+        assert [await storage.count(t) for t in ("forever", "short", "default")] == [1, 0, 1]
+        age_everything(storage.path, 7200)
+        await sweep_all(storage)
+        assert [await storage.count(t) for t in ("forever", "short", "default")] == [1, 0, 0]
+        assert (await storage.sweep()).next_in == 6.0  # a tenth of the shortest age
+
+
+async def test_without_an_age_nothing_expires(storage: SQLiteStorage) -> None:
+    await one(storage, Insert("s", [row("a")]))
+    age_everything(storage.path, 10**8)
+    swept = await storage.sweep()
+    assert swept.removed == 0 and swept.next_in is None
+    assert await contents(storage, "s") == ["a"]
