@@ -300,6 +300,7 @@ class Server:
             uptime_s=round(time.monotonic() - self.started, 3),
             db_bytes=self.storage.size_bytes(),
             max_messages=self.config.max_messages,
+            max_age_s=self.config.max_age_seconds,
             synchronous=self.config.synchronous,
             search=self.storage.search_status,
             watches=self.hub.count,
