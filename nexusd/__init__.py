@@ -29,6 +29,7 @@ _EXPORTS = {
     "AsyncClient": "nexusd.client",
     "Client": "nexusd.client",
     "BadRequest": "nexusd.wire.errors",
+    "Conflict": "nexusd.wire.errors",
     "ConnectionLost": "nexusd.wire.errors",
     "DaemonNotRunning": "nexusd.wire.errors",
     "Forbidden": "nexusd.wire.errors",
@@ -47,6 +48,9 @@ _EXPORTS = {
     "Watcher": "nexusd.client.watch_sync",
     "SearchHit": "nexusd.wire.protocol",
     "SearchResults": "nexusd.client.replies",
+    "Deleted": "nexusd.client.replies",
+    "Forked": "nexusd.client.replies",
+    "Retention": "nexusd.client.replies",
 }
 
 __all__ = [
@@ -54,9 +58,12 @@ __all__ = [
     "AsyncWatcher",
     "BadRequest",
     "Client",
+    "Conflict",
     "ConnectionLost",
     "DaemonNotRunning",
+    "Deleted",
     "Forbidden",
+    "Forked",
     "Internal",
     "Lagged",
     "Message",
@@ -64,6 +71,7 @@ __all__ = [
     "NotFound",
     "Overloaded",
     "Removal",
+    "Retention",
     "SearchHit",
     "SearchResults",
     "SessionInfo",
@@ -76,11 +84,12 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .client import AsyncClient, Client
-    from .client.replies import SearchResults
+    from .client.replies import Deleted, Forked, Retention, SearchResults
     from .client.watch_async import AsyncWatcher
     from .client.watch_sync import Watcher
     from .wire.errors import (
         BadRequest,
+        Conflict,
         ConnectionLost,
         DaemonNotRunning,
         Forbidden,

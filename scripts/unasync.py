@@ -4,8 +4,9 @@
     python scripts/unasync.py           # (re)write client_sync.py and watch_sync.py
     python scripts/unasync.py --check   # exit 1, writing nothing, if it is out of date
 
-The async client (``nexusd/client/client_async.py``) and its watch iterator
-(``watch_async.py``) are the only ones written by hand.  Each of their lines
+The async client (``nexusd/client/client_async.py``), its watch iterator
+(``watch_async.py``) and its conversation edits (``lifecycle_async.py``) are
+the only ones written by hand.  Each of their lines
 goes through :data:`SUBSTITUTIONS`, whole words only, in order; the result,
 under a "generated, do not edit" header, is the blocking module.  Every
 substitution must be used, so the table says exactly what differs.  No
@@ -21,7 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "nexusd" / "client"
 #: Each async source and the blocking module generated from it.
-FILES = {"client_async.py": "client_sync.py", "watch_async.py": "watch_sync.py"}
+FILES = {
+    "client_async.py": "client_sync.py",
+    "watch_async.py": "watch_sync.py",
+    "lifecycle_async.py": "lifecycle_sync.py",
+}
 HEADER = (
     "# Generated from nexusd/client/{name} by scripts/unasync.py: do not edit.\n"
     "# Change the async original, then run `python scripts/unasync.py`.\n"
@@ -35,6 +40,8 @@ SUBSTITUTIONS = (
     ("AsyncWatcher", "Watcher"),
     ("AsyncWatching", "Watching"),
     ("watch_async", "watch_sync"),
+    ("AsyncLifecycle", "Lifecycle"),
+    ("lifecycle_async", "lifecycle_sync"),
     ("AsyncCallGate", "CallGate"),
     ("AsyncConnector", "Connector"),
     ("AsyncLink", "Link"),

@@ -181,6 +181,9 @@ def test_nil_means_absent_for_every_optional_key(cls: type[Any], name: str, defa
         "backup": "b",
         "query": "q",
         "offset": 0,
+        "ids": [1],
+        "source_tag": "a",
+        "new_tag": "b",
     }
     if cls is p.NewMessage:
         body = {

@@ -206,6 +206,7 @@ _SAMPLES: dict[str, Any] = {
     "content": "hi",
     "messages": [{"role": "user", "content": "hi"}],
     "query": "hi",
+    "ids": [1],
 }
 
 
@@ -217,6 +218,10 @@ def _required(raw: RawSync, op: Op) -> dict[str, Any]:
         keys["offset"] = 0
     if "watch" in op.required:  # unwatch: of a watch open on this connection
         keys["watch"] = _call(raw, "watch")["id"]
+    if "source_tag" in op.required:  # fork: a source with a message, into a new tag
+        keys["source_tag"] = keys["new_tag"] = f"fork {next(_IDS)}"
+        _call(raw, "append", role="user", content="hi", session_tag=keys["source_tag"])
+        keys["new_tag"] += " copy"
     return keys
 
 

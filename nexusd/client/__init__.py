@@ -10,8 +10,10 @@ Imports only :mod:`nexusd.wire` (a test holds it).  The modules, by role:
 * ``transport_async.py`` / ``transport_sync.py``: how each moves frames (the
   only hand-written difference between them); ``stream_async.py`` /
   ``stream_sync.py``: the same for a watch's own connection.
+* ``lifecycle_async.py``: ``delete()``, ``fork()``, ``set_retention()``, written
+  once; ``lifecycle_sync.py``: their blocking twin, generated the same way.
 * ``requests.py``: building and checking requests; ``replies.py``: reading
-  replies (bad bytes become ``ConnectionLost``), paging; ``retry.py``: which
+  replies (bad bytes become ``ConnectionLost``), paging, result types; ``retry.py``: which
   calls are resent, and when; ``connect.py``: socket path checks, connect
   errors, who serves the socket; ``backup.py``: the file a backup is written to.
 * ``compat.py``: the v1 ``NexusStore`` API over :class:`Client`.

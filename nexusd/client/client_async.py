@@ -1,12 +1,11 @@
 """The client of nexusd, written once: its calls, retries, paging and backups over a transport.
 
-``nexusd/client/client_async.py`` is the source of both Python clients:
-``scripts/unasync.py`` writes the blocking one, ``nexusd/client/client_sync.py``,
-from it by removing ``async``/``await`` and naming the blocking transport's
-parts instead of the async one's (its table of substitutions says exactly
-which).  So the two cannot drift: edit the async source, then run
-``python scripts/unasync.py``; a test fails while they differ.  What is not
-shared is the I/O, in the transports.  ``watch()`` comes from ``watch_async.py``.
+``client_async.py`` is the source of both Python clients: ``scripts/unasync.py`` writes the
+blocking one, ``client_sync.py``, from it by removing ``async``/``await`` and naming the blocking
+transport's parts instead of the async one's (its table of substitutions says exactly which).
+So the two cannot drift: edit the async source, then run ``python scripts/unasync.py``; a test
+fails while they differ.  What is not shared is the I/O, in the transports.  ``watch()`` comes
+from ``watch_async.py``; ``delete()``, ``fork()``, ``set_retention()`` from ``lifecycle_async.py``.
 
 Before sending anything on a new connection the client checks who serves the
 socket (``SO_PEERCRED``): its own uid, root (socket activation), the
@@ -19,8 +18,8 @@ with :class:`~nexusd.wire.errors.TooLarge` rather than sent to be cut off.
 It survives a daemon restart: appends carry idempotency keys (unless
 ``idempotent_appends=False``), so when the connection drops before the answer
 arrives the call reconnects and resends, and the daemon returns the original
-id instead of storing a copy.  Reads are retried the same way; ``pop``,
-``clear`` and ``clear_all`` never are (:mod:`nexusd.client.retry`).
+id instead of storing a copy.  Other calls are resent only where that is harmless
+(reads, ``delete``; never ``pop``, ``clear``, ``fork``): :mod:`nexusd.client.retry`.
 """
 
 from __future__ import annotations
@@ -43,6 +42,7 @@ from ..wire.protocol import DEFAULT_SESSION, Message, SearchHit, SessionInfo
 from .backup import BackupTarget, Progress, backup_chunk
 from .connect import check_socket_path
 from .connect import trusted_uids as _trusted_uids
+from .lifecycle_async import AsyncLifecycle
 from .replies import SearchResults, expect, merge, next_page
 from .requests import (
     CLIENT_NAME,
@@ -79,7 +79,7 @@ logger = logging.getLogger(__name__)
 _with_id = msgspec.structs.replace
 
 
-class AsyncClient(AsyncWatching):
+class AsyncClient(AsyncWatching, AsyncLifecycle):
     """A client of nexusd: ``async with AsyncClient() as c: await c.ping()``.
 
     ``timeout`` bounds each call: seconds > 0 and at most a day

@@ -5,11 +5,14 @@ place where bytes that are not a reply become
 :class:`~nexusd.wire.errors.ConnectionLost` (the connection is unusable after
 them, whichever client reads it).  :func:`expect` checks a reply's type, and
 :func:`next_page` / :func:`merge` continue a history page the daemon cut to
-fit its frame limit.
+fit its frame limit.  The small result types of the calls that are not
+plain values (:class:`SearchResults`, :class:`Deleted`, :class:`Forked`,
+:class:`Retention`) are here too, shared by both clients.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Final, TypeVar
 
 import msgspec
@@ -23,7 +26,10 @@ from .requests import history_request
 __all__ = [
     "CLIENT_MAX_FRAME",
     "RECV_BYTES",
+    "Deleted",
+    "Forked",
     "ReplyReader",
+    "Retention",
     "SearchResults",
     "expect",
     "merge",
@@ -96,3 +102,36 @@ class SearchResults(list[SearchHit]):
     def __init__(self, hits: list[SearchHit], cursor: str | None) -> None:
         super().__init__(hits)
         self.cursor = cursor
+
+
+@dataclass(frozen=True, slots=True)
+class Deleted:
+    """What ``delete`` did: the ids it deleted, and those the session did not hold.
+
+    Both ascending, each id once (however often it was asked for).
+    """
+
+    deleted: list[int]
+    missing: list[int]
+
+
+@dataclass(frozen=True, slots=True)
+class Forked:
+    """What ``fork`` stored: ``count`` messages with ids ``first_id`` … ``last_id``."""
+
+    count: int
+    first_id: int
+    last_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class Retention:
+    """A session's own retention, as ``set_retention`` left it.
+
+    ``max_messages`` (messages kept) and ``max_age`` (seconds): None where
+    the daemon's default applies, 0 for unbounded.
+    """
+
+    session_tag: str
+    max_messages: int | None
+    max_age: float | None

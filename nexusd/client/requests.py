@@ -18,6 +18,7 @@ from datetime import datetime
 from typing import Any, Final
 
 from ..wire import protocol as p
+from ..wire.durations import parse_duration
 from ..wire.errors import BadRequest, TooLarge
 
 __all__ = [
@@ -31,9 +32,12 @@ __all__ = [
     "check_frame",
     "check_retry_for",
     "check_timeout",
+    "delete_request",
     "encode",
+    "fork_request",
     "frame_limit",
     "history_request",
+    "retention_request",
     "search_request",
 ]
 
@@ -282,3 +286,26 @@ def search_request(
         limit=limit,
         cursor=cursor,
     )
+
+
+def delete_request(ids: Iterable[int], session_tag: str) -> p.Delete:
+    if isinstance(ids, int | str | bytes):  # a lone id, or digits: not a list of ids
+        raise BadRequest("ids must be a list of message ids, e.g. [12, 15]", field="ids")
+    return p.Delete(id=0, ids=list(ids), session_tag=session_tag)
+
+
+def fork_request(source_tag: str, new_tag: str, up_to_id: int | None, append: bool) -> p.Fork:
+    return p.Fork(id=0, source_tag=source_tag, new_tag=new_tag, up_to_id=up_to_id, append=append)
+
+
+def retention_request(
+    session_tag: str, max_messages: int | None, max_age: str | float | None
+) -> p.SetRetention:
+    """``max_age`` as seconds: a number, or a duration such as ``"30d"`` (parsed here)."""
+    seconds = None
+    if max_age is not None:
+        try:
+            seconds = parse_duration(max_age)
+        except ValueError as exc:
+            raise BadRequest(f"max_age: {exc}", field="max_age") from None
+    return p.SetRetention(id=0, session_tag=session_tag, max_messages=max_messages, max_age=seconds)

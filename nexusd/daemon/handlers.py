@@ -7,7 +7,8 @@ decorators of :mod:`nexusd.daemon.binding` (which also says what each kind
 returns); the binding is checked against the table when this module is
 imported.  :mod:`nexusd.daemon.connection` routes each request by its row's
 ``runs`` and moves the bytes.  What a search request means (its filters,
-its cursor) is :mod:`nexusd.daemon.searching`'s.
+its cursor) is :mod:`nexusd.daemon.searching`'s; what ``delete``, ``fork``
+and ``set_retention`` mean is :mod:`nexusd.daemon.lifecycle`'s.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from ..wire import protocol as p
 from ..wire.codec import encode_reply
 from ..wire.errors import BadRequest, Forbidden, NexusError, NotFound, TooLarge
 from ..wire.timestamps import parse_timestamp
+from . import lifecycle
 from .backups import Snapshots
 from .binding import (
     LOCAL_HANDLERS,
@@ -157,6 +159,11 @@ class Dispatcher:
     @on_write(p.ClearAll)
     def _clear_all(self, req: p.ClearAll) -> Job[int]:
         return job(ClearAll(None if self.ns is None else self.ns.scope), _clear_all_reply)
+
+    # delete, fork, set_retention: :mod:`nexusd.daemon.lifecycle`'s.
+    _delete = on_write(p.Delete)(lifecycle.delete)
+    _fork = on_write(p.Fork)(lifecycle.fork)
+    _set_retention = on_write(p.SetRetention)(lifecycle.set_retention)
 
     # ── watches ───────────────────────────────────────────────────────────
     @on_watch(p.Watch)

@@ -41,7 +41,7 @@ class Runs(enum.Enum):
 class Retry(enum.Enum):
     """Whether a client may resend a request whose answer it never got."""
 
-    #: Resending changes nothing (reads, pings).
+    #: Resending changes nothing (reads, pings, delete by id, setting a retention).
     ALWAYS = "always"
     #: Safe only when every message carries an idempotency key.
     IF_KEYED = "if_keyed"
@@ -80,6 +80,11 @@ OPERATIONS: Final[tuple[Operation, ...]] = (
     _row(p.Pop, p.PopReply, Runs.WRITE, Retry.NEVER),
     _row(p.Clear, p.ClearReply, Runs.WRITE, Retry.NEVER),
     _row(p.ClearAll, p.ClearAllReply, Runs.WRITE, Retry.NEVER),
+    # Ids are never reused: deleting the same ids again deletes nothing more.
+    _row(p.Delete, p.DeleteReply, Runs.WRITE, Retry.ALWAYS),
+    # A second run would copy the session twice (with append) or fail with conflict.
+    _row(p.Fork, p.ForkReply, Runs.WRITE, Retry.NEVER),
+    _row(p.SetRetention, p.SetRetentionReply, Runs.WRITE, Retry.ALWAYS),
     _row(p.Stats, p.StatsReply, Runs.LOCAL, Retry.ALWAYS),
     _row(p.BackupBegin, p.BackupBeginReply, Runs.READ, Retry.NEVER),
     _row(p.BackupRead, p.BackupReadReply, Runs.READ, Retry.NEVER),

@@ -7,12 +7,16 @@ a request carries the same ``op`` and echoes the request's ``id``, or carries
 built once and reused, as are the error replies' conversions both ways.  New
 fields always get defaults so older peers keep working.
 
-Around it: :mod:`nexusd.wire.ops` (the table of operations: which request
-gets which reply, how the daemon runs it, whether a client may retry it),
-:mod:`nexusd.wire.codec` (the daemon's request decoding and what it says about
-a body that does not decode), :mod:`nexusd.wire.timestamps` (the one accepted
-timestamp syntax).  This module imports nothing else of nexusd except the
-error hierarchy.  ``docs/protocol.md`` is the prose version of this file.
+The base Structs and the bounds every request shares are
+:mod:`nexusd.wire.envelope`'s; the requests of a conversation's life
+(``delete``, ``fork``, ``set_retention``) are :mod:`nexusd.wire.lifecycle`'s;
+both are re-exported here.  Around it: :mod:`nexusd.wire.ops` (the table of
+operations: which request gets which reply, how the daemon runs it, whether a
+client may retry it), :mod:`nexusd.wire.codec` (the daemon's request decoding
+and what it says about a body that does not decode),
+:mod:`nexusd.wire.timestamps` (the one accepted timestamp syntax).  This
+module imports nothing else of nexusd but those and the error hierarchy.
+``docs/protocol.md`` is the prose version of this file.
 """
 
 from __future__ import annotations
@@ -20,9 +24,25 @@ from __future__ import annotations
 from typing import Annotated, Any, Final, Literal, Union
 
 import msgspec
-from msgspec import Meta, Struct
+from msgspec import Meta
 
+from .envelope import DEFAULT_SESSION as DEFAULT_SESSION
+from .envelope import MAX_REQUEST_ID as MAX_REQUEST_ID
+from .envelope import MAX_SESSION_CHARS as MAX_SESSION_CHARS
+from .envelope import Rep as _Rep
+from .envelope import Req as _Req
+from .envelope import RequestId as RequestId
+from .envelope import RowId as RowId
+from .envelope import SessionTag as SessionTag
 from .errors import NexusError, error_for_code
+from .lifecycle import MAX_DELETE_IDS as MAX_DELETE_IDS
+from .lifecycle import MAX_RETAINED as MAX_RETAINED
+from .lifecycle import Delete as Delete
+from .lifecycle import DeleteReply as DeleteReply
+from .lifecycle import Fork as Fork
+from .lifecycle import ForkReply as ForkReply
+from .lifecycle import SetRetention as SetRetention
+from .lifecycle import SetRetentionReply as SetRetentionReply
 
 # The values, re-exported: the wire's types are all reachable from here.
 from .values import MAX_IDEM_KEY_CHARS as MAX_IDEM_KEY_CHARS
@@ -37,16 +57,9 @@ from .values import SearchHit as SearchHit
 from .values import SessionInfo as SessionInfo
 
 PROTOCOL_VERSION: Final = 1
-DEFAULT_SESSION: Final = "nexus"
-MAX_SESSION_CHARS: Final = 256
 MAX_HISTORY_LIMIT: Final = 10_000
 MAX_SESSIONS_PAGE: Final = 1_000
-#: Request ids are unsigned 63-bit so every language's integer fits them.
-MAX_REQUEST_ID: Final = 2**63 - 1
 
-SessionTag = Annotated[str, Meta(min_length=1, max_length=MAX_SESSION_CHARS)]
-RequestId = Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
-RowId = Annotated[int, Meta(ge=0, le=MAX_REQUEST_ID)]
 Limit = Annotated[int, Meta(ge=1, le=MAX_HISTORY_LIMIT)]
 #: Largest backup chunk a client may ask for (well under any frame limit).
 MAX_BACKUP_CHUNK: Final = 1024 * 1024
@@ -63,10 +76,6 @@ MAX_WATCHES: Final = 64
 
 
 # ── Requests ──────────────────────────────────────────────────────────────────
-class _Req(Struct, frozen=True, kw_only=True, tag_field="op"):
-    id: RequestId
-
-
 class Hello(_Req, frozen=True, tag="hello"):
     version: int = PROTOCOL_VERSION
     client: str = ""
@@ -182,6 +191,9 @@ Request = Union[
     Pop,
     Clear,
     ClearAll,
+    Delete,
+    Fork,
+    SetRetention,
     Stats,
     BackupBegin,
     BackupRead,
@@ -190,10 +202,6 @@ Request = Union[
 
 
 # ── Replies ───────────────────────────────────────────────────────────────────
-class _Rep(Struct, frozen=True, kw_only=True, tag_field="op"):
-    id: int | None
-
-
 class HelloReply(_Rep, frozen=True, tag="hello"):
     version: int
     server: str
@@ -236,8 +244,8 @@ class SearchReply(_Rep, frozen=True, tag="search"):
 
 class WatchReply(_Rep, frozen=True, tag="watch"):
     #: New messages (or, before ``live``, stored ones), in id order.
-    messages: list[Message] = []
-    removed: list[Removal] = []
+    messages: list[Message] = msgspec.field(default_factory=list)
+    removed: list[Removal] = msgspec.field(default_factory=list)
     #: True from the frame on that ends the stored messages: what follows is live.
     live: bool = False
 
@@ -268,7 +276,7 @@ class BackupBeginReply(_Rep, frozen=True, tag="backup_begin"):
     size: int
     #: ``[st_dev, st_ino]`` of the live database files (database, WAL, shared
     #: memory, lock): a client must not write its copy over any of them.
-    files: list[list[int]] = []
+    files: list[list[int]] = msgspec.field(default_factory=list)
 
 
 class BackupReadReply(_Rep, frozen=True, tag="backup_read"):
@@ -306,6 +314,9 @@ Reply = Union[
     PopReply,
     ClearReply,
     ClearAllReply,
+    DeleteReply,
+    ForkReply,
+    SetRetentionReply,
     StatsReply,
     BackupBeginReply,
     BackupReadReply,

@@ -44,13 +44,20 @@ class Message(Struct, frozen=True, kw_only=True):
 
 
 class SessionInfo(Struct, frozen=True, kw_only=True):
-    """Summary of one session tag."""
+    """Summary of one session tag.
+
+    ``max_messages`` and ``max_age`` (seconds) are the session's own
+    retention (``set_retention``): nil where the daemon's default applies,
+    0 for unbounded.
+    """
 
     session_tag: str
     count: int
     first_id: int
     last_id: int
     last_timestamp: str
+    max_messages: int | None = None
+    max_age: float | None = None
 
 
 class SearchHit(Struct, frozen=True, kw_only=True):
