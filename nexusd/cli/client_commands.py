@@ -19,6 +19,7 @@ import msgspec
 from ..client import Client
 from ..client.requests import MAX_TIMEOUT, encode
 from ..wire import protocol as p
+from .lifecycle import describe_retention
 from .output import (
     ProgressBar,
     as_json,
@@ -222,12 +223,15 @@ def cmd_count(args: argparse.Namespace, c: Client) -> None:
 
 def cmd_sessions(args: argparse.Namespace, c: Client) -> None:
     infos = c.sessions()
+    rows: list[tuple[object, ...]]
     rows = [(s.session_tag, s.count, s.first_id, s.last_id, s.last_timestamp) for s in infos]
-    human = (
-        table(["SESSION", "COUNT", "FIRST", "LAST", "LAST TIMESTAMP"], rows)
-        if infos
-        else "(no sessions)"
-    )
+    headers = ["SESSION", "COUNT", "FIRST", "LAST", "LAST TIMESTAMP"]
+    # A session's own retention (nexusd retention), in a column only when one has it.
+    own = [describe_retention(s.max_messages, s.max_age) for s in infos]
+    if any(own):
+        rows = [(*row, keeps) for row, keeps in zip(rows, own, strict=True)]
+        headers.append("OWN RETENTION")
+    human = table(headers, rows) if infos else "(no sessions)"
     out(args, infos, human)
 
 
