@@ -63,6 +63,10 @@ WORDS = [
 WORDS += [f"w{i}" for i in range(2000)]
 
 
+#: Requests in flight (--window).
+WINDOW = 4
+
+
 def make_file(path: Path, rows: int, sessions: int = 100) -> None:
     rng = random.Random(13)
     per = rows // sessions
@@ -98,10 +102,13 @@ def own_cpu() -> float:
 
 def timed_import(sock: Path, path: Path, pid: int) -> dict[str, Any]:
     with Client(sock, timeout=300) as c, open(path, "rb") as f:
+        s0 = c.stats()
         d0, c0, t0 = cpu_of(pid), own_cpu(), time.perf_counter()
-        done = import_messages(c, f)
+        done = import_messages(c, f, window=WINDOW)
         wall = time.perf_counter() - t0
         d1, c1 = cpu_of(pid), own_cpu()
+        s1 = c.stats()
+    batches = s1["batches_committed"] - s0["batches_committed"]
     return {
         "rows": done.messages,
         "stored": done.stored,
@@ -110,6 +117,12 @@ def timed_import(sock: Path, path: Path, pid: int) -> dict[str, Any]:
         "rows_per_s": round(done.messages / wall),
         "daemon_cpu_s": round(d1 - d0, 2),
         "client_cpu_s": round(c1 - c0, 2),
+        # The writer's side: transactions, rows per transaction, and how long
+        # one took (stats' percentiles are over the daemon's recent commits).
+        "transactions": batches,
+        "rows_per_transaction": round(done.messages / batches) if batches else None,
+        "commit_latency_p50_ms": s1["commit_latency_p50_ms"],
+        "commit_latency_p99_ms": s1["commit_latency_p99_ms"],
     }
 
 
@@ -142,8 +155,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--window", type=int, default=4, help="requests in flight")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/imports.json"))
     args = ap.parse_args()
+    global WINDOW
+    WINDOW = args.window
     base = Path(tempfile.mkdtemp(prefix="nximp", dir="/tmp"))
     try:
         path = base / "export.jsonl"
@@ -162,7 +178,13 @@ def main() -> None:
         summary = summarise(runs)
         for k, v in summary.items():
             print(f"{k}: {v}")
-        result = {"rows": args.rows, "file_mib": round(size / 2**20), "runs": runs}
+        result = {
+            "rows": args.rows,
+            "file_mib": round(size / 2**20),
+            "window": WINDOW,
+            "when": time.strftime("%Y-%m-%d %H:%M"),
+            "runs": runs,
+        }
         args.json.write_text(json.dumps({**result, "summary": summary}, indent=1))
         print(f"results: {args.json}")
     finally:
