@@ -21,7 +21,14 @@ import pytest
 
 from nexusd import Client
 from nexusd.client.transfer import ImportFailed, export_messages, import_messages
-from tests.conftest import Daemon, _new_daemon, run_cli, wait_for_socket, write_config
+from tests.conftest import (
+    Daemon,
+    _new_daemon,
+    as_uid,
+    run_cli,
+    wait_for_socket,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -297,3 +304,46 @@ def test_limits_big_content_and_frame_splitting(short_dir: Path, tmp_path: Path)
                 _import(c, meta.encode())
     finally:
         d.stop()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as other users")
+def test_a_namespaced_peer_exports_only_its_own(short_dir: Path) -> None:
+    short_dir.chmod(0o755)
+    one, two = 61011, 61012
+    cfg = write_config(short_dir / "c.toml", socket_mode="0666", isolate_peers=True)
+    cfg.write_text(cfg.read_text() + f"allow_uids = [{one}, {two}]\n")
+    d = _new_daemon(short_dir, "--config", str(cfg)).start()
+    try:
+        for uid in (one, two):
+            req = {"op": "append", "id": 1, "role": "user", "content": f"of {uid}"}
+            (ok,) = as_uid(uid, d.socket, [{**req, "session_tag": f"s{uid}"}])
+            assert ok["op"] == "append", ok
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # child: become `one`, export everything it may see
+            code = 1
+            try:
+                os.close(r)
+                os.setgroups([])
+                os.setgid(one)
+                os.setuid(one)
+                with Client(d.socket) as c:
+                    os.write(w, _export_all(c))
+                code = 0
+            finally:
+                os._exit(code)
+        os.close(w)
+        with os.fdopen(r, "rb") as fh:
+            data = fh.read()
+        _, status = os.waitpid(pid, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        lines = [json.loads(x) for x in data.splitlines()]
+        assert [(x["session_tag"], x["content"]) for x in lines] == [(f"s{one}", f"of {one}")]
+    finally:
+        d.stop()
+
+
+def _export_all(c: Client) -> bytes:
+    buf = io.BytesIO()
+    export_messages(c, buf)
+    return buf.getvalue()
