@@ -291,6 +291,10 @@ async def test_a_session_retention_overrides_the_default_and_survives_a_restart(
         assert await one(storage, SetRetention("s", Retention(max_messages=3))) == Retention(3)
         assert await contents(storage, "s") == ["7", "8", "9"]  # at once
         assert storage.max_messages_of("s") == 3 and storage.max_messages_of("t") == 10
+        await one(storage, SetRetention("t", Retention(max_age=86400)))
+        page = await storage.sessions(after=None, limit=10, budget=1 << 20)
+        own = {i.session_tag: (i.max_messages, i.max_age) for i in page.items}
+        assert own == {"s": (3, None), "t": (None, 86400.0)}
         await sweep_all(storage)
         assert raw(storage.path, "SELECT COUNT(*) FROM nexus_messages WHERE session_tag='s'") == [
             (3,)

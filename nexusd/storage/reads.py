@@ -35,6 +35,7 @@ from ..wire.errors import BadRequest, Unavailable
 from ..wire.protocol import Message, SearchHit, SessionInfo
 from . import search as fts
 from .base import Page, SearchQuery
+from .floors import scope_clause
 from .schema import (
     MESSAGE_COLUMNS,
     VISIBLE_ONE,
@@ -44,7 +45,6 @@ from .schema import (
     row_size,
     visible,
 )
-from .scope import NS_MARK, scope_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -62,23 +62,10 @@ _SHORT: Final = 256
 _SIZE: Final = row_size()
 
 
-#: Which rows a page is of: one session's, or every session's in a scope.
 #: A row if some session has rows cleared but not yet swept.
 _ANY_FLOOR: Final = "SELECT 1 FROM nexus_floors LIMIT 1"
+#: Which rows a page is of: one session's (else every session's in a scope).
 _ONE_SESSION: Final = f"session_tag = ? AND {VISIBLE_ONE}"
-_SCOPES: Final = {
-    "all": "1",
-    "plain": "NOT (session_tag >= ? AND session_tag < ?)",
-    "prefix": "session_tag >= ? AND session_tag < ?",
-}
-
-
-def _scope_clause(scope: str | None) -> tuple[str, tuple[str, ...]]:
-    if scope is None:
-        return _SCOPES["all"], ()
-    if scope == "":
-        return _SCOPES["plain"], scope_bounds(NS_MARK)
-    return _SCOPES["prefix"], scope_bounds(scope)
 
 
 @functools.cache
@@ -279,7 +266,7 @@ class ReaderPool:
         self, after_id: int, *, scope: str | None, limit: int, budget: int
     ) -> Page[Message]:
         """Every session's messages in ``scope`` above ``after_id``, oldest first (watch)."""
-        rows, params = _scope_clause(scope)
+        rows, params = scope_clause(scope)
         return await self._page(
             f"{rows} AND {visible()}",
             params,
@@ -351,7 +338,7 @@ class ReaderPool:
             where.append("session_tag > ?")
             params.append(after)
         if scope is not None:
-            rows_sql, bounds = _scope_clause(scope)
+            rows_sql, bounds = scope_clause(scope)
             where.append(rows_sql)
             params += bounds
         clause = f"WHERE {' AND '.join(where)}"
@@ -361,11 +348,14 @@ class ReaderPool:
         rows = await self.fetch(
             "SELECT s.session_tag, s.n, s.first, s.last,"
             f" CASE WHEN length(CAST(m.timestamp AS BLOB)) <= {_SHORT} THEN m.timestamp END,"
-            " length(CAST(s.session_tag AS BLOB)) + length(CAST(m.timestamp AS BLOB)) FROM ("
+            " length(CAST(s.session_tag AS BLOB)) + length(CAST(m.timestamp AS BLOB)),"
+            " r.max_messages, r.max_age FROM ("
             "  SELECT session_tag, COUNT(*) AS n, MIN(id) AS first, MAX(id) AS last"
             f"  FROM nexus_messages {clause} GROUP BY session_tag"
             "  ORDER BY session_tag LIMIT ?"
-            ") AS s JOIN nexus_messages AS m ON m.id = s.last ORDER BY s.session_tag",
+            ") AS s JOIN nexus_messages AS m ON m.id = s.last"
+            " LEFT JOIN nexus_retention AS r ON r.session_tag = s.session_tag"
+            " ORDER BY s.session_tag",
             (*params, limit + 1),
         )
         if not rows:
@@ -388,7 +378,15 @@ class ReaderPool:
             ):
                 stamps[rid] = ts
         infos = [
-            SessionInfo(session_tag=t, count=n, first_id=f, last_id=la, last_timestamp=stamps[la])
-            for t, n, f, la, _, _ in kept
+            SessionInfo(
+                session_tag=t,
+                count=n,
+                first_id=f,
+                last_id=la,
+                last_timestamp=stamps[la],
+                max_messages=own_n,
+                max_age=own_age,
+            )
+            for t, n, f, la, _, _, own_n, own_age in kept
         ]
         return Page(infos, more, over)
