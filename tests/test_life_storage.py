@@ -152,6 +152,20 @@ async def test_a_big_clear_hides_at_once_and_the_sweep_deletes_later(
     assert sorted(await found(storage, "needle")) == ["big", "other"]
     assert storage.write_stats.swept == BIG
     index_is_consistent(db)
+    # The sweep held the index's own merging while it deleted; it is back.
+    assert raw(db, "SELECT v FROM nexus_fts_config WHERE k = 'automerge'") == [(4,)]
+
+
+async def test_merging_held_by_a_sweep_cut_short_is_released_at_open(opener: Opener) -> None:
+    async with opener() as storage:
+        await one(storage, Insert("big", [row("m")] * BIG))
+        await one(storage, ClearSession("big"))
+        await storage.sweep()  # one step, then the daemon "stops"
+        assert raw(storage.path, "SELECT v FROM nexus_fts_config WHERE k = 'automerge'") == [(0,)]
+    async with opener() as storage:
+        assert raw(storage.path, "SELECT v FROM nexus_fts_config WHERE k = 'automerge'") == [(4,)]
+        await sweep_all(storage)
+        assert raw(storage.path, "SELECT COUNT(*) FROM nexus_messages") == [(0,)]
 
 
 async def test_a_small_clear_still_deletes_at_once(storage: SQLiteStorage) -> None:

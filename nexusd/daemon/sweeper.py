@@ -5,9 +5,10 @@ deletes it later, a step at a time (:meth:`~nexusd.storage.base.Storage.sweep`);
 rows past their age go the same way.  This task decides *when*: at start
 (rows may have aged while the daemon was down), whenever a commit left work
 (storage's ``on_sweep``), and every ``next_in`` seconds while some age limit
-is set.  Between two steps it yields, so the writer's batches and the sweep
-take turns on the writer's thread: a step is a few milliseconds, and an
-append waits for at most one.
+is set.  After each step it pauses for as long as the step took, so the
+sweep has at most half of the writer's thread and the writer's batches go
+between steps: a step is a few milliseconds, and an append waits for at
+most one.
 """
 
 from __future__ import annotations
@@ -51,10 +52,13 @@ class Sweeper:
                 # A new event before the step: a wake during it is not lost.
                 self._wake = anyio.Event()
                 self._woken = False
+                began = anyio.current_time()
                 swept = await self._storage.sweep()
                 removed += swept.removed
                 if swept.more:
-                    await anyio.lowlevel.checkpoint()  # the writer's batches go between steps
+                    # The writer's batches first: the sweep takes at most half
+                    # of the writer's time, however long its steps turn out.
+                    await anyio.sleep(anyio.current_time() - began)
                     continue
                 if removed:
                     logger.info("swept %d old or cleared messages", removed)

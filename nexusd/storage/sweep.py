@@ -22,9 +22,12 @@ from __future__ import annotations
 
 import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Final
 
+from . import index as fts
 from .counts import CountCache, Counts
 from .editing import Retentions
 from .index import IndexState, Upkeep
@@ -44,14 +47,18 @@ class Pace:
     long contents, or a full-text index to keep, take longer), between bounds."""
 
     #: Seconds one step may hold the writer (an append may wait that long).
-    SECONDS: Final = 0.003
+    SECONDS: Final = 0.002
     LEAST: Final = 10
     MOST: Final = 5_000
 
-    __slots__ = ("rows",)
+    __slots__ = ("held", "merge_next", "rows")
 
     def __init__(self) -> None:
         self.rows = 200
+        #: The sweep holds the index's own merging (:func:`~.index.hold_merges`).
+        self.held = False
+        #: The next step is a slice of the index's merging, not deletions.
+        self.merge_next = False
 
     def took(self, seconds: float, deleted: int) -> None:
         """A step deleted ``deleted`` rows in ``seconds``: size the next one."""
@@ -102,11 +109,35 @@ def step(
     level = conn.execute("PRAGMA synchronous").fetchone()[0]
     conn.execute("PRAGMA synchronous = NORMAL")
     try:
-        _step(conn, counts_cache, retentions, clock, index, rows, out)
+        if pace.merge_next and index is not None:
+            pace.merge_next = False
+            with _transaction(conn):
+                fts.merge_slice(conn)
+            out.more = True
+            return out
+        _step(conn, counts_cache, retentions, clock, index, rows, pace, out)
+        if index is not None and (out.swept or out.expired):
+            pace.merge_next = True  # the index's merging goes on between deletions
+            out.more = True
+        elif not out.more and pace.held:
+            with _transaction(conn):
+                fts.release_merges(conn)
+            pace.held = False
     finally:
         conn.execute(f"PRAGMA synchronous = {int(level)}")
     pace.took(time.perf_counter() - started, out.swept + out.expired)
     return out
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
 
 
 def _step(
@@ -116,18 +147,19 @@ def _step(
     clock: float,
     index: IndexState | None,
     rows: int,
+    pace: Pace,
     out: SweepOutcome,
 ) -> None:
     conn.execute("BEGIN IMMEDIATE")
-    fts = None if index is None else Upkeep(conn, index)
+    upkeep = None if index is None else Upkeep(conn, index)
     try:
         counts_cache.sync(conn)
         counts = Counts(conn, counts_cache.counts)
-        budget = rows - _hidden(conn, rows, fts, out)
+        budget = rows - _hidden(conn, rows, upkeep, out)
         if budget > 0 and not out.more:
             # Only once no floor is left: every row is visible, so each one
             # deleted here lowers its session's count by one.
-            budget -= _aged(conn, budget, clock, retentions, counts, fts, out)
+            budget -= _aged(conn, budget, clock, retentions, counts, upkeep, out)
         out.more = out.more or budget <= 0
         if not out.swept and not out.expired:
             conn.execute("ROLLBACK")
@@ -136,17 +168,21 @@ def _step(
             "DELETE FROM nexus_marks WHERE last_id < (SELECT min(id) FROM nexus_messages)"
             " AND second < (SELECT max(second) FROM nexus_marks)"
         )
-        if fts is not None:
-            fts.flush()
+        if upkeep is not None:
+            if not pace.held:
+                fts.hold_merges(conn)  # (see :func:`~.index.hold_merges`)
+            upkeep.flush()
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
             conn.execute("ROLLBACK")
         raise
     counts.commit()
+    if upkeep is not None:
+        pace.held = True
 
 
-def _hidden(conn: sqlite3.Connection, rows: int, fts: Upkeep | None, out: SweepOutcome) -> int:
+def _hidden(conn: sqlite3.Connection, rows: int, upkeep: Upkeep | None, out: SweepOutcome) -> int:
     """Delete rows under floors (already hidden: no count changes, no news)."""
     budget = rows
     floors = conn.execute(
@@ -158,9 +194,9 @@ def _hidden(conn: sqlite3.Connection, rows: int, fts: Upkeep | None, out: SweepO
             " WHERE session_tag = ? AND id < ? ORDER BY id LIMIT ?) RETURNING id, content",
             (tag, below, budget),
         ).fetchall()
-        if fts is not None:
+        if upkeep is not None:
             for row_id, content in gone:
-                fts.removed(row_id, content)
+                upkeep.removed(row_id, content)
         budget -= len(gone)
         out.swept += len(gone)
         if budget <= 0:
@@ -190,7 +226,7 @@ def _aged(
     clock: float,
     retentions: Retentions,
     counts: Counts,
-    fts: Upkeep | None,
+    upkeep: Upkeep | None,
     out: SweepOutcome,
 ) -> int:
     """Delete rows past their age, oldest first; return how many."""
@@ -207,7 +243,7 @@ def _aged(
                 (tag, last),
                 budget,
                 counts,
-                fts,
+                upkeep,
                 out,
             )
     if retentions.default_age and budget > 0:
@@ -220,7 +256,7 @@ def _aged(
                 (last,),
                 budget,
                 counts,
-                fts,
+                upkeep,
                 out,
             )
     return rows - budget
@@ -232,7 +268,7 @@ def _expire(
     params: tuple[object, ...],
     budget: int,
     counts: Counts,
-    fts: Upkeep | None,
+    upkeep: Upkeep | None,
     out: SweepOutcome,
 ) -> int:
     """Delete the oldest ``budget`` rows matching ``where``; every row of a session they
@@ -248,8 +284,8 @@ def _expire(
     per: dict[str, int] = {}
     for tag, row_id, content in gone:
         per[tag] = per.get(tag, 0) + 1
-        if fts is not None:
-            fts.removed(row_id, content)
+        if upkeep is not None:
+            upkeep.removed(row_id, content)
     for tag, n in per.items():
         counts.add(tag, -n)
         out.changes.append(Removed(tag, before_id=newest + 1))
