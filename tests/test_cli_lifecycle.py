@@ -21,11 +21,6 @@ from nexusd.cli.main import main
 from tests.conftest import Daemon, _new_daemon
 
 CODE = tuple[int, str, str]
-#: Storage's ``sessions`` query fills SessionInfo's retention fields (the lead's
-#: part of issue 13); until it does, this is expected to fail.
-SESSIONS_SHOW_RETENTION = pytest.mark.xfail(
-    strict=True, reason="storage does not fill SessionInfo.max_messages/max_age yet"
-)
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +141,6 @@ def test_retention_sets_shows_and_resets(nexusd: Any, c: Client, tag: str) -> No
     assert code == 0 and out.count("the daemon's default") == 2
 
 
-@SESSIONS_SHOW_RETENTION
 def test_retention_keeps_the_option_left_out_and_sessions_shows_it(
     nexusd: Any, c: Client, tag: str
 ) -> None:

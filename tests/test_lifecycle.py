@@ -28,6 +28,7 @@ from nexusd import (
     Conflict,
     Deleted,
     Forked,
+    Message,
     NotFound,
     Removal,
     Retention,
@@ -42,11 +43,6 @@ _PROTOCOL = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_
 DOC = _PROTOCOL[_PROTOCOL.index("The examples of `delete`") : _PROTOCOL.index("**`hello` limits**")]
 #: Two uids the daemon admits besides root, for the namespace tests.
 ONE, TWO = 61011, 61012
-#: Storage's ``sessions`` query fills SessionInfo's retention fields (the lead's
-#: part of issue 13); until it does, these tests are expected to fail.
-SESSIONS_SHOW_RETENTION = pytest.mark.xfail(
-    strict=True, reason="storage does not fill SessionInfo.max_messages/max_age yet"
-)
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +114,27 @@ def test_a_watcher_sees_the_deletion_and_search_no_longer_finds_it(
     anyio.run(watch)
     assert [h.message.id for h in c.search("secret 4111", session_tag=tag)] == []
     assert [h.message.id for h in c.search("keep", session_tag=tag)] == [ids[0]]
+
+
+def test_a_watcher_sees_a_fork_arrive_and_a_lower_retention_remove(d: Daemon, tag: str) -> None:
+    new = tag + "-b"
+
+    async def watch() -> None:
+        async with AsyncClient(d.socket) as ac:
+            await ac.append_many([("user", "a"), ("user", "b")], session_tag=tag)
+            with anyio.fail_after(10):
+                async with ac.watch(new, removals=True) as w:
+                    done = await ac.fork(tag, new)
+                    got = [await w.__anext__(), await w.__anext__()]
+                    assert [m.id for m in got if isinstance(m, Message)] == [
+                        done.first_id,
+                        done.last_id,
+                    ]
+                    await ac.set_retention(new, max_messages=1)
+                    gone = await w.__anext__()
+            assert gone == Removal(session_tag=new, before_id=done.last_id)
+
+    anyio.run(watch)
 
 
 def test_delete_refuses_bad_ids_naming_the_item(c: Client, tag: str) -> None:
@@ -275,7 +292,6 @@ def test_retention_survives_a_restart(d: Daemon, tag: str) -> None:
         assert c.message_count(tag) == 7
 
 
-@SESSIONS_SHOW_RETENTION
 def test_sessions_show_a_sessions_own_retention(c: Client, tag: str) -> None:
     c.append_many([("user", "m")], session_tag=tag)
     c.set_retention(tag, max_messages=4, max_age="1h")
