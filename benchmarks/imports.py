@@ -63,8 +63,9 @@ WORDS = [
 WORDS += [f"w{i}" for i in range(2000)]
 
 
-#: Requests in flight (--window).
+#: Requests in flight (--window) and messages per request (--batch).
 WINDOW = 4
+BATCH = 10_000
 
 
 def make_file(path: Path, rows: int, sessions: int = 100) -> None:
@@ -95,6 +96,18 @@ def cpu_of(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid`` (the event loop's tid is ``pid``)."""
+    out: dict[int, float] = {}
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(task.name)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
 def own_cpu() -> float:
     r = resource.getrusage(resource.RUSAGE_SELF)
     return r.ru_utime + r.ru_stime
@@ -103,11 +116,16 @@ def own_cpu() -> float:
 def timed_import(sock: Path, path: Path, pid: int) -> dict[str, Any]:
     with Client(sock, timeout=300) as c, open(path, "rb") as f:
         s0 = c.stats()
+        th0 = thread_cpu(pid)
         d0, c0, t0 = cpu_of(pid), own_cpu(), time.perf_counter()
-        done = import_messages(c, f, window=WINDOW)
+        done = import_messages(c, f, window=WINDOW, batch_rows=BATCH)
         wall = time.perf_counter() - t0
         d1, c1 = cpu_of(pid), own_cpu()
+        th1 = thread_cpu(pid)
         s1 = c.stats()
+    spent = {t: th1[t] - th0.get(t, 0.0) for t in th1}
+    loop = spent.pop(pid, 0.0)
+    busiest = max(spent.values(), default=0.0)
     batches = s1["batches_committed"] - s0["batches_committed"]
     return {
         "rows": done.messages,
@@ -117,6 +135,10 @@ def timed_import(sock: Path, path: Path, pid: int) -> dict[str, Any]:
         "rows_per_s": round(done.messages / wall),
         "daemon_cpu_s": round(d1 - d0, 2),
         "client_cpu_s": round(c1 - c0, 2),
+        # The daemon's CPU by thread: the event loop (decoding, checks, replies)
+        # and its busiest other thread (the writer's SQLite connection).
+        "daemon_loop_cpu_s": round(loop, 2),
+        "daemon_writer_cpu_s": round(busiest, 2),
         # The writer's side: transactions, rows per transaction, and how long
         # one took (stats' percentiles are over the daemon's recent commits).
         "transactions": batches,
@@ -142,6 +164,8 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for mode in ("search_off", "search_on"):
         for which in ("first", "again"):
+            if mode not in runs[0]:
+                continue
             vals = [r[mode][which]["rows_per_s"] for r in runs]
             out[f"{mode}.{which}"] = {
                 "median_rows_per_s": statistics.median(vals),
@@ -156,10 +180,12 @@ def main() -> None:
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--window", type=int, default=4, help="requests in flight")
+    ap.add_argument("--batch", type=int, default=10_000, help="messages per request")
+    ap.add_argument("--only", choices=("off", "on"), help="search off or on only")
     ap.add_argument("--json", type=Path, default=Path("benchmarks/imports.json"))
     args = ap.parse_args()
-    global WINDOW
-    WINDOW = args.window
+    global WINDOW, BATCH
+    WINDOW, BATCH = args.window, args.batch
     base = Path(tempfile.mkdtemp(prefix="nximp", dir="/tmp"))
     try:
         path = base / "export.jsonl"
@@ -170,7 +196,8 @@ def main() -> None:
         runs = []
         for i in range(args.runs):
             run: dict[str, Any] = {}
-            for search in (False, True):
+            modes = {"off": (False,), "on": (True,), None: (False, True)}[args.only]
+            for search in modes:
                 key = "search_on" if search else "search_off"
                 run[key] = one_run(base, path, search)
                 print(f"run {i + 1}/{args.runs} {key}: {json.dumps(run[key])}", flush=True)
@@ -182,6 +209,7 @@ def main() -> None:
             "rows": args.rows,
             "file_mib": round(size / 2**20),
             "window": WINDOW,
+            "batch": BATCH,
             "when": time.strftime("%Y-%m-%d %H:%M"),
             "runs": runs,
         }

@@ -11,6 +11,7 @@ thread never waits on a daemon that waits for its replies to be read.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import queue
 import threading
@@ -87,6 +88,7 @@ def import_messages(
     total: int | None = None,
     progress: TransferProgress | None = None,
     window: int = WINDOW,
+    batch_rows: int | None = None,
 ) -> ImportSummary:
     """Store the lines of ``source`` (JSON Lines, see the module doc); return a summary.
 
@@ -95,10 +97,14 @@ def import_messages(
     answered: every batch is atomic, the one holding the bad line is never
     sent, so what is stored is exactly the batches up to
     ``summary.stored_through``.  ``dry_run`` checks every line and counts
-    messages per session without writing.  ``total`` (bytes of ``source``,
+    messages per session without writing.  ``window``: requests in flight;
+    ``batch_rows``: at most this many messages per request (the protocol's
+    10000 by default).  ``total`` (bytes of ``source``,
     if known) is passed on to ``progress``.
     """
     limits = Limits.of(client.hello())
+    if batch_rows is not None:  # fewer rows per request than the protocol allows
+        limits = dataclasses.replace(limits, max_batch=max(1, min(batch_rows, limits.max_batch)))
     maker = BatchMaker(limits, session_map=session_map, default_session=default_session)
     done = ImportSummary(limits=limits)
     sender = None if dry_run else _Sender(client, window, done)
@@ -110,6 +116,8 @@ def import_messages(
             read += len(raw)
             if not raw.strip():
                 continue
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw = raw[3:]  # a byte order mark some editors write: not part of the JSON
             try:
                 batches = maker.add(raw, lineno)
             except BadLine as exc:

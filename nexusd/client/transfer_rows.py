@@ -10,12 +10,15 @@ batch it belonged to is never handed out, so a caller that sends only the
 batches it was given stores whole batches before the bad line and nothing
 after them.
 
-Keys (22 characters of base64url, 128 bits of BLAKE2b): for an export line a
-hash of its source session, source id, role, content, timestamp and meta; for
-a minimal line a hash of its source session, role, content, timestamp and
-meta, plus how many identical lines of that session came before it.  So the
-same file gives the same keys every time, and importing it again stores
-nothing (the daemon answers a known key with the stored row's id).
+Keys are 22 characters.  For an export line: its source id, written so that
+keys sort as the ids do, then 60 bits of a BLAKE2b hash of its source
+session, source id, role, content, timestamp and meta.  Sorted keys matter:
+the daemon's key index then grows where the last insert was instead of at a
+random page of a big index (random keys halved a 1M-line import).  For a
+minimal line: 128 bits of a hash of its source session, role, content,
+timestamp and meta plus how many identical lines of that session came before
+it.  So the same file gives the same keys every time, and importing it again
+stores nothing (the daemon answers a known key with the stored row's id).
 """
 
 from __future__ import annotations
@@ -120,6 +123,19 @@ def _key(digest: bytes) -> str:
     """22 characters of base64url (what ``base64.urlsafe_b64encode`` gives, without its
     two calls and the padding): short keys are cheaper for the daemon to index."""
     return binascii.b2a_base64(digest, newline=False)[:22].translate(_URLSAFE).decode("ascii")
+
+
+#: Base 64 with its digits in ASCII order (value 0 is "-", 63 is "z"), from
+#: the standard alphabet: fixed-width numbers written in it sort as text.
+_SORTED: Final = bytes.maketrans(
+    b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/",
+    b"-0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ_abcdefghijklmnopqrstuvwxyz",
+)
+
+
+def _sortable(n: int) -> str:
+    """``n`` (0 to 2^63-1) as 12 characters that sort as the numbers do."""
+    return binascii.b2a_base64(n.to_bytes(9, "big"), newline=False).translate(_SORTED).decode()
 
 
 def _blake(data: bytes) -> bytes:
@@ -240,14 +256,15 @@ class BatchMaker:
         except (OverflowError, TypeError, ValueError) as exc:
             raise BadLine(_unsendable(exc), line) from None
         digest = _blake(canon)
-        if row.id is None:  # minimal: the n-th identical line of its session gets its own key
+        if row.id is not None:
+            key = _sortable(row.id) + _key(digest)[:10]
+        else:  # minimal: the n-th identical line of its session gets its own key
             n = self._seen.get(digest, 0)
             self._seen[digest] = n + 1
             if n:
                 digest = _blake(digest + n.to_bytes(8, "big"))
-        return p.NewMessage(
-            role=role, content=content, timestamp=stamp, meta=meta, idem_key=_key(digest)
-        )
+            key = _key(digest)
+        return p.NewMessage(role=role, content=content, timestamp=stamp, meta=meta, idem_key=key)
 
 
 def _check_text(text: str, name: str, line: int) -> None:
