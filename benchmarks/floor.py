@@ -43,6 +43,7 @@ import procs  # the sibling module: python benchmarks/floor.py
 
 from nexusd.storage import writes
 from nexusd.storage.base import Insert, Op
+from nexusd.storage.editing import Retentions
 from nexusd.storage.schema import open_writer
 
 KS = (1, 2, 4, 8, 32)
@@ -89,6 +90,7 @@ def transaction_rate(base: Path, variant: str, k: int, secs: float) -> dict[str,
     conn = open_writer(db, synchronous="full", wal_autocheckpoint=8000)
     prefixes = [secrets.token_urlsafe(9) for _ in range(k)]
     cache = writes.CountCache()
+    keep = Retentions(KEEP, 0.0)
     counter = 0
 
     def commit() -> None:
@@ -98,7 +100,9 @@ def transaction_rate(base: Path, variant: str, k: int, secs: float) -> dict[str,
             counter += 1
             key = None if variant == "nokey" else f"{prefixes[j]}{counter:010x}"
             ops.append(Insert(f"s{counter % SESSIONS}", [("user", CONTENT, None, None, key)]))
-        writes.run(conn, ops, now=NOW, counts_cache=cache, max_messages=KEEP, lookup=False)
+        writes.run(
+            conn, ops, now=NOW, clock=time.time(), counts_cache=cache, retentions=keep, lookup=False
+        )
 
     for _ in range(50):  # warm the page cache and the count cache
         commit()

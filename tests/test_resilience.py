@@ -17,7 +17,7 @@ from pathlib import Path
 import msgspec
 
 from nexusd import Client
-from nexusd.storage.schema import integrity_check
+from nexusd.storage.schema import SCHEMA_VERSION, integrity_check
 from nexusd.wire.framing import encode_frame
 from tests.conftest import (
     Daemon,
@@ -258,7 +258,10 @@ def test_corrupt_database_is_reported_and_left_untouched(short_dir: Path) -> Non
 def test_check_reports_a_sound_database(daemon: Daemon) -> None:
     daemon.cli("append", "u", "x")
     r = run_cli("check", "--db", str(daemon.db))
-    assert r.returncode == 0 and ": ok (schema 3, 1 messages in 1 sessions)" in r.stdout
+    assert (
+        r.returncode == 0
+        and f": ok (schema {SCHEMA_VERSION}, 1 messages in 1 sessions)" in r.stdout
+    )
 
 
 # ── backups ───────────────────────────────────────────────────────────────────

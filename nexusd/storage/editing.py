@@ -102,8 +102,9 @@ def fork_rows(conn: sqlite3.Connection, op: Fork, counts: Counts) -> list[NewRow
     if op.new_tag == op.source_tag:
         return BadRequest("a session cannot be forked into itself", field="new_tag")
     if not op.append and counts.get(op.new_tag):
+        # (Not naming it: the stored tag may carry a peer's namespace prefix.)
         return Conflict(
-            f"session {op.new_tag!r} already has {counts.get(op.new_tag)} messages;"
+            f"the new session already has {counts.get(op.new_tag)} messages;"
             " fork into a new tag, or append to it",
             field="new_tag",
         )
