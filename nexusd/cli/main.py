@@ -6,7 +6,8 @@
 
 Exit codes: 0 ok, 1 the server answered an error (or the daemon could not
 start, or refused us, or is not one we trust; ``check``: the database is
-damaged), 2 usage (including what the daemon rejected as
+damaged; ``restore``: not restored, see :mod:`.restore`), 2 usage
+(including what the daemon rejected as
 ``bad_request``/``too_large``, a setting that does not fit its declaration, a
 ``check --db`` path that is not a nexusd database, a
 ``--config``/``--db``/backup destination that exists but is not a regular
