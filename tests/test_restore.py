@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -95,7 +96,9 @@ def test_a_backup_of_a_running_daemon_restores_into_it_once_stopped(
         with Client(d.socket) as c:
             assert [m.content for m in c.get_history()] == ["before the backup", "after the backup"]
     finally:
-        assert d.stop() == 0
+        pid = d.proc.pid if d.proc is not None else 0
+        d.stop(signal.SIGKILL)  # its last commits stay in nexus.db-wal alone
+    assert Path(f"{d.db}-wal").stat().st_size > 0
     done = subprocess.run(  # once as a user runs it
         [sys.executable, "-m", "nexusd", "restore", str(backup), "--db", str(d.db)],
         capture_output=True,
@@ -105,8 +108,16 @@ def test_a_backup_of_a_running_daemon_restores_into_it_once_stopped(
     assert done.returncode == 0, done.stderr
     assert done.stdout == (
         f"restored {d.db} from {backup} (schema {SCHEMA_VERSION}, 1 messages in 1 sessions);"
-        f" kept the previous database as {d.db}.bak\n"
+        f" kept the previous database as {d.db}.bak; the daemon before (pid {pid}) had not"
+        f" stopped cleanly: its last commits are in {d.db}.bak\n"
     )
+    assert listing(short_dir) == [
+        "backup.db",
+        "nexus.db",
+        "nexus.db.bak",
+        "nexus.db.lock",
+        "s.sock",
+    ]
     assert d.db.stat().st_mode & 0o777 == 0o600
     assert contents(Path(f"{d.db}.bak")) == ["before the backup", "after the backup"]
     d.start()
