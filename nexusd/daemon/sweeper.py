@@ -4,17 +4,16 @@ Storage hides what ``clear`` and a lowered retention remove at once, and
 deletes it later, a step at a time (:meth:`~nexusd.storage.base.Storage.sweep`);
 rows past their age go the same way.  This task decides *when*: at start
 (rows may have aged while the daemon was down), whenever a commit left work
-(storage's ``on_sweep``), and every ``next_in`` seconds while some age limit
-is set.  After each step it pauses for as long as the step took, so the
-sweep has at most half of the writer's thread and the writer's batches go
-between steps: a step is a few milliseconds, and an append waits for at
-most one.
+(storage's ``on_sweep``), and every ``next_in`` seconds (a tenth of the
+shortest age limit; an hour without one, for storage's own upkeep).  After
+each step it pauses for as long as the step took, so the sweep has at most
+half of the writer's thread and the writer's batches go between steps: a
+step is a few milliseconds, and an append waits for at most one.
 """
 
 from __future__ import annotations
 
 import logging
-import math
 
 import anyio
 import anyio.lowlevel
@@ -65,6 +64,5 @@ class Sweeper:
                     removed = 0
                 if self._woken:
                     continue
-                wait = math.inf if swept.next_in is None else swept.next_in
-                with anyio.move_on_after(wait):
+                with anyio.move_on_after(swept.next_in):
                     await self._wake.wait()

@@ -118,11 +118,12 @@ class SearchQuery:
 @dataclass(frozen=True, slots=True)
 class Swept:
     """What one :meth:`Storage.sweep` step removed, whether work is left, and in how
-    many seconds rows past their age are worth sweeping again (None: no age limit)."""
+    many seconds the next sweep is worth it (rows will be past their age, or the
+    backend has upkeep of its own to do)."""
 
     removed: int
     more: bool
-    next_in: float | None = None
+    next_in: float
 
 
 @dataclass(slots=True)

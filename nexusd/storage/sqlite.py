@@ -164,7 +164,7 @@ class SQLiteStorage:
         """One step of :mod:`.sweep`, on the writer's thread between batches."""
         conn = self._conn
         if conn is None or self.storage_error is not None:
-            return Swept(0, False, None)
+            return Swept(0, False, sweep.next_due(self._retentions))
         try:
             out = await self._thread.call(
                 lambda: sweep.step(

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from . import index as fts
+from . import marks
 from .counts import CountCache, Counts
 from .editing import Retentions
 from .index import IndexState, Upkeep
@@ -51,7 +52,7 @@ class Pace:
     LEAST: Final = 10
     MOST: Final = 5_000
 
-    __slots__ = ("held", "merge_next", "rows")
+    __slots__ = ("held", "merge_next", "rows", "thinned")
 
     def __init__(self) -> None:
         self.rows = 200
@@ -59,6 +60,8 @@ class Pace:
         self.held = False
         #: The next step is a slice of the index's merging, not deletions.
         self.merge_next = False
+        #: When the commit marks were last thinned (:func:`~.marks.thin`).
+        self.thinned = 0.0
 
     def took(self, seconds: float, deleted: int) -> None:
         """A step deleted ``deleted`` rows in ``seconds``: size the next one."""
@@ -78,13 +81,14 @@ class SweepOutcome:
     changes: list[Change] = field(default_factory=list)
 
 
-def next_due(retentions: Retentions) -> float | None:
-    """Seconds until rows past their age are worth sweeping again (None: no age limit)."""
+def next_due(retentions: Retentions) -> float:
+    """Seconds until the next sweep is worth it: a tenth of the shortest age (1 s to
+    60 s), else the next thinning of the commit marks (:mod:`.marks`)."""
     ages = [r.max_age for r in retentions.own.values() if r.max_age]
     if retentions.default_age:
         ages.append(retentions.default_age)
     if not ages:
-        return None
+        return marks.THIN_EVERY
     return min(_LONGEST, max(_SHORTEST, min(ages) / 10))
 
 
@@ -123,6 +127,10 @@ def step(
             with _transaction(conn):
                 fts.release_merges(conn)
             pace.held = False
+        elif not out.more and clock - pace.thinned >= marks.THIN_EVERY:
+            with _transaction(conn):
+                marks.thin(conn, clock)
+            pace.thinned = clock
     finally:
         conn.execute(f"PRAGMA synchronous = {int(level)}")
     pace.took(time.perf_counter() - started, out.swept + out.expired)
@@ -164,10 +172,6 @@ def _step(
         if not out.swept and not out.expired:
             conn.execute("ROLLBACK")
             return
-        conn.execute(
-            "DELETE FROM nexus_marks WHERE last_id < (SELECT min(id) FROM nexus_messages)"
-            " AND second < (SELECT max(second) FROM nexus_marks)"
-        )
         if upkeep is not None:
             if not pace.held:
                 fts.hold_merges(conn)  # (see :func:`~.index.hold_merges`)
@@ -210,16 +214,6 @@ def _hidden(conn: sqlite3.Connection, rows: int, upkeep: Upkeep | None, out: Swe
     return rows - budget
 
 
-def _boundary(conn: sqlite3.Connection, cutoff: float) -> int:
-    """The highest id committed before ``cutoff`` for sure (0: none)."""
-    row = conn.execute(
-        "SELECT last_id FROM nexus_marks WHERE second <= ? AND at <= ?"
-        " ORDER BY second DESC LIMIT 1",
-        (int(cutoff), cutoff),
-    ).fetchone()
-    return 0 if row is None else int(row[0])
-
-
 def _aged(
     conn: sqlite3.Connection,
     rows: int,
@@ -235,7 +229,7 @@ def _aged(
     for tag, r in list(retentions.own.items()):
         if not r.max_age or budget <= 0:
             continue
-        last = _boundary(conn, clock - r.max_age)
+        last = marks.boundary(conn, clock - r.max_age)
         if last:
             budget -= _expire(
                 conn,
@@ -247,7 +241,7 @@ def _aged(
                 out,
             )
     if retentions.default_age and budget > 0:
-        last = _boundary(conn, clock - retentions.default_age)
+        last = marks.boundary(conn, clock - retentions.default_age)
         if last:
             budget -= _expire(
                 conn,

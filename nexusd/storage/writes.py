@@ -24,7 +24,7 @@ from typing import Any, Final
 
 from ..wire.errors import NexusError
 from ..wire.protocol import Message
-from . import editing, floors
+from . import editing, floors, marks
 from .counts import CountCache, Counts
 from .editing import Retentions
 from .index import IndexState, Upkeep
@@ -134,7 +134,7 @@ def run(
         if fts is not None:
             fts.flush()
         if inserts.last_id:
-            _mark(conn, inserts.last_id, clock)
+            marks.mark(conn, inserts.last_id, clock)
         conn.execute("COMMIT")
     except BaseException:
         if conn.in_transaction:
@@ -204,15 +204,6 @@ def _removing(
     fts: Upkeep, tags: Callable[[str], bool]
 ) -> Callable[[str, tuple[object, ...]], None]:
     return lambda where, params: fts.removing(where, params, tags)
-
-
-def _mark(conn: sqlite3.Connection, last_id: int, clock: float) -> None:
-    """Every row up to ``last_id`` was committed by ``clock``: one row per second of writing."""
-    conn.execute(
-        "INSERT INTO nexus_marks (second, last_id, at) VALUES (?, ?, ?)"
-        " ON CONFLICT (second) DO UPDATE SET last_id = excluded.last_id, at = excluded.at",
-        (int(clock), last_id, clock),
-    )
 
 
 def _in_scope(scope: str | None, tag: str) -> bool:
