@@ -41,6 +41,8 @@ _FLOORS: Final = 16
 #: Most and least time between two sweeps of rows past their age.
 _LONGEST: Final = 60.0
 _SHORTEST: Final = 1.0
+#: Most merge slices after the deleting is done (~2 ms each).
+_TAIL_SLICES: Final = 2_000
 
 
 class Pace:
@@ -52,7 +54,7 @@ class Pace:
     LEAST: Final = 10
     MOST: Final = 5_000
 
-    __slots__ = ("held", "merge_next", "rows", "thinned")
+    __slots__ = ("held", "merge_next", "rows", "tail", "thinned")
 
     def __init__(self) -> None:
         self.rows = 200
@@ -62,6 +64,8 @@ class Pace:
         self.merge_next = False
         #: When the commit marks were last thinned (:func:`~.marks.thin`).
         self.thinned = 0.0
+        #: Merge slices since the deleting ended.
+        self.tail = 0
 
     def took(self, seconds: float, deleted: int) -> None:
         """A step deleted ``deleted`` rows in ``seconds``: size the next one."""
@@ -124,9 +128,17 @@ def step(
             pace.merge_next = True  # the index's merging goes on between deletions
             out.more = True
         elif not out.more and pace.held:
+            # Deleting is done; the index's merging goes on in slices until
+            # nothing is left to merge, then commits merge by themselves again.
+            # (Bounded: appends meanwhile add segments of their own.)
             with _transaction(conn):
-                fts.release_merges(conn)
-            pace.held = False
+                pace.tail += 1
+                if pace.tail < _TAIL_SLICES and fts.merge_slice(conn):
+                    out.more = True
+                else:
+                    fts.release_merges(conn)
+                    pace.held = False
+                    pace.tail = 0
         elif not out.more and clock - pace.thinned >= marks.THIN_EVERY:
             with _transaction(conn):
                 marks.thin(conn, clock)
