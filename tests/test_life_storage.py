@@ -287,6 +287,21 @@ async def test_a_fork_past_its_bound_is_refused_whole(
     assert await storage.count("dst") == 0
 
 
+async def test_a_fork_refuses_a_copy_whose_meta_its_link_would_make_too_big(
+    storage: SQLiteStorage,
+) -> None:
+    big = '{"k": "' + "x" * 1000 + '"}'
+    ids = await one(
+        storage,
+        Insert("src", [("user", "a", None, None, None), ("user", "b", None, big, None)]),
+    )
+    refused = await one(storage, Fork("src", "dst", "src", max_meta=len(big) + 10))
+    assert isinstance(refused, TooLarge) and str(ids[1]) in refused.message
+    assert await storage.count("dst") == 0
+    fits = await one(storage, Fork("src", "dst", "src", up_to_id=ids[0], max_meta=len(big) + 10))
+    assert fits.count == 1
+
+
 async def test_a_fork_does_not_copy_cleared_rows(storage: SQLiteStorage) -> None:
     await one(storage, Insert("src", [row("old")] * BIG))
     await one(storage, ClearSession("src"))
@@ -379,3 +394,58 @@ async def test_without_an_age_nothing_expires(storage: SQLiteStorage) -> None:
     swept = await storage.sweep()
     assert swept.removed == 0 and swept.next_in == 3600  # only the marks' thinning
     assert await contents(storage, "s") == ["a"]
+
+
+def stored_rows(db: Path) -> int:
+    return int(raw(db, "SELECT COUNT(*) FROM nexus_messages")[0][0])
+
+
+async def test_what_a_big_clear_hid_is_left_to_the_sweep_by_every_later_delete(
+    opener: Opener,
+) -> None:
+    """A small clear, clear_all or prune after a big clear must not delete the hidden
+    rows in its own transaction (that was the stall hiding avoids)."""
+    async with opener(max_messages=0) as storage:
+        await one(storage, Insert("big", [row("m")] * BIG))
+        await one(storage, ClearSession("big"))
+        await one(storage, Insert("big", [row("new")]))
+        assert await one(storage, ClearSession("big")) == 1
+        assert stored_rows(storage.path) == BIG + 1  # all hidden, none deleted yet
+        assert await storage.count("big") == 0
+        await one(storage, Insert("big", [row("again")]))
+        assert await one(storage, ClearAll()) == 1
+        assert stored_rows(storage.path) == BIG + 2
+        # A prune by count, taking an id range, leaves them too.
+        await one(storage, SetRetention("big", Retention(max_messages=5)))
+        await one(storage, Insert("big", [row(str(i)) for i in range(5)]))
+        await one(storage, Insert("big", [row(str(i)) for i in range(5, 25)]))
+        assert await contents(storage, "big") == [str(i) for i in range(20, 25)]
+        assert stored_rows(storage.path) >= BIG
+        await sweep_all(storage)
+        assert stored_rows(storage.path) == 5
+        index_is_consistent(storage.path)
+
+
+async def test_own_retentions_are_bounded(
+    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(editing, "MAX_OWN_RETENTIONS", 2)
+    for tag in ("a", "b"):
+        await one(storage, SetRetention(tag, Retention(max_age=60)))
+    refused = await one(storage, SetRetention("c", Retention(max_age=60)))
+    assert isinstance(refused, BadRequest) and "at most 2" in refused.message
+    # Changing or resetting one of them is still fine, and frees a place.
+    assert await one(storage, SetRetention("a", Retention(max_age=30))) == Retention(None, 30)
+    await one(storage, SetRetention("b", Retention()))
+    assert await one(storage, SetRetention("c", Retention(max_age=60))) == Retention(None, 60)
+
+
+async def test_ages_of_their_own_reach_every_session_however_many(opener: Opener) -> None:
+    async with opener() as storage:
+        tags = [f"s{i:03}" for i in range(150)]  # more than a step looks at
+        for tag in tags:
+            await one(storage, SetRetention(tag, Retention(max_age=60)))
+        await write(storage, [Insert(tag, [row(tag)]) for tag in tags])
+        age_everything(storage.path, 120)
+        assert await sweep_all(storage) == 150
+        assert stored_rows(storage.path) == 0

@@ -12,7 +12,7 @@ import anyio
 import pytest
 
 from nexusd.daemon.writer import Writer
-from nexusd.storage.base import ClearAll, ClearSession, Insert, Op, PopNewest
+from nexusd.storage.base import ClearAll, ClearSession, Fork, Insert, Op, PopNewest
 from nexusd.storage.sqlite import SQLiteStorage
 from nexusd.wire.errors import BadRequest, Internal, NexusError, Overloaded, Unavailable
 from tests.conftest import session_rows
@@ -434,3 +434,32 @@ async def test_a_producer_told_overloaded_never_has_its_job_committed(
     assert overloaded and queued  # both outcomes happened
     assert overloaded & committed == set()
     assert queued == committed
+
+
+async def test_a_fork_runs_in_a_transaction_of_its_own(tmp_path: Path) -> None:
+    """A fork may copy megabytes: appends queued with it must not share its transaction."""
+    async with WriterHarness(tmp_path / "n.db", max_messages=0) as w:
+        await call(w, Insert("src", [row("a"), row("b")]))
+        answers: list[Any] = []
+        all_in = anyio.Event()
+
+        def done(result: Any) -> None:
+            answers.append(result)
+            if len(answers) == 5:
+                all_in.set()
+
+        before = w.stats.batches
+        # Queued together, before the writer's task runs again.
+        for op in (
+            Insert("x", [row("1")]),
+            Fork("src", "f1", "src"),
+            Fork("src", "f2", "src"),
+            Insert("y", [row("2")]),
+            Insert("z", [row("3")]),
+        ):
+            assert w.submit_nowait(op, done)
+        with anyio.fail_after(10):
+            await all_in.wait()
+        assert not [a for a in answers if isinstance(a, NexusError)]
+        # [x], [f1], [f2], [y, z]: each fork alone, the appends around it batched.
+        assert w.stats.batches - before == 4

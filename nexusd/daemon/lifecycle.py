@@ -22,10 +22,14 @@ __all__ = ["delete", "fork", "set_retention"]
 
 
 class Peer(Protocol):
-    """What these handlers use of the connection's dispatcher: its tag namespace."""
+    """What these handlers use of the connection's dispatcher: its tag namespace and
+    the meta limit."""
 
     @property
     def ns(self) -> Namespace | None: ...
+
+    @property
+    def max_meta(self) -> int: ...
 
 
 def _inner(peer: Peer, tag: str, field: str) -> str:
@@ -50,13 +54,15 @@ def fork(peer: Peer, req: p.Fork) -> Job[Forked]:
         link_tag=req.source_tag,
         up_to_id=req.up_to_id,
         append=req.append,
+        max_meta=peer.max_meta,  # a copy must be a message this daemon accepts
     )
     return job(op, _fork_reply)
 
 
 def set_retention(peer: Peer, req: p.SetRetention) -> Job[Retention]:
     tag = _inner(peer, req.session_tag, "session_tag")
-    op = SetRetention(tag, Retention(req.max_messages, req.max_age))
+    age = None if req.max_age is None else req.max_age + 0.0  # (-0.0 is 0)
+    op = SetRetention(tag, Retention(req.max_messages, age))
     return job(op, functools.partial(_retention_reply, req.session_tag))
 
 

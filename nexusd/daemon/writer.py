@@ -26,7 +26,7 @@ from typing import Any, Final, TypeAlias
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from ..storage.base import Insert, Op, Storage, WriteStats
+from ..storage.base import Fork, Insert, Op, Storage, WriteStats
 from ..wire.errors import STORAGE_LOST, BadRequest, Internal, NexusError, Overloaded, Unavailable
 
 __all__ = ["Done", "Writer"]
@@ -93,18 +93,29 @@ class Writer:
     async def run(self) -> None:
         """Process batches until :meth:`close` was called and the queue is empty."""
         recv = self._recv
+        held: _Job | None = None  # a fork taken while a batch was being filled
         try:
             while True:
-                try:
-                    first = await recv.receive()
-                except anyio.EndOfStream:
-                    break
-                batch = [first]
-                while len(batch) < self.batch_max:
+                if held is not None:
+                    first, held = held, None
+                else:
                     try:
-                        batch.append(recv.receive_nowait())
+                        first = await recv.receive()
+                    except anyio.EndOfStream:
+                        break
+                batch = [first]
+                # A fork copies up to MAX_FORK_BYTES in its transaction: it goes
+                # alone, so the appends around it wait for one fork at most (32
+                # pipelined forks in one batch held every writer for 25 s).
+                while type(first.op) is not Fork and len(batch) < self.batch_max:
+                    try:
+                        job = recv.receive_nowait()
                     except (anyio.WouldBlock, anyio.EndOfStream):
                         break
+                    if type(job.op) is Fork:
+                        held = job
+                        break
+                    batch.append(job)
                 self._admit_waiting()  # the batch made room
                 await self._commit(batch)
         finally:

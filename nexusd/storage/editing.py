@@ -10,6 +10,7 @@ changed only after the commit that stored the change.
 from __future__ import annotations
 
 import sqlite3
+from collections import Counter
 from typing import Final
 
 from ..wire.errors import BadRequest, Conflict, NexusError, NotFound, TooLarge
@@ -33,25 +34,40 @@ __all__ = ["Retentions", "delete_ids", "fork_rows", "set_retention"]
 
 #: Ids per DELETE statement (well under SQLite's 32766 bound variables).
 _IDS_CHUNK: Final = 500
+#: A copy's meta: the original's with ``forked_from`` (one ``?``: the source's tag).
+_LINKED: Final = (
+    "json_set(coalesce(meta, '{}'), '$.forked_from', json_object('session_tag', ?, 'id', id))"
+)
+#: Sessions with a retention of their own, at most (each costs the writer's
+#: memory and the sweep's passes, whether or not the session holds messages).
+MAX_OWN_RETENTIONS: Final = 100_000
 
 
 class Retentions:
     """Every session's own retention (``nexus_retention``), and the daemon's defaults."""
 
-    __slots__ = ("default_age", "default_messages", "own")
+    __slots__ = ("_ages", "default_age", "default_messages", "own")
 
     def __init__(self, default_messages: int, default_age: float) -> None:
         self.default_messages = default_messages
         self.default_age = default_age
+        #: Changed on the writer's thread only; the event loop only looks tags up.
         self.own: dict[str, Retention] = {}
+        #: How many sessions have each age of their own (for :meth:`shortest_age`).
+        self._ages: Counter[float] = Counter()
 
     def load(self, conn: sqlite3.Connection) -> None:
-        self.own = {
-            tag: Retention(n, age)
-            for tag, n, age in conn.execute(
-                "SELECT session_tag, max_messages, max_age FROM nexus_retention"
-            )
-        }
+        self.own = {}
+        self._ages.clear()
+        for tag, n, age in conn.execute(
+            "SELECT session_tag, max_messages, max_age FROM nexus_retention"
+        ):
+            self.update(tag, Retention(n, age))
+
+    def shortest_age(self) -> float:
+        """The shortest age limit in force (0: none)."""
+        ages = [age for age in self._ages if age] + [self.default_age]
+        return min((a for a in ages if a), default=0.0)
 
     def max_messages(self, tag: str) -> int:
         """Rows ``tag`` keeps (0: unbounded)."""
@@ -61,11 +77,16 @@ class Retentions:
         return own.max_messages
 
     def update(self, tag: str, retention: Retention) -> None:
-        """After the commit that stored it."""
-        if retention.max_messages is None and retention.max_age is None:
-            self.own.pop(tag, None)
-        else:
+        """After the commit that stored it (the writer's thread)."""
+        before = self.own.pop(tag, None)
+        if before is not None and before.max_age is not None:
+            self._ages[before.max_age] -= 1
+            if not self._ages[before.max_age]:
+                del self._ages[before.max_age]
+        if retention.max_messages is not None or retention.max_age is not None:
             self.own[tag] = retention
+            if retention.max_age is not None:
+                self._ages[retention.max_age] += 1
 
 
 def delete_ids(
@@ -134,12 +155,22 @@ def fork_rows(conn: sqlite3.Connection, op: Fork, counts: Counts) -> list[NewRow
             " nexusd export | nexusd import --session-map",
             field="source_tag",
         )
+    if op.max_meta:
+        over = conn.execute(
+            f"SELECT id FROM nexus_messages WHERE {where} AND length(CAST({_LINKED} AS BLOB)) > ?"
+            " ORDER BY id LIMIT 1",
+            (*params, op.link_tag, op.max_meta),
+        ).fetchone()
+        if over is not None:
+            return TooLarge(
+                f"message {over[0]}'s meta would pass {op.max_meta} bytes with the"
+                " forked_from link; fork up to an earlier id",
+                field="source_tag",
+            )
     return [
         (role, content, ts, meta, None)
         for role, content, ts, meta in conn.execute(
-            "SELECT role, content, timestamp,"
-            " json_set(coalesce(meta, '{}'), '$.forked_from',"
-            "          json_object('session_tag', ?, 'id', id))"
+            f"SELECT role, content, timestamp, {_LINKED}"
             f" FROM nexus_messages WHERE {where} ORDER BY id",
             (op.link_tag, *params),
         )
@@ -152,9 +183,15 @@ def set_retention(
     counts: Counts,
     retentions: Retentions,
     changes: list[Change],
-) -> Retention:
+) -> Retention | NexusError:
     """Store ``op``'s retention; hide the overflow a lower ``max_messages`` leaves."""
     tag, r = op.session_tag, op.retention
+    if tag not in retentions.own and len(retentions.own) >= MAX_OWN_RETENTIONS:
+        return BadRequest(
+            f"at most {MAX_OWN_RETENTIONS} sessions may have a retention of their own;"
+            " reset some (set_retention with neither limit) first",
+            field="session_tag",
+        )
     if r.max_messages is None and r.max_age is None:
         conn.execute("DELETE FROM nexus_retention WHERE session_tag = ?", (tag,))
     else:

@@ -118,7 +118,9 @@ def clear_session(
     index takes them out in the same transaction).
     """
     n = counts.get(tag)
-    if n >= HIDE_FROM:
+    # Rows already hidden are the sweep's: deleting them here, all in this
+    # transaction, would be the stall that hiding avoids.
+    if n >= HIDE_FROM or floor_of(conn, tag):
         hide_below(conn, tag, next_id)
     else:
         if removing is not None:
@@ -139,8 +141,9 @@ def clear_scope(
     """Clear every session of ``scope`` (as :func:`clear_session` each); return rows cleared."""
     tags = [(tag, counts.get(tag)) for tag in sessions_in(conn, scope)]
     total = sum(n for _, n in tags)
-    if total < HIDE_FROM:
-        where, params = scope_clause(scope)
+    where, params = scope_clause(scope)
+    hidden = conn.execute(f"SELECT 1 FROM nexus_floors WHERE {where} LIMIT 1", params).fetchone()
+    if total < HIDE_FROM and hidden is None:
         if removing is not None:
             removing(where, params)
         conn.execute(f"DELETE FROM nexus_messages WHERE {where}", params)

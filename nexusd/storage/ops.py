@@ -111,7 +111,7 @@ class Fork(WriteOp[Forked]):
     names it).  Answered ``conflict`` (field ``new_tag``) when ``new_tag``
     already holds messages and not ``append``; ``not_found`` when there is
     nothing to copy; ``too_large`` past :data:`MAX_FORK_MESSAGES` or
-    :data:`MAX_FORK_BYTES`.
+    :data:`MAX_FORK_BYTES`, or when a copy's meta would pass ``max_meta``.
     """
 
     source_tag: str
@@ -119,14 +119,18 @@ class Fork(WriteOp[Forked]):
     link_tag: str
     up_to_id: int | None = None
     append: bool = False
+    #: Bytes of JSON a copy's meta may have with its link (0: unchecked): a copy
+    #: must be a message its daemon would accept, e.g. from an import.
+    max_meta: int = 0
 
 
 #: The most messages, and bytes of them, one fork copies.  A fork is one transaction
 #: and holds the writer (every session's appends) for its length: measured, 10,000
-#: messages took 118-193 ms and 100,000 took 1.5-1.7 s.  Bigger copies go through
-#: ``nexusd export | nexusd import --session-map``, in batches.
+#: messages of 200 bytes took 118-193 ms, of 1.5 KB (15 MB) 471 ms, and 100,000
+#: took 1.5-1.7 s; the writer runs each fork in a transaction of its own.  Bigger
+#: copies go through ``nexusd export | nexusd import --session-map``, in batches.
 MAX_FORK_MESSAGES: Final = 10_000
-MAX_FORK_BYTES: Final = 16 * 1024 * 1024
+MAX_FORK_BYTES: Final = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)

@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 
 #: Sessions whose row count is cached between batches, at most (then it starts over).
 _COUNT_CACHE_MAX: Final = 65_536
+#: Seconds before a sweep that could not run is tried again.
+_SWEEP_RETRY: Final = 60.0
 
 
 class SQLiteStorage:
@@ -164,7 +166,7 @@ class SQLiteStorage:
         """One step of :mod:`.sweep`, on the writer's thread between batches."""
         conn = self._conn
         if conn is None or self.storage_error is not None:
-            return Swept(0, False, sweep.next_due(self._retentions))
+            return Swept(0, False, _SWEEP_RETRY)
         try:
             out = await self._thread.call(
                 lambda: sweep.step(
@@ -178,13 +180,13 @@ class SQLiteStorage:
             )
         except sqlite3.Error as exc:  # a storage fault: the next sweep tries again
             logger.error("sweeping old and cleared messages failed: %s", exc)
-            return Swept(0, False, sweep.next_due(self._retentions))
+            return Swept(0, False, _SWEEP_RETRY)
         st = self.write_stats
         st.swept += out.swept
         st.expired += out.expired
         if out.changes and self.on_commit is not None:
             self.on_commit(out.changes)
-        return Swept(out.swept + out.expired, out.more, sweep.next_due(self._retentions))
+        return Swept(out.swept + out.expired, out.more, out.next_in)
 
     async def search(self, query: SearchQuery) -> Page[SearchHit]:
         return await self._fulltext.search(query)

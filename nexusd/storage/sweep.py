@@ -41,6 +41,8 @@ _FLOORS: Final = 16
 #: Most and least time between two sweeps of rows past their age.
 _LONGEST: Final = 60.0
 _SHORTEST: Final = 1.0
+#: Sessions with an age of their own looked at per step.
+_OWN_PER_STEP: Final = 64
 #: Most merge slices after the deleting is done (~2 ms each).
 _TAIL_SLICES: Final = 2_000
 
@@ -54,7 +56,7 @@ class Pace:
     LEAST: Final = 10
     MOST: Final = 5_000
 
-    __slots__ = ("held", "merge_next", "rows", "tail", "thinned")
+    __slots__ = ("cursor", "held", "merge_next", "rows", "tail", "thinned")
 
     def __init__(self) -> None:
         self.rows = 200
@@ -66,6 +68,8 @@ class Pace:
         self.thinned = 0.0
         #: Merge slices since the deleting ended.
         self.tail = 0
+        #: The last session with an age of its own that a step looked at ("": none).
+        self.cursor = ""
 
     def took(self, seconds: float, deleted: int) -> None:
         """A step deleted ``deleted`` rows in ``seconds``: size the next one."""
@@ -83,17 +87,18 @@ class SweepOutcome:
     expired: int = 0
     more: bool = False
     changes: list[Change] = field(default_factory=list)
+    #: Seconds until the next sweep is worth it (:func:`next_due`).
+    next_in: float = marks.THIN_EVERY
 
 
 def next_due(retentions: Retentions) -> float:
     """Seconds until the next sweep is worth it: a tenth of the shortest age (1 s to
-    60 s), else the next thinning of the commit marks (:mod:`.marks`)."""
-    ages = [r.max_age for r in retentions.own.values() if r.max_age]
-    if retentions.default_age:
-        ages.append(retentions.default_age)
-    if not ages:
+    60 s), else the next thinning of the commit marks (:mod:`.marks`).  On the
+    writer's thread, where retention changes."""
+    shortest = retentions.shortest_age()
+    if not shortest:
         return marks.THIN_EVERY
-    return min(_LONGEST, max(_SHORTEST, min(ages) / 10))
+    return min(_LONGEST, max(_SHORTEST, shortest / 10))
 
 
 def step(
@@ -145,6 +150,7 @@ def step(
             pace.thinned = clock
     finally:
         conn.execute(f"PRAGMA synchronous = {int(level)}")
+        out.next_in = next_due(retentions)
     pace.took(time.perf_counter() - started, out.swept + out.expired)
     return out
 
@@ -179,7 +185,7 @@ def _step(
         if budget > 0 and not out.more:
             # Only once no floor is left: every row is visible, so each one
             # deleted here lowers its session's count by one.
-            budget -= _aged(conn, budget, clock, retentions, counts, upkeep, out)
+            budget -= _aged(conn, budget, clock, retentions, counts, upkeep, out, pace)
         out.more = out.more or budget <= 0
         if not out.swept and not out.expired:
             conn.execute("ROLLBACK")
@@ -234,14 +240,30 @@ def _aged(
     counts: Counts,
     upkeep: Upkeep | None,
     out: SweepOutcome,
+    pace: Pace,
 ) -> int:
     """Delete rows past their age, oldest first; return how many."""
     budget = rows
-    # Sessions with an age of their own first (few), then the default's.
-    for tag, r in list(retentions.own.items()):
-        if not r.max_age or budget <= 0:
-            continue
-        last = marks.boundary(conn, clock - r.max_age)
+    # Sessions with an age of their own first, a few per step, where the
+    # previous step stopped (they may be many, most with no messages at all).
+    start = pace.cursor
+    own = conn.execute(
+        "SELECT session_tag, max_age FROM nexus_retention WHERE max_age > 0 AND session_tag > ?"
+        " ORDER BY session_tag LIMIT ?",
+        (start, _OWN_PER_STEP),
+    ).fetchall()
+    pace.cursor = own[-1][0] if len(own) == _OWN_PER_STEP else ""
+    if pace.cursor:
+        out.more = True  # the pass over them goes on
+    bounds: dict[float, int] = {}
+    for i, (tag, age) in enumerate(own):
+        if budget <= 0:  # this one's turn comes again next step
+            pace.cursor = own[i - 1][0] if i else start
+            out.more = True
+            break
+        last = bounds.get(age)
+        if last is None:
+            last = bounds[age] = marks.boundary(conn, clock - age)
         if last:
             budget -= _expire(
                 conn,

@@ -61,7 +61,10 @@ _PRUNE_LAST: Final = (
     f"SELECT id FROM nexus_messages WHERE session_tag = ? AND {VISIBLE_ONE}"
     " ORDER BY id LIMIT 1 OFFSET ?"
 )
-_PRUNE_RANGE: Final = "DELETE FROM nexus_messages WHERE session_tag = ? AND id <= ?"
+#: (Rows under a floor are left to the sweep: deleting them here would hold the writer.)
+_PRUNE_RANGE: Final = (
+    f"DELETE FROM nexus_messages WHERE session_tag = ? AND id <= ? AND {VISIBLE_ONE}"
+)
 _NEWEST: Final = (
     f"SELECT {MESSAGE_COLUMNS} FROM nexus_messages WHERE session_tag = ? AND {VISIBLE_ONE}"
     " ORDER BY id DESC LIMIT 1"
@@ -194,8 +197,9 @@ def _edit(
         return Forked(len(ids), ids[0], ids[-1])
     if isinstance(op, SetRetention):
         done = editing.set_retention(conn, op, counts, retentions, changes)
-        out.retention.append((op.session_tag, done))
-        out.hid = True
+        if not isinstance(done, NexusError):
+            out.retention.append((op.session_tag, done))
+            out.hid = True
         return done
     raise TypeError(f"not a write op: {op!r}")
 
@@ -267,8 +271,13 @@ def _prune(
         if excess >= _PRUNE_RANGE_FROM:
             (last,) = conn.execute(_PRUNE_LAST, (tag, tag, excess - 1)).fetchone()
             if fts is not None:
-                fts.removing("session_tag = ? AND id <= ?", (tag, last), tag.__eq__, last)
-            conn.execute(_PRUNE_RANGE, (tag, last))
+                fts.removing(
+                    f"session_tag = ? AND id <= ? AND {VISIBLE_ONE}",
+                    (tag, last, tag),
+                    tag.__eq__,
+                    last,
+                )
+            conn.execute(_PRUNE_RANGE, (tag, last, tag))
             below[tag] = last + 1
         else:
             small.append((tag, excess))
