@@ -19,6 +19,7 @@ import pytest
 
 from nexusd.cli.main import main
 from nexusd.client import Client
+from nexusd.storage.index import build_step, ensure
 from nexusd.storage.schema import SCHEMA_VERSION, open_writer
 from tests.conftest import _new_daemon, make_v1_db, session_rows, write_config
 
@@ -57,6 +58,26 @@ def crash_after_writing(db: Path, contents: list[str]) -> None:
     assert Path(f"{db}-wal").stat().st_size > 0
 
 
+def make_indexed_db(path: Path, contents: list[str], *, built: bool = True) -> Path:
+    """:func:`make_db` with the search index a daemon makes (``built`` False: as it is
+    while being built, the triggers in their other form)."""
+    make_db(path, contents)
+    conn = open_writer(path)
+    ensure(conn)
+    if built:
+        build_step(conn)
+    conn.close()
+    return path
+
+
+def names(db: Path) -> set[str]:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_schema")}
+    finally:
+        conn.close()
+
+
 def contents(db: Path, tag: str = "nexus") -> list[str]:
     return [c for _, c in session_rows(db, tag)]
 
@@ -86,6 +107,10 @@ def test_a_backup_of_a_running_daemon_restores_into_it_once_stopped(
             c.append("user", "before the backup")
             c.backup(backup)
             c.append("user", "after the backup")
+        # The daemon keeps a search index (search is on by default): the backup holds it too.
+        assert {"nexus_fts", "nexus_fts_data", "nexus_fts_state", "nexus_fts_insert"} <= names(
+            backup
+        )
         # While the daemon holds the database: refused, naming it; nothing changed.
         assert d.proc is not None
         inode, files = d.db.stat().st_ino, listing(short_dir)
@@ -125,6 +150,7 @@ def test_a_backup_of_a_running_daemon_restores_into_it_once_stopped(
         with Client(d.socket) as c:
             assert [m.content for m in c.get_history()] == ["before the backup"]
             c.append("user", "after the restore")
+            assert [h.message.content for h in c.search("restore")] == ["after the restore"]
     finally:
         assert d.stop() == 0
     # A v1 store's file (schema 0, WAL mode) is restored as it is, and the daemon migrates it.
@@ -326,3 +352,109 @@ def test_the_database_is_found_as_the_daemon_finds_it(
     assert code == 0 and contents(short_dir / "state" / "nexusd" / "nexus.db") == ["restored"]
     code, out, err = restore(capsys, backup, "--db", short_dir)
     assert code == 2 and err == f"nexusd: {short_dir} is a directory, not a database file\n"
+
+
+#: Each backup's schema change (on a current database; ``fts``: one with the search
+#: index), and what the refusal says.
+HOSTILE = {
+    "a trigger deleting each appended row": (
+        "CREATE TRIGGER evil AFTER INSERT ON nexus_messages"
+        " BEGIN DELETE FROM nexus_messages WHERE id = new.id; END",
+        "holds a trigger evil on nexus_messages, which nexusd does not make; not restored",
+    ),
+    "a trigger copying rows into another peer's sessions": (
+        "CREATE TRIGGER spy AFTER INSERT ON nexus_messages BEGIN INSERT INTO nexus_messages"
+        " (role, content, timestamp, session_tag) VALUES"
+        " (new.role, new.content, new.timestamp, char(31) || 'u65534' || char(31) || 'spy'); END",
+        "holds a trigger spy on nexus_messages, which nexusd does not make",
+    ),
+    "the index's trigger with another body (fts)": (
+        "DROP TRIGGER nexus_fts_insert; CREATE TRIGGER nexus_fts_insert AFTER INSERT ON"
+        " nexus_messages BEGIN DELETE FROM nexus_messages WHERE id = new.id; END",
+        "holds a trigger nexus_fts_insert on nexus_messages that is not the one nexusd makes",
+    ),
+    "a view": (
+        "CREATE VIEW recent AS SELECT * FROM nexus_messages",
+        "holds a view recent, which nexusd does not make",
+    ),
+    "an index on an expression": (
+        "CREATE INDEX by_length ON nexus_messages(length(content))",
+        "holds an index by_length on nexus_messages, which nexusd does not make",
+    ),
+    "a table nexusd does not make": (
+        'CREATE TABLE "x\ny" (a)',
+        "holds a table 'x\\ny', which nexusd does not make",
+    ),
+    "a table with other columns": (
+        "DROP TABLE nexus_retention; CREATE TABLE nexus_retention"
+        " (session_tag TEXT PRIMARY KEY, max_messages INTEGER) WITHOUT ROWID",
+        "has a table nexus_retention with columns session_tag, max_messages; nexusd's schema"
+        " 4 has session_tag, max_messages, max_age; not restored: nexusd could not use it",
+    ),
+    "no nexus_retention at schema 4": (
+        "DROP TABLE nexus_retention",
+        "has schema version 4 but no table nexus_retention; not restored",
+    ),
+    "nexus_floors as a view": (
+        "DROP TABLE nexus_floors; CREATE VIEW nexus_floors AS"
+        " SELECT 'nexus' AS session_tag, 999999999 AS below_id",
+        "has nexus_floors as a view; nexusd's schema 4 has a table of that name",
+    ),
+    "the idempotency index not unique": (
+        "DROP INDEX idx_nexus_idem; CREATE INDEX idx_nexus_idem ON nexus_messages"
+        "(idem_key, session_tag) WHERE idem_key IS NOT NULL",
+        "defines index idx_nexus_idem otherwise than nexusd's schema 4 does",
+    ),
+    "part of a search index (fts)": (
+        "DROP TABLE nexus_fts_state",
+        "holds part of a search index (nexus_fts) but no nexus_fts_state",
+    ),
+    "a negative schema version": (
+        "PRAGMA user_version = -1",
+        "has schema version -1, which no nexusd makes",
+    ),
+}
+
+
+def test_a_schema_nexusd_does_not_make_is_refused_and_the_database_left_as_it_was(
+    short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert SCHEMA_VERSION == 4  # the messages above name it; a new migration revisits them
+    dbdir = short_dir / "state"
+    dbdir.mkdir(mode=0o700)
+    db = make_db(dbdir / "nexus.db", ["kept"])
+    (dbdir / "nexus.db.lock").touch()
+    state = {p.name: digest(p) for p in dbdir.iterdir()}
+    for i, (name, (sql, message)) in enumerate(HOSTILE.items()):
+        backup = short_dir / f"b{i}.db"
+        (make_indexed_db if "(fts)" in name else make_db)(backup, ["x"])
+        conn = sqlite3.connect(backup, isolation_level=None)
+        conn.executescript(sql)
+        conn.close()
+        got, out, err = restore(capsys, backup, "--db", db)
+        assert (got, out) == (2, ""), (name, err)
+        assert err.startswith(f"nexusd: {backup} "), (name, err)
+        assert message in err and err.count("\n") == 1 and "Traceback" not in err, (name, err)
+        assert {p.name: digest(p) for p in dbdir.iterdir()} == state, name
+    assert contents(db) == ["kept"]
+
+
+def test_backups_of_every_schema_nexusd_makes_restore(
+    short_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    db = short_dir / "nexus.db"
+    fits = {
+        "no search index": make_db(short_dir / "plain.db", ["plain"]),
+        "a search index": make_indexed_db(short_dir / "fts.db", ["indexed"]),
+        "an index being built": make_indexed_db(short_dir / "build.db", ["half"], built=False),
+        "the v1 store's": short_dir / "v1.db",
+    }
+    make_v1_db(fits["the v1 store's"], [("user", "from v1", TS, "nexus")])
+    analyzed = sqlite3.connect(fits["no search index"])
+    analyzed.execute("ANALYZE")  # SQLite's statistics tables are SQLite's
+    analyzed.close()
+    for name, backup in fits.items():
+        code, out, err = restore(capsys, backup, "--db", db, "--no-keep")
+        assert code == 0 and out.startswith(f"restored {db} from {backup}"), (name, err)
+        assert names(db) == names(backup), name
+    assert "sqlite_stat1" in names(fits["no search index"])

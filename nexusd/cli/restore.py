@@ -9,8 +9,10 @@ Exit 0 restored; 1 not restored, the database as it was: the backup is
 damaged, a daemon (or another restore) holds the database, another program
 has it open, or a file operation failed; 2 the backup is not one this nexusd
 can restore (missing, a directory or other non-file, empty, not SQLite,
-another program's, a newer schema, changes left in its own ``-wal``, the
-database itself), or the database path or configuration is unusable.
+another program's, a newer schema, a schema other than the one nexusd makes
+at its version (a trigger, view, index or table of another's, or one of
+nexusd's missing or changed), changes left in its own ``-wal``, the database
+itself), or the database path or configuration is unusable.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def add_command(sub: Any) -> None:
     r = sub.add_parser(
         "restore",
         help="replace the database with a backup (stop the daemon first)",
-        description="Check BACKUP.db (integrity, nexusd's table, schema), then replace the"
+        description="Check BACKUP.db (its schema exactly nexusd's, nothing else; integrity),"
+        " then replace the"
         " database with a copy of it, atomically, keeping the previous one as DB.bak."
         " Refused while a daemon holds the database; a daemon started during the restore"
         " is refused, not made to wait.",

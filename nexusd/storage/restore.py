@@ -8,11 +8,10 @@
    inode), with no changes waiting beside it in a ``-wal`` or ``-journal`` of
    its own (they are not in the file, so they would be lost).  It is copied
    into a new 0600 file in the database's directory and fsynced (the backup is
-   only read), and the *copy* must pass ``PRAGMA integrity_check``, hold
-   nexusd's table and a schema this nexusd opens (:func:`~.schema.integrity_check`
-   and :func:`~.schema.describe`, which ``nexusd check`` runs): what is put in
-   place is exactly what was checked.  A v1 store's file (schema 0) is fine:
-   the daemon migrates it in place when it opens it.
+   only read).  The *copy* must hold exactly the schema nexusd makes at its
+   version, no more (no trigger, view or index of another's: :mod:`.shape`),
+   then pass ``nexusd check``'s ``PRAGMA integrity_check``: what is put in
+   place is what was checked.  A v1 store's file (schema 0) is fine.
 2. **The database is locked** with the daemon's own :class:`~.files.InstanceLock`,
    without waiting, for the whole replace: a running daemon (or another
    restore) makes it refuse, and a daemon started meanwhile is refused by the
@@ -44,8 +43,9 @@ from pathlib import Path
 from typing import Final
 
 from ..wire.local import file_id
+from . import shape
 from .files import DbFiles, InstanceLock, LockError
-from .schema import SCHEMA_VERSION, TABLE, StorageError, describe, integrity_check
+from .schema import TABLE, StorageError, describe, integrity_check
 
 __all__ = ["BUSY_WAIT", "BadBackup", "RestoreRefused", "Restored", "restore"]
 
@@ -246,8 +246,12 @@ def _copy(src: int, files: DbFiles, before: os.stat_result | None) -> Path:
 
 
 def _check_copy(tmp: Path, backup: Path) -> dict[str, int]:
-    """``nexusd check``'s checks, on the copy; errors name the backup."""
+    """The schema (:mod:`.shape`), then ``nexusd check``'s checks, on the copy; errors
+    name the backup."""
     try:
+        wrong = shape.problem(shape.read(tmp))  # first: nothing else reads it before
+        if wrong is not None:
+            raise BadBackup(f"{backup} {wrong}")
         problems = integrity_check(tmp)
         if problems == ["ok"]:
             info = describe(tmp)
@@ -272,12 +276,6 @@ def _check_copy(tmp: Path, backup: Path) -> dict[str, int]:
         raise RestoreRefused(
             f"{backup} is damaged ({'; '.join(lines[:_SHOWN])}{more}); not restored"
             f" (`nexusd check --db {backup}` lists every problem)"
-        )
-    version = info["schema_version"]
-    if version > SCHEMA_VERSION:
-        raise BadBackup(
-            f"{backup} has schema version {version}, newer than this nexusd supports"
-            f" ({SCHEMA_VERSION}); restore it with a newer nexusd"
         )
     return info
 
