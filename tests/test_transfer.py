@@ -8,11 +8,15 @@ each test uses its own session tags.  The CLI is run where its own behaviour
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import pytest
 
 from nexusd import Client
 from nexusd.client.transfer import ImportFailed, export_messages, import_messages
+from nexusd.client.transfer_rows import BatchMaker, Limits
 from tests.conftest import (
     Daemon,
     _new_daemon,
@@ -132,6 +137,8 @@ def test_minimal_form(pair: tuple[Daemon, Daemon], tag: str) -> None:
     lines = [
         {"role": "user", "content": "same"},
         {"role": "user", "content": "same"},  # a repeated line is a second message
+        {"role": "user", "content": "between"},
+        {"role": "user", "content": "same"},  # and a third, apart from the others
         {"role": "assistant", "content": "x", "session_tag": f"{tag}-o", "meta": {"a": 1}},
         {"role": "user", "content": "t", "timestamp": "2026-01-01T01:00:00+01:00"},
         {"role": "user", "content": "n", "session_tag": None, "timestamp": None, "meta": None},
@@ -139,13 +146,13 @@ def test_minimal_form(pair: tuple[Daemon, Daemon], tag: str) -> None:
     data = b"\n".join(json.dumps(x).encode() for x in lines) + b"\n\n  \n"
     with Client(dst.socket) as d:
         s = _import(d, data, default_session=tag)
-        assert (s.stored, s.lines) == (5, 7)
+        assert (s.stored, s.lines) == (7, 9)
         got = d.get_history(tag)
-        assert [m.content for m in got] == ["same", "same", "t", "n"]
-        assert got[2].timestamp == "2026-01-01T00:00:00.000000Z"
+        assert [m.content for m in got] == ["same", "same", "between", "same", "t", "n"]
+        assert got[4].timestamp == "2026-01-01T00:00:00.000000Z"
         assert d.get_history(f"{tag}-o")[0].meta == {"a": 1}
         assert _import(d, data, default_session=tag).stored == 0
-        # One more identical line is new: the third of its kind.
+        # One more identical line is new: the fourth of its kind.
         assert _import(d, data + data[: data.index(b"\n") + 1], default_session=tag).stored == 1
 
 
@@ -165,6 +172,9 @@ def _bad_file(tag: str, bad: str) -> str:
     return "\n".join([*rows, bad, rows[0]]) + "\n"
 
 
+_DEEP = '{"role": "u", "content": "x", "meta": {"k": %s}}'
+
+
 @pytest.mark.parametrize(
     ("bad", "says"),
     [
@@ -176,6 +186,12 @@ def _bad_file(tag: str, bad: str) -> str:
         ('{"role": "u", "content": "x", "meta": {"n": 99999999999999999999}}', "64 bits"),
         ('{"role": "u", "content": "x", "colour": 1}', "unknown field colour"),
         ('{"role": "u", "content": "\\ud800"}', "lone surrogate"),
+        # Far past what the decoder or an encoder can recurse through: one line, not a
+        # RecursionError (100,000 fails in the decoder, 500 in what came after it).
+        pytest.param(
+            _DEEP % ('{"a":' * 100_000 + "1" + "}" * 100_000), "nests more than 32", id="deep"
+        ),
+        pytest.param(_DEEP % ("[" * 500 + "]" * 500), "nests more than 32", id="deep500"),
     ],
 )
 def test_bad_line_number_and_whole_batches_before_it(
@@ -193,6 +209,87 @@ def test_bad_line_number_and_whole_batches_before_it(
         assert [d.message_count(f"{tag}-{s}") for s in "abc"] == [300, 300, 0]
     dry = run_cli("import", str(f), "--dry-run", "--socket", str(dst.socket))
     assert dry.returncode == 2 and f"{f}:611: " in dry.stderr and "nothing written" in dry.stderr
+
+
+def test_meta_nests_32_levels_as_the_daemon_allows(pair: tuple[Daemon, Daemon], tag: str) -> None:
+    _, dst = pair
+
+    def line(levels: int) -> bytes:  # meta itself is the first level
+        inner = "[" * (levels - 1) + "]" * (levels - 1)
+        return (_DEEP % inner).encode()
+
+    with Client(dst.socket) as d:
+        assert _import(d, line(32), default_session=tag).stored == 1
+        with pytest.raises(ImportFailed, match="nests more than 32 levels") as e:
+            _import(d, line(33), default_session=tag)
+        assert e.value.line == 1
+
+
+def _peak_cli(*args: str) -> tuple[int, str, int]:
+    """Run the CLI; its exit code, stderr and peak RSS in KiB (its own, from wait4)."""
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "nexusd", *args],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    err = proc.stderr.read().decode()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    proc.stderr.close()
+    return proc.returncode, err, usage.ru_maxrss
+
+
+def test_a_huge_line_without_newline_is_refused_within_bounded_memory(
+    pair: tuple[Daemon, Daemon], tag: str, tmp_path: Path
+) -> None:
+    _, dst = pair
+    f = tmp_path / "huge.jsonl"
+    good = _bad_file(tag, "").splitlines()[:610]  # 600 lines that get sent, 10 that do not
+    with f.open("wb") as fh:
+        fh.write("\n".join(good).encode() + b'\n{"role": "u", "content": "')
+        fh.write(b"x" * (50 * 1024 * 1024))  # 50 MiB, and no newline ever
+    small = tmp_path / "small.jsonl"
+    small.write_text("\n".join(good) + "\n{}\n")
+    code, err, peak = _peak_cli("import", "--dry-run", str(f), "--socket", str(dst.socket))
+    assert code == 2, err
+    assert err == (
+        f"nexusd: {f}:611: line is longer than 6750208 bytes, the most a message within the "
+        "daemon's limits takes as JSON (6 x (max_content + max_meta) + 64 KiB) "
+        "(checked only, nothing written)\n"
+    )
+    base_code, base_err, base = _peak_cli(
+        "import", "--dry-run", str(small), "--socket", str(dst.socket)
+    )
+    assert base_code == 2 and ":611: missing field role" in base_err
+    # The line is read up to the bound (6.4 MiB) and no further: not 50 MiB.
+    assert peak - base < 24 * 1024, (peak, base)
+    # The real import stores the whole batches before it, as for any bad line.
+    r = run_cli("import", str(f), "--socket", str(dst.socket))
+    assert r.returncode == 2 and "(lines 1-600 are stored;" in r.stderr
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    with Client(dst.socket) as d:
+        assert [d.message_count(f"{tag}-{s}") for s in "abc"] == [300, 300, 0]
+
+
+def test_minimal_keys_memory_is_flat() -> None:
+    """Distinct minimal lines cost no memory each (the keys' counters are fixed)."""
+    limits = dataclasses.replace(Limits(), max_batch=50)  # small open batch: little noise
+    maker = BatchMaker(limits)
+
+    def feed(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            maker.add(b'{"role":"u","content":"m%d"}' % i, i + 1)
+
+    tracemalloc.start()
+    try:
+        feed(0, 2_000)
+        before = tracemalloc.get_traced_memory()[0]
+        feed(2_000, 17_000)
+        grown = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert grown < 100_000, grown  # a digest map would hold 15,000 more entries: megabytes
 
 
 def test_bad_utf8_and_stdin(pair: tuple[Daemon, Daemon], tag: str, tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ connection of its own, up to :data:`WINDOW` in flight: the daemon commits a
 connection's writes in the order sent, and its group commit fills while the
 next batch is on its way.  A reader thread takes the replies, so the sending
 thread never waits on a daemon that waits for its replies to be read.
+Lines are read at most :attr:`~nexusd.client.transfer_rows.Limits.max_line`
+bytes at a time, so a file without newlines is a bad line, not all of memory.
 """
 
 from __future__ import annotations
@@ -109,24 +111,40 @@ def import_messages(
     done = ImportSummary(limits=limits)
     sender = None if dry_run else _Sender(client, window, done)
     read = 0
+    longest = limits.max_line
     try:
         lineno = 0
-        for raw in source:
+        while True:
             lineno += 1
-            read += len(raw)
-            if not raw.strip():
-                continue
-            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
-                raw = raw[3:]  # a byte order mark some editors write: not part of the JSON
             try:
+                # Bounded: a file without newlines (/dev/zero) is refused, not slurped.
+                raw = source.readline(longest + 1)
+                if not raw:
+                    break
+                read += len(raw)
+                if len(raw) > longest and not raw.endswith(b"\n"):
+                    raise BadLine(
+                        f"line is longer than {longest} bytes, the most a message within "
+                        "the daemon's limits takes as JSON (6 x (max_content + max_meta) "
+                        "+ 64 KiB)",
+                        lineno,
+                    )
+                if not raw.strip():
+                    continue
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]  # a byte order mark some editors write: not part of the JSON
                 batches = maker.add(raw, lineno)
             except BadLine as exc:
                 raise _failed(sender, exc, done) from None
+            except MemoryError:
+                raw = b""  # let go of the line before saying so
+                bad = BadLine("not enough memory to read and check this line", lineno)
+                raise _failed(sender, bad, done) from None
             for batch in batches:
                 _ship(sender, batch, done)
                 if progress is not None:
                     progress(read, total, done.messages)
-        done.lines = lineno
+        done.lines = lineno - 1  # the last pass found the end
         last = maker.flush()
         if last is not None:
             _ship(sender, last, done)

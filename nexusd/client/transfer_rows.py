@@ -15,16 +15,26 @@ keys sort as the ids do, then 60 bits of a BLAKE2b hash of its source
 session, source id, role, content, timestamp and meta.  Sorted keys matter:
 the daemon's key index then grows where the last insert was instead of at a
 random page of a big index (random keys halved a 1M-line import).  For a
-minimal line: 128 bits of a hash of its source session, role, content,
-timestamp and meta plus how many identical lines of that session came before
-it.  So the same file gives the same keys every time, and importing it again
-stores nothing (the daemon answers a known key with the stored row's id).
+minimal line: 128 bits of a hash of its digest (a BLAKE2b hash of its source
+session, role, content, timestamp and meta) and ``n``, how many earlier
+minimal lines of the file have a digest whose first 20 bits are the same as
+its own (the digest alone when ``n`` is 0).  Identical lines always share
+those bits, so each gets a key of its own; the count needs 2^20 counters
+(8 MiB) whatever the file's size, where counting identical lines exactly
+would keep every distinct line's digest.  So the same file gives the same
+keys every time, and importing it again stores nothing (the daemon answers a
+known key with the stored row's id).
+
+Before decoding, a line is bounded (:attr:`Limits.max_line`: the longest a
+message within the daemon's limits can be as JSON), and ``meta`` may nest 32
+levels, as the daemon allows; deeper nesting is refused while decoding.
 """
 
 from __future__ import annotations
 
 import binascii
 import hashlib
+from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -41,8 +51,18 @@ __all__ = ["Batch", "BadLine", "BatchMaker", "Limits", "Row"]
 _FRAME_BASE: Final = 400
 #: Bytes an item adds besides its line's own length: the key and the map's headers.
 _ITEM_EXTRA: Final = 64
+#: Levels of maps and arrays ``meta`` may nest (itself level 1): the daemon's
+#: own limit (nexusd/daemon/validate.py), checked here so the line is named.
 _MAX_META_DEPTH: Final = 32
 _MAX_ID: Final = 2**63 - 1
+#: Bytes a JSON string may take per byte of its UTF-8 text: a control
+#: character (one byte) is written ``\u001b`` (six).
+_JSON_GROWTH: Final = 6
+#: Bytes of a line besides its content and meta: role (64 characters, each at
+#: most 12 bytes escaped), session tag (256), timestamp, id, keys, spaces.
+_LINE_SLACK: Final = 64 * 1024
+#: Minimal lines are counted by the first this many bits of their digest.
+_BUCKET_BITS: Final = 20
 
 
 class Row(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -92,6 +112,17 @@ class Limits:
             max_session_chars=got.get("max_session_chars", d.max_session_chars),
             max_messages=got.get("max_messages", 0),
         )
+
+    @property
+    def max_line(self) -> int:
+        """The longest line (bytes, without its newline) a message within these limits
+        can take as JSON: content and meta escaped at worst, plus the rest.
+
+        Content and meta count at most ``max_frame`` each: no request carries more.
+        """
+        content = min(self.max_content, self.max_frame)
+        meta = min(self.max_meta, self.max_frame)
+        return _JSON_GROWTH * (content + meta) + _LINE_SLACK
 
     @property
     def batch_rows(self) -> int:
@@ -164,14 +195,17 @@ class BatchMaker:
         self._rows = limits.batch_rows
         # Frames are kept well under the limit: the size of a batch is an estimate.
         self._budget = max(limits.max_frame - limits.max_frame // 16, 32 * 1024)
-        self._seen: dict[bytes, int] = {}  # minimal lines: digest -> identical lines so far
+        # Minimal lines so far by their digest's first bits (made at the first one).
+        self._counts: array[int] | None = None
         self._checked_tags: dict[str, str] = {}  # source tag (or "") -> target tag
 
     def add(self, raw: bytes, line: int) -> list[Batch]:
         """Check line number ``line`` (its bytes ``raw``); the batches it completed."""
         row = self._decode(raw, line)
         target = self._target(row.session_tag, line)
-        msg = self._message(row, line)
+        # Meta can only nest past the limit when that many maps and arrays open.
+        deep = raw.count(b"{") + raw.count(b"[") > _MAX_META_DEPTH + 1  # +1: the line's own
+        msg = self._message(row, line, deep)
         size = len(raw) + _ITEM_EXTRA + (len(msg.timestamp) if msg.timestamp else 0)
         out: list[Batch] = []
         batch = self._batch
@@ -200,6 +234,9 @@ class BatchMaker:
     def _decode(self, raw: bytes, line: int) -> Row:
         try:
             return _decode_row(raw)
+        except RecursionError:  # only meta can nest (other fields are typed)
+            deep = f"meta nests more than {_MAX_META_DEPTH} levels of maps and arrays"
+            raise BadLine(deep, line) from None
         except UnicodeDecodeError as exc:
             byte = exc.object[exc.start] if exc.start < len(exc.object) else 0
             raise BadLine(f"not UTF-8 text (byte 0x{byte:02x}); convert it first", line) from None
@@ -224,7 +261,7 @@ class BatchMaker:
         self._checked_tags[source or ""] = target
         return target
 
-    def _message(self, row: Row, line: int) -> p.NewMessage:
+    def _message(self, row: Row, line: int, deep: bool) -> p.NewMessage:
         lim = self.limits
         role, content = row.role, row.content
         if not 1 <= len(role) <= lim.max_role_chars:
@@ -248,7 +285,7 @@ class BatchMaker:
                 raise BadLine(exc.message, line) from None
         meta = row.meta
         if meta is not None:
-            _check_meta(meta, lim.max_meta, line)
+            _check_meta(meta, lim.max_meta, line, deep)
         if row.id is not None and not 0 <= row.id <= _MAX_ID:
             raise BadLine(f"id must be 0 to {_MAX_ID}, not {row.id}", line)
         try:
@@ -258,9 +295,13 @@ class BatchMaker:
         digest = _blake(canon)
         if row.id is not None:
             key = _sortable(row.id) + _key(digest)[:10]
-        else:  # minimal: the n-th identical line of its session gets its own key
-            n = self._seen.get(digest, 0)
-            self._seen[digest] = n + 1
+        else:  # minimal: n lines before it share its digest's first bits (see above)
+            counts = self._counts
+            if counts is None:
+                counts = self._counts = array("Q", [0]) * (1 << _BUCKET_BITS)
+            bucket = int.from_bytes(digest[:4], "big") >> (32 - _BUCKET_BITS)
+            n = counts[bucket]
+            counts[bucket] = n + 1
             if n:
                 digest = _blake(digest + n.to_bytes(8, "big"))
             key = _key(digest)
@@ -278,24 +319,28 @@ def _surrogate(text: str, at: int) -> str:
     return f"a lone surrogate (U+{ord(text[at]):04X}), which is not Unicode text"
 
 
-def _check_meta(meta: dict[str, Any], max_meta: int, line: int) -> None:
+def _check_meta(meta: dict[str, Any], max_meta: int, line: int, deep: bool) -> None:
+    # Depth first: encoding a meta hundreds of levels deep overflows the stack.
+    if deep and _too_deep(meta, 1):
+        raise BadLine(f"meta nests more than {_MAX_META_DEPTH} levels of maps and arrays", line)
     try:
         text = msgspec.json.encode(meta)
     except (OverflowError, TypeError, ValueError) as exc:
         raise BadLine(f"meta: {_unsendable(exc)}", line) from None
     if len(text) > max_meta:
         raise BadLine(f"meta is {len(text)} bytes as JSON; the daemon's limit is {max_meta}", line)
-    # Depth can only pass the limit when that many maps and arrays open.
-    if text.count(b"{") + text.count(b"[") > _MAX_META_DEPTH and _depth(meta) > _MAX_META_DEPTH:
-        raise BadLine(f"meta nests more than {_MAX_META_DEPTH} levels of maps and arrays", line)
 
 
-def _depth(value: Any) -> int:
-    if isinstance(value, dict):
-        return 1 + max((_depth(v) for v in value.values()), default=0)
-    if isinstance(value, list):
-        return 1 + max((_depth(v) for v in value), default=0)
-    return 0
+def _too_deep(value: dict[str, Any] | list[Any], level: int) -> bool:
+    """Whether a map or array below ``value`` (at ``level``) is deeper than the limit.
+
+    The recursion stops at the limit, so it stays shallow whatever the input.
+    """
+    items = value.values() if isinstance(value, dict) else value
+    for v in items:
+        if isinstance(v, (dict, list)) and (level >= _MAX_META_DEPTH or _too_deep(v, level + 1)):
+            return True
+    return False
 
 
 def _unsendable(exc: Exception) -> str:
