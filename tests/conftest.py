@@ -8,6 +8,7 @@ deadline (never a bare sleep).
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -29,6 +30,23 @@ from nexusd.daemon.server import Server
 
 SEED = Path(__file__).resolve().parents[2] / "shared" / "seed" / "nexus_store_v1.py"
 SLOW_DAEMON = Path(__file__).resolve().parent / "slow_daemon.py"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Settings inherited by every process the run starts (xdist workers, daemons, CLIs).
+
+    One hash seed for the whole run, still random from run to run: pytest-xdist's
+    workers must collect the same test ids, and some ids print sets.  Compiled
+    bytecode is kept, outside the tree, even where $PYTHONDONTWRITEBYTECODE is set:
+    without it each of the hundreds of daemons and CLI calls compiles nexusd anew
+    (about 0.1 s of CPU a daemon start) and pytest rewrites every test module.
+    """
+    os.environ.setdefault("PYTHONHASHSEED", str(random.randrange(1, 2**32)))
+    if os.environ.pop("PYTHONDONTWRITEBYTECODE", None) is not None or sys.dont_write_bytecode:
+        cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+        prefix = os.environ.setdefault("PYTHONPYCACHEPREFIX", str(cache / "nexusd-tests"))
+        sys.pycache_prefix = prefix
+        sys.dont_write_bytecode = False
 
 
 @pytest.fixture
