@@ -223,6 +223,11 @@ def test_tail_f_json_says_when_it_resumed(daemon: Daemon, tails: list[Tail]) -> 
     tail = Tail(daemon, "--session", "r", "-n", "1", "--json")
     tails.append(tail)
     assert json.loads(tail.next())["content"] == "m0"
+    # m0 is printed before the watch opens: one message through it first, so what
+    # the restart interrupts is a watch (a first watch that opens late is no resume).
+    with Client(daemon.socket) as c:
+        c.append("user", "before", session_tag="r")
+    assert json.loads(tail.next())["content"] == "before"
     assert daemon.stop() == 0
     daemon.start()
     with Client(daemon.socket) as c:
