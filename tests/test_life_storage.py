@@ -449,3 +449,29 @@ async def test_ages_of_their_own_reach_every_session_however_many(opener: Opener
         age_everything(storage.path, 120)
         assert await sweep_all(storage) == 150
         assert stored_rows(storage.path) == 0
+
+
+async def test_counts_stay_exact_when_a_session_is_first_touched_by_a_removal(
+    opener: Opener,
+) -> None:
+    """After a restart nothing is counted yet: the first delete, pop or fork of a
+    session must not count its change twice (retention then kept too many, or
+    pruned rows it should keep)."""
+    async with opener(max_messages=5) as storage:
+        ids = await one(storage, Insert("d", [row(f"d{i}") for i in range(5)]))
+        await one(storage, Insert("p", [row(f"p{i}") for i in range(5)]))
+        await one(storage, Insert("src", [row(f"s{i}") for i in range(3)]))
+        await one(storage, Insert("f", [row("f0")]))
+    async with opener(max_messages=5) as storage:  # a fresh writer: no counts cached
+        await one(storage, DeleteIds("d", (ids[0],)))
+        await one(storage, PopNewest("p"))
+        assert (await one(storage, Fork("src", "f", "src", append=True))).count == 3
+        await write(
+            storage, [Insert(t, [row(f"{t}-new{i}") for i in range(3)]) for t in ("d", "p")]
+        )
+        for tag in ("d", "p"):
+            assert await storage.count(tag) == 5
+            assert len(await contents(storage, tag)) == 5
+        assert await contents(storage, "f") == ["f0", "s0", "s1", "s2"]
+        await one(storage, Insert("f", [row("f1")]))
+        assert await contents(storage, "f") == ["f0", "s0", "s1", "s2", "f1"]

@@ -83,9 +83,17 @@ class Counts:
         if n > 0:
             self.grown.add(tag)
 
-    def cached(self) -> dict[str, int]:
-        """The counts known to this transaction (cached or taken), by tag."""
-        return {**({} if self._cleared else self._cache), **self._work}
+    def deleted(self, tag: str, n: int) -> None:
+        """``n`` rows of ``tag`` were just deleted.
+
+        Only a count known from before the delete is lowered: one taken now
+        would already be without them (and lowering it again made retention
+        keep too many).
+        """
+        if tag in self._work:
+            self._work[tag] -= n
+        elif not self._cleared and tag in self._cache:
+            self._work[tag] = self._cache[tag] - n
 
     def set(self, tag: str, n: int) -> None:
         self._work[tag] = n

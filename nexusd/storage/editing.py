@@ -107,7 +107,7 @@ def delete_ids(
         ).fetchall()
     deleted = sorted(row_id for row_id, _ in gone)
     if deleted:
-        counts.add(tag, -len(deleted))
+        counts.deleted(tag, len(deleted))
         changes.append(Removed(tag, ids=tuple(deleted)))
     found = set(deleted)
     return Deleted(deleted, [i for i in wanted if i not in found]), gone

@@ -315,7 +315,7 @@ def _expire(
         if upkeep is not None:
             upkeep.removed(row_id, content)
     for tag, n in per.items():
-        counts.add(tag, -n)
+        counts.deleted(tag, n)
         out.changes.append(Removed(tag, before_id=newest + 1))
     out.expired += len(gone)
     if len(gone) == budget:

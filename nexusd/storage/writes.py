@@ -190,6 +190,7 @@ def _edit(
         rows = editing.fork_rows(conn, op, counts)
         if isinstance(rows, NexusError):
             return rows
+        counts.get(op.new_tag)  # counted before the copies go in, not after
         ids, added = inserts.add(Insert(op.new_tag, rows))
         inserts.flush()
         counts.add(op.new_tag, added)
@@ -235,7 +236,7 @@ def _pop(conn: sqlite3.Connection, op: PopNewest, counts: Counts) -> Message | N
     if refusal is not None:
         return refusal
     conn.execute("DELETE FROM nexus_messages WHERE id = ?", (msg.id,))
-    counts.add(tag, -1)
+    counts.deleted(tag, 1)
     return msg
 
 
