@@ -273,7 +273,7 @@ def cmd_import(args: argparse.Namespace, c: Client) -> None:
             bar.end()
         if source is not sys.stdin.buffer:
             source.close()
-    _report(args, done)
+    _report(args, done, c)
 
 
 def _stored_note(s: ImportSummary) -> str:
@@ -300,7 +300,7 @@ def _report_failure(args: argparse.Namespace, name: str, exc: ImportFailed) -> N
     )
 
 
-def _report(args: argparse.Namespace, s: ImportSummary) -> None:
+def _report(args: argparse.Namespace, s: ImportSummary, c: Client) -> None:
     per = sorted(s.per_session.items(), key=lambda kv: kv[0].encode("utf-8", "surrogatepass"))
     value = {
         "dry_run": args.dry_run,
@@ -320,11 +320,16 @@ def _report(args: argparse.Namespace, s: ImportSummary) -> None:
         )
     human = head + ("\n" + table(["SESSION", "MESSAGES"], rows) if rows else "")
     keep = s.limits.max_messages
-    over = [tag for tag, n in per if keep and n > keep]
+    if args.dry_run:
+        over = [tag for tag, n in per if keep and n > keep]
+    else:  # what retention (the daemon's, or a session's own) really took
+        over = [tag for tag, n in per if keep and n > keep and c.message_count(tag) < n]
+    value["over_retention"] = over
     if over and not args.json:
+        verb = "would lose" if args.dry_run else "lost"
         human += (
-            f"\nnote: the daemon keeps {keep} messages per session (max_messages): "
-            f"{len(over)} sessions got more and lost their oldest; importing again would "
-            "store those again"
+            f"\nnote: {len(over)} session(s) got more messages than their retention keeps"
+            f" (the daemon's max_messages is {keep}, unless a session has its own) and"
+            f" {verb} their oldest; importing again would store those again"
         )
     out(args, value, human)
