@@ -127,7 +127,8 @@ class Fork(WriteOp[Forked]):
 #: The most messages, and bytes of them, one fork copies.  A fork is one transaction
 #: and holds the writer (every session's appends) for its length: measured, 10,000
 #: messages of 200 bytes took 118-193 ms, of 1.5 KB (15 MB) 471 ms, and 100,000
-#: took 1.5-1.7 s; the writer runs each fork in a transaction of its own.  Bigger
+#: took 1.5-1.7 s; at the bound (10,000 of 250 bytes, 3.8 MB) 108-144 ms, median of 5
+#: in each of 3 runs.  The writer runs each fork in a transaction of its own.  Bigger
 #: copies go through ``nexusd export | nexusd import --session-map``, in batches.
 MAX_FORK_MESSAGES: Final = 10_000
 MAX_FORK_BYTES: Final = 4 * 1024 * 1024
