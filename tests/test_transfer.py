@@ -444,3 +444,19 @@ def _export_all(c: Client) -> bytes:
     buf = io.BytesIO()
     export_messages(c, buf)
     return buf.getvalue()
+
+
+def test_the_python_functions_say_what_to_pass_instead() -> None:
+    """An AsyncClient or a text-mode file is a TypeError that says what to do, not a
+    failure deep inside."""
+    import io
+
+    from nexusd import AsyncClient, Client
+    from nexusd.client.transfer import export_messages, import_messages
+
+    with pytest.raises(TypeError, match=r"blocking nexusd\.Client"):
+        export_messages(AsyncClient("/tmp/nx-none.sock"), io.BytesIO())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="binary file"):
+        export_messages(Client("/tmp/nx-none.sock"), io.StringIO())  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="binary file"):
+        import_messages(Client("/tmp/nx-none.sock"), io.StringIO())  # type: ignore[arg-type]

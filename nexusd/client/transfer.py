@@ -36,6 +36,7 @@ from .transfer_import import (
     ImportFailed,
     ImportSummary,
     TransferProgress,
+    check_arguments,
     import_messages,
     open_source,
 )
@@ -94,6 +95,7 @@ def export_messages(
     (as ``search`` does).  With ``isolate_peers`` a peer sees only its own
     sessions, so it exports only those.
     """
+    check_arguments("export_messages", client, out)
     if format not in ("jsonl", "markdown"):
         raise BadRequest(f"format must be jsonl or markdown, not {format!r}", field="format")
     low, high = _bound(since, "since"), _bound(until, "until")

@@ -14,6 +14,7 @@ bytes at a time, so a file without newlines is a bad line, not all of memory.
 from __future__ import annotations
 
 import dataclasses
+import io
 import os
 import queue
 import threading
@@ -80,6 +81,17 @@ class ImportFailed(NexusError):
         self.line = line
 
 
+def check_arguments(what: str, client: object, stream: object) -> None:
+    """TypeError, saying what to pass, for an async client or a text-mode file."""
+    if not isinstance(client, Client):
+        raise TypeError(
+            f"{what} takes a blocking nexusd.Client, not {type(client).__name__}: from async"
+            " code, run it in a worker thread (anyio.to_thread.run_sync) with a Client of its own"
+        )
+    if isinstance(stream, io.TextIOBase):
+        raise TypeError(f"{what} takes a binary file: open it with 'rb' or 'wb', not text mode")
+
+
 def import_messages(
     client: Client,
     source: BinaryIO,
@@ -102,8 +114,10 @@ def import_messages(
     messages per session without writing.  ``window``: requests in flight;
     ``batch_rows``: at most this many messages per request (the protocol's
     10000 by default).  ``total`` (bytes of ``source``,
-    if known) is passed on to ``progress``.
+    if known) is passed on to ``progress``.  A line's own ``session_tag`` goes
+    through ``session_map``; a line without one goes to ``default_session`` as is.
     """
+    check_arguments("import_messages", client, source)
     limits = Limits.of(client.hello())
     if batch_rows is not None:  # fewer rows per request than the protocol allows
         limits = dataclasses.replace(limits, max_batch=max(1, min(batch_rows, limits.max_batch)))

@@ -45,6 +45,7 @@ from .._version import __version__
 from ..storage.base import Storage
 from ..storage.sqlite import SQLiteStorage
 from ..wire import protocol as p
+from ..wire.durations import format_duration
 from ..wire.errors import NexusError, Unavailable
 from ..wire.paths import default_socket_path
 from .admission import Admission
@@ -189,11 +190,12 @@ class Server:
             ]
             where = ", ".join(self.listener.where)
             logger.info(
-                "nexusd %s serving %s on %s (max_messages=%d, synchronous=%s)",
+                "nexusd %s serving %s on %s (max_messages=%d, max_age=%s, synchronous=%s)",
                 __version__,
                 cfg.db,
                 where,
                 cfg.max_messages,
+                format_duration(cfg.max_age_seconds),
                 cfg.synchronous,
             )
             task_status.started(self)
