@@ -704,3 +704,18 @@ def test_serve_flags_are_converted_by_the_declaration(
     r = run_cli("serve", "--db", str(db), "--socket", str(short_dir / "s.sock"), flag, value)
     _one_clear_line(r, 2, words)
     assert not db.exists()
+
+
+def test_errors_name_the_option_the_user_typed_not_the_wire_field() -> None:
+    from nexusd.cli.output import plain_error
+    from nexusd.wire.errors import BadRequest, TooLarge
+
+    assert plain_error(BadRequest("since must be RFC 3339", field="since")) == (
+        "--since must be RFC 3339"
+    )
+    assert plain_error(BadRequest("is 300 characters", field="session_tags[2]")) == (
+        "--session: is 300 characters"
+    )
+    assert plain_error(TooLarge("a fork copies at most 10", field="source_tag")) == (
+        "SOURCE: a fork copies at most 10"
+    )

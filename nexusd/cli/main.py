@@ -54,6 +54,7 @@ from .output import (
     EXIT_UNREACHABLE,
     EXIT_USAGE,
     fail,
+    plain_error,
     usage,
 )
 from .serve import add_flags, cmd_serve
@@ -62,24 +63,6 @@ __all__ = ["build_parser", "main", "run"]
 
 #: Seconds a client command waits for each answer unless --timeout says otherwise.
 TIMEOUT = 30.0
-
-
-_MSGSPEC_WORDING = re.compile(r"^Expected `(\w+)`(?: of length)? (<=|>=|<|>) (\d+)")
-
-
-def _plain(err: NexusError) -> str:
-    """A validation error in plain words, naming the field."""
-    message = err.message.split(" - at `$", 1)[0]
-    m = _MSGSPEC_WORDING.match(message)
-    if m is not None:
-        kind, op, n = m.groups()
-        bound = {"<=": "at most", ">=": "at least", "<": "under", ">": "over"}[op]
-        unit = " characters" if kind == "str" else ""
-        message = f"must be {bound} {n}{unit}"
-    field = err.field
-    if field and field not in message:
-        return f"{field}: {message}"
-    return message
 
 
 # ── parser ───────────────────────────────────────────────────────────────────
@@ -370,7 +353,7 @@ def _main(argv: Sequence[str] | None) -> int:
         return fail(exc.message, EXIT_UNREACHABLE)
     except (BadRequest, TooLarge) as exc:
         # The daemon (or the client, before sending) rejected what was asked.
-        return fail(_plain(exc), EXIT_USAGE)
+        return fail(plain_error(exc), EXIT_USAGE)
     except NexusError as exc:
         return fail(f"error ({exc.code}): {exc.message}", EXIT_ERROR)
     except BrokenPipeError:

@@ -162,3 +162,45 @@ def not_a_regular_file(path: str | os.PathLike[str]) -> str | None:
     if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
         return None
     return f"{path} is {file_kind(mode)}, not a regular file"
+
+
+_MSGSPEC_WORDING = re.compile(r"^Expected `(\w+)`(?: of length)? (<=|>=|<|>) (\d+)")
+
+
+def plain_error(err: NexusError) -> str:
+    """A validation error in plain words, naming the field."""
+    message = err.message.split(" - at `$", 1)[0]
+    m = _MSGSPEC_WORDING.match(message)
+    if m is not None:
+        kind, op, n = m.groups()
+        bound = {"<=": "at most", ">=": "at least", "<": "under", ">": "over"}[op]
+        unit = " characters" if kind == "str" else ""
+        message = f"must be {bound} {n}{unit}"
+    field = err.field
+    if not field:
+        return message
+    # Say it the way the command line does: the option, not the wire's field.
+    option = _OPTIONS.get(re.sub(r"\[\d+\]$", "", field), field)
+    if message.startswith(field):
+        return option + message[len(field) :]
+    if field not in message:
+        return f"{option}: {message}"
+    return message
+
+
+#: The wire's field names as the command line spells them.
+_OPTIONS = {
+    "session_tag": "--session",
+    "session_tags": "--session",
+    "since": "--since",
+    "until": "--until",
+    "role": "--role",
+    "source_tag": "SOURCE",
+    "new_tag": "NEW",
+    "up_to_id": "--up-to",
+    "max_messages": "--max-messages",
+    "max_age": "--max-age",
+    "ids": "ID",
+    "timestamp": "--timestamp",
+    "meta": "--meta",
+}
