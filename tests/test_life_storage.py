@@ -38,6 +38,7 @@ from nexusd.storage.base import (
 )
 from nexusd.storage.sqlite import SQLiteStorage
 from nexusd.wire.errors import BadRequest, Conflict, NotFound, TooLarge
+from tests.test_storage import write
 
 pytestmark = pytest.mark.anyio
 
@@ -80,13 +81,6 @@ async def storage(opener: Opener) -> AsyncIterator[SQLiteStorage]:
 
 def row(content: str, *, key: str | None = None, ts: str | None = None) -> NewRow:
     return ("user", content, ts, None, key)
-
-
-async def write(storage: SQLiteStorage, ops: list[Op]) -> list[Any]:
-    answers: list[list[Any]] = []
-    await storage.write(ops, answers.append)
-    assert len(answers) == 1
-    return answers[0]
 
 
 async def one(storage: SQLiteStorage, op: Op) -> Any:

@@ -18,7 +18,7 @@ from ..client import Client
 from ..wire import protocol as p
 from ..wire.durations import format_duration, parse_duration
 from ..wire.errors import Conflict
-from .output import out, safe, table, usage
+from .output import out, safe, shown, table, usage
 
 __all__ = ["add_commands", "describe_retention"]
 
@@ -36,18 +36,14 @@ class _Default:
 _BACK_TO_DEFAULT: Final = _Default()
 
 
-def _shown(text: str) -> str:
-    return text if len(text) <= 40 else f"{text[:37]}..."
-
-
 def _message_id(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{_shown(text)!r} is not a message id") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)!r} is not a message id") from None
     if not 0 <= value <= p.MAX_REQUEST_ID:
         raise argparse.ArgumentTypeError(
-            f"message ids are 0 to {p.MAX_REQUEST_ID}, not {_shown(text)}"
+            f"message ids are 0 to {p.MAX_REQUEST_ID}, not {shown(text)}"
         )
     return value
 
@@ -59,11 +55,11 @@ def _max_messages(text: str) -> int | _Default:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be a number of messages (0: unbounded) or {DEFAULT}, not {_shown(text)!r}"
+            f"must be a number of messages (0: unbounded) or {DEFAULT}, not {shown(text)!r}"
         ) from None
     if not 0 <= value <= p.MAX_RETAINED:
         raise argparse.ArgumentTypeError(
-            f"must be 0 (unbounded) to {p.MAX_RETAINED}, not {_shown(text.strip())}"
+            f"must be 0 (unbounded) to {p.MAX_RETAINED}, not {shown(text.strip())}"
         )
     return value
 

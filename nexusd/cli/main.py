@@ -55,6 +55,7 @@ from .output import (
     EXIT_USAGE,
     fail,
     plain_error,
+    shown,
     usage,
 )
 from .serve import add_flags, cmd_serve
@@ -78,21 +79,16 @@ class _Parser(argparse.ArgumentParser):
 _ARGUMENT_MUST = re.compile(r"^argument (-[\w-]+)(?:/-[\w-]+)*: must")
 
 
-def _shown(text: str) -> str:
-    """A value the user typed, cut short if it is long (it is echoed in a one-line error)."""
-    return text if len(text) <= 40 else f"{text[:37]}..."
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{_shown(text)!r} is not a number of seconds") from None
+        raise argparse.ArgumentTypeError(f"{shown(text)!r} is not a number of seconds") from None
     # The client's own bound (a day): 1e12 would overflow the socket's timer.
     if not 0 < value <= MAX_TIMEOUT:
         raise argparse.ArgumentTypeError(
             f"must be a number of seconds > 0 and at most {MAX_TIMEOUT} (one day), "
-            f"not {_shown(text)}"
+            f"not {shown(text)}"
         )
     return value
 
@@ -102,10 +98,10 @@ def _bounded(low: int, high: int) -> Any:
         try:
             value = int(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{_shown(text)!r} is not a whole number") from None
+            raise argparse.ArgumentTypeError(f"{shown(text)!r} is not a whole number") from None
         if not low <= value <= high:
             raise argparse.ArgumentTypeError(
-                f"must be between {low} and {high}, not {_shown(text.strip())}"
+                f"must be between {low} and {high}, not {shown(text.strip())}"
             )
         return value
 

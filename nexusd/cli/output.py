@@ -204,3 +204,8 @@ _OPTIONS = {
     "timestamp": "--timestamp",
     "meta": "--meta",
 }
+
+
+def shown(text: str) -> str:
+    """A value the user typed, cut short if it is long (it is echoed in a one-line error)."""
+    return text if len(text) <= 40 else f"{text[:37]}..."

@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import logging
 import sqlite3
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
 from .base import Added, Change, StoredRow
+from .schema import write_transaction
 
 logger = logging.getLogger(__name__)
 
@@ -140,18 +140,6 @@ def _state(conn: sqlite3.Connection) -> IndexState | None:
     return IndexState(int(row[0]), int(row[1])) if row is not None else None
 
 
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
-
-
 def _run(conn: sqlite3.Connection, statements: tuple[str, ...]) -> None:
     for stmt in statements:
         conn.execute(stmt)
@@ -163,12 +151,12 @@ def ensure(conn: sqlite3.Connection) -> IndexState:
     conn.execute(f"PRAGMA cache_size = {WRITER_CACHE}")
     state = _state(conn)
     if state is not None:
-        with _transaction(conn):  # (older files' triggers indexed every writer)
+        with write_transaction(conn):  # (older files' triggers indexed every writer)
             _run(conn, _triggers(building=not state.complete))
             if merges_held(conn):  # a sweep was cut short: merge by itself again
                 release_merges(conn)
         return state
-    with _transaction(conn):
+    with write_transaction(conn):
         _run(conn, _DROP + _TABLES)  # drop first: a half-made index from elsewhere
         state = _state(conn)
         assert state is not None
@@ -184,7 +172,7 @@ def drop(conn: sqlite3.Connection) -> bool:
     """Writer's connection, at start-up with search off: remove the index; True if there was one."""
     if not conn.execute("SELECT 1 FROM sqlite_master WHERE name GLOB 'nexus_fts*'").fetchone():
         return False
-    with _transaction(conn):
+    with write_transaction(conn):
         _run(conn, _DROP)
     logger.info("search is off: search index removed")
     return True
@@ -192,7 +180,7 @@ def drop(conn: sqlite3.Connection) -> bool:
 
 def build_step(conn: sqlite3.Connection, rows: int = CHUNK_ROWS) -> IndexState:
     """Writer's connection: index the next ``rows`` ids of an unfinished index (one transaction)."""
-    with _transaction(conn):
+    with write_transaction(conn):
         state = _state(conn)
         if state is None or state.complete:
             return state or IndexState(0, 0)

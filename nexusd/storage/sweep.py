@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -33,6 +31,7 @@ from .counts import CountCache, Counts
 from .editing import Retentions
 from .index import IndexState, Upkeep
 from .ops import Change, Removed
+from .schema import write_transaction
 
 __all__ = ["Pace", "SweepOutcome", "next_due", "step"]
 
@@ -124,7 +123,7 @@ def step(
     try:
         if pace.merge_next and index is not None:
             pace.merge_next = False
-            with _transaction(conn):
+            with write_transaction(conn):
                 fts.merge_slice(conn)
             out.more = True
             return out
@@ -136,7 +135,7 @@ def step(
             # Deleting is done; the index's merging goes on in slices until
             # nothing is left to merge, then commits merge by themselves again.
             # (Bounded: appends meanwhile add segments of their own.)
-            with _transaction(conn):
+            with write_transaction(conn):
                 pace.tail += 1
                 if pace.tail < _TAIL_SLICES and fts.merge_slice(conn):
                     out.more = True
@@ -145,7 +144,7 @@ def step(
                     pace.held = False
                     pace.tail = 0
         elif not out.more and clock - pace.thinned >= marks.THIN_EVERY:
-            with _transaction(conn):
+            with write_transaction(conn):
                 marks.thin(conn, clock)
             pace.thinned = clock
     finally:
@@ -153,17 +152,6 @@ def step(
         out.next_in = next_due(retentions)
     pace.took(time.perf_counter() - started, out.swept + out.expired)
     return out
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[None]:
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
-    conn.execute("COMMIT")
 
 
 def _step(
