@@ -11,7 +11,7 @@ the results are the small frozen types of :mod:`nexusd.client.replies`.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..wire import protocol as p
 from ..wire.protocol import DEFAULT_SESSION
@@ -24,8 +24,9 @@ __all__ = ["AsyncLifecycle"]
 class AsyncLifecycle:
     """What a client offers for editing conversations (the client supplies ``_call``)."""
 
-    async def _call(self, req: Any) -> Any:
-        raise NotImplementedError  # the client's own
+    if TYPE_CHECKING:  # the client's own (see the module doc)
+
+        async def _call(self, req: Any) -> Any: ...
 
     async def delete(self, ids: Iterable[int], session_tag: str = DEFAULT_SESSION) -> Deleted:
         """Delete exactly the messages of ``session_tag`` with these ids (1 to 10,000).
