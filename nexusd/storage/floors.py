@@ -27,6 +27,7 @@ __all__ = [
     "HIDE_FROM",
     "VISIBLE_ONE",
     "hide_below",
+    "in_scope",
     "scope_clause",
     "sessions_in",
     "visible",
@@ -45,6 +46,15 @@ def scope_clause(scope: str | None, column: str = "session_tag") -> tuple[str, t
         return f"NOT ({column} >= ? AND {column} < ?)", (lo, hi)
     lo, hi = scope_bounds(scope)
     return f"{column} >= ? AND {column} < ?", (lo, hi)
+
+
+def in_scope(scope: str | None, tag: str) -> bool:
+    """Whether a stored tag is among those ``clear_all`` of ``scope`` deletes."""
+    if scope is None:
+        return True
+    if scope == "":
+        return not tag.startswith(NS_MARK)
+    return tag.startswith(scope)
 
 
 def sessions_in(conn: sqlite3.Connection, scope: str | None) -> Iterator[str]:

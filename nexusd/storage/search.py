@@ -21,8 +21,8 @@ from typing import Final
 
 from ..wire.errors import BadRequest
 from .base import SearchQuery
+from .floors import scope_clause
 from .schema import MESSAGE_COLUMNS, row_size, visible
-from .scope import NS_MARK, scope_bounds
 
 logger = logging.getLogger(__name__)
 
@@ -106,12 +106,10 @@ def hits_query(q: SearchQuery, match: str, *, hidden: bool = False) -> tuple[str
     if q.until is not None:
         where.append("m.timestamp < ?")
         params.append(q.until)
-    if q.scope == "":
-        where.append("NOT (m.session_tag >= ? AND m.session_tag < ?)")
-        params += scope_bounds(NS_MARK)
-    elif q.scope is not None:
-        where.append("m.session_tag >= ? AND m.session_tag < ?")
-        params += scope_bounds(q.scope)
+    if q.scope is not None:
+        clause, bounds = scope_clause(q.scope, "m.session_tag")
+        where.append(clause)
+        params += bounds
     if hidden:  # some sessions have rows cleared but not yet swept (:mod:`.floors`)
         where.append(visible("m"))
     joined = q.newest or len(where) > 1

@@ -44,7 +44,6 @@ from .ops import (
     SetRetention,
 )
 from .schema import MESSAGE_COLUMNS, VISIBLE_ONE, message_of
-from .scope import NS_MARK
 
 __all__ = ["CountCache", "Outcome", "run"]
 
@@ -174,7 +173,9 @@ def _edit(
             changes.append(Removed(tag, before_id=_next_id(conn)))
         return n
     if isinstance(op, ClearAll):
-        removing = None if fts is None else _removing(fts, functools.partial(_in_scope, op.scope))
+        removing = (
+            None if fts is None else _removing(fts, functools.partial(floors.in_scope, op.scope))
+        )
         n = floors.clear_scope(conn, op.scope, counts, _next_id(conn), removing)
         out.hid |= n >= floors.HIDE_FROM
         if n:
@@ -209,15 +210,6 @@ def _removing(
     fts: Upkeep, tags: Callable[[str], bool]
 ) -> Callable[[str, tuple[object, ...]], None]:
     return lambda where, params: fts.removing(where, params, tags)
-
-
-def _in_scope(scope: str | None, tag: str) -> bool:
-    """Whether a stored tag is among those ``clear_all`` of ``scope`` deletes."""
-    if scope is None:
-        return True
-    if scope == "":
-        return not tag.startswith(NS_MARK)
-    return tag.startswith(scope)
 
 
 def _next_id(conn: sqlite3.Connection) -> int:
