@@ -192,6 +192,17 @@ def shared_daemon() -> Iterator[Daemon]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def need(module: str, extra: str) -> Any:
+    """``module``, or this test module skipped with the reason (its extra is not installed).
+
+    The test extra installs every framework extra, so CI runs these tests;
+    ``tests/test_integrations.py`` checks that it still does.
+    """
+    return pytest.importorskip(
+        module, reason=f"{module} is not installed: pip install 'nexusd[{extra}]'"
+    )
+
+
 @pytest.fixture
 def tag(request: pytest.FixtureRequest) -> str:
     """A session tag unique to the test (and its backend parameter)."""

@@ -147,7 +147,7 @@ def loads_object(content: str) -> dict[str, Any] | None:
 
 
 def role_of(*candidates: object, default: str = "item") -> str:
-    """The first candidate that is a valid nexusd role (1–64 characters), else ``default``."""
+    """The first candidate that is a valid nexusd role (1 to 64 characters), else ``default``."""
     for c in candidates:
         if isinstance(c, str) and 0 < len(c) <= 64:
             return c
