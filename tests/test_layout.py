@@ -23,6 +23,8 @@ ALLOWED = {
     "daemon": {"daemon", "storage", "wire"},
     "client": {"client", "wire"},
     "cli": {"cli", "daemon", "storage", "client", "wire"},
+    # The framework adapters: the public client only.
+    "integrations": {"integrations", "client", "wire"},
 }
 #: Leaf modules of the package root that every layer may import.
 LEAVES = {"nexusd", "nexusd._version"}
