@@ -22,7 +22,7 @@ from tests.conftest import Daemon, _new_daemon, need
 
 need("agents", "agents")
 
-from agents import Agent, Runner, function_tool  # noqa: E402
+from agents import Agent, Runner, function_tool, set_tracing_disabled  # noqa: E402
 from agents.items import ModelResponse, TResponseInputItem, TResponseStreamEvent  # noqa: E402
 from agents.memory import Session, SessionSettings  # noqa: E402
 from agents.models.interface import Model  # noqa: E402
@@ -40,6 +40,7 @@ from nexusd import AsyncClient, Client  # noqa: E402
 from nexusd.integrations.openai_agents import NexusSession  # noqa: E402
 
 pytestmark = pytest.mark.anyio
+set_tracing_disabled(True)  # no trace export: these runs are offline
 
 
 @pytest.fixture
