@@ -1,0 +1,356 @@
+"""LlamaIndex's chat store, kept by nexusd: :class:`NexusChatStore`.
+
+``ChatMemoryBuffer.from_defaults(chat_store=NexusChatStore(), chat_store_key="chat-42")``
+keeps a chat engine's or agent's memory in the nexusd session ``chat-42``,
+where every process on the machine (another engine, ``nexusd history``,
+``nexusd search``, ``nexusd watch``) sees it, instead of in one process's
+``SimpleChatStore`` file or SQLite database.
+
+How the ``BaseChatStore`` calls map to nexusd (the chat store key IS the session tag):
+
+* ``add_message``: one ``append``; ``get_messages``: the whole session, oldest
+  first, read back in pages of 10,000 (``before_id``).
+* ``set_messages``: one ``append_many`` of the new messages, then ``delete``
+  of the old ones (see its doc: not atomic, but never loses both).
+* ``delete_messages``: ``delete`` of every message read; ``delete_message``:
+  ``delete`` of the idx-th one's id; ``delete_last_message``: ``pop``.
+* ``get_keys``: the tags of ``sessions``.
+
+Each ``ChatMessage`` is one nexusd message: ``role`` is ``message.role.value``,
+``content`` the JSON text of ``message.model_dump(mode="json")`` (what
+LlamaIndex's own ``SQLAlchemyChatStore`` stores), read back with
+``ChatMessage.model_validate``: text, blocks and ``additional_kwargs`` (tool
+calls) come back equal.  A message another tool wrote (``nexusd append``: its
+content is not such a JSON object) reads back as
+``ChatMessage(role=<its role, or "user" if not a LlamaIndex role>, content=<its text>)``.
+
+Every operation is written once, as a *plan*: a generator that yields the
+client calls it needs and gets their results back.  The sync methods run it
+on the blocking client; the async ones await each call on the link (natively
+on an ``AsyncClient``), and those that write are settled: they finish even
+when the caller is cancelled, then re-raise the cancellation.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Generator, Mapping, Sequence
+from contextlib import closing
+from typing import Any, Final, TypeVar
+
+from ..client import AsyncClient, Client
+from ..wire.protocol import Message
+from .extras import missing_extra
+from .link import Link, dumps, loads_object, role_of, settle
+
+try:
+    from llama_index.core.bridge.pydantic import PrivateAttr
+    from llama_index.core.llms import ChatMessage, MessageRole
+    from llama_index.core.storage.chat_store.base import BaseChatStore
+except ImportError as exc:
+    raise missing_extra(
+        exc, "llama_index.core", extra="llamaindex", adapter="nexusd.integrations.llamaindex"
+    ) from None
+
+__all__ = ["NexusChatStore"]
+
+logger = logging.getLogger(__name__)
+
+#: Messages per ``history`` request, and ids per ``delete``: the protocol's most.
+PAGE: Final = 10_000
+#: LlamaIndex's roles; a foreign message of another role reads back as a user's.
+ROLES: Final = frozenset(r.value for r in MessageRole)
+
+_T = TypeVar("_T")
+#: One client call a plan asks for: the blocking method, its arguments.
+_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+_Plan = Generator[_Call, Any, _T]
+
+
+def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> _Call:
+    return fn, args, kwargs
+
+
+# ── records ───────────────────────────────────────────────────────────────
+def _record(message: ChatMessage) -> tuple[str, str]:
+    """The nexusd ``(role, content)`` of ``message``; ValueError if it is not JSON-able."""
+    try:
+        text = dumps(message.model_dump(mode="json"))
+    except (ValueError, TypeError) as exc:  # pydantic's serialisation error is a ValueError
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ValueError(f"NexusChatStore: a ChatMessage that is not JSON: {reason}") from None
+    return role_of(message.role.value, default=MessageRole.USER.value), text
+
+
+def _chat_message(m: Message) -> ChatMessage:
+    """``m`` as the ``ChatMessage`` it was, or a plain text one if another tool wrote it."""
+    data = loads_object(m.content)
+    # Ours: LlamaIndex's dump of a message, whose role is the record's role.
+    if data is not None and data.get("role") == m.role and "blocks" in data:
+        try:
+            return ChatMessage.model_validate(data)
+        except (ValueError, TypeError, AttributeError):
+            logger.debug("message %d of %r is not a ChatMessage: read as text", m.id, m.session_tag)
+    role = m.role if m.role in ROLES else MessageRole.USER.value
+    return ChatMessage(role=role, content=m.content)
+
+
+def _copy(m: Message) -> Mapping[str, Any]:
+    """``m`` as an ``append_many`` item: the same role, content, timestamp and meta."""
+    return {"role": m.role, "content": m.content, "timestamp": m.timestamp, "meta": m.meta}
+
+
+# ── plans: each operation once, for both drivers ──────────────────────────
+def _history(key: str) -> _Plan[list[Message]]:
+    """Every message of ``key``, oldest first, paged back from the newest."""
+    pages: list[list[Message]] = []
+    before: int | None = None
+    while True:
+        page = yield _call(Client.get_history, key, PAGE, before_id=before)
+        pages.append(page)
+        if len(page) < PAGE:
+            return [m for p in reversed(pages) for m in p]
+        before = page[0].id
+
+
+def _delete(key: str, ids: Sequence[int]) -> _Plan[set[int]]:
+    """Delete ``ids`` from ``key`` (at most :data:`PAGE` a call); the ids really deleted."""
+    gone: set[int] = set()
+    for i in range(0, len(ids), PAGE):
+        done = yield _call(Client.delete, ids[i : i + PAGE], session_tag=key)
+        gone.update(done.deleted)
+    return gone
+
+
+def _replace(key: str, old: Sequence[Message], new: Sequence[Any]) -> _Plan[None]:
+    """Append ``new``, then delete ``old``: a crash between leaves both, never neither."""
+    if new:
+        yield _call(Client.append_many, new, session_tag=key)
+    yield from _delete(key, [m.id for m in old])
+
+
+def _set(key: str, records: Sequence[tuple[str, str]]) -> _Plan[None]:
+    old = yield from _history(key)
+    yield from _replace(key, old, records)
+
+
+def _add(key: str, record: tuple[str, str], idx: int | None) -> _Plan[None]:
+    if idx is not None:
+        old = yield from _history(key)
+        tail = old[idx:] if idx >= 0 else old[max(len(old) + idx, 0) :]  # as list.insert
+        if tail:
+            yield from _replace(key, tail, [record, *map(_copy, tail)])
+            return
+    yield _call(Client.append, *record, session_tag=key)
+
+
+def _delete_all(key: str) -> _Plan[list[Message] | None]:
+    old = yield from _history(key)
+    gone = yield from _delete(key, [m.id for m in old])
+    return [m for m in old if m.id in gone] or None
+
+
+def _nth(key: str, idx: int) -> _Plan[Message | None]:
+    """The idx-th message of ``key`` as ``list[idx]`` indexes; None past the end.
+
+    A negative ``idx`` beyond the start is ``IndexError``, as ``list.pop``'s
+    (unless the session is empty: None, as ``SimpleChatStore`` for a new key).
+    """
+    if idx >= 0:
+        after, left = 0, idx
+        while True:
+            page = yield _call(Client.get_history, key, min(left + 1, PAGE), after_id=after)
+            if left < len(page):
+                return page[left]  # type: ignore[no-any-return]
+            if len(page) < min(left + 1, PAGE):
+                return None
+            after, left = page[-1].id, left - len(page)
+    before: int | None = None
+    left, seen = -idx, 0
+    while True:
+        want = min(left, PAGE)
+        page = yield _call(Client.get_history, key, want, before_id=before)
+        seen += len(page)
+        if len(page) == want and left == want:
+            return page[0]  # type: ignore[no-any-return]
+        if len(page) < want:
+            if seen == 0:
+                return None
+            raise IndexError("pop index out of range")
+        before, left = page[0].id, left - want
+
+
+def _delete_at(key: str, idx: int) -> _Plan[Message | None]:
+    while True:
+        target = yield from _nth(key, idx)
+        if target is None:
+            return None
+        gone = yield from _delete(key, [target.id])
+        if gone:
+            return target
+        # Someone else deleted it meanwhile: the idx-th is another message now.
+
+
+def _pop(key: str) -> _Plan[Message | None]:
+    return (yield _call(Client.pop, key))  # type: ignore[no-any-return]
+
+
+def _keys() -> _Plan[list[str]]:
+    sessions = yield _call(Client.sessions)
+    return [s.session_tag for s in sessions]
+
+
+class NexusChatStore(BaseChatStore):
+    """LlamaIndex's ``BaseChatStore`` over nexusd: each key is the nexusd session of that tag.
+
+    ``socket`` is the daemon's socket (default: ``$NEXUSD_SOCKET``, else the
+    usual path); or pass ``client``: a blocking :class:`~nexusd.Client` (the
+    async methods then call it in a worker thread) or an
+    :class:`~nexusd.AsyncClient` you opened with ``async with`` (the async
+    methods call it on your event loop; the sync ones use a blocking client of
+    the same socket).  ``close()`` closes only a client the store made.
+
+    A key is 1 to 256 characters (else the client's ``BadRequest``).  A message
+    is at most the daemon's ``max_content`` (1 MiB by default) as JSON text;
+    one ``set_messages`` at most 10,000 messages within one frame (4 MiB by
+    default): more is the client's ``BadRequest``/``TooLarge``, with nothing
+    changed.  nexusd has no empty sessions: a key whose messages are all
+    deleted is gone (``get_messages`` is ``[]``, ``delete_messages`` and the
+    other deletes None), where ``SimpleChatStore`` keeps it as ``[]``.
+    """
+
+    _link: Link = PrivateAttr()
+
+    def __init__(
+        self,
+        *,
+        socket: str | os.PathLike[str] | None = None,
+        client: Client | AsyncClient | None = None,
+    ) -> None:
+        super().__init__()
+        self._link = Link(socket, client, adapter="NexusChatStore")
+
+    @classmethod
+    def class_name(cls) -> str:
+        return "NexusChatStore"
+
+    def close(self) -> None:
+        """Close the client the store made (a client passed in stays open)."""
+        self._link.close()
+
+    # ── drivers ───────────────────────────────────────────────────────────
+    def _run(self, plan: _Plan[_T]) -> _T:
+        client, result = self._link.blocking, None
+        with closing(plan):
+            while True:
+                try:
+                    fn, args, kwargs = plan.send(result)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                result = fn(client, *args, **kwargs)
+
+    async def _drive(self, plan: _Plan[_T]) -> _T:
+        result = None
+        with closing(plan):
+            while True:
+                try:
+                    fn, args, kwargs = plan.send(result)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                result = await self._link.call(fn, *args, **kwargs)
+
+    async def _write(self, plan: _Plan[_T]) -> _T:
+        return await settle(self._drive(plan))
+
+    # ── BaseChatStore ─────────────────────────────────────────────────────
+    def set_messages(self, key: str, messages: list[ChatMessage]) -> None:
+        """Make ``messages`` the messages of ``key``.
+
+        nexusd has no replace: this appends ``messages`` (one atomic
+        ``append_many``), then deletes the messages ``key`` held before (in
+        ``delete`` calls of at most 10,000 ids).  A crash or lost connection
+        between the two leaves the old messages followed by the new ones,
+        never neither; a message another process adds meanwhile is kept.
+        """
+        self._run(_set(key, [_record(m) for m in messages]))
+
+    async def aset_messages(self, key: str, messages: list[ChatMessage]) -> None:
+        """As :meth:`set_messages`; finishes even if the caller is cancelled meanwhile."""
+        await self._write(_set(key, [_record(m) for m in messages]))
+
+    def get_messages(self, key: str) -> list[ChatMessage]:
+        """Every message of ``key``, oldest first (``[]`` for a key with none)."""
+        return [_chat_message(m) for m in self._run(_history(key))]
+
+    async def aget_messages(self, key: str) -> list[ChatMessage]:
+        """As :meth:`get_messages`."""
+        return [_chat_message(m) for m in await self._drive(_history(key))]
+
+    def add_message(self, key: str, message: ChatMessage, idx: int | None = None) -> None:
+        """Append ``message`` to ``key`` (one atomic ``append``).
+
+        ``idx`` (as ``SimpleChatStore``'s, ``list.insert``'s): insert before
+        the idx-th message instead.  nexusd orders by id and cannot insert, so
+        this appends ``message`` and copies of the messages from ``idx`` on
+        (role, content, timestamp and meta kept; new ids), then deletes those
+        messages: the same window as :meth:`set_messages`.
+        """
+        self._run(_add(key, _record(message), idx))
+
+    async def async_add_message(
+        self, key: str, message: ChatMessage, idx: int | None = None
+    ) -> None:
+        """As :meth:`add_message`; finishes even if the caller is cancelled meanwhile."""
+        await self._write(_add(key, _record(message), idx))
+
+    def delete_messages(self, key: str) -> list[ChatMessage] | None:
+        """Delete every message of ``key``; return them (None if there were none)."""
+        return _chat_messages(self._run(_delete_all(key)))
+
+    async def adelete_messages(self, key: str) -> list[ChatMessage] | None:
+        """As :meth:`delete_messages`; finishes even if the caller is cancelled meanwhile."""
+        return _chat_messages(await self._write(_delete_all(key)))
+
+    def delete_message(self, key: str, idx: int) -> ChatMessage | None:
+        """Delete and return the idx-th message of ``key`` (oldest first, as a list indexes).
+
+        As ``SimpleChatStore``: None when ``idx`` is past the end (or ``key``
+        has no messages); a negative ``idx`` counts from the newest, and one
+        beyond the oldest is ``IndexError``.  Deleted by id, so a message
+        another process adds meanwhile cannot be hit instead.
+        """
+        return _chat_message_or_none(self._run(_delete_at(key, idx)))
+
+    async def adelete_message(self, key: str, idx: int) -> ChatMessage | None:
+        """As :meth:`delete_message`; finishes even if the caller is cancelled meanwhile."""
+        return _chat_message_or_none(await self._write(_delete_at(key, idx)))
+
+    def delete_last_message(self, key: str) -> ChatMessage | None:
+        """Delete and return the newest message of ``key`` (one atomic ``pop``); None if none."""
+        return _chat_message_or_none(self._run(_pop(key)))
+
+    async def adelete_last_message(self, key: str) -> ChatMessage | None:
+        """As :meth:`delete_last_message`; finishes even if the caller is cancelled meanwhile."""
+        return _chat_message_or_none(await self._write(_pop(key)))
+
+    def get_keys(self) -> list[str]:
+        """The tag of every session the daemon shows this user, not only LlamaIndex's keys.
+
+        nexusd's sessions are shared by every tool and framework on the
+        machine, so this lists theirs too (a ``NexusSession`` of the Agents
+        SDK, ``nexusd append``, ...).
+        """
+        return self._run(_keys())
+
+    async def aget_keys(self) -> list[str]:
+        """As :meth:`get_keys`."""
+        return await self._drive(_keys())
+
+
+def _chat_messages(messages: list[Message] | None) -> list[ChatMessage] | None:
+    return None if messages is None else [_chat_message(m) for m in messages]
+
+
+def _chat_message_or_none(m: Message | None) -> ChatMessage | None:
+    return None if m is None else _chat_message(m)
