@@ -247,6 +247,32 @@ def test_a_foreign_message_reads_back_plain(
     )
 
 
+# ── cancellation ─────────────────────────────────────────────────────────────
+@pytest.mark.anyio
+@pytest.mark.parametrize("over", ["thread", "async_client"])
+async def test_a_cancelled_add_is_finished_first(
+    shared_daemon: Daemon, tag: str, over: str
+) -> None:
+    import asyncio
+
+    async def scenario(h: NexusChatMessageHistory) -> None:
+        batch = [HumanMessage("q"), AIMessage("a"), HumanMessage("q2")]
+        task = asyncio.ensure_future(h.aadd_messages(batch))
+        await asyncio.sleep(0)  # let it send (a turn of the loop, not a wait for time)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The cancellation was raised once the write had its answer: all of it is stored.
+        same(await h.aget_messages(), batch)
+
+    if over == "thread":
+        with NexusChatMessageHistory(tag, socket=shared_daemon.socket) as h:
+            await scenario(h)
+    else:
+        async with AsyncClient(shared_daemon.socket) as c:
+            await scenario(NexusChatMessageHistory(tag, client=c))
+
+
 # ── clear, and both APIs on one session ─────────────────────────────────────
 @pytest.mark.anyio
 async def test_sync_and_async_share_a_session(
