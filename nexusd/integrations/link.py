@@ -31,11 +31,14 @@ import threading
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
+import msgspec
+
 from ..client import AsyncClient, Client
 
 __all__ = ["Link", "dumps", "loads_object", "role_of", "settle"]
 
 _T = TypeVar("_T")
+_decode = msgspec.json.Decoder().decode
 
 
 async def settle(awaitable: Awaitable[_T]) -> _T:
@@ -140,9 +143,12 @@ def loads_object(content: str) -> dict[str, Any] | None:
     if not content.startswith("{"):
         return None
     try:
-        value = json.loads(content)
-    except ValueError:
-        return None
+        value = _decode(content)  # two to three times json.loads' speed
+    except msgspec.MsgspecError:
+        try:  # what msgspec refuses but json reads: \ud800 escapes, 1e400
+            value = json.loads(content)
+        except ValueError:
+            return None
     return value if isinstance(value, dict) else None
 
 
