@@ -128,8 +128,9 @@ class Daemon:
         except subprocess.TimeoutExpired:
             self.proc.kill()
             rc = self.proc.wait()
-        if self.proc.stderr:
+        if self.proc.stderr and not self.proc.stderr.closed:  # stop() may come twice
             self.log = self.proc.stderr.read().decode()
+            self.proc.stderr.close()  # else a ResourceWarning when it is collected
         return rc
 
     def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
