@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import shutil
 import statistics
@@ -45,6 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import bench
 
 PREFILL = 200
+#: nexusd: NexusSession(socket=...), its blocking client in a worker thread (the default);
+#: nexusd-async: NexusSession(client=AsyncClient) on the event loop; sqlite: SQLiteSession.
+STORES = ("nexusd", "nexusd-async", "sqlite")
 WORDS = ["the", "order", "was", "shipped", "on", "tuesday", "and", "should", "arrive", "by"]
 
 
@@ -89,14 +93,20 @@ def turn(rng: random.Random, who: int, n: int) -> list[dict[str, Any]]:
 
 # ── one worker process ────────────────────────────────────────────────────────
 async def work(store: str, where: str, who: int, turns: int) -> dict[str, Any]:
-    if store == "nexusd":
+    if store.startswith("nexusd"):
+        from nexusd import AsyncClient
         from nexusd.integrations.openai_agents import NexusSession
 
-        session: Any = NexusSession(f"w{who}", socket=where)
-    else:
-        from agents import SQLiteSession
+        if store == "nexusd-async":  # on an AsyncClient of this event loop, no worker thread
+            async with AsyncClient(where) as client:
+                return await calls(NexusSession(f"w{who}", client=client), who, turns)
+        return await calls(NexusSession(f"w{who}", socket=where), who, turns)
+    from agents import SQLiteSession
 
-        session = SQLiteSession(f"w{who}", where)
+    return await calls(SQLiteSession(f"w{who}", where), who, turns)
+
+
+async def calls(session: Any, who: int, turns: int) -> dict[str, Any]:
     rng = random.Random(who)
     errors: Counter[str] = Counter()
     await session.add_items([it for n in range(40) for it in turn(rng, who, -n)][:PREFILL])
@@ -105,6 +115,7 @@ async def work(store: str, where: str, who: int, turns: int) -> dict[str, Any]:
     adds: list[float] = []
     gets: list[float] = []
     acked = 0
+    cpu0 = time.process_time()
     t0 = time.perf_counter()
     for n in range(turns):
         items = turn(rng, who, n)
@@ -123,12 +134,14 @@ async def work(store: str, where: str, who: int, turns: int) -> dict[str, Any]:
         except Exception as exc:
             errors[f"get_items: {type(exc).__name__}: {str(exc).splitlines()[0]}"] += 1
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     stored = len(await session.get_items()) - PREFILL
     session.close()
     return {
         "adds": adds,
         "gets": gets,
         "wall": wall,
+        "cpu": cpu,
         "errors": dict(errors),
         "acked": acked,
         "stored": stored,
@@ -136,10 +149,19 @@ async def work(store: str, where: str, who: int, turns: int) -> dict[str, Any]:
 
 
 # ── the runs ──────────────────────────────────────────────────────────────────
+def bench_cpu(daemon: bench.Daemon | None) -> float:
+    """The daemon's CPU seconds so far (user + system); 0 for no daemon."""
+    if daemon is None or daemon.proc is None:
+        return 0.0
+    fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def one(store: str, procs: int, turns: int, base: Path) -> dict[str, Any]:
     part = base / f"{store}-{procs}"
     part.mkdir()
-    daemon = bench.Daemon(part, "--max-messages", "0") if store == "nexusd" else None
+    nexusd = store.startswith("nexusd")
+    daemon = bench.Daemon(part, "--max-messages", "0") if nexusd else None
     where = str(daemon.sock if daemon else part / "agents.db")
     if daemon:
         daemon.__enter__()
@@ -155,6 +177,7 @@ def one(store: str, procs: int, turns: int, base: Path) -> dict[str, Any]:
         ]
         for w in workers:
             assert w.stdout is not None and w.stdout.readline().strip() == "ready"
+        daemon_cpu = bench_cpu(daemon)
         for w in workers:
             assert w.stdin is not None
             w.stdin.write("go\n")
@@ -162,6 +185,7 @@ def one(store: str, procs: int, turns: int, base: Path) -> dict[str, Any]:
         results = [json.loads(w.communicate(timeout=600)[0]) for w in workers]
         # From the word to go to the last worker's last call (not its exit).
         wall = max(r["wall"] for r in results)
+        daemon_cpu = bench_cpu(daemon) - daemon_cpu
     finally:
         if daemon:
             daemon.__exit__()
@@ -178,14 +202,19 @@ def one(store: str, procs: int, turns: int, base: Path) -> dict[str, Any]:
         "get_items_200": bench.summary(len(gets), wall, gets),
         "errors": dict(errors),
         "lost": sum(r["acked"] - r["stored"] for r in results),
+        # CPU per turn (one add_items and one get_items), in ms: where the time goes.
+        "cpu_ms_per_turn": {
+            "processes": round(sum(r["cpu"] for r in results) / len(adds) * 1e3, 3),
+            "daemon": round(daemon_cpu / len(adds) * 1e3, 3),
+        },
     }
 
 
 def table(runs: list[list[dict[str, Any]]]) -> str:
     lines = [
         "| store | procs | turns/s | add_items p50 / p99 ms | get_items(200) p50 / p99 ms"
-        " | errors | lost |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        " | CPU ms/turn, processes + daemon | errors | lost |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for i, first in enumerate(runs[0]):
         rows = [r[i] for r in runs]
@@ -199,6 +228,8 @@ def table(runs: list[list[dict[str, Any]]]) -> str:
             f" | {med(lambda r: r['add_items']['p50_ms'])} / {med(lambda r: r['add_items']['p99_ms'])}"
             f" | {med(lambda r: r['get_items_200']['p50_ms'])}"
             f" / {med(lambda r: r['get_items_200']['p99_ms'])}"
+            f" | {med(lambda r: r['cpu_ms_per_turn']['processes'])}"
+            f" + {med(lambda r: r['cpu_ms_per_turn']['daemon'])}"
             f" | {sum(sum(r['errors'].values()) for r in rows)}"
             f" | {sum(r['lost'] for r in rows)} |"
         )
@@ -210,6 +241,7 @@ def main() -> None:
     ap.add_argument("--turns", type=int, default=200)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--procs", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--stores", nargs="+", default=list(STORES), choices=STORES)
     ap.add_argument("--json", type=Path, default=Path("benchmarks/frameworks.json"))
     ap.add_argument("--worker", nargs=4, metavar=("STORE", "WHERE", "WHO", "TURNS"))
     args = ap.parse_args()
@@ -222,9 +254,7 @@ def main() -> None:
         base = Path(tempfile.mkdtemp(prefix="nxfw", dir="/tmp"))
         try:
             run = [
-                one(store, procs, args.turns, base)
-                for procs in args.procs
-                for store in ("nexusd", "sqlite")
+                one(store, procs, args.turns, base) for procs in args.procs for store in args.stores
             ]
         finally:
             shutil.rmtree(base, ignore_errors=True)

@@ -323,7 +323,10 @@ def test_reads_and_deletes_page_by_the_protocols_most(store: NexusChatStore, tag
 def test_small_pages_give_the_same_answers(
     store: NexusChatStore, tag: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(llamaindex, "PAGE", 3)
+    from nexusd.integrations import link
+
+    monkeypatch.setattr(llamaindex, "PAGE", 3)  # ids per delete
+    monkeypatch.setattr(link, "PAGE", 3)  # messages per history request
     oracle = SimpleChatStore()
     msgs = [_msg(f"p{i}") for i in range(11)]
     for s in (store, oracle):

@@ -216,9 +216,9 @@ async def test_pop_and_clear(session: NexusSession) -> None:
 async def test_a_session_longer_than_a_page_reads_whole(
     session: NexusSession, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import nexusd.integrations.openai_agents as adapter
+    from nexusd.integrations import link
 
-    monkeypatch.setattr(adapter, "PAGE", 7)
+    monkeypatch.setattr(link, "PAGE", 7)
     items: list[Any] = [{"role": "user", "content": f"m{i}"} for i in range(30)]
     await session.add_items(items)
     assert await session.get_items() == items

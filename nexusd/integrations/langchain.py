@@ -40,9 +40,9 @@ from collections.abc import Sequence
 from typing import Final
 
 from ..client import AsyncClient, Client
-from ..wire.protocol import MAX_HISTORY_LIMIT, Message
+from ..wire.protocol import Message
 from .extras import missing_extra
-from .link import Link, dumps, loads_object, role_of
+from .link import PAGE, Link, dumps, history, loads_object, role_of
 
 _ADAPTER: Final = "nexusd.integrations.langchain"
 
@@ -64,8 +64,6 @@ __all__ = ["PAGE", "NexusChatMessageHistory"]
 
 logger = logging.getLogger(__name__)
 
-#: Messages per ``history`` request when reading a whole session (the protocol's most).
-PAGE: Final = MAX_HISTORY_LIMIT
 
 #: The plain message a foreign message of each role reads back as.
 _PLAIN: Final[dict[str, type[BaseMessage]]] = {
@@ -118,28 +116,11 @@ class NexusChatMessageHistory(BaseChatMessageHistory):
     @property
     def messages(self) -> list[BaseMessage]:  # type: ignore[override]
         """Every message of the session, oldest first (paged back, :data:`PAGE` at a time)."""
-        client = self._link.blocking
-        pages: list[list[Message]] = []
-        before: int | None = None
-        while True:
-            page = client.get_history(self.session_id, PAGE, before_id=before)
-            pages.append(page)
-            if len(page) < PAGE:
-                return _decode(pages)
-            before = page[0].id
+        return [_message(m) for m in self._link.run(history(self.session_id))]
 
     async def aget_messages(self) -> list[BaseMessage]:
         """:attr:`messages`, awaited (on your ``AsyncClient`` if you passed one)."""
-        pages: list[list[Message]] = []
-        before: int | None = None
-        while True:
-            page: list[Message] = await self._link.call(
-                Client.get_history, self.session_id, PAGE, before_id=before
-            )
-            pages.append(page)
-            if len(page) < PAGE:
-                return _decode(pages)
-            before = page[0].id
+        return [_message(m) for m in await self._link.drive(history(self.session_id))]
 
     # ── writes ────────────────────────────────────────────────────────────
     def add_messages(self, messages: Sequence[BaseMessage]) -> None:
@@ -203,11 +184,6 @@ def _records(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
             ) from None
         out.append({"role": role_of(message.type, default="message"), "content": content})
     return out
-
-
-def _decode(pages: list[list[Message]]) -> list[BaseMessage]:
-    """The messages of ``pages`` (newest page first, each oldest first), oldest first."""
-    return [_message(m) for page in reversed(pages) for m in page]
 
 
 def _message(stored: Message) -> BaseMessage:

@@ -16,6 +16,12 @@ is cancelled, and the cancellation is raised after it (as the Agents SDK's own
 sessions do), so a cancelled ``add_items`` is either wholly stored or not
 sent, and the connection is never left mid-call.
 
+An operation of several calls is written once, as a *plan*: a generator that
+yields the client calls it needs (:func:`call`) and gets their results back,
+with no I/O of its own (:func:`history` is one).  :meth:`Link.run` drives a
+plan on the blocking client; :meth:`Link.drive` awaits each call instead,
+settled as a whole when it writes.
+
 Records: the adapters store each framework object as the JSON text of its own
 serialised form, in ``content``; :func:`dumps` and :func:`loads_object` are
 the one place that text is written and read.
@@ -28,16 +34,61 @@ import functools
 import json
 import os
 import threading
-from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from collections.abc import Awaitable, Callable, Generator
+from contextlib import closing
+from typing import Any, Final, TypeVar
 
 import msgspec
 
 from ..client import AsyncClient, Client
+from ..wire.protocol import MAX_HISTORY_LIMIT, Message
 
-__all__ = ["Link", "dumps", "loads_object", "role_of", "settle"]
+__all__ = [
+    "PAGE",
+    "Call",
+    "Link",
+    "Plan",
+    "call",
+    "dumps",
+    "history",
+    "loads_object",
+    "role_of",
+    "settle",
+]
 
 _T = TypeVar("_T")
+#: Messages per ``history`` request when reading a whole session (the protocol's most).
+PAGE: Final = MAX_HISTORY_LIMIT
+#: One client call a plan asks for: the blocking client's method, its arguments.
+Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
+#: An operation as the calls it makes (see the module's doc); returns ``_T``.
+Plan = Generator[Call, Any, _T]
+
+
+def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Call:
+    """What a plan yields to have ``fn`` (e.g. ``Client.get_history``) called."""
+    return fn, args, kwargs
+
+
+def history(tag: str, limit: int | None = None) -> Plan[list[Message]]:
+    """The newest ``limit`` messages of ``tag`` (all when None), oldest first.
+
+    Paged back with ``before_id``, :data:`PAGE` at a time, so no request asks
+    for more than the protocol allows, however long the session.
+    """
+    pages: list[list[Message]] = []
+    got, before = 0, None
+    while limit is None or got < limit:
+        size = PAGE if limit is None else min(PAGE, limit - got)
+        page: list[Message] = yield call(Client.get_history, tag, size, before_id=before)
+        pages.append(page)
+        got += len(page)
+        if len(page) < size:
+            break
+        before = page[0].id
+    return [m for page in reversed(pages) for m in page]
+
+
 _decode = msgspec.json.Decoder().decode
 
 
@@ -113,6 +164,30 @@ class Link:
     async def write(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
         """As :meth:`call`, settled: see the module's doc."""
         return await settle(self.call(fn, *args, **kwargs))
+
+    def run(self, plan: Plan[_T]) -> _T:
+        """``plan``'s result, its calls made on the blocking client."""
+        client, result = self.blocking, None
+        with closing(plan):
+            while True:
+                try:
+                    fn, args, kwargs = plan.send(result)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                result = fn(client, *args, **kwargs)
+
+    async def drive(self, plan: Plan[_T], *, writes: bool = False) -> _T:
+        """``plan``'s result, each call awaited; settled as a whole when it ``writes``."""
+        if writes:
+            return await settle(self.drive(plan))
+        result = None
+        with closing(plan):
+            while True:
+                try:
+                    fn, args, kwargs = plan.send(result)
+                except StopIteration as stop:
+                    return stop.value  # type: ignore[no-any-return]
+                result = await self.call(fn, *args, **kwargs)
 
     def close(self) -> None:
         """Close the blocking client this link made (a client passed in stays the caller's)."""

@@ -24,25 +24,25 @@ calls) come back equal.  A message another tool wrote (``nexusd append``: its
 content is not such a JSON object) reads back as
 ``ChatMessage(role=<its role, or "user" if not a LlamaIndex role>, content=<its text>)``.
 
-Every operation is written once, as a *plan*: a generator that yields the
-client calls it needs and gets their results back.  The sync methods run it
-on the blocking client; the async ones await each call on the link (natively
-on an ``AsyncClient``), and those that write are settled: they finish even
-when the caller is cancelled, then re-raise the cancellation.
+Every operation is written once, as a *plan* (:mod:`nexusd.integrations.link`):
+a generator that yields the client calls it needs and gets their results
+back.  The sync methods run it on the blocking client; the async ones await
+each call on the link (natively on an ``AsyncClient``), and those that write
+are settled: they finish even when the caller is cancelled, then re-raise the
+cancellation.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Generator, Mapping, Sequence
-from contextlib import closing
-from typing import Any, Final, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any, Final
 
 from ..client import AsyncClient, Client
-from ..wire.protocol import Message
+from ..wire.protocol import MAX_DELETE_IDS, Message
 from .extras import missing_extra
-from .link import Link, dumps, loads_object, role_of, settle
+from .link import Link, Plan, call, dumps, history, loads_object, role_of
 
 try:
     from llama_index.core.bridge.pydantic import PrivateAttr
@@ -57,19 +57,10 @@ __all__ = ["NexusChatStore"]
 
 logger = logging.getLogger(__name__)
 
-#: Messages per ``history`` request, and ids per ``delete``: the protocol's most.
-PAGE: Final = 10_000
+#: Ids per ``delete`` request: the protocol's most.
+PAGE: Final = MAX_DELETE_IDS
 #: LlamaIndex's roles; a foreign message of another role reads back as a user's.
 ROLES: Final = frozenset(r.value for r in MessageRole)
-
-_T = TypeVar("_T")
-#: One client call a plan asks for: the blocking method, its arguments.
-_Call = tuple[Callable[..., Any], tuple[Any, ...], dict[str, Any]]
-_Plan = Generator[_Call, Any, _T]
-
-
-def _call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> _Call:
-    return fn, args, kwargs
 
 
 # ── records ───────────────────────────────────────────────────────────────
@@ -102,56 +93,44 @@ def _copy(m: Message) -> Mapping[str, Any]:
 
 
 # ── plans: each operation once, for both drivers ──────────────────────────
-def _history(key: str) -> _Plan[list[Message]]:
-    """Every message of ``key``, oldest first, paged back from the newest."""
-    pages: list[list[Message]] = []
-    before: int | None = None
-    while True:
-        page = yield _call(Client.get_history, key, PAGE, before_id=before)
-        pages.append(page)
-        if len(page) < PAGE:
-            return [m for p in reversed(pages) for m in p]
-        before = page[0].id
-
-
-def _delete(key: str, ids: Sequence[int]) -> _Plan[set[int]]:
+def _delete(key: str, ids: Sequence[int]) -> Plan[set[int]]:
     """Delete ``ids`` from ``key`` (at most :data:`PAGE` a call); the ids really deleted."""
     gone: set[int] = set()
     for i in range(0, len(ids), PAGE):
-        done = yield _call(Client.delete, ids[i : i + PAGE], session_tag=key)
+        done = yield call(Client.delete, ids[i : i + PAGE], session_tag=key)
         gone.update(done.deleted)
     return gone
 
 
-def _replace(key: str, old: Sequence[Message], new: Sequence[Any]) -> _Plan[None]:
+def _replace(key: str, old: Sequence[Message], new: Sequence[Any]) -> Plan[None]:
     """Append ``new``, then delete ``old``: a crash between leaves both, never neither."""
     if new:
-        yield _call(Client.append_many, new, session_tag=key)
+        yield call(Client.append_many, new, session_tag=key)
     yield from _delete(key, [m.id for m in old])
 
 
-def _set(key: str, records: Sequence[tuple[str, str]]) -> _Plan[None]:
-    old = yield from _history(key)
+def _set(key: str, records: Sequence[tuple[str, str]]) -> Plan[None]:
+    old = yield from history(key)
     yield from _replace(key, old, records)
 
 
-def _add(key: str, record: tuple[str, str], idx: int | None) -> _Plan[None]:
+def _add(key: str, record: tuple[str, str], idx: int | None) -> Plan[None]:
     if idx is not None:
-        old = yield from _history(key)
+        old = yield from history(key)
         tail = old[idx:] if idx >= 0 else old[max(len(old) + idx, 0) :]  # as list.insert
         if tail:
             yield from _replace(key, tail, [record, *map(_copy, tail)])
             return
-    yield _call(Client.append, *record, session_tag=key)
+    yield call(Client.append, *record, session_tag=key)
 
 
-def _delete_all(key: str) -> _Plan[list[Message] | None]:
-    old = yield from _history(key)
+def _delete_all(key: str) -> Plan[list[Message] | None]:
+    old = yield from history(key)
     gone = yield from _delete(key, [m.id for m in old])
     return [m for m in old if m.id in gone] or None
 
 
-def _nth(key: str, idx: int) -> _Plan[Message | None]:
+def _nth(key: str, idx: int) -> Plan[Message | None]:
     """The idx-th message of ``key`` as ``list[idx]`` indexes; None past the end.
 
     A negative ``idx`` beyond the start is ``IndexError``, as ``list.pop``'s
@@ -160,7 +139,7 @@ def _nth(key: str, idx: int) -> _Plan[Message | None]:
     if idx >= 0:
         after, left = 0, idx
         while True:
-            page = yield _call(Client.get_history, key, min(left + 1, PAGE), after_id=after)
+            page = yield call(Client.get_history, key, min(left + 1, PAGE), after_id=after)
             if left < len(page):
                 return page[left]  # type: ignore[no-any-return]
             if len(page) < min(left + 1, PAGE):
@@ -170,7 +149,7 @@ def _nth(key: str, idx: int) -> _Plan[Message | None]:
     left, seen = -idx, 0
     while True:
         want = min(left, PAGE)
-        page = yield _call(Client.get_history, key, want, before_id=before)
+        page = yield call(Client.get_history, key, want, before_id=before)
         seen += len(page)
         if len(page) == want and left == want:
             return page[0]  # type: ignore[no-any-return]
@@ -181,7 +160,7 @@ def _nth(key: str, idx: int) -> _Plan[Message | None]:
         before, left = page[0].id, left - want
 
 
-def _delete_at(key: str, idx: int) -> _Plan[Message | None]:
+def _delete_at(key: str, idx: int) -> Plan[Message | None]:
     while True:
         target = yield from _nth(key, idx)
         if target is None:
@@ -192,12 +171,12 @@ def _delete_at(key: str, idx: int) -> _Plan[Message | None]:
         # Someone else deleted it meanwhile: the idx-th is another message now.
 
 
-def _pop(key: str) -> _Plan[Message | None]:
-    return (yield _call(Client.pop, key))  # type: ignore[no-any-return]
+def _pop(key: str) -> Plan[Message | None]:
+    return (yield call(Client.pop, key))  # type: ignore[no-any-return]
 
 
-def _keys() -> _Plan[list[str]]:
-    sessions = yield _call(Client.sessions)
+def _keys() -> Plan[list[str]]:
+    sessions = yield call(Client.sessions)
     return [s.session_tag for s in sessions]
 
 
@@ -239,30 +218,6 @@ class NexusChatStore(BaseChatStore):
         """Close the client the store made (a client passed in stays open)."""
         self._link.close()
 
-    # ── drivers ───────────────────────────────────────────────────────────
-    def _run(self, plan: _Plan[_T]) -> _T:
-        client, result = self._link.blocking, None
-        with closing(plan):
-            while True:
-                try:
-                    fn, args, kwargs = plan.send(result)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
-                result = fn(client, *args, **kwargs)
-
-    async def _drive(self, plan: _Plan[_T]) -> _T:
-        result = None
-        with closing(plan):
-            while True:
-                try:
-                    fn, args, kwargs = plan.send(result)
-                except StopIteration as stop:
-                    return stop.value  # type: ignore[no-any-return]
-                result = await self._link.call(fn, *args, **kwargs)
-
-    async def _write(self, plan: _Plan[_T]) -> _T:
-        return await settle(self._drive(plan))
-
     # ── BaseChatStore ─────────────────────────────────────────────────────
     def set_messages(self, key: str, messages: list[ChatMessage]) -> None:
         """Make ``messages`` the messages of ``key``.
@@ -273,19 +228,19 @@ class NexusChatStore(BaseChatStore):
         between the two leaves the old messages followed by the new ones,
         never neither; a message another process adds meanwhile is kept.
         """
-        self._run(_set(key, [_record(m) for m in messages]))
+        self._link.run(_set(key, [_record(m) for m in messages]))
 
     async def aset_messages(self, key: str, messages: list[ChatMessage]) -> None:
         """As :meth:`set_messages`; finishes even if the caller is cancelled meanwhile."""
-        await self._write(_set(key, [_record(m) for m in messages]))
+        await self._link.drive(_set(key, [_record(m) for m in messages]), writes=True)
 
     def get_messages(self, key: str) -> list[ChatMessage]:
         """Every message of ``key``, oldest first (``[]`` for a key with none)."""
-        return [_chat_message(m) for m in self._run(_history(key))]
+        return [_chat_message(m) for m in self._link.run(history(key))]
 
     async def aget_messages(self, key: str) -> list[ChatMessage]:
         """As :meth:`get_messages`."""
-        return [_chat_message(m) for m in await self._drive(_history(key))]
+        return [_chat_message(m) for m in await self._link.drive(history(key))]
 
     def add_message(self, key: str, message: ChatMessage, idx: int | None = None) -> None:
         """Append ``message`` to ``key`` (one atomic ``append``).
@@ -296,21 +251,21 @@ class NexusChatStore(BaseChatStore):
         (role, content, timestamp and meta kept; new ids), then deletes those
         messages: the same window as :meth:`set_messages`.
         """
-        self._run(_add(key, _record(message), idx))
+        self._link.run(_add(key, _record(message), idx))
 
     async def async_add_message(
         self, key: str, message: ChatMessage, idx: int | None = None
     ) -> None:
         """As :meth:`add_message`; finishes even if the caller is cancelled meanwhile."""
-        await self._write(_add(key, _record(message), idx))
+        await self._link.drive(_add(key, _record(message), idx), writes=True)
 
     def delete_messages(self, key: str) -> list[ChatMessage] | None:
         """Delete every message of ``key``; return them (None if there were none)."""
-        return _chat_messages(self._run(_delete_all(key)))
+        return _chat_messages(self._link.run(_delete_all(key)))
 
     async def adelete_messages(self, key: str) -> list[ChatMessage] | None:
         """As :meth:`delete_messages`; finishes even if the caller is cancelled meanwhile."""
-        return _chat_messages(await self._write(_delete_all(key)))
+        return _chat_messages(await self._link.drive(_delete_all(key), writes=True))
 
     def delete_message(self, key: str, idx: int) -> ChatMessage | None:
         """Delete and return the idx-th message of ``key`` (oldest first, as a list indexes).
@@ -320,19 +275,19 @@ class NexusChatStore(BaseChatStore):
         beyond the oldest is ``IndexError``.  Deleted by id, so a message
         another process adds meanwhile cannot be hit instead.
         """
-        return _chat_message_or_none(self._run(_delete_at(key, idx)))
+        return _chat_message_or_none(self._link.run(_delete_at(key, idx)))
 
     async def adelete_message(self, key: str, idx: int) -> ChatMessage | None:
         """As :meth:`delete_message`; finishes even if the caller is cancelled meanwhile."""
-        return _chat_message_or_none(await self._write(_delete_at(key, idx)))
+        return _chat_message_or_none(await self._link.drive(_delete_at(key, idx), writes=True))
 
     def delete_last_message(self, key: str) -> ChatMessage | None:
         """Delete and return the newest message of ``key`` (one atomic ``pop``); None if none."""
-        return _chat_message_or_none(self._run(_pop(key)))
+        return _chat_message_or_none(self._link.run(_pop(key)))
 
     async def adelete_last_message(self, key: str) -> ChatMessage | None:
         """As :meth:`delete_last_message`; finishes even if the caller is cancelled meanwhile."""
-        return _chat_message_or_none(await self._write(_pop(key)))
+        return _chat_message_or_none(await self._link.drive(_pop(key), writes=True))
 
     def get_keys(self) -> list[str]:
         """The tag of every session the daemon shows this user, not only LlamaIndex's keys.
@@ -341,11 +296,11 @@ class NexusChatStore(BaseChatStore):
         machine, so this lists theirs too (a ``NexusSession`` of the Agents
         SDK, ``nexusd append``, ...).
         """
-        return self._run(_keys())
+        return self._link.run(_keys())
 
     async def aget_keys(self) -> list[str]:
         """As :meth:`get_keys`."""
-        return await self._drive(_keys())
+        return await self._link.drive(_keys())
 
 
 def _chat_messages(messages: list[Message] | None) -> list[ChatMessage] | None:

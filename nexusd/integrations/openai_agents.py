@@ -25,12 +25,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any
 
 from ..client import AsyncClient, Client
 from ..wire.protocol import Message
 from .extras import missing_extra
-from .link import Link, dumps, loads_object, role_of
+from .link import Link, dumps, history, loads_object, role_of
 
 try:
     from agents.memory import SessionSettings
@@ -43,9 +43,6 @@ if TYPE_CHECKING:
     from agents.items import TResponseInputItem
 
 __all__ = ["NexusSession"]
-
-#: Messages per ``history`` request when reading a whole session (the protocol's most).
-PAGE: Final = 10_000
 
 
 class NexusSession:
@@ -97,18 +94,7 @@ class NexusSession:
             return []
         # As SQLiteSession: a negative limit is no limit.
         want = None if limit is None or limit < 0 else limit
-        got: list[Message] = []
-        before: int | None = None
-        while want is None or len(got) < want:
-            size = PAGE if want is None else min(PAGE, want - len(got))
-            page: list[Message] = await self._link.call(
-                Client.get_history, self.session_id, size, before_id=before
-            )
-            got[:0] = page
-            if len(page) < size:
-                break
-            before = page[0].id
-        return [_item(m) for m in got]
+        return [_item(m) for m in await self._link.drive(history(self.session_id, want))]
 
     async def add_items(self, items: list[TResponseInputItem]) -> None:
         """Store ``items`` in order, all or none, in one ``append_many``."""
