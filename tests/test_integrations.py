@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from nexusd.integrations.extras import DISTRIBUTIONS
 from tests.conftest import Daemon
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,8 +73,9 @@ def test_a_missing_framework_is_one_line_naming_the_extra(adapter: str) -> None:
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last == (
-        f"nexusd.integrations.extras.MissingExtra: {adapter} needs {package},"
+        f"nexusd.integrations.extras.MissingExtra: {adapter} needs {DISTRIBUTIONS[extra]},"
         f" which is not installed: pip install 'nexusd[{extra}]'"
+        f" (from nexusd's checkout: pip install '.[{extra}]')"
     )
     caught = _python(
         f"{hide}\ntry:\n    import {adapter}\n"
@@ -104,6 +106,7 @@ def test_the_test_extra_installs_every_framework_extra() -> None:
     for extra in wanted:  # a range, bounded above: what CI tested is what users get
         (req,) = extras[extra]
         assert ">=" in req and "<" in req.replace("<=", ""), req
+        assert req.startswith(DISTRIBUTIONS[extra] + ">=")  # the name the error gives
 
 
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))

@@ -236,11 +236,9 @@ def test_a_foreign_message_reads_back_plain(
             SystemMessage("be nice"),
             ChatMessage(role="tool", content="42"),
             ChatMessage(role="critic", content="meh"),
-            HumanMessage('{"role": "user", "content": "an Agents SDK item"}'),
+            HumanMessage("an Agents SDK item"),  # its text, not its JSON
             AIMessage('{"type": "no-such-type", "data": {"content": "x"}}'),
-            ChatMessage(
-                role="tool", content='{"type": "tool", "data": {"content": "no tool_call_id"}}'
-            ),
+            ChatMessage(role="tool", content="no tool_call_id"),  # ours, but not makeable: text
             HumanMessage("[1, 2]"),
             AIMessage("ours", id="o-1"),
         ],
@@ -317,12 +315,11 @@ def test_client_argument_errors(shared_daemon: Daemon, tag: str) -> None:
         assert c.message_count(tag) == 1  # a blocking client passed in stays open too
     with pytest.raises(TypeError, match=r"session_id .* not int"):
         NexusChatMessageHistory(42, socket=shared_daemon.socket)  # type: ignore[arg-type]
-    for bad in ["", "x" * 257]:
-        with (
-            NexusChatMessageHistory(bad, socket=shared_daemon.socket) as h,
-            pytest.raises(BadRequest),
+    for bad, n in [("", 0), ("x" * 257, 257)]:  # refused before any call
+        with pytest.raises(
+            ValueError, match=rf"session_id must be 1 to 256 characters .* not {n}$"
         ):
-            h.add_messages([HumanMessage("x")])
+            NexusChatMessageHistory(bad, socket=shared_daemon.socket)
 
 
 # ── LangChain's own runnable over it ─────────────────────────────────────────

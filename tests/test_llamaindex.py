@@ -48,8 +48,8 @@ from llama_index.core.storage.chat_store.base import BaseChatStore  # noqa: E402
 
 from nexusd import AsyncClient, BadRequest, Client  # noqa: E402
 from nexusd.integrations import llamaindex  # noqa: E402
-from nexusd.integrations.link import dumps  # noqa: E402
 from nexusd.integrations.llamaindex import NexusChatStore  # noqa: E402
+from nexusd.integrations.records import dumps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASYNC = {
@@ -517,13 +517,3 @@ def test_two_processes_adding_to_one_key_lose_nothing(shared_daemon: Daemon, tag
     assert len(got) == 2 * n
     for name in ("a", "b"):
         assert [c for c in got if c and c.startswith(name)] == [f"{name}-{i}" for i in range(n)]
-
-
-def test_a_missing_llama_index_is_one_line_naming_the_extra() -> None:
-    code = "import sys; sys.modules['llama_index'] = None\nimport nexusd.integrations.llamaindex\n"
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
-    assert r.returncode == 1
-    assert r.stderr.strip().splitlines()[-1] == (
-        "nexusd.integrations.extras.MissingExtra: nexusd.integrations.llamaindex needs "
-        "llama_index, which is not installed: pip install 'nexusd[llamaindex]'"
-    )

@@ -25,6 +25,7 @@ need("agents", "agents")
 from agents import Agent, Runner, function_tool, set_tracing_disabled  # noqa: E402
 from agents.items import ModelResponse, TResponseInputItem, TResponseStreamEvent  # noqa: E402
 from agents.memory import Session, SessionSettings  # noqa: E402
+from agents.models.chatcmpl_converter import Converter  # noqa: E402
 from agents.models.interface import Model  # noqa: E402
 from agents.usage import Usage  # noqa: E402
 from openai.types.responses import (  # noqa: E402
@@ -231,12 +232,27 @@ async def test_a_message_another_tool_wrote_reads_as_a_plain_message(
     with Client(shared_daemon.socket) as c:
         c.append("user", "typed in a shell", session_tag=tag)
         c.append("assistant", "[1, 2]", session_tag=tag)  # JSON, but not an object
+        c.append("tool", "42", session_tag=tag)  # no role the Responses API takes
+        c.append("critic", "meh", session_tag=tag)
+        c.append("user", '{"not": "an item"}', session_tag=tag)  # an object, no role or type
+        # What the LangChain and LlamaIndex adapters store: read as their text.
+        c.append("ai", '{"type":"ai","data":{"content":"from LangChain"}}', session_tag=tag)
+        llama = '{"role":"assistant","additional_kwargs":{},"blocks":[{"text":"from LlamaIndex"}]}'
+        c.append("assistant", llama, session_tag=tag)
     await session.add_items([ITEMS[0]])
-    assert await session.get_items() == [
+    got = await session.get_items()
+    assert got == [
         {"role": "user", "content": "typed in a shell"},
         {"role": "assistant", "content": "[1, 2]"},
+        {"role": "user", "content": "42"},
+        {"role": "user", "content": "meh"},
+        {"role": "user", "content": '{"not": "an item"}'},
+        {"role": "assistant", "content": "from LangChain"},
+        {"role": "assistant", "content": "from LlamaIndex"},
         ITEMS[0],
     ]
+    # Items the SDK can send to a model: its own converter takes them all.
+    assert len(Converter.items_to_messages(got)) == len(got)
 
 
 async def test_bad_items_are_refused_whole_with_one_line(session: NexusSession) -> None:
@@ -258,7 +274,7 @@ def test_the_client_argument(shared_daemon: Daemon) -> None:
         NexusSession("s", socket=shared_daemon.socket, client=Client(shared_daemon.socket))
     with pytest.raises(TypeError, match="Client or AsyncClient, not str"):
         NexusSession("s", client="nope")  # type: ignore[arg-type]
-    with pytest.raises(TypeError, match="session_id must be a str"):
+    with pytest.raises(TypeError, match="session_id is a nexusd session tag, a str, not int"):
         NexusSession(42)  # type: ignore[arg-type]
 
 

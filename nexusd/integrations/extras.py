@@ -11,7 +11,14 @@ classes, and turns the ``ImportError`` into :class:`MissingExtra`::
 
 from __future__ import annotations
 
-__all__ = ["MissingExtra", "missing_extra"]
+__all__ = ["DISTRIBUTIONS", "MissingExtra", "missing_extra"]
+
+#: Each extra's framework as pip names it (the ranges are pyproject.toml's).
+DISTRIBUTIONS = {
+    "agents": "openai-agents",
+    "langchain": "langchain-core",
+    "llamaindex": "llama-index-core",
+}
 
 
 class MissingExtra(ImportError):
@@ -29,7 +36,7 @@ def missing_extra(exc: ImportError, package: str, *, extra: str, adapter: str) -
     if not isinstance(exc, ModuleNotFoundError) or not missing or not ours:
         return exc
     return MissingExtra(
-        f"{adapter} needs {package.split('.')[0]}, which is not installed: "
-        f"pip install 'nexusd[{extra}]'",
+        f"{adapter} needs {DISTRIBUTIONS[extra]}, which is not installed: "
+        f"pip install 'nexusd[{extra}]' (from nexusd's checkout: pip install '.[{extra}]')",
         name=exc.name,
     )

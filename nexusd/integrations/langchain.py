@@ -18,12 +18,14 @@ How ``BaseChatMessageHistory`` maps to nexusd:
   back in pages of at most :data:`PAGE`.
 * ``clear()`` / ``aclear()``: ``clear``.
 
-A message of the session that another tool wrote (``nexusd append``, an
-import: content that is not LangChain's dict) reads back as a plain message
-of its role: ``user``/``human`` a ``HumanMessage``, ``assistant``/``ai`` an
-``AIMessage``, ``system`` a ``SystemMessage``, anything else (``tool``
-included: a ``ToolMessage`` needs a ``tool_call_id`` such a message has not)
-a ``ChatMessage`` of that role.
+A message of the session that is not LangChain's dict (written by another
+tool, ``nexusd append``, an import, or the Agents SDK or LlamaIndex adapter)
+reads back as a plain message of its text
+(:func:`~nexusd.integrations.records.plain`) and role: ``user``/``human`` a
+``HumanMessage``, ``assistant``/``ai``/``model`` an ``AIMessage``, ``system``
+a ``SystemMessage``, anything else (``tool`` included: a ``ToolMessage``
+needs a ``tool_call_id`` such a message has not) a ``ChatMessage`` of that
+role.
 
 LangChain marks ``BaseChatMessageHistory`` deprecated since langchain-core
 1.6.4 (removal planned for 2.0), pointing to LangGraph's checkpointers; the
@@ -42,7 +44,8 @@ from typing import Final
 from ..client import AsyncClient, Client
 from ..wire.protocol import Message
 from .extras import missing_extra
-from .link import PAGE, Link, dumps, history, loads_object, role_of
+from .link import PAGE, Link, check_tag, history
+from .records import ALIASES, dumps, kind_of, loads_object, plain, role_of
 
 _ADAPTER: Final = "nexusd.integrations.langchain"
 
@@ -68,9 +71,7 @@ logger = logging.getLogger(__name__)
 #: The plain message a foreign message of each role reads back as.
 _PLAIN: Final[dict[str, type[BaseMessage]]] = {
     "user": HumanMessage,
-    "human": HumanMessage,
     "assistant": AIMessage,
-    "ai": AIMessage,
     "system": SystemMessage,
 }
 
@@ -79,7 +80,7 @@ class NexusChatMessageHistory(BaseChatMessageHistory):
     """A LangChain chat history stored in the nexusd session ``session_id``.
 
     ``session_id`` is the nexusd session tag (1 to 256 characters; anything else
-    is :class:`~nexusd.BadRequest` at the first call).  ``socket`` is the
+    is ``ValueError``/``TypeError`` here).  ``socket`` is the
     daemon's socket (default: ``$NEXUSD_SOCKET``, else the usual path); or
     pass ``client``: a blocking :class:`~nexusd.Client` (async methods then
     call it in a worker thread) or an :class:`~nexusd.AsyncClient` you opened
@@ -102,12 +103,7 @@ class NexusChatMessageHistory(BaseChatMessageHistory):
         client: Client | AsyncClient | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(session_id, str):
-            raise TypeError(
-                f"{_ADAPTER}: session_id is the nexusd session tag, a str, "
-                f"not {type(session_id).__name__}"
-            )
-        self.session_id = session_id
+        self.session_id = check_tag(session_id, what="session_id", adapter=_ADAPTER)
         self._link = Link(socket, client, adapter=_ADAPTER)
 
     # ── reads ─────────────────────────────────────────────────────────────
@@ -189,11 +185,7 @@ def _records(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
 def _message(stored: Message) -> BaseMessage:
     """``stored`` as the LangChain message it holds, or a plain one of its role."""
     record = loads_object(stored.content)
-    if (
-        record is not None
-        and isinstance(record.get("type"), str)
-        and isinstance(record.get("data"), dict)
-    ):
+    if record is not None and kind_of(record, stored.role) == "langchain":
         try:
             return messages_from_dict([record])[0]
         except Exception as exc:
@@ -208,11 +200,11 @@ def _message(stored: Message) -> BaseMessage:
                 stored.session_tag,
                 _first_line(exc),
             )
-    return _plain(stored.role, stored.content)
+    return _plain(*plain(stored, record))
 
 
 def _plain(role: str, content: str) -> BaseMessage:
-    kind = _PLAIN.get(role)
+    kind = _PLAIN.get(ALIASES.get(role, role))
     if kind is not None:
         made: BaseMessage = kind(content=content)
         return made

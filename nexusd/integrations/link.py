@@ -22,39 +22,24 @@ with no I/O of its own (:func:`history` is one).  :meth:`Link.run` drives a
 plan on the blocking client; :meth:`Link.drive` awaits each call instead,
 settled as a whole when it writes.
 
-Records: the adapters store each framework object as the JSON text of its own
-serialised form, in ``content``; :func:`dumps` and :func:`loads_object` are
-the one place that text is written and read.
+How a record is written and read is :mod:`nexusd.integrations.records`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import os
 import threading
 from collections.abc import Awaitable, Callable, Generator
 from contextlib import closing
 from typing import Any, Final, TypeVar
 
-import msgspec
-
 from ..client import AsyncClient, Client
+from ..wire.envelope import MAX_SESSION_CHARS
 from ..wire.protocol import MAX_HISTORY_LIMIT, Message
 
-__all__ = [
-    "PAGE",
-    "Call",
-    "Link",
-    "Plan",
-    "call",
-    "dumps",
-    "history",
-    "loads_object",
-    "role_of",
-    "settle",
-]
+__all__ = ["PAGE", "Call", "Link", "Plan", "call", "check_tag", "history", "settle"]
 
 _T = TypeVar("_T")
 #: Messages per ``history`` request when reading a whole session (the protocol's most).
@@ -68,6 +53,20 @@ Plan = Generator[Call, Any, _T]
 def call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Call:
     """What a plan yields to have ``fn`` (e.g. ``Client.get_history``) called."""
     return fn, args, kwargs
+
+
+def check_tag(tag: object, *, what: str, adapter: str) -> str:
+    """``tag`` if nexusd can hold it as a session tag; else the error, before any call."""
+    if not isinstance(tag, str):
+        raise TypeError(
+            f"{adapter}: {what} is a nexusd session tag, a str, not {type(tag).__name__}"
+        )
+    if not 0 < len(tag) <= MAX_SESSION_CHARS:
+        raise ValueError(
+            f"{adapter}: {what} must be 1 to {MAX_SESSION_CHARS} characters (a nexusd session"
+            f" tag), not {len(tag)}"
+        )
+    return tag
 
 
 def history(tag: str, limit: int | None = None) -> Plan[list[Message]]:
@@ -87,9 +86,6 @@ def history(tag: str, limit: int | None = None) -> Plan[list[Message]]:
             break
         before = page[0].id
     return [m for page in reversed(pages) for m in page]
-
-
-_decode = msgspec.json.Decoder().decode
 
 
 async def settle(awaitable: Awaitable[_T]) -> _T:
@@ -123,6 +119,8 @@ class Link:
         adapter: str,
     ) -> None:
         self._lock = threading.Lock()
+        self._adapter = adapter
+        self._closed = False
         self._async: AsyncClient | None = None
         self._sync: Client | None = None
         self._owned = False
@@ -145,6 +143,7 @@ class Link:
     def blocking(self) -> Client:
         """The blocking client: the one given, or one of the async client's socket."""
         with self._lock:
+            self._check_open()
             if self._sync is None:
                 assert self._async is not None
                 self._sync = Client(self._async.socket_path)
@@ -157,6 +156,7 @@ class Link:
         On the async client when there is one; else the blocking client's, in a thread.
         """
         if self._async is not None:
+            self._check_open()
             return await getattr(self._async, fn.__name__)(*args, **kwargs)
         sync = self.blocking
         return await asyncio.to_thread(functools.partial(fn, sync, *args, **kwargs))
@@ -189,47 +189,19 @@ class Link:
                     return stop.value  # type: ignore[no-any-return]
                 result = await self.call(fn, *args, **kwargs)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError(f"{self._adapter} is closed")
+
     def close(self) -> None:
-        """Close the blocking client this link made (a client passed in stays the caller's)."""
+        """Close the blocking client this link made (a client passed in stays the caller's).
+
+        Idempotent; any call after it is ``RuntimeError`` ("... is closed").
+        """
         with self._lock:
+            self._closed = True
             sync, owned = self._sync, self._owned
             if owned:
                 self._sync, self._owned = None, False
         if owned and sync is not None:
             sync.close()
-
-
-def dumps(obj: Any) -> str:
-    """The JSON text stored for ``obj``: compact, non-ASCII kept as it is.
-
-    A string with a lone surrogate cannot be UTF-8; such an object is stored
-    with ``\\u`` escapes instead, which decode to the same value.
-    """
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return json.dumps(obj, separators=(",", ":"), allow_nan=False)
-    return text
-
-
-def loads_object(content: str) -> dict[str, Any] | None:
-    """The JSON object ``content`` holds, or None if it holds no object (a foreign message)."""
-    if not content.startswith("{"):
-        return None
-    try:
-        value = _decode(content)  # two to three times json.loads' speed
-    except msgspec.MsgspecError:
-        try:  # what msgspec refuses but json reads: \ud800 escapes, 1e400
-            value = json.loads(content)
-        except ValueError:
-            return None
-    return value if isinstance(value, dict) else None
-
-
-def role_of(*candidates: object, default: str = "item") -> str:
-    """The first candidate that is a valid nexusd role (1 to 64 characters), else ``default``."""
-    for c in candidates:
-        if isinstance(c, str) and 0 < len(c) <= 64:
-            return c
-    return default

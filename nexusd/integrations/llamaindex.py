@@ -20,9 +20,11 @@ Each ``ChatMessage`` is one nexusd message: ``role`` is ``message.role.value``,
 ``content`` the JSON text of ``message.model_dump(mode="json")`` (what
 LlamaIndex's own ``SQLAlchemyChatStore`` stores), read back with
 ``ChatMessage.model_validate``: text, blocks and ``additional_kwargs`` (tool
-calls) come back equal.  A message another tool wrote (``nexusd append``: its
-content is not such a JSON object) reads back as
-``ChatMessage(role=<its role, or "user" if not a LlamaIndex role>, content=<its text>)``.
+calls) come back equal.  A message that is not such a record (written by
+``nexusd append``, an import, or the Agents SDK or LangChain adapter) reads
+back as ``ChatMessage(role=..., content=<its text>)``
+(:func:`~nexusd.integrations.records.plain`): its role when LlamaIndex has
+it, ``human`` as ``user`` and ``ai`` as ``assistant``, any other as ``user``.
 
 Every operation is written once, as a *plan* (:mod:`nexusd.integrations.link`):
 a generator that yields the client calls it needs and gets their results
@@ -42,7 +44,8 @@ from typing import Any, Final
 from ..client import AsyncClient, Client
 from ..wire.protocol import MAX_DELETE_IDS, Message
 from .extras import missing_extra
-from .link import Link, Plan, call, dumps, history, loads_object, role_of
+from .link import Link, Plan, call, history
+from .records import ALIASES, dumps, kind_of, loads_object, plain, role_of
 
 try:
     from llama_index.core.bridge.pydantic import PrivateAttr
@@ -78,13 +81,15 @@ def _chat_message(m: Message) -> ChatMessage:
     """``m`` as the ``ChatMessage`` it was, or a plain text one if another tool wrote it."""
     data = loads_object(m.content)
     # Ours: LlamaIndex's dump of a message, whose role is the record's role.
-    if data is not None and data.get("role") == m.role and "blocks" in data:
+    if data is not None and kind_of(data, m.role) == "llamaindex":
         try:
             return ChatMessage.model_validate(data)
         except (ValueError, TypeError, AttributeError):
             logger.debug("message %d of %r is not a ChatMessage: read as text", m.id, m.session_tag)
-    role = m.role if m.role in ROLES else MessageRole.USER.value
-    return ChatMessage(role=role, content=m.content)
+    role, text = plain(m, data)
+    if role not in ROLES:
+        role = ALIASES.get(role, MessageRole.USER.value)
+    return ChatMessage(role=role, content=text)
 
 
 def _copy(m: Message) -> Mapping[str, Any]:

@@ -16,21 +16,26 @@ How the SDK's calls map to nexusd:
   not given; all of them when neither is), oldest first, paged.
 * ``pop_item()``: ``pop``; ``clear_session()``: ``clear``.
 
-A message of the session that another tool wrote (``nexusd append``,
-``nexusd import`` of a transcript: content that is not a JSON object) reads
-back as the plain message ``{"role": role, "content": content}``.
+A message of the session that is not such an item (written by ``nexusd
+append``, an import, or the LangChain or LlamaIndex adapter) reads back as
+the plain message ``{"role": role, "content": text}`` that the Responses API
+takes: its text (:func:`~nexusd.integrations.records.plain`), the role
+``human`` as ``user`` and ``ai`` as ``assistant``, and any role but user,
+assistant, system and developer (``tool``, ``critic``) as ``user``.  An item
+with neither ``role`` nor ``type`` is stored with the role ``item``.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 from ..client import AsyncClient, Client
 from ..wire.protocol import Message
 from .extras import missing_extra
-from .link import Link, dumps, history, loads_object, role_of
+from .link import Link, check_tag, history
+from .records import ALIASES, dumps, kind_of, loads_object, plain, role_of
 
 try:
     from agents.memory import SessionSettings
@@ -43,6 +48,9 @@ if TYPE_CHECKING:
     from agents.items import TResponseInputItem
 
 __all__ = ["NexusSession"]
+
+#: The roles of a plain message the Responses API takes; another's reads as the user's.
+_ROLES: Final = frozenset({"user", "assistant", "system", "developer"})
 
 
 class NexusSession:
@@ -75,9 +83,7 @@ class NexusSession:
         client: Client | AsyncClient | None = None,
         session_settings: SessionSettings | dict[str, Any] | None = None,
     ) -> None:
-        if not isinstance(session_id, str):
-            raise TypeError(f"session_id must be a str, not {type(session_id).__name__}")
-        self.session_id = session_id
+        self.session_id = check_tag(session_id, what="session_id", adapter="NexusSession")
         if isinstance(session_settings, dict):
             session_settings = SessionSettings(**session_settings)
         self.session_settings = session_settings or SessionSettings()
@@ -100,7 +106,7 @@ class NexusSession:
         """Store ``items`` in order, all or none, in one ``append_many``."""
         if not items:
             return
-        batch = [(role_of(*_role_keys(item)), dumps(item)) for item in _checked(items)]
+        batch = [_record(i, item) for i, item in enumerate(_checked(items))]
         await self._link.write(Client.append_many, batch, session_tag=self.session_id)
 
     async def pop_item(self) -> TResponseInputItem | None:
@@ -116,6 +122,12 @@ class NexusSession:
         """Close the connection this session opened (a ``client`` passed in stays open)."""
         self._link.close()
 
+    def __enter__(self) -> NexusSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
 
 def _checked(items: Sequence[Any]) -> Sequence[Any]:
     if isinstance(items, (str, bytes, dict)) or not isinstance(items, Sequence):
@@ -126,11 +138,22 @@ def _checked(items: Sequence[Any]) -> Sequence[Any]:
     return items
 
 
-def _role_keys(item: dict[str, Any]) -> tuple[object, object]:
-    return item.get("role"), item.get("type")
+def _record(i: int, item: dict[str, Any]) -> tuple[str, str]:
+    """``item`` as a stored ``(role, content)``; its own error names which item it was."""
+    role = role_of(item.get("role"), item.get("type"))
+    try:
+        return role, dumps(item)
+    except (TypeError, ValueError) as exc:
+        raise type(exc)(
+            f"NexusSession: items[{i}] ({role}) cannot be stored as JSON: {exc}"
+        ) from None
 
 
 def _item(msg: Message) -> Any:
-    """The item a stored message holds (a foreign message as a plain one)."""
-    item = loads_object(msg.content)
-    return item if item is not None else {"role": msg.role, "content": msg.content}
+    """The item a stored message holds; any other message as a plain message of its role."""
+    record = loads_object(msg.content)
+    if kind_of(record, msg.role) == "agents":
+        return record
+    role, text = plain(msg, record)
+    role = ALIASES.get(role, role)
+    return {"role": role if role in _ROLES else "user", "content": text}
