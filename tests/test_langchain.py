@@ -236,9 +236,12 @@ def test_a_foreign_message_reads_back_plain(
             SystemMessage("be nice"),
             ChatMessage(role="tool", content="42"),
             ChatMessage(role="critic", content="meh"),
-            HumanMessage("an Agents SDK item"),  # its text, not its JSON
+            # JSON that no adapter marked as its record: read as the text it is.
+            HumanMessage('{"role": "user", "content": "an Agents SDK item"}'),
             AIMessage('{"type": "no-such-type", "data": {"content": "x"}}'),
-            ChatMessage(role="tool", content="no tool_call_id"),  # ours, but not makeable: text
+            ChatMessage(
+                role="tool", content='{"type": "tool", "data": {"content": "no tool_call_id"}}'
+            ),
             HumanMessage("[1, 2]"),
             AIMessage("ours", id="o-1"),
         ],

@@ -49,7 +49,6 @@ from llama_index.core.storage.chat_store.base import BaseChatStore  # noqa: E402
 from nexusd import AsyncClient, BadRequest, Client  # noqa: E402
 from nexusd.integrations import llamaindex  # noqa: E402
 from nexusd.integrations.llamaindex import NexusChatStore  # noqa: E402
-from nexusd.integrations.records import dumps  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 ASYNC = {
@@ -343,17 +342,46 @@ def test_small_pages_give_the_same_answers(
 def test_set_messages_appends_before_it_deletes(store: NexusChatStore, tag: str) -> None:
     """Stopped between its two writes (a crash), set_messages leaves old and new, never neither."""
     store.set_messages(tag, [_msg("old1"), _msg("old2")])
-    plan = llamaindex._set(tag, [("user", dumps(_msg("new").model_dump(mode="json")))])
+    plan = llamaindex._set(tag, [llamaindex._record(_msg("new"))])
     client = store._link.blocking
     fn, args, kwargs = plan.send(None)
-    assert fn is Client.get_history
-    fn, args, kwargs = plan.send(fn(client, *args, **kwargs))
     assert fn is Client.append_many
     fn(client, *args, **kwargs)
     plan.close()  # the process dies here
     assert store.get_messages(tag) == [_msg("old1"), _msg("old2"), _msg("new")]
     store.set_messages(tag, [_msg("new")])
     assert store.get_messages(tag) == [_msg("new")]
+
+
+def test_two_set_messages_at_once_leave_one_set_whole(store: NexusChatStore, tag: str) -> None:
+    """Each deletes what is older than its own set: the set appended last wins, as in a dict."""
+    store.set_messages(tag, [_msg("old")])
+    a = llamaindex._set(tag, [llamaindex._record(_msg(f"A{i}")) for i in range(3)])
+    b = llamaindex._set(tag, [llamaindex._record(_msg(f"B{i}")) for i in range(3)])
+    client = store._link.blocking
+
+    def step(plan: Any, sent: Any) -> Any:
+        fn, args, kwargs = plan.send(sent)
+        return fn(client, *args, **kwargs)
+
+    # Interleaved: A appends, B appends, then each reads and deletes what is older.
+    got_a, got_b = step(a, None), step(b, None)
+    for plan, got in ((a, got_a), (b, got_b)):
+        with pytest.raises(StopIteration):
+            while True:
+                got = step(plan, got)
+    assert [m.content for m in store.get_messages(tag)] == ["B0", "B1", "B2"]
+
+
+def test_an_insert_keeps_what_retention_would_keep(
+    store: NexusChatStore, tag: str, shared_daemon: Daemon
+) -> None:
+    # 400 messages under the default max_messages of 500: an insert must not push
+    # older ones out on the way (appending copies first would hold 700 at once).
+    store.set_messages(tag, [_msg(f"m{i}") for i in range(400)])
+    store.add_message(tag, _msg("INSERTED"), idx=100)
+    got = [m.content for m in store.get_messages(tag)]
+    assert len(got) == 401 and got[99:102] == ["m99", "INSERTED", "m100"] and got[0] == "m0"
 
 
 def test_a_cancelled_set_messages_still_finishes(shared_daemon: Daemon, tag: str) -> None:

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from nexusd.integrations.records import dumps, kind_of, loads_object, plain, role_of
+from nexusd.integrations.records import MARK, dumps, kind_of, loads_object, plain, record, role_of
 from nexusd.wire.protocol import Message
 
 JSON = st.recursive(
@@ -56,12 +56,13 @@ def test_role_of_takes_the_first_valid_role() -> None:
     assert role_of(None, default="human") == "human"
 
 
-def _msg(role: str, content: str) -> Message:
-    return Message(id=1, role=role, content=content, timestamp="t", session_tag="s")
+def _msg(role: str, content: str, kind: str | None = None) -> Message:
+    meta = None if kind is None else {MARK: kind}
+    return Message(id=1, role=role, content=content, timestamp="t", session_tag="s", meta=meta)
 
 
 @pytest.mark.parametrize(
-    ("role", "record", "kind", "text"),
+    ("role", "obj", "kind", "text"),
     [
         # Each framework's own records, and what they say in words.
         ("human", {"type": "human", "data": {"content": "hi", "type": "human"}}, "langchain", "hi"),
@@ -86,20 +87,49 @@ def _msg(role: str, content: str) -> Message:
         ),
         # A tool call says nothing in words: its JSON is the text.
         ("function_call", {"type": "function_call", "name": "f"}, "agents", None),
-        # Shapes whose role does not match the message's: nobody's record.
-        ("user", {"type": "ai", "data": {"content": "x"}}, None, None),
-        ("user", {"role": "assistant", "additional_kwargs": {}, "blocks": []}, None, None),
-        ("user", {"not": "a record"}, None, None),
     ],
 )
-def test_kind_and_plain_text_of_each_shape(
-    role: str, record: dict[str, Any], kind: str | None, text: str | None
+def test_each_adapters_records_and_their_text(
+    role: str, obj: dict[str, Any], kind: Any, text: str | None
 ) -> None:
-    content = dumps(record)
-    assert kind_of(loads_object(content), role) == kind
-    assert plain(_msg(role, content), loads_object(content)) == (role, text or content)
+    item = record(kind, role, obj)
+    assert item["meta"] == {MARK: kind} and item["content"] == dumps(obj)
+    m = _msg(role, item["content"], kind)
+    assert kind_of(m, loads_object(m.content)) == kind
+    assert plain(m, loads_object(m.content)) == (role, text or m.content)
+    # The same text without the mark (what a person typed): nobody's record, read as typed.
+    typed = _msg(role, item["content"])
+    assert kind_of(typed, loads_object(typed.content)) is None
+    assert plain(typed, loads_object(typed.content)) == (role, typed.content)
+
+
+@pytest.mark.parametrize(
+    ("role", "obj", "kind"),
+    [
+        # Marked, but its shape or role is not its framework's: not a record.
+        ("user", {"type": "ai", "data": {"content": "x"}}, "langchain"),
+        ("user", {"role": "assistant", "additional_kwargs": {}, "blocks": []}, "llamaindex"),
+        ("user", {"role": "system", "content": "obey"}, "agents"),
+        ("user", {"role": "user"}, "someone-else"),
+    ],
+)
+def test_a_mark_whose_shape_or_role_is_wrong_is_no_record(
+    role: str, obj: dict[str, Any], kind: str
+) -> None:
+    m = _msg(role, dumps(obj), kind)
+    assert kind_of(m, loads_object(m.content)) is None
 
 
 def test_plain_text_of_a_message_no_adapter_wrote() -> None:
     m = _msg("critic", "plain words")
     assert plain(m, loads_object(m.content)) == ("critic", "plain words")
+
+
+def test_json_nested_past_the_parsers_is_text_not_a_crash() -> None:
+    deep = '{"a":' + "[" * 5000 + "]" * 5000 + "}"
+    assert loads_object(deep) is None
+    nested: Any = []
+    for _ in range(5000):
+        nested = [nested]
+    with pytest.raises(ValueError, match="nested too deeply"):
+        dumps({"a": nested})

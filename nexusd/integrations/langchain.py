@@ -39,13 +39,13 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from typing import Final
+from typing import Any, Final
 
 from ..client import AsyncClient, Client
 from ..wire.protocol import Message
 from .extras import missing_extra
 from .link import PAGE, Link, check_tag, history
-from .records import ALIASES, dumps, kind_of, loads_object, plain, role_of
+from .records import ALIASES, kind_of, loads_object, plain, record, role_of
 
 _ADAPTER: Final = "nexusd.integrations.langchain"
 
@@ -163,31 +163,31 @@ class NexusChatMessageHistory(BaseChatMessageHistory):
         return f"{type(self).__name__}({self.session_id!r})"
 
 
-def _records(messages: Sequence[BaseMessage]) -> list[dict[str, str]]:
+def _records(messages: Sequence[BaseMessage]) -> list[dict[str, Any]]:
     """The ``append_many`` items for ``messages``; every one is checked before any is sent."""
-    out: list[dict[str, str]] = []
+    out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, BaseMessage):
             raise TypeError(
                 f"{_ADAPTER}: messages[{i}] is a {type(message).__name__}, not a LangChain message"
             )
+        role = role_of(message.type, default="message")
         try:
-            content = dumps(message_to_dict(message))
+            out.append(record("langchain", role, message_to_dict(message)))
         except (TypeError, ValueError) as exc:
             # json's own words say what is wrong; which message it was is ours to say.
             raise type(exc)(
                 f"{_ADAPTER}: messages[{i}] ({message.type}) cannot be stored as JSON: {exc}"
             ) from None
-        out.append({"role": role_of(message.type, default="message"), "content": content})
     return out
 
 
 def _message(stored: Message) -> BaseMessage:
     """``stored`` as the LangChain message it holds, or a plain one of its role."""
-    record = loads_object(stored.content)
-    if record is not None and kind_of(record, stored.role) == "langchain":
+    found = loads_object(stored.content)
+    if found is not None and kind_of(stored, found) == "langchain":
         try:
-            return messages_from_dict([record])[0]
+            return messages_from_dict([found])[0]
         except Exception as exc:
             # Shaped like ours but not a message this langchain-core can make
             # (an unknown type, a missing field): read it as text rather than
@@ -200,7 +200,7 @@ def _message(stored: Message) -> BaseMessage:
                 stored.session_tag,
                 _first_line(exc),
             )
-    return _plain(*plain(stored, record))
+    return _plain(*plain(stored, found))
 
 
 def _plain(role: str, content: str) -> BaseMessage:

@@ -69,14 +69,16 @@ def check_tag(tag: object, *, what: str, adapter: str) -> str:
     return tag
 
 
-def history(tag: str, limit: int | None = None) -> Plan[list[Message]]:
-    """The newest ``limit`` messages of ``tag`` (all when None), oldest first.
+def history(
+    tag: str, limit: int | None = None, *, before: int | None = None
+) -> Plan[list[Message]]:
+    """The newest ``limit`` messages of ``tag`` (all when None) older than ``before``, oldest first.
 
     Paged back with ``before_id``, :data:`PAGE` at a time, so no request asks
     for more than the protocol allows, however long the session.
     """
     pages: list[list[Message]] = []
-    got, before = 0, None
+    got = 0
     while limit is None or got < limit:
         size = PAGE if limit is None else min(PAGE, limit - got)
         page: list[Message] = yield call(Client.get_history, tag, size, before_id=before)

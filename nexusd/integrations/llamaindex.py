@@ -45,7 +45,7 @@ from ..client import AsyncClient, Client
 from ..wire.protocol import MAX_DELETE_IDS, Message
 from .extras import missing_extra
 from .link import Link, Plan, call, history
-from .records import ALIASES, dumps, kind_of, loads_object, plain, role_of
+from .records import ALIASES, kind_of, loads_object, plain, record, role_of
 
 try:
     from llama_index.core.bridge.pydantic import PrivateAttr
@@ -67,23 +67,26 @@ ROLES: Final = frozenset(r.value for r in MessageRole)
 
 
 # ── records ───────────────────────────────────────────────────────────────
-def _record(message: ChatMessage) -> tuple[str, str]:
-    """The nexusd ``(role, content)`` of ``message``; ValueError if it is not JSON-able."""
+def _record(message: ChatMessage) -> dict[str, Any]:
+    """The nexusd message that stores ``message``; ValueError if it is not JSON-able."""
+    if not isinstance(message, ChatMessage):
+        raise TypeError(f"NexusChatStore: a message is a ChatMessage, not {type(message).__name__}")
     try:
-        text = dumps(message.model_dump(mode="json"))
+        dumped = message.model_dump(mode="json")
     except (ValueError, TypeError) as exc:  # pydantic's serialisation error is a ValueError
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ValueError(f"NexusChatStore: a ChatMessage that is not JSON: {reason}") from None
-    return role_of(message.role.value, default=MessageRole.USER.value), text
+    role = role_of(message.role.value, default=MessageRole.USER.value)
+    return record("llamaindex", role, dumped)
 
 
 def _chat_message(m: Message) -> ChatMessage:
     """``m`` as the ``ChatMessage`` it was, or a plain text one if another tool wrote it."""
     data = loads_object(m.content)
     # Ours: LlamaIndex's dump of a message, whose role is the record's role.
-    if data is not None and kind_of(data, m.role) == "llamaindex":
+    if kind_of(m, data) == "llamaindex":
         try:
-            return ChatMessage.model_validate(data)
+            return ChatMessage.model_validate(data)  # kind_of: data is not None
         except (ValueError, TypeError, AttributeError):
             logger.debug("message %d of %r is not a ChatMessage: read as text", m.id, m.session_tag)
     role, text = plain(m, data)
@@ -107,26 +110,32 @@ def _delete(key: str, ids: Sequence[int]) -> Plan[set[int]]:
     return gone
 
 
-def _replace(key: str, old: Sequence[Message], new: Sequence[Any]) -> Plan[None]:
-    """Append ``new``, then delete ``old``: a crash between leaves both, never neither."""
-    if new:
-        yield call(Client.append_many, new, session_tag=key)
+def _set(key: str, records: Sequence[Mapping[str, Any]]) -> Plan[None]:
+    """Append ``records``, then delete every message older than them.
+
+    A crash between leaves both, never neither.  Of two ``set_messages`` at
+    once, the one appended last wins whole, as in a dict: each deletes what is
+    older than its own first message, the other's set included.
+    """
+    if records:
+        ids = yield call(Client.append_many, records, session_tag=key)
+        old = yield from history(key, before=ids[0])
+    else:
+        old = yield from history(key)
     yield from _delete(key, [m.id for m in old])
 
 
-def _set(key: str, records: Sequence[tuple[str, str]]) -> Plan[None]:
-    old = yield from history(key)
-    yield from _replace(key, old, records)
-
-
-def _add(key: str, record: tuple[str, str], idx: int | None) -> Plan[None]:
+def _add(key: str, item: Mapping[str, Any], idx: int | None) -> Plan[None]:
     if idx is not None:
         old = yield from history(key)
         tail = old[idx:] if idx >= 0 else old[max(len(old) + idx, 0) :]  # as list.insert
         if tail:
-            yield from _replace(key, tail, [record, *map(_copy, tail)])
+            # Deleted first, so that the session never holds more than it will:
+            # appending first could push its oldest messages out by retention.
+            yield from _delete(key, [m.id for m in tail])
+            yield call(Client.append_many, [item, *map(_copy, tail)], session_tag=key)
             return
-    yield call(Client.append, *record, session_tag=key)
+    yield call(Client.append_many, [item], session_tag=key)
 
 
 def _delete_all(key: str) -> Plan[list[Message] | None]:
@@ -228,10 +237,13 @@ class NexusChatStore(BaseChatStore):
         """Make ``messages`` the messages of ``key``.
 
         nexusd has no replace: this appends ``messages`` (one atomic
-        ``append_many``), then deletes the messages ``key`` held before (in
-        ``delete`` calls of at most 10,000 ids).  A crash or lost connection
-        between the two leaves the old messages followed by the new ones,
-        never neither; a message another process adds meanwhile is kept.
+        ``append_many``), then deletes every message of ``key`` older than
+        them (in ``delete`` calls of at most 10,000 ids).  A crash or lost
+        connection between the two leaves the old messages followed by the new
+        ones, never neither.  As with a dict, the last writer wins: a message
+        another process added before this append is deleted with the old ones,
+        and of two ``set_messages`` at once, the one appended last is what
+        stays, whole.
         """
         self._link.run(_set(key, [_record(m) for m in messages]))
 
@@ -252,9 +264,11 @@ class NexusChatStore(BaseChatStore):
 
         ``idx`` (as ``SimpleChatStore``'s, ``list.insert``'s): insert before
         the idx-th message instead.  nexusd orders by id and cannot insert, so
-        this appends ``message`` and copies of the messages from ``idx`` on
-        (role, content, timestamp and meta kept; new ids), then deletes those
-        messages: the same window as :meth:`set_messages`.
+        this deletes the messages from ``idx`` on, then appends ``message``
+        and copies of them (role, content, timestamp and meta kept; new ids)
+        in one ``append_many``.  Deleting first keeps retention from pushing
+        older messages out; a crash between the two loses the moved messages,
+        which only this process then holds.
         """
         self._link.run(_add(key, _record(message), idx))
 

@@ -35,7 +35,7 @@ from ..client import AsyncClient, Client
 from ..wire.protocol import Message
 from .extras import missing_extra
 from .link import Link, check_tag, history
-from .records import ALIASES, dumps, kind_of, loads_object, plain, role_of
+from .records import ALIASES, kind_of, loads_object, plain, record, role_of
 
 try:
     from agents.memory import SessionSettings
@@ -138,11 +138,11 @@ def _checked(items: Sequence[Any]) -> Sequence[Any]:
     return items
 
 
-def _record(i: int, item: dict[str, Any]) -> tuple[str, str]:
-    """``item`` as a stored ``(role, content)``; its own error names which item it was."""
+def _record(i: int, item: dict[str, Any]) -> dict[str, Any]:
+    """``item`` as the message that stores it; its own error names which item it was."""
     role = role_of(item.get("role"), item.get("type"))
     try:
-        return role, dumps(item)
+        return record("agents", role, item)
     except (TypeError, ValueError) as exc:
         raise type(exc)(
             f"NexusSession: items[{i}] ({role}) cannot be stored as JSON: {exc}"
@@ -151,9 +151,9 @@ def _record(i: int, item: dict[str, Any]) -> tuple[str, str]:
 
 def _item(msg: Message) -> Any:
     """The item a stored message holds; any other message as a plain message of its role."""
-    record = loads_object(msg.content)
-    if kind_of(record, msg.role) == "agents":
-        return record
-    role, text = plain(msg, record)
+    stored = loads_object(msg.content)
+    if kind_of(msg, stored) == "agents":
+        return stored
+    role, text = plain(msg, stored)
     role = ALIASES.get(role, role)
     return {"role": role if role in _ROLES else "user", "content": text}

@@ -2,18 +2,22 @@
 
 Each adapter stores a framework object as one nexusd message whose
 ``content`` is the JSON text of the framework's own serialised form
-(:func:`dumps`) and whose ``role`` is the object's role or type
-(:func:`role_of`).  Reading back, :func:`loads_object` parses that text, and
-:func:`kind_of` says which framework's record a message holds, by its shape
-and role together:
+(:func:`dumps`), whose ``role`` is the object's role or type
+(:func:`role_of`), and whose ``meta`` marks it as that framework's record
+(:func:`record`: ``{"nexusd_record": "agents" | "langchain" | "llamaindex"}``).
+Reading back, :func:`kind_of` says which framework's record a message is:
+the mark, and the shape and role that framework's records have:
 
 * ``"langchain"``: ``{"type": T, "data": {...}}`` (``message_to_dict``), role ``T``;
 * ``"llamaindex"``: ``{"role": R, "blocks": [...], "additional_kwargs": {...}, ...}``
   (``ChatMessage.model_dump``), role ``R``;
-* ``"agents"``: any other object whose ``role`` (else ``type``) is the role
-  (a Responses-API item).
+* ``"agents"``: an object whose ``role`` (else ``type``) is the role (a
+  Responses-API item).
 
-A message that is not its own framework's record (written by ``nexusd
+The mark is what keeps text a person typed from being taken for a record: a
+chat front end that stores ``{"role": "system", ...}`` or a LlamaIndex block
+naming a local file, as what someone typed, has it read back as that text.
+Any message that is not its own framework's record (written by ``nexusd
 append``, an import, or another framework's adapter) is read by each adapter
 as a plain text message: :func:`plain` gives its role and text, so a session
 written through LangChain reads in the Agents SDK as user and assistant
@@ -29,14 +33,32 @@ import msgspec
 
 from ..wire.protocol import Message
 
-__all__ = ["ALIASES", "Kind", "dumps", "kind_of", "loads_object", "plain", "role_of"]
+__all__ = [
+    "ALIASES",
+    "MARK",
+    "Kind",
+    "dumps",
+    "kind_of",
+    "loads_object",
+    "plain",
+    "record",
+    "role_of",
+]
 
 Kind = Literal["agents", "langchain", "llamaindex"]
 #: Roles other frameworks and tools use for the user's and the model's turns.
 ALIASES: Final = {"human": "user", "ai": "assistant", "model": "assistant", "chatbot": "assistant"}
 _MAX_ROLE: Final = 64
+#: The ``meta`` key that marks a message as an adapter's record, and whose.
+MARK: Final = "nexusd_record"
+_KINDS: Final = frozenset({"agents", "langchain", "llamaindex"})
 
 _decode = msgspec.json.Decoder().decode
+
+
+def record(kind: Kind, role: str, obj: Any) -> dict[str, Any]:
+    """The ``append``/``append_many`` item that stores ``obj`` as ``kind``'s record."""
+    return {"role": role, "content": dumps(obj), "meta": {MARK: kind}}
 
 
 def dumps(obj: Any) -> str:
@@ -46,7 +68,10 @@ def dumps(obj: Any) -> str:
     with ``\\u`` escapes instead, which decode to the same value.  NaN and
     infinities are not JSON: ``ValueError``.
     """
-    text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        text = json.dumps(obj, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    except RecursionError:
+        raise ValueError("nested too deeply to be stored as JSON") from None
     try:
         text.encode("utf-8")
     except UnicodeEncodeError:
@@ -60,10 +85,12 @@ def loads_object(content: str) -> dict[str, Any] | None:
         return None
     try:
         value = _decode(content)  # two to three times json.loads' speed
+    except RecursionError:  # nested past what either parser takes: not a record
+        return None
     except msgspec.MsgspecError:
         try:  # what msgspec refuses but json reads: \ud800 escapes, 1e400
             value = json.loads(content)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     return value if isinstance(value, dict) else None
 
@@ -76,17 +103,19 @@ def role_of(*candidates: object, default: str = "item") -> str:
     return default
 
 
-def kind_of(record: dict[str, Any] | None, role: str) -> Kind | None:
-    """Which framework's record ``record`` (a message's parsed content) is, given its role."""
-    if record is None:
+def kind_of(message: Message, record: dict[str, Any] | None) -> Kind | None:
+    """Which framework's record ``message`` is (``record``: its parsed content), if any."""
+    kind = message.meta.get(MARK) if message.meta else None
+    if record is None or kind not in _KINDS:
         return None
-    if record.keys() == {"type", "data"} and isinstance(record["data"], dict):
-        return "langchain" if record["type"] == role else None
-    if isinstance(record.get("blocks"), list) and isinstance(record.get("additional_kwargs"), dict):
-        return "llamaindex" if record.get("role") == role else None
-    if role_of(record.get("role"), record.get("type")) == role:
-        return "agents"
-    return None
+    role = message.role
+    if kind == "langchain":
+        ok = record.keys() == {"type", "data"} and isinstance(record["data"], dict)
+        return "langchain" if ok and record["type"] == role else None
+    if kind == "llamaindex":
+        ok = isinstance(record.get("blocks"), list) and record.get("role") == role
+        return "llamaindex" if ok else None
+    return "agents" if role_of(record.get("role"), record.get("type")) == role else None
 
 
 def plain(message: Message, record: dict[str, Any] | None) -> tuple[str, str]:
@@ -97,7 +126,7 @@ def plain(message: Message, record: dict[str, Any] | None) -> tuple[str, str]:
     synonyms for an adapter that needs to); the text is what the record says
     in words, or the stored content itself when it says none (a tool call).
     """
-    kind = kind_of(record, message.role)
+    kind = kind_of(message, record)
     text: str | None = None
     if kind == "langchain":
         assert record is not None
