@@ -545,3 +545,17 @@ def test_two_processes_adding_to_one_key_lose_nothing(shared_daemon: Daemon, tag
     assert len(got) == 2 * n
     for name in ("a", "b"):
         assert [c for c in got if c and c.startswith(name)] == [f"{name}-{i}" for i in range(n)]
+
+
+def test_an_index_or_message_of_the_wrong_type_is_refused_first(
+    store: NexusChatStore, tag: str
+) -> None:
+    store.set_messages(tag, [_msg("a"), _msg("b")])
+    for bad in ("1", True):
+        with pytest.raises(TypeError, match="idx is an int"):
+            store.delete_message(tag, bad)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="idx is an int"):
+            store.add_message(tag, _msg("c"), idx=bad)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="a ChatMessage, not str"):
+        store.add_message(tag, "hello")  # type: ignore[arg-type]
+    assert store.get_messages(tag) == [_msg("a"), _msg("b")]

@@ -457,3 +457,9 @@ async def test_a_write_cancelled_in_flight_finishes_then_raises(slow_daemon: Dae
     assert await session.pop_item() == ITEMS[2]
     assert await session.get_items() == ITEMS[:2]
     session.close()
+
+
+async def test_a_limit_that_is_not_a_count_is_refused(session: NexusSession) -> None:
+    for bad in ("3", True, 2.5):
+        with pytest.raises(TypeError, match="limit is an int or None"):
+            await session.get_items(bad)  # type: ignore[arg-type]

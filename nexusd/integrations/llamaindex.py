@@ -125,7 +125,14 @@ def _set(key: str, records: Sequence[Mapping[str, Any]]) -> Plan[None]:
     yield from _delete(key, [m.id for m in old])
 
 
+def _index(idx: object, *, optional: bool = False) -> None:
+    """``idx`` is a list index (an int, not a bool), or None where ``optional``."""
+    if (idx is None and not optional) or (idx is not None and type(idx) is not int):
+        raise TypeError(f"NexusChatStore: idx is an int, not {type(idx).__name__}")
+
+
 def _add(key: str, item: Mapping[str, Any], idx: int | None) -> Plan[None]:
+    _index(idx, optional=True)
     if idx is not None:
         old = yield from history(key)
         tail = old[idx:] if idx >= 0 else old[max(len(old) + idx, 0) :]  # as list.insert
@@ -175,6 +182,7 @@ def _nth(key: str, idx: int) -> Plan[Message | None]:
 
 
 def _delete_at(key: str, idx: int) -> Plan[Message | None]:
+    _index(idx)
     while True:
         target = yield from _nth(key, idx)
         if target is None:

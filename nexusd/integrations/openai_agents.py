@@ -96,7 +96,9 @@ class NexusSession:
         """The newest ``limit`` items, oldest first (every item when no limit is set)."""
         if limit is None and self.session_settings is not None:
             limit = self.session_settings.limit
-        if limit is not None and limit == 0:
+        if limit is not None and (type(limit) is not int):  # bool too: True is not a count
+            raise TypeError(f"NexusSession: limit is an int or None, not {type(limit).__name__}")
+        if limit == 0:
             return []
         # As SQLiteSession: a negative limit is no limit.
         want = None if limit is None or limit < 0 else limit
