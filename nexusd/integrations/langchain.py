@@ -2,7 +2,7 @@
 
 ``NexusChatMessageHistory("chat-42")`` keeps a LangChain conversation in the
 nexusd session ``chat-42``, where every process on the machine (another
-chain, ``nexusd history``, ``nexusd search``, ``nexusd watch``) sees it,
+chain, ``nexusd history``, ``nexusd search``, ``nexusd tail -f``) sees it,
 instead of in one process's SQLite file.
 
 How ``BaseChatMessageHistory`` maps to nexusd:

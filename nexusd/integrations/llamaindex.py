@@ -3,7 +3,7 @@
 ``ChatMemoryBuffer.from_defaults(chat_store=NexusChatStore(), chat_store_key="chat-42")``
 keeps a chat engine's or agent's memory in the nexusd session ``chat-42``,
 where every process on the machine (another engine, ``nexusd history``,
-``nexusd search``, ``nexusd watch``) sees it, instead of in one process's
+``nexusd search``, ``nexusd tail -f``) sees it, instead of in one process's
 ``SimpleChatStore`` file or SQLite database.
 
 How the ``BaseChatStore`` calls map to nexusd (the chat store key IS the session tag):

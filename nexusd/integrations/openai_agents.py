@@ -2,7 +2,7 @@
 
 ``Runner.run(agent, "hi", session=NexusSession("chat-42"))`` keeps the run's
 items in the nexusd session ``chat-42``, where every process on the machine
-(another agent, ``nexusd history``, ``nexusd search``, ``nexusd watch``) sees
+(another agent, ``nexusd history``, ``nexusd search``, ``nexusd tail -f``) sees
 them, instead of in one process's SQLite file.
 
 How the SDK's calls map to nexusd:
