@@ -20,7 +20,8 @@ import warnings
 from typing import Any
 
 from langchain_core.language_models.fake_chat_models import FakeListChatModel
-from langchain_core.messages import BaseMessage
+from langchain_core.prompt_values import PromptValue
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
 from langchain_core.runnables import RunnableLambda
 from langchain_core.runnables.history import RunnableWithMessageHistory
 
@@ -28,11 +29,12 @@ from nexusd import Client, NexusError
 from nexusd.integrations.langchain import NexusChatMessageHistory
 
 
-def shown(messages: list[BaseMessage]) -> list[BaseMessage]:
+def shown(prompt: PromptValue) -> PromptValue:
     """Pass the model's input through, printing it: the history is in it."""
+    messages = prompt.to_messages()
     print(f"   (the model is shown {len(messages)} message(s): ", end="")
     print(" | ".join(f"{m.type}: {m.content}" for m in messages) + ")")
-    return messages
+    return prompt
 
 
 def main() -> int:
@@ -50,15 +52,25 @@ def main() -> int:
             # in favour of LangGraph persistence; the README's LangChain section
             # says what that means.  Kept quiet here so the demo reads cleanly.
             warnings.simplefilter("ignore", DeprecationWarning)
+            # The history goes in under its own key (a MessagesPlaceholder), the
+            # question under another: then LangChain stores exactly this turn's
+            # question and answer.  Without history_messages_key it re-reads the
+            # session after the call and drops as many messages as it had read
+            # before, so turns another process stored meanwhile cost human messages.
+            prompt = ChatPromptTemplate.from_messages(
+                [MessagesPlaceholder("history"), ("human", "{question}")]
+            )
             chat = RunnableWithMessageHistory(
-                RunnableLambda(shown) | model,
+                prompt | RunnableLambda(shown) | model,
                 # A history per call, all on one client.
                 lambda session_id: NexusChatMessageHistory(session_id, client=client),
+                input_messages_key="question",
+                history_messages_key="history",
             )
         config: Any = {"configurable": {"session_id": session}}
         for question in ["Hi, I am Ada.", "What is my name?"]:
             print(f"you: {question}")
-            answer = chat.invoke(question, config=config)
+            answer = chat.invoke({"question": question}, config=config)
             print(f"bot: {answer.content}")
 
         stored = NexusChatMessageHistory(session, client=client).messages

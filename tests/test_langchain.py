@@ -4,7 +4,8 @@ Every message type round-trips (sync and async), a batch is one atomic,
 ordered ``append_many``, a long session is read back across pages, a message
 another tool wrote reads back as a plain one, a real ``RunnableWithMessageHistory``
 over a fake chat model sees its earlier turns, and two processes share one
-session without losing a message.
+session without losing a message (writing it directly, and each through a
+``RunnableWithMessageHistory`` with ``history_messages_key``).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ from langchain_core.messages import (  # noqa: E402
     ToolMessage,
     message_to_dict,
 )
+from langchain_core.prompt_values import PromptValue  # noqa: E402
+from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder  # noqa: E402
 from langchain_core.runnables import RunnableLambda  # noqa: E402
 from langchain_core.runnables.history import RunnableWithMessageHistory  # noqa: E402
 
@@ -327,17 +330,25 @@ def test_client_argument_errors(shared_daemon: Daemon, tag: str) -> None:
 
 # ── LangChain's own runnable over it ─────────────────────────────────────────
 def _chain(client: Client, seen: list[list[BaseMessage]], answers: list[str]) -> Any:
-    def remember(messages: list[BaseMessage]) -> list[BaseMessage]:
-        seen.append(list(messages))
-        return messages
+    def remember(prompt: PromptValue) -> PromptValue:
+        seen.append(prompt.to_messages())  # what the model is shown
+        return prompt
 
     model = FakeListChatModel(responses=answers)
+    # The keyed form (history under its own key): the unkeyed one loses human
+    # messages when another process writes the session between read and store
+    # (test_two_processes_share_a_runnable_session).
+    prompt = ChatPromptTemplate.from_messages(
+        [MessagesPlaceholder("history"), ("human", "{question}")]
+    )
     # RunnableWithMessageHistory makes a history per call: they share one client.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         chain = RunnableWithMessageHistory(
-            RunnableLambda(remember) | model,
+            prompt | RunnableLambda(remember) | model,
             lambda sid: NexusChatMessageHistory(sid, client=client),
+            input_messages_key="question",
+            history_messages_key="history",
         )
     # langchain-core >= 1.3.3 says RunnableWithMessageHistory is deprecated; that
     # warning is LangChain's and about LangChain's class, never one of ours.
@@ -351,8 +362,8 @@ def test_runnable_with_message_history_sees_earlier_turns(shared_daemon: Daemon,
     with Client(shared_daemon.socket) as client:
         chain = _chain(client, seen, ["Hello, Ada.", "You are Ada."])
         cfg: Any = {"configurable": {"session_id": tag}}
-        first = chain.invoke("I am Ada.", config=cfg)
-        second = chain.invoke("Who am I?", config=cfg)
+        first = chain.invoke({"question": "I am Ada."}, config=cfg)
+        second = chain.invoke({"question": "Who am I?"}, config=cfg)
         assert second.content == "You are Ada."
         assert [(m.type, m.content) for m in seen[1]] == [
             ("human", "I am Ada."),
@@ -369,8 +380,8 @@ async def test_runnable_with_message_history_async(shared_daemon: Daemon, tag: s
     with Client(shared_daemon.socket) as client:
         chain = _chain(client, seen, ["one", "two"])
         cfg: Any = {"configurable": {"session_id": tag}}
-        first = await chain.ainvoke("a", config=cfg)
-        second = await chain.ainvoke("b", config=cfg)
+        first = await chain.ainvoke({"question": "a"}, config=cfg)
+        second = await chain.ainvoke({"question": "b"}, config=cfg)
         assert [m.content for m in seen[1]] == ["a", "one", "b"]
         got = await NexusChatMessageHistory(tag, client=client).aget_messages()
         same(got, [HumanMessage("a"), first, HumanMessage("b"), second])
@@ -462,3 +473,81 @@ def test_two_processes_write_one_session(
         assert [str(c).rsplit(".", 1)[0] for c in got[i : i + 3]] == [
             str(got[i]).rsplit(".", 1)[0]
         ] * 3
+
+
+RUNNER = textwrap.dedent(
+    """
+    import sys, warnings
+    from langchain_core.language_models.fake_chat_models import FakeListChatModel
+    from langchain_core.prompts import ChatPromptTemplate, MessagesPlaceholder
+    from langchain_core.runnables.history import RunnableWithMessageHistory
+    from nexusd import Client
+    from nexusd.integrations.langchain import NexusChatMessageHistory
+
+    sock, tag, who, n = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4])
+    warnings.simplefilter("ignore", DeprecationWarning)  # LangChain's, about its class
+    client = Client(sock)
+    model = FakeListChatModel(responses=[f"{who}.{i}.a" for i in range(n)])
+    prompt = ChatPromptTemplate.from_messages(
+        [MessagesPlaceholder("history"), ("human", "{question}")]
+    )
+    chain = RunnableWithMessageHistory(
+        prompt | model,
+        lambda sid: NexusChatMessageHistory(sid, client=client),
+        input_messages_key="question",
+        history_messages_key="history",
+    )
+    client.ping()  # connected before the start signal
+    print("ready", flush=True)
+    sys.stdin.readline()
+    cfg = {"configurable": {"session_id": tag}}
+    for i in range(n):
+        chain.invoke({"question": f"{who}.{i}.q"}, config=cfg)
+    client.close()
+    print("done", flush=True)
+    """
+)
+
+
+def test_two_processes_share_a_runnable_session(
+    history: NexusChatMessageHistory, shared_daemon: Daemon, tag: str
+) -> None:
+    # Each turn reads the session, then stores its question and answer; the
+    # other process writes in between.  Keyed, every turn is stored whole.
+    n = 30
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", RUNNER, str(shared_daemon.socket), tag, who, str(n)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for who in "AB"
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        for p in procs:  # both connected: start them together
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [p.communicate(timeout=60) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0 and out == "done\n" and err == "", err
+    got = [(m.type, m.content) for m in history.messages]
+    assert len(got) == 2 * n * 2, f"{len(got)} of {2 * n * 2} stored"
+    for who in "AB":
+        assert [c for t, c in got if t == "human" and str(c).startswith(f"{who}.")] == [
+            f"{who}.{i}.q" for i in range(n)
+        ]
+        assert [c for t, c in got if t == "ai" and str(c).startswith(f"{who}.")] == [
+            f"{who}.{i}.a" for i in range(n)
+        ]
+    # A turn is one add_messages (one append_many): its answer follows its question.
+    for i in range(0, len(got), 2):
+        assert got[i][0] == "human" and got[i + 1] == ("ai", str(got[i][1])[:-1] + "a")
