@@ -75,6 +75,12 @@ def summary(n: int, seconds: float, lat: list[float]) -> dict[str, Any]:
     }
 
 
+def cpu_of(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_socket(path: Path, proc: subprocess.Popen[bytes], deadline: float = 30) -> None:
     end = time.monotonic() + deadline
     while time.monotonic() < end:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import shutil
 import statistics
@@ -150,11 +149,8 @@ async def calls(session: Any, who: int, turns: int) -> dict[str, Any]:
 
 # ── the runs ──────────────────────────────────────────────────────────────────
 def bench_cpu(daemon: bench.Daemon | None) -> float:
-    """The daemon's CPU seconds so far (user + system); 0 for no daemon."""
-    if daemon is None or daemon.proc is None:
-        return 0.0
-    fields = Path(f"/proc/{daemon.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    """The daemon's CPU seconds so far; 0 for no daemon."""
+    return 0.0 if daemon is None or daemon.proc is None else bench.cpu_of(daemon.proc.pid)
 
 
 def one(store: str, procs: int, turns: int, base: Path) -> dict[str, Any]:

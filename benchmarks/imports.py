@@ -91,11 +91,6 @@ def make_file(path: Path, rows: int, sessions: int = 100) -> None:
                 f.write(enc(line) + b"\n")
 
 
-def cpu_of(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def thread_cpu(pid: int) -> dict[int, float]:
     """CPU seconds of each thread of ``pid`` (the event loop's tid is ``pid``)."""
     out: dict[int, float] = {}
@@ -117,10 +112,10 @@ def timed_import(sock: Path, path: Path, pid: int) -> dict[str, Any]:
     with Client(sock, timeout=300) as c, open(path, "rb") as f:
         s0 = c.stats()
         th0 = thread_cpu(pid)
-        d0, c0, t0 = cpu_of(pid), own_cpu(), time.perf_counter()
+        d0, c0, t0 = bench.cpu_of(pid), own_cpu(), time.perf_counter()
         done = import_messages(c, f, window=WINDOW, batch_rows=BATCH)
         wall = time.perf_counter() - t0
-        d1, c1 = cpu_of(pid), own_cpu()
+        d1, c1 = bench.cpu_of(pid), own_cpu()
         th1 = thread_cpu(pid)
         s1 = c.stats()
     spent = {t: th1[t] - th0.get(t, 0.0) for t in th1}

@@ -193,6 +193,38 @@ def shared_daemon() -> Iterator[Daemon]:
         shutil.rmtree(base, ignore_errors=True)
 
 
+def together(*argvs: Sequence[str], timeout: float = 60) -> list[tuple[int, str, str]]:
+    """Run processes that start at once: each prints ``ready`` and waits for a line on stdin.
+
+    Returns each one's exit code, stdout (after ``ready``) and stderr; kills
+    the ones left on a failure.  So two writers really overlap: neither starts
+    while the other is still importing.
+    """
+    procs = [
+        subprocess.Popen(
+            list(argv),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for argv in argvs
+    ]
+    try:
+        for p in procs:
+            assert p.stdout is not None and p.stdout.readline() == "ready\n"
+        for p in procs:  # all connected: start them together
+            assert p.stdin is not None
+            p.stdin.write("go\n")
+            p.stdin.flush()
+        outs = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, outs, strict=True)]
+
+
 def need(module: str, extra: str) -> Any:
     """``module``, or this test module skipped with the reason (its extra is not installed).
 

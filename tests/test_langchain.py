@@ -10,7 +10,6 @@ session without losing a message (writing it directly, and each through a
 
 from __future__ import annotations
 
-import subprocess
 import sys
 import textwrap
 import warnings
@@ -19,7 +18,7 @@ from typing import Any
 import anyio
 import pytest
 
-from tests.conftest import Daemon, need
+from tests.conftest import Daemon, need, together
 
 need("langchain_core", "langchain")
 
@@ -439,30 +438,14 @@ def test_two_processes_write_one_session(
 ) -> None:
     with Client(shared_daemon.socket) as c:
         c.set_retention(tag, max_messages=0)  # 600 messages: more than the default keeps
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(shared_daemon.socket), tag, who, mode],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    ran = together(
+        *(
+            [sys.executable, "-c", WRITER, str(shared_daemon.socket), tag, who, mode]
+            for who, mode in [("A", "sync"), ("B", "async")]
         )
-        for who, mode in [("A", "sync"), ("B", "async")]
-    ]
-    try:
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline() == "ready\n"
-        for p in procs:  # both connected: start them together
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        outs = [p.communicate(timeout=60) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0 and out == "done\n" and err == "", err
+    )
+    for rc, out, err in ran:
+        assert rc == 0 and out == "done\n" and err == "", err
     got = [m.content for m in history.messages]
     assert len(got) == 600  # nothing lost
     for who in "AB":
@@ -515,30 +498,14 @@ def test_two_processes_share_a_runnable_session(
     # Each turn reads the session, then stores its question and answer; the
     # other process writes in between.  Keyed, every turn is stored whole.
     n = 30
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", RUNNER, str(shared_daemon.socket), tag, who, str(n)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
+    ran = together(
+        *(
+            [sys.executable, "-c", RUNNER, str(shared_daemon.socket), tag, who, str(n)]
+            for who in "AB"
         )
-        for who in "AB"
-    ]
-    try:
-        for p in procs:
-            assert p.stdout is not None and p.stdout.readline() == "ready\n"
-        for p in procs:  # both connected: start them together
-            assert p.stdin is not None
-            p.stdin.write("go\n")
-            p.stdin.flush()
-        outs = [p.communicate(timeout=60) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-    for p, (out, err) in zip(procs, outs, strict=True):
-        assert p.returncode == 0 and out == "done\n" and err == "", err
+    )
+    for rc, out, err in ran:
+        assert rc == 0 and out == "done\n" and err == "", err
     got = [(m.type, m.content) for m in history.messages]
     assert len(got) == 2 * n * 2, f"{len(got)} of {2 * n * 2} stored"
     for who in "AB":

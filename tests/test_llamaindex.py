@@ -21,7 +21,7 @@ from typing import Any, ClassVar
 
 import pytest
 
-from tests.conftest import Daemon, need
+from tests.conftest import Daemon, need, together
 
 need("llama_index.core", "llamaindex")
 
@@ -522,25 +522,14 @@ WRITER = textwrap.dedent(
 
 def test_two_processes_adding_to_one_key_lose_nothing(shared_daemon: Daemon, tag: str) -> None:
     n = 60
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", WRITER, str(shared_daemon.socket), tag, name, str(n)],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            cwd=ROOT,
+    ran = together(
+        *(
+            [sys.executable, "-c", WRITER, str(shared_daemon.socket), tag, name, str(n)]
+            for name in "ab"
         )
-        for name in ("a", "b")
-    ]
-    for p in procs:  # both have imported everything: they start together
-        assert p.stdout is not None and p.stdout.readline() == "ready\n"
-    for p in procs:
-        assert p.stdin is not None
-        p.stdin.write("go\n")
-        p.stdin.close()
-    for p in procs:
-        assert p.wait(60) == 0, p.stderr.read() if p.stderr else ""
+    )
+    for rc, _, err in ran:
+        assert rc == 0, err
     got = [m.content for m in NexusChatStore(socket=shared_daemon.socket).get_messages(tag)]
     assert len(got) == 2 * n
     for name in ("a", "b"):

@@ -31,7 +31,7 @@ from typing import Any, Final, Literal
 
 import msgspec
 
-from ..wire.protocol import Message
+from ..wire.protocol import MAX_ROLE_CHARS, Message
 
 __all__ = [
     "ALIASES",
@@ -48,7 +48,6 @@ __all__ = [
 Kind = Literal["agents", "langchain", "llamaindex"]
 #: Roles other frameworks and tools use for the user's and the model's turns.
 ALIASES: Final = {"human": "user", "ai": "assistant", "model": "assistant", "chatbot": "assistant"}
-_MAX_ROLE: Final = 64
 #: The ``meta`` key that marks a message as an adapter's record, and whose.
 MARK: Final = "nexusd_record"
 _KINDS: Final = frozenset({"agents", "langchain", "llamaindex"})
@@ -98,7 +97,7 @@ def loads_object(content: str) -> dict[str, Any] | None:
 def role_of(*candidates: object, default: str = "item") -> str:
     """The first candidate that is a valid nexusd role (1 to 64 characters), else ``default``."""
     for c in candidates:
-        if isinstance(c, str) and 0 < len(c) <= _MAX_ROLE:
+        if isinstance(c, str) and 0 < len(c) <= MAX_ROLE_CHARS:
             return c
     return default
 
