@@ -10,6 +10,7 @@ users need neither psycopg nor this subpackage.  Its parts:
 - :mod:`.reads`: history, count, feed and sessions, one statement each.
 - :mod:`.sweep`: deleting hidden and aged rows, a little at a time.
 - :mod:`.search`: full-text search over a ``tsvector`` column.
+- :mod:`.log`: what each commit changed, in commit order, for every daemon.
 - :mod:`.follow`: the commits of other daemons, for this daemon's watches.
 - :mod:`.backend`: :class:`~.backend.PostgresStorage`, the
   :class:`~nexusd.storage.base.Storage` that puts them together.
