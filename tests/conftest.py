@@ -89,6 +89,8 @@ class Daemon:
     proc: subprocess.Popen[bytes] | None = None
     #: Test hook (tests/slow_daemon.py): seconds the writer sleeps in every batch.
     commit_delay: float = 0.0
+    #: ``--storage``: a postgresql:// URL, or None for SQLite at ``db``.
+    storage: str | None = None
 
     def command(self, *extra: str) -> list[str]:
         """The ``nexusd serve`` command line for this daemon's files."""
@@ -103,6 +105,7 @@ class Daemon:
             str(self.db),
             "--socket",
             str(self.socket),
+            *(["--storage", self.storage] if self.storage else []),
             *self.args,
             *extra,
         ]
@@ -150,14 +153,45 @@ def run_cli(
     )
 
 
-def _new_daemon(base: Path, *args: str, commit_delay: float = 0.0) -> Daemon:
+def _new_daemon(
+    base: Path, *args: str, commit_delay: float = 0.0, storage: str | None = None
+) -> Daemon:
     return Daemon(
         dir=base,
         db=base / "nexus.db",
         socket=base / "s.sock",
         args=list(args),
         commit_delay=commit_delay,
+        storage=storage,
     )
+
+
+#: The storage backends a test module runs against when it sets ``BOTH_BACKENDS = True``.
+BACKENDS = ("sqlite", "postgres")
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """In a module with ``BOTH_BACKENDS = True``, every test whose fixtures reach
+    ``backend`` (``daemon``, ``shared_daemon``) runs once per backend (one shared
+    daemon per module and backend)."""
+    if getattr(metafunc.module, "BOTH_BACKENDS", False) and "backend" in metafunc.fixturenames:
+        metafunc.parametrize("backend", BACKENDS, indirect=True, scope="module")
+
+
+@pytest.fixture(scope="module")
+def backend(request: pytest.FixtureRequest) -> str:
+    """The storage backend of this module's daemons: "sqlite" unless parametrised."""
+    return str(getattr(request, "param", "sqlite"))
+
+
+@contextmanager
+def backend_storage(backend: str) -> Iterator[str | None]:
+    """``--storage`` for a daemon of ``backend``: None (SQLite), or a fresh database's URL."""
+    if backend == "sqlite":
+        yield None
+    else:
+        with pg_database() as url:
+            yield url
 
 
 @pytest.fixture
@@ -172,25 +206,27 @@ def slow_writer() -> Iterator[Callable[[float], None]]:
 
 
 @pytest.fixture
-def daemon(short_dir: Path) -> Iterator[Daemon]:
-    """A fresh daemon per test (default settings)."""
-    d = _new_daemon(short_dir).start()
-    try:
-        yield d
-    finally:
-        d.stop()
+def daemon(short_dir: Path, backend: str) -> Iterator[Daemon]:
+    """A fresh daemon per test (default settings), on the module's ``backend``."""
+    with backend_storage(backend) as storage:
+        d = _new_daemon(short_dir, storage=storage).start()
+        try:
+            yield d
+        finally:
+            d.stop()
 
 
 @pytest.fixture(scope="module")
-def shared_daemon() -> Iterator[Daemon]:
-    """One daemon for a whole module; tests use their own session tags."""
+def shared_daemon(backend: str) -> Iterator[Daemon]:
+    """One daemon for a whole module (and backend); tests use their own session tags."""
     base = Path(tempfile.mkdtemp(prefix="nxm", dir="/tmp"))
-    d = _new_daemon(base).start()
-    try:
-        yield d
-    finally:
-        d.stop()
-        shutil.rmtree(base, ignore_errors=True)
+    with backend_storage(backend) as storage:
+        d = _new_daemon(base, storage=storage).start()
+        try:
+            yield d
+        finally:
+            d.stop()
+            shutil.rmtree(base, ignore_errors=True)
 
 
 def together(*argvs: Sequence[str], timeout: float = 60) -> list[tuple[int, str, str]]:
