@@ -190,7 +190,7 @@ def test_the_readme_table_states_each_declared_default() -> None:
     cfg = Config()
     for f in fields(Config):
         value = getattr(cfg, f.name)
-        if f.name in ("db", "socket", "allow_uids", "allow_gids", "socket_group"):
+        if f.name in ("db", "socket", "allow_uids", "allow_gids", "socket_group", "storage"):
             continue  # computed or "(none)": described in words
         shown = rows[f.name].strip().strip("`")
         if isinstance(value, bool):
@@ -201,3 +201,42 @@ def test_the_readme_table_states_each_declared_default() -> None:
             assert shown == str(value), f.name
         else:
             assert type(value)(shown) == value, (f.name, shown, value)
+
+
+def test_storage_comes_from_file_then_environment_then_flag(tmp_path: Path) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text('storage = "postgresql://file@h/nexus"\n')
+    assert load_config(env={}).storage == ""  # the default: SQLite at db
+    assert load_config(file=f, env={}).storage == "postgresql://file@h/nexus"
+    env = {"NEXUSD_STORAGE": "postgres://env@h/nexus"}
+    assert load_config(file=f, env=env).storage == "postgres://env@h/nexus"
+    flag = "postgresql://flag@/nexus?host=/run/postgresql"
+    assert load_config(file=f, env=env, flags={"storage": flag}).storage == flag
+    # An empty flag is a value (back to SQLite); an empty variable counts as unset.
+    assert load_config(file=f, env=env, flags={"storage": ""}).storage == ""
+    assert load_config(file=f, env={"NEXUSD_STORAGE": ""}).storage == "postgresql://file@h/nexus"
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ('storage = "sqlite:///x.db"', "storage: must be a postgresql:// "),
+        ('storage = "host=db password=hunter2"', r"got 'host=db password=\*\*\*'"),
+        ("storage = 5", r"storage: expected `str` \(got 'int'\)"),
+        ('storage = "postgresql://u:hunter2@db/x?colour=red"', 'query parameter: "colour"'),
+        ('storage = "postgresql://u:hunter2@db:54x/x"', "port '54x' of 'db'"),
+        ('storage = "postgresql://u:hunter2@db/x?sslmode=on"', "sslmode must be one of"),
+        ('storage = "postgresql://u:hun ter2@db/x"', "spaces or control characters"),
+        ('storage = "postgresql://u:hun%ZZter2@db/x"', "password in the URL is not valid"),
+        ('storage = "postgresql://u:hun/ter2@db/x"', "percent-encode '@' and '/'"),
+    ],
+)
+def test_a_bad_storage_url_is_one_line_without_its_password(
+    tmp_path: Path, text: str, match: str
+) -> None:
+    f = tmp_path / "c.toml"
+    f.write_text(text)
+    with pytest.raises(ConfigError, match=match) as caught:
+        load_config(file=f, env={})
+    message = caught.value.message
+    assert "\n" not in message and "hunter2" not in message and "ter2" not in message

@@ -18,6 +18,7 @@ import sys
 from typing import TYPE_CHECKING, Any
 
 from ..daemon.config import SETTINGS, ConfigError, load_config
+from ..storage.postgres import dsn
 from ..wire.paths import NoHomeDirectory
 from .output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail, not_a_regular_file, reason
 
@@ -32,6 +33,7 @@ logger = logging.getLogger("nexusd")
 #: their help and default come from the declaration in nexusd.daemon.config.
 FLAGS = (
     "db",
+    "storage",
     "socket",
     "max_messages",
     "max_age",
@@ -69,7 +71,9 @@ def add_flags(parser: argparse.ArgumentParser) -> None:
 
 def shown_default(value: Any) -> str:
     """A default as one writes it in TOML (``true``) or on the command line."""
-    return str(value).lower() if isinstance(value, bool) else str(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) or '""'  # storage's "" (SQLite) would read as nothing
 
 
 def setup_logging(level: str) -> None:
@@ -106,6 +110,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     except (OSError, ValueError) as exc:  # config.py maps these; never a traceback regardless
         return fail(f"cannot load the configuration: {exc}", EXIT_USAGE)
     setup_logging(cfg.log_level)
+    if args.storage and dsn.has_password(args.storage):
+        # argv is readable by every user of the machine (ps, /proc/PID/cmdline).
+        logger.warning(
+            "the password in --storage is visible to every user of this machine in `ps`:"
+            " keep it in ~/.pgpass, PGPASSFILE or PGPASSWORD, or set NEXUSD_STORAGE"
+            " from a file only nexusd reads (see docs/scaling.md)"
+        )
     # The database, its WAL and the lock hold people's conversations: owner only.
     os.umask(0o077)
 

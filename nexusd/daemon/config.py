@@ -3,7 +3,7 @@
 :class:`Config` declares each setting once: its type, its allowed range, its
 default and a one-line description (``Annotated[..., Meta(...)]``).  Values
 come from defaults < a TOML file < the environment (``NEXUSD_DB``,
-``NEXUSD_SOCKET``) < flags, and every source is converted by that declaration
+``NEXUSD_SOCKET``, ``NEXUSD_STORAGE``) < flags, and every source is converted by that declaration
 with ``msgspec.convert``: strictly for TOML, which has types; leniently for
 the environment and flags, which arrive as strings.  A wrong type
 (``max_messages = 1.9``, ``isolate_peers = "ture"``), an out-of-range number,
@@ -12,7 +12,9 @@ an unknown choice (``log_level = "verbose"``) or an unknown key is a
 line's help is made from the same declaration (:data:`SETTINGS`).  The default
 paths follow systemd first (``$STATE_DIRECTORY``, ``$RUNTIME_DIRECTORY``),
 then XDG, then a private directory under /tmp; clients resolve the socket the
-same way.
+same way.  ``storage`` chooses the backend: "" is SQLite at ``db``, a
+``postgresql://`` URL is PostgreSQL; the URL is checked here and only ever
+shown redacted (:mod:`nexusd.storage.postgres.dsn`, which needs no driver).
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from typing import Annotated, Any, Final, Literal, NamedTuple
 import msgspec
 from msgspec import Meta
 
+from ..storage.postgres import dsn
 from ..wire.durations import parse_duration
 from ..wire.errors import NexusError
 from ..wire.paths import (
@@ -83,6 +86,13 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         Path,
         Meta(description="socket path (default: $RUNTIME_DIRECTORY, $XDG_RUNTIME_DIR or /tmp)"),
     ] = msgspec.field(default_factory=default_socket_path)
+    storage: Annotated[
+        str,
+        Meta(
+            description="a postgresql:// URL: keep messages in that PostgreSQL database, not"
+            ' SQLite at db ("": SQLite); its password in ~/.pgpass, PGPASSFILE or PGPASSWORD'
+        ),
+    ] = ""
     max_messages: Annotated[
         int, Meta(ge=0, description="rows kept per session tag, 0 = unbounded")
     ] = 500
@@ -197,6 +207,11 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             parse_duration(self.max_age)
         except ValueError as exc:
             need(False, f"max_age: {exc}")
+        try:
+            if self.storage:
+                dsn.check(self.storage)
+        except ValueError as exc:  # its line never holds the password
+            need(False, f"storage: {exc}")
         problem = socket_path_problem(self.socket)
         need(problem is None, f"socket {problem}")  # before any file is made
         if self.socket_group:
@@ -266,7 +281,7 @@ def _settings() -> dict[str, Setting]:
 
 #: Every setting by name, in declaration order.
 SETTINGS: Final = _settings()
-_ENV: Final = {"NEXUSD_DB": "db", "NEXUSD_SOCKET": "socket"}
+_ENV: Final = {"NEXUSD_DB": "db", "NEXUSD_SOCKET": "socket", "NEXUSD_STORAGE": "storage"}
 _OCTAL: Final = re.compile(r"0?o?([0-7]{3,4})")
 
 
@@ -319,6 +334,8 @@ def _explain(message: str, source: str, values: Mapping[str, Any]) -> str:
     if not key:
         return f"{source}: {text}"
     got = values.get(key)
+    if key == "storage":  # it may hold a password: its type, not its value
+        got = type(got).__name__
     text = text.replace("Expected", "expected").split(", got ")[0]
     choices = SETTINGS[key].choices if key in SETTINGS else ()
     if choices:

@@ -9,10 +9,13 @@ the storage (the SQLite backend checkpoints its WAL and releases its lock),
 remove the socket it created (never one systemd passed it).
 
 Storage is reached only through the seam (:class:`~nexusd.storage.base.Storage`):
-the one line that knows the backend is the construction of
-:class:`~nexusd.storage.sqlite.SQLiteStorage` in :meth:`Server.__init__`; that
-line is where a second backend plugs in.  Its files, its lock, the size of
-its data and where backup snapshots go are the backend's to answer.
+the one place that knows the backends is :func:`make_storage`, which builds
+:class:`~nexusd.storage.sqlite.SQLiteStorage` at ``db``, or, when ``storage``
+is a ``postgresql://`` URL, :class:`~nexusd.storage.postgres.backend.PostgresStorage`
+(imported only then: SQLite users never load psycopg).  Its files, its lock,
+the size of its data and where backup snapshots go are the backend's to
+answer.  The URL is only ever shown redacted (no password): in the log, in
+errors, in ``stats``.
 
 It builds the narrow values the rest of the daemon works with and hands each
 part only what it uses: connections get a :class:`~.context.Context`
@@ -33,8 +36,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import socket
 import time
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -43,6 +48,7 @@ import anyio.lowlevel
 
 from .._version import __version__
 from ..storage.base import Storage
+from ..storage.postgres import dsn
 from ..storage.sqlite import SQLiteStorage
 from ..wire import protocol as p
 from ..wire.durations import format_duration
@@ -62,20 +68,19 @@ from .systemd import ActivationError, Notifier, listen_fds
 from .tasks import Spawner
 from .writer import Writer
 
-__all__ = ["Server", "StartupError"]
+__all__ = ["Server", "StartupError", "make_storage"]
 
 logger = logging.getLogger(__name__)
 
 
-class Server:
-    """One nexusd instance.  ``await server.serve()`` runs it until :meth:`request_shutdown`."""
+def make_storage(config: Config) -> Storage:
+    """The backend ``config.storage`` chooses ("": SQLite at ``db``), not yet opened.
 
-    def __init__(self, config: Config) -> None:
-        self.config = config
-        #: The storage seam (storage/base.py): opened and closed here, written
-        #: through the writer, read by the handlers.  The one backend-specific
-        #: line of the daemon: a second backend is chosen here.
-        self.storage: Storage = SQLiteStorage(
+    Raises :class:`~nexusd.storage.postgres.dsn.MissingDriver` (one line naming
+    the extra) when the URL needs psycopg and it is not installed.
+    """
+    if not config.storage:
+        return SQLiteStorage(
             config.db,
             max_messages=config.max_messages,
             synchronous=config.synchronous,
@@ -84,6 +89,35 @@ class Server:
             search=config.search,
             max_age=config.max_age_seconds,
         )
+    dsn.require_driver()  # before the import, which would fail on psycopg with a traceback
+    from ..storage.postgres.backend import PostgresStorage
+
+    # With PostgreSQL, db says only where backup snapshots are written (its
+    # directory, as with SQLite); synchronous and wal_autocheckpoint are
+    # SQLite's (the server's synchronous_commit decides durability).
+    return PostgresStorage(
+        config.storage,
+        max_messages=config.max_messages,
+        max_age=config.max_age_seconds,
+        readers=config.readers,
+        search=config.search,
+        snapshot_dir=Path(os.path.abspath(config.db)).parent,
+    )
+
+
+def where(config: Config) -> str:
+    """Where the messages are, for the log and ``stats``: the file, or the URL redacted."""
+    return dsn.redact(config.storage) if config.storage else str(config.db)
+
+
+class Server:
+    """One nexusd instance.  ``await server.serve()`` runs it until :meth:`request_shutdown`."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        #: The storage seam (storage/base.py): opened and closed here, written
+        #: through the writer, read by the handlers; chosen by make_storage.
+        self.storage: Storage = make_storage(config)
         self.writer = Writer(self.storage, queue_size=config.queue_size, batch_max=config.batch_max)
         #: Every open watch; storage tells it each commit.
         self.hub = Hub(buffer=config.watch_buffer, total=config.max_buffered)
@@ -188,18 +222,18 @@ class Server:
                 )
                 for sock in socks
             ]
-            where = ", ".join(self.listener.where)
+            listening = ", ".join(self.listener.where)
             logger.info(
-                "nexusd %s serving %s on %s (max_messages=%d, max_age=%s, synchronous=%s)",
+                "nexusd %s serving %s on %s (max_messages=%d, max_age=%s%s)",
                 __version__,
-                cfg.db,
-                where,
+                where(cfg),
+                listening,
                 cfg.max_messages,
                 format_duration(cfg.max_age_seconds),
-                cfg.synchronous,
+                "" if cfg.storage else f", synchronous={cfg.synchronous}",
             )
             task_status.started(self)
-            self.notifier.ready(f"serving on {where}")
+            self.notifier.ready(f"serving on {listening}")
             root.start_soon(self._build_search_index)
             root.start_soon(self.sweeper.run)
             if self.notifier.enabled:
@@ -303,7 +337,9 @@ class Server:
             db_bytes=self.storage.size_bytes(),
             max_messages=self.config.max_messages,
             max_age_s=self.config.max_age_seconds,
-            synchronous=self.config.synchronous,
+            # SQLite's setting; with PostgreSQL the server's synchronous_commit decides.
+            synchronous=None if self.config.storage else self.config.synchronous,
+            storage=where(self.config),
             search=self.storage.search_status,
             watches=self.hub.count,
             watches_lagged=self.hub.lagged,
