@@ -1,7 +1,9 @@
 """``nexusd check``: the integrity verdict on a database file, with no daemon involved.
 
 Exit 0 sound, 1 damaged (or unreadable), 2 when the path is not a nexusd
-database at all (missing, a directory, empty, not SQLite, another program's).
+database at all (missing, a directory, empty, not SQLite, another program's),
+or when the database is PostgreSQL (a URL in ``--db`` or, without ``--db``,
+in ``$NEXUSD_STORAGE``): PostgreSQL has its own checks (``pg_amcheck``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,9 @@ from .output import (
     EXIT_OK,
     EXIT_USAGE,
     fail,
+    is_url,
     not_a_regular_file,
+    not_for_postgres,
     out,
     reason,
     safe,
@@ -33,6 +37,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     from ..storage.schema import StorageError, describe, integrity_check
     from ..wire.paths import default_db_path
 
+    instead = "check it with PostgreSQL's own tools (pg_amcheck)"
+    if args.db and is_url(args.db):
+        return not_for_postgres("check", "--db", args.db, instead)
+    storage = os.environ.get("NEXUSD_STORAGE")
+    if storage and not args.db:  # the daemon would not be using the file check would find
+        return not_for_postgres("check", "NEXUSD_STORAGE", storage, instead)
     try:  # the default only when needed: it may need a home directory
         db = Path(args.db or os.environ.get("NEXUSD_DB") or default_db_path())
     except NoHomeDirectory as exc:

@@ -57,6 +57,26 @@ def fail(message: str, code: int) -> int:
     return code
 
 
+def not_for_postgres(command: str, source: str, url: str, instead: str) -> int:
+    """``command`` works on an SQLite file, but ``source`` names PostgreSQL: one line, exit 2.
+
+    The URL is shown without its password (it may have come from a file only
+    nexusd reads).
+    """
+    from ..storage.postgres.dsn import redact
+
+    return fail(
+        f"{command} works on an SQLite database file, but {source} names PostgreSQL"
+        f" ({redact(url)}): {instead}, or give --db FILE for a file",
+        EXIT_USAGE,
+    )
+
+
+def is_url(text: str) -> bool:
+    """Whether ``text`` looks like a URL (``scheme://``), not a path."""
+    return re.match(r"\w[\w+.-]*://", text) is not None
+
+
 def usage(message: str) -> NoReturn:
     """A usage mistake: one line on stderr, exit 2."""
     raise SystemExit(fail(message, EXIT_USAGE))

@@ -12,16 +12,31 @@ can restore (missing, a directory or other non-file, empty, not SQLite,
 another program's, a newer schema, a schema other than the one nexusd makes
 at its version (a trigger, view, index or table of another's, or one of
 nexusd's missing or changed), changes left in its own ``-wal``, the database
-itself), or the database path or configuration is unusable.
+itself), or the database path or configuration is unusable, including a
+configuration whose ``storage`` is PostgreSQL (from ``--config`` or
+``$NEXUSD_STORAGE``) when no ``--db`` names a file: a PostgreSQL database is
+restored with ``pg_restore``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
 
-from .output import EXIT_ERROR, EXIT_OK, EXIT_USAGE, fail, not_a_regular_file, out, reason, safe
+from .output import (
+    EXIT_ERROR,
+    EXIT_OK,
+    EXIT_USAGE,
+    fail,
+    is_url,
+    not_a_regular_file,
+    not_for_postgres,
+    out,
+    reason,
+    safe,
+)
 
 DB_HELP = (
     "the database to replace (default: where `nexusd serve` finds it: $NEXUSD_DB, else the"
@@ -125,8 +140,15 @@ def _database(args: argparse.Namespace) -> Path | int:
         problem = not_a_regular_file(args.config)
         if problem is not None:
             return fail(f"config file {problem}", EXIT_USAGE)
+    instead = "restore PostgreSQL from pg_dump's file with pg_restore (docs/scaling.md)"
+    if args.db and is_url(args.db):
+        return not_for_postgres("restore", "--db", args.db, instead)
     try:
-        return load_config(file=args.config, flags={"db": args.db}).db
+        cfg = load_config(file=args.config, flags={"db": args.db})
+        if cfg.storage and not args.db:
+            source = "NEXUSD_STORAGE" if os.environ.get("NEXUSD_STORAGE") else "the configuration"
+            return not_for_postgres("restore", source, cfg.storage, instead)
+        return cfg.db
     except (ConfigError, NoHomeDirectory) as exc:
         return fail(exc.message, EXIT_USAGE)
     except (OSError, ValueError) as exc:
