@@ -45,7 +45,7 @@ from ..wire.errors import (
 )
 from ..wire.paths import socket_path_problem
 from . import client_commands as cc
-from . import lifecycle, restore, transfer
+from . import lifecycle, migrate, restore, transfer
 from .check import cmd_check
 from .output import (
     EXIT_ERROR,
@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     lifecycle.add_commands(sub, client_cmd)
     transfer.add_commands(sub, client_cmd)
     restore.add_command(sub)
+    migrate.add_command(sub)
     ck = sub.add_parser("check", help="run integrity checks on a database file and print a verdict")
     ck.add_argument("--db", help="database file (default: as the daemon resolves it)")
     ck.add_argument("--json", action="store_true", help="machine-readable output")
