@@ -121,8 +121,7 @@ def check(url: str) -> str:
     _, user, hosts, tail = _split(url)
     if "@" in user[:-1] or "/" in user:  # libpq would read the user part differently
         raise ValueError(
-            f"{redact(url)!r}: percent-encode '@' and '/' in the user name and password"
-            " (%40, %2F)"
+            f"{redact(url)!r}: percent-encode '@' and '/' in the user name and password (%40, %2F)"
         )
     for pair in hosts.split(","):
         host, colon, port = pair.rpartition(":") if not pair.endswith("]") else (pair, "", "")
