@@ -7,6 +7,7 @@ with the SQLite file row by row, the file itself byte for byte before and after.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -295,6 +296,48 @@ def test_killed_mid_copy_then_rerun_is_identical(pg_url: str, workdir: Path) -> 
     assert r.returncode == 0, r.stderr
     assert f"{200_000 - partial[0]:,} inserted now ({partial[0]:,} already there)" in r.stdout
     assert file_state(db) == before
+    assert_same(pg_url, db)
+
+
+def test_the_copy_waits_for_the_write_lock(pg_url: str, workdir: Path) -> None:
+    """A daemon's batch holds the write lock: the copy writes nothing until it is released."""
+    import psycopg
+
+    from nexusd.storage.postgres import schema
+
+    async def make_schema() -> None:
+        async with await psycopg.AsyncConnection.connect(pg_url, autocommit=True) as c:
+            await schema.migrate(c)
+
+    asyncio.run(make_schema())
+    db = current_db(workdir / "nexus.db", n=40)
+    with psycopg.connect(pg_url, autocommit=True) as holder:
+        holder.execute("BEGIN")
+        holder.execute(schema.TAKE_WRITE_LOCK)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "nexusd", "migrate", "--to", pg_url, "--db", str(db)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            deadline = time.monotonic() + 30
+            waiting: list[tuple[Any, ...]] = []
+            while not waiting and time.monotonic() < deadline and proc.poll() is None:
+                waiting = pg(
+                    pg_url,
+                    "SELECT pid FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                )
+                time.sleep(0.01)  # poll interval of a deadline loop
+            assert waiting, "the copy never queued for the write lock"
+            assert pg(pg_url, "SELECT count(*) FROM nexus_messages") == [(0,)]
+            holder.execute("COMMIT")
+            _, err = proc.communicate(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    assert proc.returncode == 0, err
     assert_same(pg_url, db)
 
 
