@@ -404,7 +404,7 @@ async def test_a_huge_row_is_stored_and_found(pg_url: str) -> None:
         assert len(h.message.content) == len(huge) + 7
         assert len(h.snippet) <= fts.SNIPPET_CHARS and h.snippet.endswith("…")
         assert [h.snippet[a:b] for a, b in h.highlights] == [first]
-        # Past the indexed prefix (FALLBACK_CHARS), words are not found.
+        # Past the indexed prefix (INDEXED_CHARS), words are not found.
         assert [x.message.id for x in await find(s, conn, "needle")] == [small]
 
 
