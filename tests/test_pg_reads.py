@@ -12,10 +12,12 @@ size; every answer, and what each sweep leaves, must be equal.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import sqlite3
 from collections.abc import AsyncIterator, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +31,7 @@ from nexusd.storage.marks import THIN_EVERY
 from nexusd.storage.schema import open_writer
 from nexusd.storage.scope import NS_MARK
 from nexusd.storage.sqlite import SQLiteStorage
+from tests.conftest import PG_ADMIN, pg_database
 
 psycopg = pytest.importorskip("psycopg")
 
@@ -80,7 +83,8 @@ def make_data(seed: int, weights: dict[str, int]) -> Data:
     return Data(rows)
 
 
-def reads_data() -> Data:
+@functools.cache
+def reads_data() -> Data:  # (cached: no test changes it)
     data = make_data(
         15,
         {
@@ -118,6 +122,7 @@ def _visible(data: Data) -> list[Row]:
 def store_sqlite(path: Path, data: Data) -> None:
     conn = open_writer(path)
     try:
+        conn.execute("BEGIN")
         conn.execute("DELETE FROM nexus_marks")  # (the migration marks "now")
         conn.executemany(
             "INSERT INTO nexus_messages (id, role, content, timestamp, session_tag, meta)"
@@ -130,6 +135,7 @@ def store_sqlite(path: Path, data: Data) -> None:
             [(t, n, a) for t, (n, a) in data.retention.items()],
         )
         conn.executemany("INSERT INTO nexus_marks VALUES (?, ?, ?)", data.marks)
+        conn.execute("COMMIT")
     finally:
         conn.close()
 
@@ -165,20 +171,48 @@ async def pg(pg_url: str) -> AsyncIterator[Any]:
         await conn.close()
 
 
-@pytest.fixture
-async def loaded(tmp_path: Path, pg: Any) -> AsyncIterator[tuple[SQLiteStorage, Any, Data]]:
-    """The reads' data set in both backends: (SQLite storage, PostgreSQL connection, data)."""
+@contextmanager
+def icu_database() -> Iterator[str]:
+    """A database whose collation is not code point order (ICU's en-US: case and
+    punctuation weigh less, control characters nothing); its URL."""
+    with pg_database() as url:  # (only for its skip, name and clean-up)
+        name = psycopg.conninfo.conninfo_to_dict(url)["dbname"]
+        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
+            admin.execute(f'DROP DATABASE "{name}"')
+            admin.execute(
+                f'CREATE DATABASE "{name}" TEMPLATE template0'
+                " LOCALE_PROVIDER icu ICU_LOCALE 'en-US'"
+            )
+        yield url
+
+
+@pytest.fixture(params=["default", "icu"])
+async def loaded(
+    request: pytest.FixtureRequest, tmp_path: Path, pg_url: str
+) -> AsyncIterator[tuple[SQLiteStorage, Any, Data]]:
+    """The reads' data set in both backends: (SQLite storage, PostgreSQL connection, data),
+    in a database of the test cluster's collation and in one of ICU's en-US."""
     data = reads_data()
     store_sqlite(tmp_path / "n.db", data)
-    await store_pg(pg, data)
-    lite = SQLiteStorage(
-        tmp_path / "n.db", max_messages=0, synchronous="full", wal_autocheckpoint=8000, readers=1
-    )
-    await lite.open()
-    try:
-        yield lite, pg, data
-    finally:
-        await lite.close()
+    with ExitStack() as stack:
+        url = pg_url if request.param == "default" else stack.enter_context(icu_database())
+        pg = await psycopg.AsyncConnection.connect(url, autocommit=True)
+        try:
+            await store_pg(pg, data)
+            lite = SQLiteStorage(
+                tmp_path / "n.db",
+                max_messages=0,
+                synchronous="full",
+                wal_autocheckpoint=8000,
+                readers=1,
+            )
+            await lite.open()
+            try:
+                yield lite, pg, data
+            finally:
+                await lite.close()
+        finally:
+            await pg.close()
 
 
 def _budgets() -> list[int]:
@@ -433,14 +467,14 @@ async def test_sweep_without_work_changes_nothing(pg: Any) -> None:
 
 
 async def test_history_is_an_index_range_scan(pg: Any) -> None:
-    """A 100k-row session whose rows are all older than another 100k rows: the page
+    """A 100k-row session whose rows are all older than 20k others: the page
     is read from ``(session_tag, id)``, never by walking the primary key or sorting."""
     await schema.migrate(pg)
     await pg.execute(
         "INSERT INTO nexus_messages (id, role, content, timestamp, session_tag)"
         " SELECT g, 'user', repeat('x', 100), %s,"
         "  CASE WHEN g <= 100000 THEN 'old' ELSE 's' || (g %% 50) END"
-        " FROM generate_series(1, 200000) AS g",
+        " FROM generate_series(1, 120000) AS g",
         (TS,),
     )
     await pg.execute("ANALYZE nexus_messages")

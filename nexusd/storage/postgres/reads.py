@@ -23,7 +23,10 @@ visible rows, which every write keeps exact (rows under a floor are not in
 it, rows past their age are until the sweep deletes them: SQLite's count).
 
 Tag order and tag ranges (``sessions`` paging, scopes) are by code point, as
-SQLite compares text: ``COLLATE "C"``, whatever the database's collation.
+SQLite compares text: ``COLLATE "C"``, whatever the database's collation (in
+ICU's en-US, say, ``B`` sorts after ``b`` and the namespace mark weighs
+nothing).  An index serves that order only where its column is ``"C"`` too;
+elsewhere ``sessions`` sorts ``nexus_sessions`` (one row per session) per page.
 """
 
 from __future__ import annotations
