@@ -344,7 +344,8 @@ def test_the_copy_waits_for_the_write_lock(pg_url: str, workdir: Path) -> None:
 # ── refusals ─────────────────────────────────────────────────────────────────
 def one_line(r: subprocess.CompletedProcess[str], code: int) -> str:
     assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    lines = r.stderr.splitlines()
+    # Progress lines (stderr is not a terminal here) may come first.
+    lines = [x for x in r.stderr.splitlines() if not x.startswith("nexusd: migrate: ")]
     assert len(lines) == 1 and lines[0].startswith("nexusd: "), r.stderr
     assert "Traceback" not in r.stderr
     return lines[0]
@@ -372,6 +373,20 @@ def test_a_target_holding_other_messages_is_refused(pg_url: str, workdir: Path, 
     assert line.startswith("nexusd: not copied: the target already holds messages")
     assert "migrate into an empty database" in line
     assert target_state(pg_url) == state  # nothing written
+
+
+def test_a_nul_character_stops_the_copy_at_its_message(pg_url: str, workdir: Path) -> None:
+    db = big_db(workdir / "nexus.db", 12_000)
+    conn = sqlite3.connect(db)
+    conn.execute("UPDATE nexus_messages SET content = ? WHERE id = 7003", ("a\x00b",))
+    conn.commit()
+    conn.close()
+    line = one_line(migrate(pg_url, db, "--json"), 1)
+    assert line == (
+        "nexusd: stopped at message id 7003: it holds a NUL character, which PostgreSQL text"
+        " cannot store (the chunks before its chunk are copied)"
+    )
+    assert pg(pg_url, "SELECT count(*), max(id) FROM nexus_messages") == [(5000, 5000)]
 
 
 def test_bad_sources_are_usage_errors(pg_url: str, workdir: Path) -> None:

@@ -131,7 +131,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         done = asyncio.run(_copy(url, source, progress))
     except CopyRefused as exc:
         progress.end()
-        return fail(f"not copied: {exc.message}", EXIT_ERROR)
+        return fail(exc.message, EXIT_ERROR)
     except StorageError as exc:
         progress.end()
         return fail(f"{shown}: {exc.message}", EXIT_ERROR)

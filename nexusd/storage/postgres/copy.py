@@ -312,10 +312,14 @@ async def copy(
         progress(done, source.count)
     for chunk in source.rows(resume):
         columns = [list(c) for c in zip(*chunk, strict=True)]
-        async with conn.transaction():
-            await conn.execute(schema.TAKE_WRITE_LOCK)
-            cur = await conn.execute(_INSERT, columns)
-            row = await cur.fetchone()
+        try:
+            async with conn.transaction():
+                await conn.execute(schema.TAKE_WRITE_LOCK)
+                cur = await conn.execute(_INSERT, columns)
+                row = await cur.fetchone()
+        except psycopg.DataError:
+            _refuse_unstorable(chunk)
+            raise
         inserted += int(row[0]) if row is not None else 0
         done += len(chunk)
         if progress is not None:
@@ -333,6 +337,16 @@ async def copy(
         next_id_after=next_id_after,
         seconds=time.monotonic() - started,
     )
+
+
+def _refuse_unstorable(chunk: list[tuple[Any, ...]]) -> None:
+    """A NUL character: SQLite text may hold one, PostgreSQL text cannot."""
+    for row in chunk:
+        if any(isinstance(v, str) and "\x00" in v for v in row):
+            raise CopyRefused(
+                f"stopped at message id {row[0]}: it holds a NUL character, which PostgreSQL"
+                " text cannot store (the chunks before its chunk are copied)"
+            )
 
 
 async def _bump_sequence(conn: psycopg.AsyncConnection[Any], last_id: int) -> int:
@@ -362,8 +376,9 @@ async def _check_target(conn: psycopg.AsyncConnection[Any], source: Source) -> i
         last = int(have[-1][0])
         if last > source.max_id:
             raise CopyRefused(
-                f"the target already holds messages this file does not (id {last} is above"
-                f" the file's highest, {source.max_id}): migrate into an empty database"
+                "not copied: the target already holds messages this file does not"
+                f" (id {last} is above the file's highest, {source.max_id}):"
+                " migrate into an empty database"
             )
         theirs = {int(r[0]): r for chunk in source.rows(after, last) for r in chunk}
         for mine in have:
@@ -371,7 +386,7 @@ async def _check_target(conn: psycopg.AsyncConnection[Any], source: Source) -> i
             if other is None or tuple(other) != tuple(mine):
                 what = "is not in this file" if other is None else "differs from this file's"
                 raise CopyRefused(
-                    f"the target already holds messages that are not this file's (message"
-                    f" id {mine[0]} {what}): migrate into an empty database"
+                    "not copied: the target already holds messages that are not this"
+                    f" file's (message id {mine[0]} {what}): migrate into an empty database"
                 )
         highest = after = last
