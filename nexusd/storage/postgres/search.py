@@ -49,7 +49,16 @@ from ..base import Page, SearchQuery
 from ..schema import message_of
 from ..scope import NS_MARK
 from ..search import HIT_OVERHEAD, MARK_CLOSE, MARK_OPEN, SNIPPET_CHARS
-from .schema import TEXT_CONFIG, row_size, visible
+from .schema import (
+    INDEXED_CHARS,
+    PUNCTUATION_RE,
+    TEXT_CONFIG,
+    TSV_FUNCTION,
+    TSV_FUNCTION_NAME,
+    UNACCENT_TOKENS,
+    row_size,
+    visible,
+)
 from .snippets import LEAD_CHARS, WINDOW_CHARS, snippet
 
 __all__ = [
@@ -79,36 +88,11 @@ SEARCH_SECONDS: Final = 2.0
 _POLL: Final = 0.5
 #: ASCII punctuation: a space in the indexed text (FTS5's unicode61 splits there).
 PUNCTUATION: Final = "!\"#$%&'()*+,-./:;<=>?@[\\]^_`{|}~"
-#: The same, as a regular expression (ranges of ASCII, whatever the locale).
-PUNCTUATION_RE: Final = "[!-/:-@[-`{-~]"
-#: Characters of a message that are indexed: PostgreSQL refuses a ``tsvector``
-#: over 1 MB (the INSERT would fail), and one character costs at most about
-#: 6.5 bytes of it, so this prefix always fits.
-INDEXED_CHARS: Final = 100_000
-
-# ── the DDL this module expects of schema.py's migration 1 ──────────────────
-TSV_FUNCTION_NAME: Final = "nexus_tsv"
-#: The indexed text of a message: its first :data:`INDEXED_CHARS`, punctuation
-#: as spaces.  A plain SQL function, inlined into the column's expression
-#: (measured on 100k rows of ~130 characters: about 15 µs a row over the raw
-#: ``to_tsvector``'s 30; ``translate`` took 60, and a PL/pgSQL function catching
-#: the size error runs a subtransaction per row, 2.7x the inserts' time, and
-#: may not run in parallel queries).  The configuration is an argument so that
-#: the column holds it as an OID, not a name looked up in a caller's search_path.
-TSV_FUNCTION: Final = (
-    f"CREATE OR REPLACE FUNCTION {TSV_FUNCTION_NAME}(config regconfig, content text)"
-    " RETURNS tsvector LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE AS $fn$"
-    f" SELECT to_tsvector(config, regexp_replace(left(content, {INDEXED_CHARS}),"
-    f" '{PUNCTUATION_RE}', ' ', 'g')) $fn$"
-)
-#: The ``tsv`` column of ``nexus_messages``.
+#: The ``tsv`` column of ``nexus_messages`` (as migration 1 makes it).
 TSV_COLUMN: Final = (
     f"tsv tsvector GENERATED ALWAYS AS ({TSV_FUNCTION_NAME}('{TEXT_CONFIG}'::regconfig, content))"
     " STORED"
 )
-#: Token types of the ``simple`` parser that may hold accented letters
-#: (``numword``: ``über2``), mapped through ``unaccent`` in ``nexus_text``.
-UNACCENT_TOKENS: Final = "hword, hword_part, word, numword, numhword, hword_numpart"
 
 _PUNCT_TABLE: Final = str.maketrans(PUNCTUATION, " " * len(PUNCTUATION))
 _WORDS: Final = re.compile(r"\S+")
