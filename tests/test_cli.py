@@ -685,7 +685,7 @@ def test_serve_help_states_each_declared_default() -> None:
             assert "(default: $" in helps[name.replace("_", "-")]
             continue
         value = getattr(cfg, name)
-        shown = str(value).lower() if isinstance(value, bool) else str(value)
+        shown = str(value).lower() if isinstance(value, bool) else (str(value) or '""')
         assert f"(default {shown})" in helps[name.replace("_", "-")], (name, shown)
 
 

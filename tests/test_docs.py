@@ -148,7 +148,7 @@ def test_the_architecture_tree_lists_every_module() -> None:
     doc = (ROOT / "docs" / "architecture.md").read_text()
     (tree,) = [b for b in _blocks(doc, "text") if b.startswith("nexusd/")]
     listed: set[str] = set()
-    package = ""
+    package = sub = ""
     for line in tree.splitlines()[1:]:
         stripped = line.lstrip()
         if not stripped:
@@ -156,8 +156,10 @@ def test_the_architecture_tree_lists_every_module() -> None:
         indent, name = len(line) - len(stripped), stripped.split()[0]
         if indent == 2:
             package = name if name.endswith("/") else ""
+        if indent == 4:  # a subpackage's modules are indented under it
+            sub = name if name.endswith("/") else ""
         if name.endswith(".py"):
-            listed.add(package + name if indent == 4 else name)
+            listed.add({2: "", 4: package, 6: package + sub}.get(indent, "") + name)
     modules = {
         str(p.relative_to(ROOT / "nexusd"))
         for p in (ROOT / "nexusd").rglob("*.py")

@@ -9,7 +9,8 @@ start, or refused us, or is not one we trust; ``check``: the database is
 damaged; ``restore``: not restored, see :mod:`.restore`), 2 usage
 (including what the daemon rejected as
 ``bad_request``/``too_large``, a setting that does not fit its declaration, a
-``check --db`` path that is not a nexusd database, a
+``check --db`` path that is not a nexusd database,
+``check``/``restore`` given PostgreSQL storage (they work on the SQLite file), a
 ``--config``/``--db``/backup destination that exists but is not a regular
 file, and a default database path needing a home directory there is none of),
 3 cannot reach the daemon (nothing listens there, or the socket path names
