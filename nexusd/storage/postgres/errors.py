@@ -1,0 +1,71 @@
+"""The one place psycopg's exceptions become nexusd's, and the URL's password is kept out.
+
+No PostgreSQL error reaches a user unmapped: the backend (:mod:`.backend`) and
+its readers (:mod:`.readers`) answer with what :func:`write_error` and
+:func:`read_error` make of one: a fault of the server or the connection
+(``OperationalError``) is ``unavailable``, anything else ``internal``.  Every
+text naming the database goes through :meth:`Redactor.scrub`: libpq quotes
+what it rejects, and a password in the URL must never reach a log line or
+an error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import psycopg
+from psycopg.conninfo import conninfo_to_dict
+
+from ...wire.errors import Internal, NexusError, Unavailable
+from . import dsn
+
+__all__ = ["Redactor", "one_line", "params", "read_error", "write_error"]
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception's text on one line (libpq's run over several)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return "; ".join(lines) if lines else type(exc).__name__
+
+
+def params(url: str) -> dict[str, Any]:
+    """libpq's parameters of ``url`` (none when it does not parse)."""
+    try:
+        return conninfo_to_dict(url)
+    except psycopg.Error:
+        return {}
+
+
+class Redactor:
+    """Shows the URL without its password, and takes the password out of any text."""
+
+    def __init__(self, url: str) -> None:
+        self._url = url
+        #: The URL as every log line and error shows it.
+        self.shown = dsn.redact(url)
+        self._password = str(params(url).get("password") or "")
+
+    def scrub(self, text: str) -> str:
+        if self._password and self._password in text:
+            text = text.replace(self._password, dsn.HIDDEN)
+        return text.replace(self._url, self.shown)
+
+    def line(self, exc: BaseException) -> str:
+        """``exc`` on one line, scrubbed."""
+        return self.scrub(one_line(exc))
+
+
+def write_error(exc: psycopg.Error, redactor: Redactor) -> NexusError:
+    """A failed write's answer, the connection intact (a lost one: the backend's own)."""
+    text = redactor.line(exc)
+    if isinstance(exc, psycopg.OperationalError):
+        return Unavailable(f"storage failure, nothing was written: {text}")
+    return Internal(f"write failed, nothing was written: {text}")
+
+
+def read_error(what: str, exc: psycopg.Error, redactor: Redactor) -> NexusError:
+    """A failed read's error."""
+    text = redactor.line(exc)
+    if isinstance(exc, psycopg.OperationalError):
+        return Unavailable(f"{what} failed: {text}")
+    return Internal(f"{what} failed: {text}")
