@@ -228,8 +228,7 @@ async def _text_config(conn: psycopg.AsyncConnection[Any]) -> None:
             await conn.execute("CREATE EXTENSION IF NOT EXISTS unaccent")
             await conn.execute(
                 sql.SQL(
-                    "ALTER TEXT SEARCH CONFIGURATION {} ALTER MAPPING"
-                    " FOR {} WITH unaccent, simple"
+                    "ALTER TEXT SEARCH CONFIGURATION {} ALTER MAPPING FOR {} WITH unaccent, simple"
                 ).format(name, sql.SQL(UNACCENT_TOKENS))
             )
     except psycopg.Error as exc:
