@@ -18,7 +18,7 @@ import msgspec
 from ..storage.base import Added, Change, Removed
 from ..storage.scope import NS_MARK
 from ..wire import protocol as p
-from ..wire.errors import NexusError
+from ..wire.errors import Lagged, NexusError
 
 __all__ = ["PER_MESSAGE", "Batch", "Follower", "Frame", "Hub", "Item"]
 
@@ -33,6 +33,8 @@ class Follower(Protocol):
     #: The stored tag followed, or None: every session in ``scope``.
     tag: str | None
     scope: str | None
+    #: The id of the last message sent on it (None: none yet).
+    last_sent: int | None
 
     def offer(self, batch: Batch, removed: list[Removed]) -> None: ...
 
@@ -92,6 +94,20 @@ class Hub:
         """End every watch with ``err`` (shutdown)."""
         for w in [*self._all, *(w for g in self._by_tag.values() for w in g)]:
             w.end(err)
+
+    def interrupt(self) -> None:
+        """Storage may have missed commits (cut off from a database other daemons
+        write): end every watch ``lagged`` at what it was sent, so that each
+        resumes from ``history`` and loses nothing still stored."""
+        for w in [*self._all, *(w for g in self._by_tag.values() for w in g)]:
+            self.lagged += 1
+            w.end(
+                Lagged(
+                    "this daemon lost touch with the database and may have missed"
+                    " commits; watch again from last_id",
+                    last_id=w.last_sent,
+                )
+            )
 
     def publish(self, changes: list[Change]) -> None:
         """One committed batch: what it stored and removed, to every watch concerned.

@@ -122,6 +122,7 @@ class Server:
         #: Every open watch; storage tells it each commit.
         self.hub = Hub(buffer=config.watch_buffer, total=config.max_buffered)
         self.storage.on_commit = self.hub.publish
+        self.storage.on_gap = self.hub.interrupt
         #: Deletes what clear and retention hid, and what aged, between batches.
         self.sweeper = Sweeper(self.storage)
         self.readers = self.storage
@@ -155,6 +156,7 @@ class Server:
         self._stop = anyio.Event()
         self._reporting = anyio.CancelScope()
         self._indexing = anyio.CancelScope()
+        self._following = anyio.CancelScope()
 
     # ── public control ────────────────────────────────────────────────────
     def request_shutdown(self) -> None:
@@ -235,6 +237,7 @@ class Server:
             task_status.started(self)
             self.notifier.ready(f"serving on {listening}")
             root.start_soon(self._build_search_index)
+            root.start_soon(self._follow_commits)
             root.start_soon(self.sweeper.run)
             if self.notifier.enabled:
                 root.start_soon(self._report_to_systemd)
@@ -244,12 +247,18 @@ class Server:
             self.writer.close()
             self._reporting.cancel()
             self._indexing.cancel()
+            self._following.cancel()
             self.sweeper.stop()
 
     async def _build_search_index(self) -> None:
         """Index older rows (a database from before search) while serving; stopped by a stop."""
         with self._indexing:
             await self.storage.build_search_index()
+
+    async def _follow_commits(self) -> None:
+        """Other daemons' commits to this one's watches (shared storage); stopped by a stop."""
+        with self._following:
+            await self.storage.follow_commits()
 
     async def _drain(self, servers: list[asyncio.Server]) -> None:
         """Refuse new work, wait (bounded) for the answers owed, close every connection."""

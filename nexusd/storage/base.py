@@ -229,7 +229,18 @@ class Storage(Protocol):
     #: Not called for a batch whose storage was found lost.
     on_commit: Callable[[list[Change]], None] | None
 
+    #: Called in the event loop when commits of other daemons may have been
+    #: missed (the backend lost touch with shared storage for too long); None:
+    #: nobody asks.  Never called by a backend alone on its data.
+    on_gap: Callable[[], None] | None
+
     async def open(self) -> None: ...
+
+    async def follow_commits(self) -> None:
+        """Until cancelled: hand ``on_commit`` what other daemons sharing the
+        storage commit, in commit order, after (never amid) this one's own.  A
+        backend alone on its data (SQLite) returns at once."""
+        ...
 
     async def close(self) -> None: ...
 

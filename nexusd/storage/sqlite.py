@@ -98,6 +98,8 @@ class SQLiteStorage:
         self.wal_autocheckpoint = wal_autocheckpoint
         self.write_stats = WriteStats()
         self.on_commit: Callable[[list[Change]], None] | None = None
+        #: Never called: no other daemon writes this file.
+        self.on_gap: Callable[[], None] | None = None
         #: What the batch on the writer thread changed so far (its retries' included).
         self._changes: list[Change] = []
         #: Why writes are refused for good (the files changed under us), or None.
@@ -142,6 +144,9 @@ class SQLiteStorage:
         except BaseException:
             await self.close()
             raise
+
+    async def follow_commits(self) -> None:
+        """One daemon per file: no other daemon's commits to follow."""
 
     @property
     def index_state(self) -> fts.IndexState | None:

@@ -93,9 +93,10 @@ class PostgresStorage:
         self._retentions = Retentions(max_messages, max_age)
         self.on_sweep: Callable[[], None] | None = None
         self.on_commit: Callable[[list[Change]], None] | None = None
+        self.on_gap: Callable[[], None] | None = None
         self.storage_error: str | None = None
         self.write_stats = WriteStats()
-        self._follow = Follow(self.origin, self._publish)
+        self._follow = Follow(self.origin, self._publish, self._gap)
         self._search = PgSearch(search)
         self._pace = sweep.Pace()
         self._writer: Conn | None = None
@@ -211,6 +212,10 @@ class PostgresStorage:
     def _publish(self, changes: list[Change]) -> None:
         if self.on_commit is not None:
             self.on_commit(changes)
+
+    def _gap(self) -> None:
+        if self.on_gap is not None:
+            self.on_gap()
 
     async def _apply(
         self, ops: Sequence[Op]
