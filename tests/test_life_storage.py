@@ -1,18 +1,20 @@
 """A conversation's life in storage (issue 13): hidden clears and the sweep, delete by
 id, fork, a session's own retention, retention by age.
 
-Driven through the :class:`~nexusd.storage.base.Storage` seam, against a real
-SQLite file, with the full-text index on (every removal must leave it
-consistent).  Rows "committed two hours ago" are made by moving the commit
-marks back with a second connection, as another program would: no clock is
-faked inside nexusd.
+Driven through the :class:`~nexusd.storage.base.Storage` seam, against each
+backend (a real SQLite file; a fresh PostgreSQL database), with the full-text
+index on (every removal must leave it consistent).  Rows "committed two hours
+ago" are made by moving the commit marks back with a second connection, as
+another program would: no clock is faked inside nexusd.  The few raw looks at
+the stored data go through :class:`Data`, in SQL both backends share.
 """
 
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import AsyncIterator, Callable
-from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import AbstractAsyncContextManager, ExitStack, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,15 +37,17 @@ from nexusd.storage.base import (
     Retention,
     SearchQuery,
     SetRetention,
+    Storage,
 )
 from nexusd.storage.sqlite import SQLiteStorage
 from nexusd.wire.errors import BadRequest, Conflict, NotFound, TooLarge
+from tests.conftest import pg_database
 from tests.test_storage import write
 
 pytestmark = pytest.mark.anyio
 
 BIG = floors.HIDE_FROM + 500
-Opener = Callable[..., AbstractAsyncContextManager[SQLiteStorage]]
+Opener = Callable[..., AbstractAsyncContextManager[Storage]]
 
 
 @pytest.fixture
@@ -51,21 +55,103 @@ def anyio_backend() -> str:
     return "asyncio"
 
 
+@dataclass
+class Data:
+    """One test's stored data, as another program sees it: an SQLite file or a
+    PostgreSQL database (``url``)."""
+
+    kind: str
+    path: Path
+    url: str = ""
+
+    def raw(self, query: str, *params: Any) -> list[tuple[Any, ...]]:
+        """``query`` (``?`` placeholders) on a connection of its own, committed."""
+        if self.kind == "sqlite":
+            with sqlite3.connect(self.path) as conn:
+                return conn.execute(query, params).fetchall()
+        import psycopg
+
+        with psycopg.connect(self.url, autocommit=True) as pg:
+            cur = pg.execute(query.replace("?", "%s"), params)  # type: ignore[arg-type]
+            return [tuple(r) for r in cur.fetchall()] if cur.description else []
+
+    def stored_rows(self, where: str = "") -> int:
+        """Rows stored, hidden ones included."""
+        return int(self.raw(f"SELECT COUNT(*) FROM nexus_messages {where}")[0][0])
+
+    def age_everything(self, seconds: float) -> None:
+        """As if every row stored so far had been committed ``seconds`` earlier."""
+        self.raw("UPDATE nexus_marks SET second = second - ?, at = at - ?", int(seconds), seconds)
+
+    def index_is_consistent(self) -> None:
+        """The full-text index holds exactly the stored rows' words."""
+        if self.kind == "sqlite":  # FTS5's own check
+            with sqlite3.connect(self.path) as conn:
+                conn.execute(
+                    "INSERT INTO nexus_fts (nexus_fts, rank) VALUES ('integrity-check', 1)"
+                )
+            return
+        import psycopg
+
+        from nexusd.storage.postgres.search import INDEX
+
+        with psycopg.connect(self.url) as pg:
+            [(valid,)] = pg.execute(
+                "SELECT indisvalid AND indisready FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                (INDEX,),
+            ).fetchall()
+            assert valid
+            # Each word, looked up through the index only, finds exactly the rows
+            # whose stored vector holds it.
+            pg.execute("SET LOCAL enable_seqscan = off")
+            words = pg.execute(
+                "SELECT word, ndoc FROM ts_stat('SELECT tsv FROM nexus_messages')"
+                ' ORDER BY word COLLATE "C" LIMIT 200'
+            ).fetchall()
+            for word, ndoc in words:
+                [(n,)] = pg.execute(
+                    "SELECT COUNT(*) FROM nexus_messages WHERE tsv @@ %s::tsquery",
+                    (f"'{word}'",),
+                ).fetchall()
+                assert n == ndoc, word
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def data(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Data]:
+    with ExitStack() as stack:
+        url = stack.enter_context(pg_database()) if request.param == "postgres" else ""
+        yield Data(request.param, tmp_path / "n.db", url)
+
+
 @pytest.fixture
-def opener(tmp_path: Path) -> Opener:
+def opener(data: Data, tmp_path: Path) -> Opener:
     @asynccontextmanager
     async def open_one(*, max_messages: int = 0, max_age: float = 0.0) -> AsyncIterator[Any]:
-        storage = SQLiteStorage(
-            tmp_path / "n.db",
-            max_messages=max_messages,
-            max_age=max_age,
-            synchronous="normal",
-            wal_autocheckpoint=8000,
-            readers=2,
-            search=True,
-        )
+        storage: Storage
+        if data.kind == "postgres":
+            from nexusd.storage.postgres.backend import PostgresStorage
+
+            storage = PostgresStorage(
+                data.url,
+                max_messages=max_messages,
+                max_age=max_age,
+                readers=2,
+                search=True,
+                snapshot_dir=tmp_path,
+            )
+        else:
+            storage = SQLiteStorage(
+                data.path,
+                max_messages=max_messages,
+                max_age=max_age,
+                synchronous="normal",
+                wal_autocheckpoint=8000,
+                readers=2,
+                search=True,
+            )
         await storage.open()
         try:
+            await storage.build_search_index()
             yield storage
         finally:
             await storage.close()
@@ -74,30 +160,45 @@ def opener(tmp_path: Path) -> Opener:
 
 
 @pytest.fixture
-async def storage(opener: Opener) -> AsyncIterator[SQLiteStorage]:
+async def storage(opener: Opener) -> AsyncIterator[Storage]:
     async with opener() as s:
         yield s
+
+
+@pytest.fixture
+def limits(data: Data, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, int], None]:
+    """``limits(name, n)``: lower a bound of the editing code, in the module the
+    test's backend reads it from."""
+
+    def lower(name: str, n: int) -> None:
+        monkeypatch.setattr(editing, name, n)
+        if data.kind == "postgres":
+            from nexusd.storage.postgres import editing as pg_editing
+
+            monkeypatch.setattr(pg_editing, name, n)
+
+    return lower
 
 
 def row(content: str, *, key: str | None = None, ts: str | None = None) -> NewRow:
     return ("user", content, ts, None, key)
 
 
-async def one(storage: SQLiteStorage, op: Op) -> Any:
+async def one(storage: Storage, op: Op) -> Any:
     return (await write(storage, [op]))[0]
 
 
-async def contents(storage: SQLiteStorage, tag: str) -> list[str]:
+async def contents(storage: Storage, tag: str) -> list[str]:
     page = await storage.history(tag, 10_000, before_id=None, after_id=None, budget=1 << 30)
     return [m.content for m in page.items]
 
 
-async def found(storage: SQLiteStorage, word: str) -> list[str]:
+async def found(storage: Storage, word: str) -> list[str]:
     page = await storage.search(SearchQuery(word, limit=1000, newest=True))
     return [h.message.session_tag for h in page.items]
 
 
-async def sweep_all(storage: SQLiteStorage) -> int:
+async def sweep_all(storage: Storage) -> int:
     removed = 0
     for _ in range(10_000):
         swept = await storage.sweep()
@@ -107,25 +208,10 @@ async def sweep_all(storage: SQLiteStorage) -> int:
     raise AssertionError("the sweep never finished")
 
 
-def raw(db: Path, sql: str, *params: Any) -> list[Any]:
-    with sqlite3.connect(db) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
-def index_is_consistent(db: Path) -> None:
-    """FTS5's own check: the index holds exactly the stored rows' contents."""
-    conn = sqlite3.connect(db)
-    try:
-        conn.execute("INSERT INTO nexus_fts (nexus_fts, rank) VALUES ('integrity-check', 1)")
-    finally:
-        conn.close()
-
-
 # ── clear: hidden at once, deleted by the sweep ────────────────────────────
 async def test_a_big_clear_hides_at_once_and_the_sweep_deletes_later(
-    storage: SQLiteStorage,
+    storage: Storage, data: Data
 ) -> None:
-    db = storage.path
     await one(storage, Insert("big", [row(f"needle {i}") for i in range(BIG)]))
     await one(storage, Insert("other", [row("needle other")]))
     assert await one(storage, ClearSession("big")) == BIG
@@ -135,41 +221,46 @@ async def test_a_big_clear_hides_at_once_and_the_sweep_deletes_later(
     assert await found(storage, "needle") == ["other"]
     page = await storage.sessions(after=None, limit=100, budget=1 << 20)
     assert [s.session_tag for s in page.items] == ["other"]
-    assert raw(db, "SELECT COUNT(*) FROM nexus_messages WHERE session_tag = 'big'") == [(BIG,)]
+    assert data.raw("SELECT COUNT(*) FROM nexus_messages WHERE session_tag = 'big'") == [(BIG,)]
     assert await one(storage, PopNewest("big")) is None
     # New rows are visible; the sweep deletes only the hidden ones.
     (new,) = await one(storage, Insert("big", [row("needle again")]))
     assert await contents(storage, "big") == ["needle again"]
     assert await sweep_all(storage) == BIG
-    assert raw(db, "SELECT id FROM nexus_messages WHERE session_tag = 'big'") == [(new,)]
-    assert raw(db, "SELECT COUNT(*) FROM nexus_floors") == [(0,)]
+    assert data.raw("SELECT id FROM nexus_messages WHERE session_tag = 'big'") == [(new,)]
+    assert data.raw("SELECT COUNT(*) FROM nexus_floors") == [(0,)]
     assert sorted(await found(storage, "needle")) == ["big", "other"]
     assert storage.write_stats.swept == BIG
-    index_is_consistent(db)
-    # The sweep held the index's own merging while it deleted; it is back.
-    assert raw(db, "SELECT v FROM nexus_fts_config WHERE k = 'automerge'") == [(4,)]
+    data.index_is_consistent()
+    if data.kind == "sqlite":
+        # The sweep held FTS5's own merging while it deleted; it is back.
+        assert data.raw("SELECT v FROM nexus_fts_config WHERE k = 'automerge'") == [(4,)]
 
 
-async def test_merging_held_by_a_sweep_cut_short_is_released_at_open(opener: Opener) -> None:
+async def test_merging_held_by_a_sweep_cut_short_is_released_at_open(
+    opener: Opener, data: Data
+) -> None:
     async with opener() as storage:
         await one(storage, Insert("big", [row("m")] * BIG))
         await one(storage, ClearSession("big"))
         await storage.sweep()  # one step, then the daemon "stops"
-        assert raw(storage.path, "SELECT v FROM nexus_fts_config WHERE k = 'automerge'") == [(0,)]
+        if data.kind == "sqlite":  # FTS5's merging (PostgreSQL's GIN index has none to hold)
+            assert data.raw("SELECT v FROM nexus_fts_config WHERE k = 'automerge'") == [(0,)]
     async with opener() as storage:
-        assert raw(storage.path, "SELECT v FROM nexus_fts_config WHERE k = 'automerge'") == [(4,)]
+        if data.kind == "sqlite":
+            assert data.raw("SELECT v FROM nexus_fts_config WHERE k = 'automerge'") == [(4,)]
         await sweep_all(storage)
-        assert raw(storage.path, "SELECT COUNT(*) FROM nexus_messages") == [(0,)]
+        assert data.raw("SELECT COUNT(*) FROM nexus_messages") == [(0,)]
 
 
-async def test_a_small_clear_still_deletes_at_once(storage: SQLiteStorage) -> None:
+async def test_a_small_clear_still_deletes_at_once(storage: Storage, data: Data) -> None:
     await one(storage, Insert("s", [row("a"), row("b")]))
     assert await one(storage, ClearSession("s")) == 2
-    assert raw(storage.path, "SELECT COUNT(*) FROM nexus_messages") == [(0,)]
+    assert data.raw("SELECT COUNT(*) FROM nexus_messages") == [(0,)]
     assert (await storage.sweep()).removed == 0
 
 
-async def test_the_key_of_a_cleared_row_stores_a_new_row(storage: SQLiteStorage) -> None:
+async def test_the_key_of_a_cleared_row_stores_a_new_row(storage: Storage, data: Data) -> None:
     old = await one(storage, Insert("s", [row(f"m{i}", key=f"k{i}") for i in range(BIG)]))
     await one(storage, ClearSession("s"))
     (again,) = await one(storage, Insert("s", [row("again", key="k5")]))
@@ -179,10 +270,12 @@ async def test_the_key_of_a_cleared_row_stores_a_new_row(storage: SQLiteStorage)
     assert await one(storage, Insert("s", [row("again", key="k5")])) == [again]
     await sweep_all(storage)
     assert await contents(storage, "s") == ["again"]
-    index_is_consistent(storage.path)
+    data.index_is_consistent()
 
 
-async def test_a_big_clear_all_hides_every_session_of_its_scope(storage: SQLiteStorage) -> None:
+async def test_a_big_clear_all_hides_every_session_of_its_scope(
+    storage: Storage, data: Data
+) -> None:
     half = BIG // 2 + 1
     await write(storage, [Insert("a", [row("x")] * half), Insert("b", [row("y")] * half)])
     assert await one(storage, ClearAll()) == 2 * half
@@ -191,10 +284,10 @@ async def test_a_big_clear_all_hides_every_session_of_its_scope(storage: SQLiteS
     await one(storage, Insert("a", [row("after")]))
     assert await sweep_all(storage) == 2 * half
     assert await contents(storage, "a") == ["after"]
-    index_is_consistent(storage.path)
+    data.index_is_consistent()
 
 
-async def test_watchers_hear_a_hidden_clear_at_once(storage: SQLiteStorage) -> None:
+async def test_watchers_hear_a_hidden_clear_at_once(storage: Storage) -> None:
     heard: list[Change] = []
     storage.on_commit = heard.extend
     (*_, last) = await one(storage, Insert("s", [row("m")] * BIG))
@@ -204,7 +297,7 @@ async def test_watchers_hear_a_hidden_clear_at_once(storage: SQLiteStorage) -> N
 
 # ── delete by id ───────────────────────────────────────────────────────────
 async def test_delete_removes_exactly_those_ids_and_reports_the_missing(
-    opener: Opener,
+    opener: Opener, data: Data
 ) -> None:
     async with opener(max_messages=4) as storage:
         heard: list[Change] = []
@@ -221,12 +314,12 @@ async def test_delete_removes_exactly_those_ids_and_reports_the_missing(
         await one(storage, Insert("s", [row(c) for c in "xyz"]))
         assert await contents(storage, "s") == ["c", "x", "y", "z"]
         assert await found(storage, "b") == []
-        index_is_consistent(storage.path)
+        data.index_is_consistent()
 
 
 # ── fork ───────────────────────────────────────────────────────────────────
 async def test_a_fork_copies_every_field_with_a_link_to_its_source(
-    storage: SQLiteStorage,
+    storage: Storage, data: Data
 ) -> None:
     ids = await one(
         storage,
@@ -251,10 +344,10 @@ async def test_a_fork_copies_every_field_with_a_link_to_its_source(
         assert b.meta["forked_from"] == {"session_tag": "src-as-named", "id": a.id}
         assert {k: v for k, v in b.meta.items() if k != "forked_from"} == (a.meta or {})
     assert sorted(await found(storage, "hello")) == ["dst", "src"]
-    index_is_consistent(storage.path)
+    data.index_is_consistent()
 
 
-async def test_a_fork_up_to_an_id_and_its_refusals(storage: SQLiteStorage) -> None:
+async def test_a_fork_up_to_an_id_and_its_refusals(storage: Storage) -> None:
     ids = await one(storage, Insert("src", [row(c) for c in "abc"]))
     part = await one(storage, Fork("src", "part", "src", up_to_id=ids[1]))
     assert part.count == 2 and await contents(storage, "part") == ["a", "b"]
@@ -272,9 +365,9 @@ async def test_a_fork_up_to_an_id_and_its_refusals(storage: SQLiteStorage) -> No
 
 
 async def test_a_fork_past_its_bound_is_refused_whole(
-    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+    storage: Storage, limits: Callable[[str, int], None]
 ) -> None:
-    monkeypatch.setattr(editing, "MAX_FORK_MESSAGES", 2)
+    limits("MAX_FORK_MESSAGES", 2)
     await one(storage, Insert("src", [row(c) for c in "abc"]))
     refused = await one(storage, Fork("src", "dst", "src"))
     assert isinstance(refused, TooLarge) and "export" in refused.message
@@ -282,7 +375,7 @@ async def test_a_fork_past_its_bound_is_refused_whole(
 
 
 async def test_a_fork_refuses_a_copy_whose_meta_its_link_would_make_too_big(
-    storage: SQLiteStorage,
+    storage: Storage,
 ) -> None:
     big = '{"k": "' + "x" * 1000 + '"}'
     ids = await one(
@@ -296,7 +389,7 @@ async def test_a_fork_refuses_a_copy_whose_meta_its_link_would_make_too_big(
     assert fits.count == 1
 
 
-async def test_a_fork_does_not_copy_cleared_rows(storage: SQLiteStorage) -> None:
+async def test_a_fork_does_not_copy_cleared_rows(storage: Storage) -> None:
     await one(storage, Insert("src", [row("old")] * BIG))
     await one(storage, ClearSession("src"))
     await one(storage, Insert("src", [row("new")]))
@@ -306,7 +399,7 @@ async def test_a_fork_does_not_copy_cleared_rows(storage: SQLiteStorage) -> None
 
 # ── a session's own retention ─────────────────────────────────────────────
 async def test_a_session_retention_overrides_the_default_and_survives_a_restart(
-    opener: Opener,
+    opener: Opener, data: Data
 ) -> None:
     async with opener(max_messages=10) as storage:
         await one(storage, Insert("s", [row(str(i)) for i in range(10)]))
@@ -319,9 +412,7 @@ async def test_a_session_retention_overrides_the_default_and_survives_a_restart(
         own = {i.session_tag: (i.max_messages, i.max_age) for i in page.items}
         assert own == {"s": (3, None), "t": (None, 86400.0)}
         await sweep_all(storage)
-        assert raw(storage.path, "SELECT COUNT(*) FROM nexus_messages WHERE session_tag='s'") == [
-            (3,)
-        ]
+        assert data.raw("SELECT COUNT(*) FROM nexus_messages WHERE session_tag='s'") == [(3,)]
     async with opener(max_messages=10) as storage:
         await one(storage, Insert("s", [row("10")]))
         assert await contents(storage, "s") == ["8", "9", "10"]
@@ -336,23 +427,15 @@ async def test_a_session_retention_overrides_the_default_and_survives_a_restart(
 
 
 # ── retention by age ───────────────────────────────────────────────────────
-def age_everything(db: Path, seconds: float) -> None:
-    """As if every row stored so far had been committed ``seconds`` earlier."""
-    with sqlite3.connect(db) as conn:
-        conn.execute(
-            "UPDATE nexus_marks SET second = second - ?, at = at - ?", (int(seconds), seconds)
-        )
-
-
 async def test_rows_past_the_age_go_by_commit_time_not_by_their_timestamp(
-    opener: Opener,
+    opener: Opener, data: Data
 ) -> None:
     async with opener(max_age=3600) as storage:
         heard: list[Change] = []
         storage.on_commit = heard.extend
         await one(storage, Insert("s", [row("old1"), row("old2")]))
         await one(storage, Insert("t", [row("old3")]))
-        age_everything(storage.path, 7200)
+        data.age_everything(7200)
         # Claims to be from 2001, but committed now: it stays.
         await one(storage, Insert("s", [row("new", ts="2001-01-01T00:00:00Z")]))
         assert await sweep_all(storage) == 3
@@ -362,10 +445,10 @@ async def test_rows_past_the_age_go_by_commit_time_not_by_their_timestamp(
         assert storage.write_stats.expired == 3
         assert {c.session_tag for c in heard if isinstance(c, Removed)} == {"s", "t"}
         assert await found(storage, "old1") == []
-        index_is_consistent(storage.path)
+        data.index_is_consistent()
 
 
-async def test_a_session_age_of_its_own_overrides_the_default(opener: Opener) -> None:
+async def test_a_session_age_of_its_own_overrides_the_default(opener: Opener, data: Data) -> None:
     async with opener(max_age=3600) as storage:
         await one(storage, SetRetention("forever", Retention(max_age=0)))
         await one(storage, SetRetention("short", Retention(max_age=60)))
@@ -373,29 +456,25 @@ async def test_a_session_age_of_its_own_overrides_the_default(opener: Opener) ->
             storage,
             [Insert(t, [row(t)]) for t in ("forever", "short", "default")],
         )
-        age_everything(storage.path, 120)  # past short's minute, within the hour
+        data.age_everything(120)  # past short's minute, within the hour
         await sweep_all(storage)
         assert [await storage.count(t) for t in ("forever", "short", "default")] == [1, 0, 1]
-        age_everything(storage.path, 7200)
+        data.age_everything(7200)
         await sweep_all(storage)
         assert [await storage.count(t) for t in ("forever", "short", "default")] == [1, 0, 0]
         assert (await storage.sweep()).next_in == 6.0  # a tenth of the shortest age
 
 
-async def test_without_an_age_nothing_expires(storage: SQLiteStorage) -> None:
+async def test_without_an_age_nothing_expires(storage: Storage, data: Data) -> None:
     await one(storage, Insert("s", [row("a")]))
-    age_everything(storage.path, 10**8)
+    data.age_everything(10**8)
     swept = await storage.sweep()
     assert swept.removed == 0 and swept.next_in == 3600  # only the marks' thinning
     assert await contents(storage, "s") == ["a"]
 
 
-def stored_rows(db: Path) -> int:
-    return int(raw(db, "SELECT COUNT(*) FROM nexus_messages")[0][0])
-
-
 async def test_what_a_big_clear_hid_is_left_to_the_sweep_by_every_later_delete(
-    opener: Opener,
+    opener: Opener, data: Data
 ) -> None:
     """A small clear, clear_all or prune after a big clear must not delete the hidden
     rows in its own transaction (that was the stall hiding avoids)."""
@@ -404,26 +483,26 @@ async def test_what_a_big_clear_hid_is_left_to_the_sweep_by_every_later_delete(
         await one(storage, ClearSession("big"))
         await one(storage, Insert("big", [row("new")]))
         assert await one(storage, ClearSession("big")) == 1
-        assert stored_rows(storage.path) == BIG + 1  # all hidden, none deleted yet
+        assert data.stored_rows() == BIG + 1  # all hidden, none deleted yet
         assert await storage.count("big") == 0
         await one(storage, Insert("big", [row("again")]))
         assert await one(storage, ClearAll()) == 1
-        assert stored_rows(storage.path) == BIG + 2
+        assert data.stored_rows() == BIG + 2
         # A prune by count, taking an id range, leaves them too.
         await one(storage, SetRetention("big", Retention(max_messages=5)))
         await one(storage, Insert("big", [row(str(i)) for i in range(5)]))
         await one(storage, Insert("big", [row(str(i)) for i in range(5, 25)]))
         assert await contents(storage, "big") == [str(i) for i in range(20, 25)]
-        assert stored_rows(storage.path) >= BIG
+        assert data.stored_rows() >= BIG
         await sweep_all(storage)
-        assert stored_rows(storage.path) == 5
-        index_is_consistent(storage.path)
+        assert data.stored_rows() == 5
+        data.index_is_consistent()
 
 
 async def test_own_retentions_are_bounded(
-    storage: SQLiteStorage, monkeypatch: pytest.MonkeyPatch
+    storage: Storage, limits: Callable[[str, int], None]
 ) -> None:
-    monkeypatch.setattr(editing, "MAX_OWN_RETENTIONS", 2)
+    limits("MAX_OWN_RETENTIONS", 2)
     for tag in ("a", "b"):
         await one(storage, SetRetention(tag, Retention(max_age=60)))
     refused = await one(storage, SetRetention("c", Retention(max_age=60)))
@@ -434,15 +513,17 @@ async def test_own_retentions_are_bounded(
     assert await one(storage, SetRetention("c", Retention(max_age=60))) == Retention(None, 60)
 
 
-async def test_ages_of_their_own_reach_every_session_however_many(opener: Opener) -> None:
+async def test_ages_of_their_own_reach_every_session_however_many(
+    opener: Opener, data: Data
+) -> None:
     async with opener() as storage:
         tags = [f"s{i:03}" for i in range(150)]  # more than a step looks at
         for tag in tags:
             await one(storage, SetRetention(tag, Retention(max_age=60)))
         await write(storage, [Insert(tag, [row(tag)]) for tag in tags])
-        age_everything(storage.path, 120)
+        data.age_everything(120)
         assert await sweep_all(storage) == 150
-        assert stored_rows(storage.path) == 0
+        assert data.stored_rows() == 0
 
 
 async def test_counts_stay_exact_when_a_session_is_first_touched_by_a_removal(
