@@ -38,14 +38,18 @@ from ..ops import Change, Removed
 from . import log
 from .schema import TAKE_WRITE_LOCK
 
-__all__ = ["Pace", "SweepOutcome", "step"]
+__all__ = ["LOG_TRIM_EVERY", "Pace", "SweepOutcome", "step"]
 
 logger = logging.getLogger(__name__)
 
 #: Floors looked at per step.
 _FLOORS: Final = 16
+#: Most time between two steps even without any age: the commit log's trim
+#: (rows older than ``log.LOG_KEEP``), upkeep SQLite has no need of (its sweep
+#: then waits an hour, for the marks' thinning alone).
+LOG_TRIM_EVERY: Final = 60.0
 #: Most and least time between two sweeps of rows past their age.
-_LONGEST: Final = 60.0
+_LONGEST: Final = LOG_TRIM_EVERY
 _SHORTEST: Final = 1.0
 #: Sessions with an age of their own looked at per step.
 _OWN_PER_STEP: Final = 64
