@@ -26,9 +26,18 @@ import nexusd
 from nexusd import AsyncClient, BadRequest, Client, ConnectionLost, DaemonNotRunning
 from nexusd.wire import protocol as p
 from nexusd.wire.framing import FrameDecoder, encode_frame
-from tests.conftest import Daemon, _new_daemon
+from tests.conftest import Daemon, _new_daemon, backend_storage
 
 FLAVORS = ["blocking", "asyncio", "trio"]
+#: Every test on a daemon runs against SQLite and PostgreSQL storage (tests/conftest.py).
+BOTH_BACKENDS = True
+
+
+@pytest.fixture
+def storage(backend: str) -> Iterator[str | None]:
+    """``--storage`` for a daemon the test starts itself: None (SQLite) or a fresh database."""
+    with backend_storage(backend) as url:
+        yield url
 
 
 class Blocking:
@@ -204,8 +213,8 @@ def test_a_deadline_of_zero_expires_at_once_on_every_transport(
 
 # ── reconnecting after a restart, and first contact ──────────────────────────
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_calls_survive_a_daemon_restart(flavor: str, short_dir: Path) -> None:
-    d = _new_daemon(short_dir).start()
+def test_calls_survive_a_daemon_restart(flavor: str, short_dir: Path, storage: str | None) -> None:
+    d = _new_daemon(short_dir, storage=storage).start()
 
     async def scenario() -> None:
         async with make(flavor, d.socket) as c:
@@ -234,9 +243,9 @@ def test_calls_survive_a_daemon_restart(flavor: str, short_dir: Path) -> None:
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_with_retries_off_a_restart_fails_one_call_then_reconnects(
-    flavor: str, short_dir: Path
+    flavor: str, short_dir: Path, storage: str | None
 ) -> None:
-    d = _new_daemon(short_dir).start()
+    d = _new_daemon(short_dir, storage=storage).start()
 
     async def scenario() -> None:
         async with make(flavor, d.socket, retry_for=0) as c:
@@ -275,8 +284,10 @@ def test_a_daemon_that_was_never_reached_is_not_waited_for(flavor: str, short_di
 # ── backup ───────────────────────────────────────────────────────────────────
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_backup_to_a_file_and_never_over_the_live_database(
-    flavor: str, daemon: Daemon, tmp_path: Path
+    flavor: str, daemon: Daemon, tmp_path: Path, backend: str
 ) -> None:
+    if backend == "postgres":
+        return _backup_refused_with_postgres(flavor, daemon, tmp_path)
     dest = tmp_path / "copy.db"
     seen: list[tuple[int, int]] = []
 
@@ -299,3 +310,20 @@ def test_backup_to_a_file_and_never_over_the_live_database(
         conn.close()
     assert dest.stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == ["copy.db"]  # no temporary file left
+
+
+def _backup_refused_with_postgres(flavor: str, daemon: Daemon, tmp_path: Path) -> None:
+    """PostgreSQL's own tools back it up (docs/scaling.md): said at once, nothing written."""
+    dest = tmp_path / "copy.db"
+
+    async def scenario() -> None:
+        async with make(flavor, daemon.socket) as c:
+            await c.append_many([("user", f"m{i}") for i in range(5)], session_tag="b")
+            started = time.monotonic()
+            with pytest.raises(nexusd.Unavailable, match="pg_dump"):
+                await c.backup(dest)
+            assert time.monotonic() - started < 5  # a refusal, not retried for retry_for
+            assert await c.message_count("b") == 5
+
+    run(flavor, scenario)
+    assert list(tmp_path.iterdir()) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -10,14 +11,23 @@ import pytest
 
 from nexusd import AsyncClient, BadRequest, Client, DaemonNotRunning, Message, NexusError
 from nexusd.wire.protocol import SessionInfo
-from tests.conftest import Daemon, _new_daemon, write_config
+from tests.conftest import Daemon, _new_daemon, backend_storage, write_config
 
 pytestmark = pytest.mark.anyio
+#: Every test on a daemon runs against SQLite and PostgreSQL storage (tests/conftest.py).
+BOTH_BACKENDS = True
 
 
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def storage(backend: str) -> Iterator[str | None]:
+    """``--storage`` for a daemon the test starts itself: None (SQLite) or a fresh database."""
+    with backend_storage(backend) as url:
+        yield url
 
 
 async def test_async_client_every_operation(shared_daemon: Daemon, tag: str) -> None:
@@ -109,12 +119,15 @@ async def test_unreachable_daemon_says_how_to_start_it(short_dir: Path) -> None:
     assert isinstance(info.value, ConnectionError)
 
 
-async def test_history_pages_on_when_the_server_cuts_a_reply(short_dir: Path) -> None:
+async def test_history_pages_on_when_the_server_cuts_a_reply(
+    short_dir: Path, storage: str | None
+) -> None:
     cfg = write_config(short_dir / "small.toml", max_meta=16384)  # it must fit the frame too
     d = _new_daemon(
         short_dir,
         *("--config", str(cfg), "--max-frame", "65536", "--max-content", "40000"),
         *("--max-messages", "0"),
+        storage=storage,
     ).start()
     try:
         async with AsyncClient(d.socket) as c:
@@ -139,8 +152,10 @@ async def test_daemon_gone_raises_connection_error_after_the_retry_window(short_
         assert isinstance(info.value, ConnectionError)
 
 
-async def test_daemon_restart_mid_stream_neither_loses_nor_duplicates(short_dir: Path) -> None:
-    d = _new_daemon(short_dir, "--max-messages", "0").start()
+async def test_daemon_restart_mid_stream_neither_loses_nor_duplicates(
+    short_dir: Path, storage: str | None
+) -> None:
+    d = _new_daemon(short_dir, "--max-messages", "0", storage=storage).start()
     acked: list[int] = []
     restarted = anyio.Event()
     under_way = anyio.Event()
@@ -241,6 +256,8 @@ async def test_without_keys_the_same_loss_would_duplicate(
 
 
 async def test_a_flood_through_one_client_is_throttled_not_lost(short_dir: Path, tag: str) -> None:
+    # SQLite only: tests/slow_daemon.py slows SQLite's write transactions, and
+    # what is tested here is the transport's back-pressure, not the storage.
     # The daemon reads slowly (slow writer, small queue): the client's writes
     # back up, its transport pauses, and every call still completes.  On the
     # plain asyncio loop (what runs without the fast extra), where frames

@@ -10,6 +10,9 @@ import pytest
 from nexusd import BadRequest, Client, DaemonNotRunning
 from tests.conftest import Daemon
 
+#: Every test on a daemon runs against SQLite and PostgreSQL storage (tests/conftest.py).
+BOTH_BACKENDS = True
+
 
 def test_sync_client_every_operation(shared_daemon: Daemon, tag: str) -> None:
     with Client(shared_daemon.socket) as c:
