@@ -30,7 +30,7 @@ def storage(backend: str) -> Iterator[str | None]:
         yield url
 
 
-async def test_async_client_every_operation(shared_daemon: Daemon, tag: str) -> None:
+async def test_async_client_every_operation(shared_daemon: Daemon, tag: str, backend: str) -> None:
     async with AsyncClient(shared_daemon.socket) as c:
         await c.ping()
         hello = await c.hello()
@@ -61,6 +61,7 @@ async def test_async_client_every_operation(shared_daemon: Daemon, tag: str) -> 
         assert await c.pop(tag) is None
         st = await c.stats()
         assert st["rows_committed"] >= 4 and "commit_latency_p99_ms" in st
+        assert st["storage"].startswith("postgresql://") == (backend == "postgres")
 
 
 async def test_async_client_errors_raise_typed_exceptions(shared_daemon: Daemon, tag: str) -> None:

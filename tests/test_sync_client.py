@@ -14,7 +14,7 @@ from tests.conftest import Daemon
 BOTH_BACKENDS = True
 
 
-def test_sync_client_every_operation(shared_daemon: Daemon, tag: str) -> None:
+def test_sync_client_every_operation(shared_daemon: Daemon, tag: str, backend: str) -> None:
     with Client(shared_daemon.socket) as c:
         c.ping()
         a = c.append("user", "one", session_tag=tag, meta={"x": 1})
@@ -40,7 +40,9 @@ def test_sync_client_every_operation(shared_daemon: Daemon, tag: str) -> None:
         assert popped is not None and popped.content == "three"
         assert c.clear(tag) == 2
         assert c.message_count(tag) == 0
-        assert "queue_depth" in c.stats()
+        st = c.stats()
+        assert "queue_depth" in st
+        assert st["storage"].startswith("postgresql://") == (backend == "postgres")
         with pytest.raises(BadRequest):
             c.append("r" * 65, "x", session_tag=tag)
         assert c.append("ok", "after error", session_tag=tag) > 0
