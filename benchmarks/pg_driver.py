@@ -14,6 +14,9 @@ connection per driver, one task, the same table and rows:
              from unnest() arrays (what writes.py does) and executemany (pipelined);
              asyncpg as the same unnest() INSERT, executemany and
              copy_records_to_table
+  batch100 unnest binary  psycopg with %b placeholders (arrays sent in binary,
+             as asyncpg always does; copy.py does this, writes.py's text
+             arrays do not)
   batch100 copy  psycopg's COPY FROM STDIN, for comparison with asyncpg's copy
 
 each with synchronous_commit on (a WAL fsync per commit: what nexusd runs) and
@@ -97,6 +100,12 @@ async def psycopg_points(url: str, sync: str, secs: float) -> dict[str, Any]:
                 cur = await conn.execute(UNNEST.format("%s", "%s", "%s"), (TAGS, ROLES, CONTENTS))
             await cur.fetchall()
 
+        async def unnest_b() -> None:  # the arrays dumped in binary, as copy.py does
+            async with conn.pipeline(), conn.transaction():
+                await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK,))
+                cur = await conn.execute(UNNEST.format("%b", "%b", "%b"), (TAGS, ROLES, CONTENTS))
+            await cur.fetchall()
+
         async def many() -> None:
             async with conn.transaction():
                 await conn.execute("SELECT pg_advisory_xact_lock(%s)", (LOCK,))
@@ -116,6 +125,7 @@ async def psycopg_points(url: str, sync: str, secs: float) -> dict[str, Any]:
         out["one"] = await timed(secs, one)
         out["txn"] = await timed(secs, txn)
         out["batch100 unnest"] = await timed(secs, unnest)
+        out["batch100 unnest binary"] = await timed(secs, unnest_b)
         out["batch100 executemany"] = await timed(secs, many)
         out["batch100 copy"] = await timed(secs, copy)
     return out
@@ -156,6 +166,7 @@ async def asyncpg_points(url: str, sync: str, secs: float) -> dict[str, Any]:
         out["one"] = await timed(secs, one)
         out["txn"] = await timed(secs, txn)
         out["batch100 unnest"] = await timed(secs, unnest)
+        out["batch100 unnest binary"] = out["batch100 unnest"]  # asyncpg: always binary
         out["batch100 executemany"] = await timed(secs, many)
         out["batch100 copy"] = await timed(secs, copy)
     finally:
