@@ -185,10 +185,11 @@ class Meter:
         return s
 
     def add(self, res: dict[str, Any], a: dict[str, float], b: dict[str, float]) -> None:
-        ops = res["ops"] or 1
-        rows = res.get("rows", ops)
+        # Per row committed between the samples (the daemon's own count): the same
+        # interval as the CPU readings, warm-up included; append_many counts 100.
         dt = b["t"] - a["t"]
         batches = b["batches"] - a["batches"]
+        rows = b["rows"] - a["rows"] or 1
         res["daemon_cpu_us_per_row"] = round((b["cpu"] - a["cpu"]) / rows * 1e6, 1)
         res["daemon_cpu_pct"] = round((b["cpu"] - a["cpu"]) / dt * 100, 1)
         res["mean_batch"] = round((b["rows"] - a["rows"]) / batches, 2) if batches else None
