@@ -50,6 +50,8 @@ PG_BIN = Path(os.environ.get("PG_BIN", "/usr/lib/postgresql/15/bin"))
 CONCURRENCY = (1, 8, 32, 128)
 INITDB = ("-E", "UTF8", "--locale=C.UTF-8")
 START = ("-w", "-t", "60", "start", "-o")
+#: More server settings, e.g. "-c shared_preload_libraries=pg_stat_statements".
+EXTRA = os.environ.get("NEXUSD_BENCH_PG_OPTS", "")
 
 
 # ── the durable cluster ──────────────────────────────────────────────────────
@@ -70,7 +72,7 @@ def cluster(base: Path) -> Iterator[tuple[str, Path]]:
     opts = (
         f"-c listen_addresses='' -c unix_socket_directories='{base}' -c fsync=on "
         "-c synchronous_commit=on -c full_page_writes=on -c max_connections=200 "
-        "-c shared_buffers=128MB"
+        "-c shared_buffers=128MB " + EXTRA
     )
     subprocess.run(
         [
