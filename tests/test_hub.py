@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from nexusd.daemon.hub import Batch, Hub
 from nexusd.storage.base import Added, Removed
 from nexusd.storage.scope import NS_MARK
-from nexusd.wire.errors import NexusError
+from nexusd.wire.errors import Lagged, NexusError
 
 A = f"{NS_MARK}u1001{NS_MARK}"
 B = f"{NS_MARK}u1002{NS_MARK}"
@@ -23,13 +23,15 @@ class Recorder:
     scope: str | None
     got: list[int] = field(default_factory=list)
     removed: list[Removed] = field(default_factory=list)
+    last_sent: int | None = None
+    ended: list[NexusError | None] = field(default_factory=list)
 
     def offer(self, batch: Batch, removed: list[Removed]) -> None:
         self.got += [m.id for m, _ in batch.items]
         self.removed += removed
 
     def end(self, err: NexusError | None) -> None:
-        pass
+        self.ended.append(err)
 
 
 def row(tag: str, content: str = "c") -> tuple[str, str, str, str, None, None]:
@@ -83,3 +85,17 @@ def test_the_messages_of_several_sessions_reach_an_all_watch_in_id_order() -> No
     hub.add(everyone)
     hub.publish([Added(1, [row("x"), row("y"), row("x"), row("z"), row("y")])])
     assert everyone.got == [1, 2, 3, 4, 5]
+
+
+def test_interrupt_ends_every_watch_lagged_at_what_it_was_sent() -> None:
+    # Storage shared with other daemons lost touch for too long: commits may have
+    # been missed, so every watch ends lagged at its own last id and resumes from history.
+    hub = Hub(buffer=1 << 20)
+    one, every = Recorder("s", None, last_sent=7), Recorder(None, None)
+    hub.add(one)
+    hub.add(every)
+    hub.interrupt()
+    assert [type(e) for e in one.ended] == [Lagged] and [type(e) for e in every.ended] == [Lagged]
+    assert [e.last_id for e in one.ended if isinstance(e, Lagged)] == [7]
+    assert [e.last_id for e in every.ended if isinstance(e, Lagged)] == [None]
+    assert hub.lagged == 2

@@ -72,7 +72,7 @@ class Data:
         import psycopg
 
         with psycopg.connect(self.url, autocommit=True) as pg:
-            cur = pg.execute(query.replace("?", "%s"), params)  # type: ignore[arg-type]
+            cur = pg.execute(query.replace("?", "%s"), params)
             return [tuple(r) for r in cur.fetchall()] if cur.description else []
 
     def stored_rows(self, where: str = "") -> int:

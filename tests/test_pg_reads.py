@@ -16,7 +16,7 @@ import functools
 import json
 import random
 import sqlite3
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Generator, Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -233,9 +233,11 @@ async def test_history_pages_as_sqlite(loaded: tuple[SQLiteStorage, Any, Data]) 
             after = rng.choice([None, None, *edges])
             limit = rng.choice([1, 2, 5, 20, 1000])
             budget = rng.choice(_budgets())
-            kw = dict(before_id=before, after_id=after, budget=budget)
-            want = await lite.history(tag, limit, **kw)
-            got = await reads.history(pg, tag, limit, **kw)
+            kw = (before, after, budget)
+            want = await lite.history(tag, limit, before_id=before, after_id=after, budget=budget)
+            got = await reads.history(
+                pg, tag, limit, before_id=before, after_id=after, budget=budget
+            )
             assert got == want, (tag, limit, kw)
             checked += 1
             cut += got.truncated
@@ -362,7 +364,7 @@ async def _pg_counts(conn: Any) -> tuple[dict[str, int], dict[str, int]]:
 
 def _sqlite_steps(
     path: Path, default_age: float, clock: float, rows: Iterator[int]
-) -> Iterator[sqlite_sweep.SweepOutcome]:
+) -> Generator[sqlite_sweep.SweepOutcome, None, None]:
     conn = open_writer(path)
     retentions = Retentions(0, default_age)
     retentions.load(conn)

@@ -503,19 +503,6 @@ async def test_a_second_daemon_waits_for_the_first_ones_build(pg_url: str) -> No
         assert (await cur.fetchone()) == (1,)
 
 
-async def test_a_schema_indexing_raw_text_still_searches(pg_url: str) -> None:
-    """Before schema.py takes search.py's DDL: the parser's own words, consistently."""
-    async with pg(pg_url, raw=True) as conn:
-        if pgs.TSV_FUNCTION_NAME in await _tsv_expression(conn):
-            pytest.skip("schema.py's migration 1 carries search.py's DDL already")
-        ids = await insert(conn, ["mail bob@example.com", "Über das Café", "foo-bar"])
-        s = await ready(conn)
-        assert [h.message.id for h in await find(s, conn, "bob@example.com")] == [ids[0]]
-        assert await find(s, conn, "bob") == []
-        assert [h.message.id for h in await find(s, conn, "uber cafe")] == [ids[1]]
-        assert [h.message.id for h in await find(s, conn, "foo-bar")] == [ids[2]]
-
-
 def test_build_percent_follows_the_phases() -> None:
     assert pgs.build_percent(None, ()) == 0
     assert pgs.build_percent("building index: scanning table", (100, 50, 0, 0)) == 35

@@ -98,8 +98,7 @@ class SQLiteStorage:
         self.wal_autocheckpoint = wal_autocheckpoint
         self.write_stats = WriteStats()
         self.on_commit: Callable[[list[Change]], None] | None = None
-        #: Never called: no other daemon writes this file.
-        self.on_gap: Callable[[], None] | None = None
+        self.on_gap: Callable[[], None] | None = None  # never called: one daemon per file
         #: What the batch on the writer thread changed so far (its retries' included).
         self._changes: list[Change] = []
         #: Why writes are refused for good (the files changed under us), or None.
@@ -145,8 +144,8 @@ class SQLiteStorage:
             await self.close()
             raise
 
-    async def follow_commits(self) -> None:
-        """One daemon per file: no other daemon's commits to follow."""
+    async def follow_commits(self) -> None:  # one daemon per file: none to follow
+        return
 
     @property
     def index_state(self) -> fts.IndexState | None:

@@ -157,23 +157,15 @@ class Follow:
                     await conn.close()
 
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        noticed = False
-
-        def notice(_n: psycopg.Notify) -> None:
-            nonlocal noticed
-            noticed = True
-
-        conn.add_notify_handler(notice)
         await conn.execute(f"LISTEN {CHANNEL}")
         while True:
             # Listening first, then reading: a commit between the two is in the read.
+            # A notice that comes while we read is kept by psycopg for the next
+            # notifies() (no notify handler on this connection: with one, psycopg
+            # warns that notifies() is not reliable), which then returns at once.
             await self.catch_up(conn)
-            if noticed:  # a notice came while we read: read again at once
-                noticed = False
-                continue
             async for _n in conn.notifies(timeout=POLL, stop_after=1):
                 pass
-            noticed = False
 
 
 def _one_line(exc: BaseException) -> str:
