@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from nexusd.storage import editing, floors
+from nexusd.storage import floors, ops
 from nexusd.storage.base import (
     Change,
     ClearAll,
@@ -166,16 +166,12 @@ async def storage(opener: Opener) -> AsyncIterator[Storage]:
 
 
 @pytest.fixture
-def limits(data: Data, monkeypatch: pytest.MonkeyPatch) -> Callable[[str, int], None]:
-    """``limits(name, n)``: lower a bound of the editing code, in the module the
-    test's backend reads it from."""
+def limits(monkeypatch: pytest.MonkeyPatch) -> Callable[[str, int], None]:
+    """``limits(name, n)``: lower a bound of the editing ops (nexusd/storage/ops.py,
+    where every backend's refusals read it)."""
 
     def lower(name: str, n: int) -> None:
-        monkeypatch.setattr(editing, name, n)
-        if data.kind == "postgres":
-            from nexusd.storage.postgres import editing as pg_editing
-
-            monkeypatch.setattr(pg_editing, name, n)
+        monkeypatch.setattr(ops, name, n)
 
     return lower
 

@@ -13,12 +13,11 @@ import sqlite3
 from collections import Counter
 from typing import Final
 
-from ..wire.errors import BadRequest, Conflict, NexusError, NotFound, TooLarge
+from ..wire.errors import NexusError
+from . import ops
 from .counts import Counts
 from .floors import hide_below
 from .ops import (
-    MAX_FORK_BYTES,
-    MAX_FORK_MESSAGES,
     Change,
     Deleted,
     DeleteIds,
@@ -38,9 +37,6 @@ _IDS_CHUNK: Final = 500
 _LINKED: Final = (
     "json_set(coalesce(meta, '{}'), '$.forked_from', json_object('session_tag', ?, 'id', id))"
 )
-#: Sessions with a retention of their own, at most (each costs the writer's
-#: memory and the sweep's passes, whether or not the session holds messages).
-MAX_OWN_RETENTIONS: Final = 100_000
 
 
 class Retentions:
@@ -120,15 +116,9 @@ def fork_rows(conn: sqlite3.Connection, op: Fork, counts: Counts) -> list[NewRow
     ``forked_from``: the source's tag (as its client names it) and the
     original's id.  No idempotency key: a copy is not a resend.
     """
-    if op.new_tag == op.source_tag:
-        return BadRequest("a session cannot be forked into itself", field="new_tag")
-    if not op.append and counts.get(op.new_tag):
-        # (Not naming it: the stored tag may carry a peer's namespace prefix.)
-        return Conflict(
-            f"the new session already has {counts.get(op.new_tag)} messages;"
-            " fork into a new tag, or append to it",
-            field="new_tag",
-        )
+    refused = ops.fork_refused(op, counts.get(op.new_tag))
+    if refused is not None:
+        return refused
     src = op.source_tag
     upto = op.up_to_id if op.up_to_id is not None else 2**63 - 1
     where = f"session_tag = ? AND id <= ? AND {VISIBLE_ONE}"
@@ -138,23 +128,16 @@ def fork_rows(conn: sqlite3.Connection, op: Fork, counts: Counts) -> list[NewRow
             f"SELECT 1 FROM nexus_messages WHERE id = ? AND {where}", (op.up_to_id, *params)
         ).fetchone()
         if hit is None:
-            return NotFound(
-                f"session {op.link_tag!r} holds no message {op.up_to_id}", field="up_to_id"
-            )
+            return ops.fork_missing(op, up_to=True)
     n, size = conn.execute(
         f"SELECT COUNT(*), coalesce(SUM({row_size()}), 0) FROM nexus_messages WHERE {where}",
         params,
     ).fetchone()
     if n == 0:
-        return NotFound(f"session {op.link_tag!r} has no messages to fork", field="source_tag")
-    if n > MAX_FORK_MESSAGES or size > MAX_FORK_BYTES:
-        return TooLarge(
-            f"a fork copies at most {MAX_FORK_MESSAGES} messages and"
-            f" {MAX_FORK_BYTES // (1024 * 1024)} MiB at once; this one is {n} messages,"
-            f" {size // (1024 * 1024)} MiB: fork up to an earlier id, or copy it with"
-            " nexusd export | nexusd import --session-map",
-            field="source_tag",
-        )
+        return ops.fork_missing(op, up_to=False)
+    too_large = ops.fork_too_large(n, size)
+    if too_large is not None:
+        return too_large
     if op.max_meta:
         over = conn.execute(
             f"SELECT id FROM nexus_messages WHERE {where} AND length(CAST({_LINKED} AS BLOB)) > ?"
@@ -162,11 +145,7 @@ def fork_rows(conn: sqlite3.Connection, op: Fork, counts: Counts) -> list[NewRow
             (*params, op.link_tag, op.max_meta),
         ).fetchone()
         if over is not None:
-            return TooLarge(
-                f"message {over[0]}'s meta would pass {op.max_meta} bytes with the"
-                " forked_from link; fork up to an earlier id",
-                field="source_tag",
-            )
+            return ops.fork_meta_too_big(op, over[0])
     return [
         (role, content, ts, meta, None)
         for role, content, ts, meta in conn.execute(
@@ -186,12 +165,9 @@ def set_retention(
 ) -> Retention | NexusError:
     """Store ``op``'s retention; hide the overflow a lower ``max_messages`` leaves."""
     tag, r = op.session_tag, op.retention
-    if tag not in retentions.own and len(retentions.own) >= MAX_OWN_RETENTIONS:
-        return BadRequest(
-            f"at most {MAX_OWN_RETENTIONS} sessions may have a retention of their own;"
-            " reset some (set_retention with neither limit) first",
-            field="session_tag",
-        )
+    full = ops.retentions_full(len(retentions.own), tag in retentions.own)
+    if full is not None:
+        return full
     if r.max_messages is None and r.max_age is None:
         conn.execute("DELETE FROM nexus_retention WHERE session_tag = ?", (tag,))
     else:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final, Generic, TypeAlias, TypeVar
 
-from ..wire.errors import NexusError
+from ..wire.errors import BadRequest, Conflict, NexusError, NotFound, TooLarge
 from ..wire.protocol import Message
 
 R = TypeVar("R", covariant=True)
@@ -132,6 +132,68 @@ class Fork(WriteOp[Forked]):
 #: copies go through ``nexusd export | nexusd import --session-map``, in batches.
 MAX_FORK_MESSAGES: Final = 10_000
 MAX_FORK_BYTES: Final = 4 * 1024 * 1024
+
+
+#: Sessions with a retention of their own, at most (each costs every writer's
+#: memory and the sweep's passes, whether or not the session holds messages).
+MAX_OWN_RETENTIONS: Final = 100_000
+
+
+# The refusals of the editing ops, worded once for every backend.  They read the
+# bounds above when called, so a test that lowers one lowers it for every backend.
+def fork_refused(op: Fork, held: int) -> NexusError | None:
+    """Before anything is read: a fork into itself, or into a session that holds
+    ``held`` messages when the fork does not append."""
+    if op.new_tag == op.source_tag:
+        return BadRequest("a session cannot be forked into itself", field="new_tag")
+    if held and not op.append:
+        # (Not naming it: the stored tag may carry a peer's namespace prefix.)
+        return Conflict(
+            f"the new session already has {held} messages; fork into a new tag, or append to it",
+            field="new_tag",
+        )
+    return None
+
+
+def fork_missing(op: Fork, *, up_to: bool) -> NotFound:
+    """The source holds no message ``op.up_to_id`` (``up_to``), or nothing to copy."""
+    if up_to:
+        return NotFound(f"session {op.link_tag!r} holds no message {op.up_to_id}", field="up_to_id")
+    return NotFound(f"session {op.link_tag!r} has no messages to fork", field="source_tag")
+
+
+def fork_too_large(n: int, size: int) -> TooLarge | None:
+    """A copy of ``n`` messages and ``size`` bytes past :data:`MAX_FORK_MESSAGES` or
+    :data:`MAX_FORK_BYTES`."""
+    if n <= MAX_FORK_MESSAGES and size <= MAX_FORK_BYTES:
+        return None
+    mib = 1024 * 1024
+    return TooLarge(
+        f"a fork copies at most {MAX_FORK_MESSAGES} messages and {MAX_FORK_BYTES // mib} MiB"
+        f" at once; this one is {n} messages, {size // mib} MiB: fork up to an earlier id,"
+        " or copy it with nexusd export | nexusd import --session-map",
+        field="source_tag",
+    )
+
+
+def fork_meta_too_big(op: Fork, row_id: int) -> TooLarge:
+    """Message ``row_id``'s meta with its ``forked_from`` link would pass ``op.max_meta``."""
+    return TooLarge(
+        f"message {row_id}'s meta would pass {op.max_meta} bytes with the"
+        " forked_from link; fork up to an earlier id",
+        field="source_tag",
+    )
+
+
+def retentions_full(own: int, has_own: bool) -> BadRequest | None:
+    """A new retention of its own when ``own`` sessions have one already."""
+    if has_own or own < MAX_OWN_RETENTIONS:
+        return None
+    return BadRequest(
+        f"at most {MAX_OWN_RETENTIONS} sessions may have a retention of their own;"
+        " reset some (set_retention with neither limit) first",
+        field="session_tag",
+    )
 
 
 @dataclass(frozen=True, slots=True)

@@ -18,13 +18,12 @@ from typing import Any, Final
 
 import psycopg
 
-from ...wire.errors import BadRequest, Conflict, NexusError, NotFound, TooLarge
+from ...wire.errors import NexusError
 from ...wire.protocol import Message
-from ..editing import MAX_OWN_RETENTIONS, Retentions
+from .. import ops
+from ..editing import Retentions
 from ..floors import HIDE_FROM
 from ..ops import (
-    MAX_FORK_BYTES,
-    MAX_FORK_MESSAGES,
     Change,
     ClearAll,
     ClearSession,
@@ -214,15 +213,9 @@ def _linked(meta: str | None, link_tag: str, row_id: int) -> str:
 
 async def fork_rows(conn: Conn, op: Fork) -> list[NewRow] | NexusError:
     """The rows :class:`Fork` stores (inserted like an append's), or why it refuses."""
-    if op.new_tag == op.source_tag:
-        return BadRequest("a session cannot be forked into itself", field="new_tag")
-    held = await count_of(conn, op.new_tag)
-    if not op.append and held:
-        # (Not naming it: the stored tag may carry a peer's namespace prefix.)
-        return Conflict(
-            f"the new session already has {held} messages; fork into a new tag, or append to it",
-            field="new_tag",
-        )
+    refused = ops.fork_refused(op, await count_of(conn, op.new_tag))
+    if refused is not None:
+        return refused
     src = op.source_tag
     upto = op.up_to_id if op.up_to_id is not None else 2**63 - 1
     where = f"session_tag = %s AND id <= %s AND {VISIBLE_ONE}"
@@ -232,24 +225,17 @@ async def fork_rows(conn: Conn, op: Fork) -> list[NewRow] | NexusError:
             conn, f"SELECT 1 FROM nexus_messages WHERE id = %s AND {where}", (op.up_to_id, *params)
         )
         if hit is None:
-            return NotFound(
-                f"session {op.link_tag!r} holds no message {op.up_to_id}", field="up_to_id"
-            )
+            return ops.fork_missing(op, up_to=True)
     n, size = await _one(
         conn,
         f"SELECT count(*), coalesce(sum({row_size()}), 0) FROM nexus_messages WHERE {where}",
         params,
     )
     if n == 0:
-        return NotFound(f"session {op.link_tag!r} has no messages to fork", field="source_tag")
-    if n > MAX_FORK_MESSAGES or size > MAX_FORK_BYTES:
-        return TooLarge(
-            f"a fork copies at most {MAX_FORK_MESSAGES} messages and"
-            f" {MAX_FORK_BYTES // (1024 * 1024)} MiB at once; this one is {n} messages,"
-            f" {int(size) // (1024 * 1024)} MiB: fork up to an earlier id, or copy it with"
-            " nexusd export | nexusd import --session-map",
-            field="source_tag",
-        )
+        return ops.fork_missing(op, up_to=False)
+    too_large = ops.fork_too_large(n, int(size))
+    if too_large is not None:
+        return too_large
     cur = await conn.execute(
         f"SELECT id, role, content, timestamp, meta FROM nexus_messages WHERE {where} ORDER BY id",
         params,
@@ -258,11 +244,7 @@ async def fork_rows(conn: Conn, op: Fork) -> list[NewRow] | NexusError:
     for row_id, role, content, ts, meta in await cur.fetchall():
         linked = _linked(meta, op.link_tag, row_id)
         if op.max_meta and len(linked.encode()) > op.max_meta:
-            return TooLarge(
-                f"message {row_id}'s meta would pass {op.max_meta} bytes with the"
-                " forked_from link; fork up to an earlier id",
-                field="source_tag",
-            )
+            return ops.fork_meta_too_big(op, row_id)
         rows.append((role, content, ts, linked, None))
     return rows
 
@@ -277,12 +259,9 @@ async def set_retention(
         "SELECT count(*), count(*) FILTER (WHERE session_tag = %s) FROM nexus_retention",
         (tag,),
     )
-    if not mine and own >= MAX_OWN_RETENTIONS:
-        return BadRequest(
-            f"at most {MAX_OWN_RETENTIONS} sessions may have a retention of their own;"
-            " reset some (set_retention with neither limit) first",
-            field="session_tag",
-        )
+    full = ops.retentions_full(own, bool(mine))
+    if full is not None:
+        return full
     if r.max_messages is None and r.max_age is None:
         await conn.execute("DELETE FROM nexus_retention WHERE session_tag = %s", (tag,))
     else:
