@@ -21,7 +21,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Generic, Protocol, TypeVar
+from typing import Any, Final, Generic, Protocol, TypeVar
 
 from ..wire.protocol import Message, SearchHit, SessionInfo
 from .ops import MAX_FORK_BYTES as MAX_FORK_BYTES
@@ -62,6 +62,7 @@ __all__ = [
     "PopNewest",
     "Removed",
     "Retention",
+    "SESSION_OVERHEAD",
     "SearchQuery",
     "SetRetention",
     "Storage",
@@ -69,6 +70,7 @@ __all__ = [
     "StoredRow",
     "WriteOp",
     "WriteStats",
+    "keep_sessions",
     "utc_now",
 ]
 
@@ -146,6 +148,28 @@ class WriteStats:
     swept: int = 0
     #: Commits by other programs noticed (they force a recount of sessions).
     external_writes: int = 0
+
+
+#: msgpack bytes per SessionInfo map besides its two strings (keys, headers, three ints).
+SESSION_OVERHEAD: Final = 128
+
+
+def keep_sessions(
+    rows: Sequence[Sequence[Any]], limit: int, budget: int
+) -> tuple[list[Sequence[Any]], bool, bool]:
+    """Every backend's cut of a ``sessions`` page: of ``rows`` (one more than
+    ``limit`` asked for; ``row[5]``: the entry's strings' bytes), those that fit
+    ``budget`` with :data:`SESSION_OVERHEAD` each, the first always; whether more
+    follow; whether the first alone is over (then it is kept alone)."""
+    kept: list[Sequence[Any]] = []
+    run = 0
+    for row in rows[:limit]:
+        run += row[5] + SESSION_OVERHEAD
+        if run > budget and kept:
+            break
+        kept.append(row)
+    over = rows[0][5] + SESSION_OVERHEAD > budget
+    return kept, len(kept) < len(rows), over
 
 
 def utc_now() -> str:

@@ -34,7 +34,7 @@ from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStre
 from ..wire.errors import BadRequest, Unavailable
 from ..wire.protocol import Message, SearchHit, SessionInfo
 from . import search as fts
-from .base import Page, SearchQuery
+from .base import Page, SearchQuery, keep_sessions
 from .floors import scope_clause
 from .schema import (
     MESSAGE_COLUMNS,
@@ -50,8 +50,6 @@ logger = logging.getLogger(__name__)
 
 #: How long one search may run (seconds of its reader's time) before it is stopped.
 SEARCH_SECONDS: Final = 2.0
-#: msgpack bytes per SessionInfo map besides its two strings (keys, headers, three ints).
-SESSION_OVERHEAD: Final = 128
 #: Timestamps up to this many bytes are read with their session's entry.
 _SHORT: Final = 256
 
@@ -360,15 +358,7 @@ class ReaderPool:
         )
         if not rows:
             return Page([], False)
-        kept: list[Any] = []
-        run = 0
-        for row in rows[:limit]:
-            run += row[5] + SESSION_OVERHEAD
-            if run > budget and kept:
-                break
-            kept.append(row)
-        over = rows[0][5] + SESSION_OVERHEAD > budget  # then it is kept alone
-        more = len(kept) < len(rows)
+        kept, more, over = keep_sessions(rows, limit, budget)
         stamps = {r[3]: r[4] for r in kept}
         long = [last for last, ts in stamps.items() if ts is None]
         if long:  # rare: rows stored before timestamps were validated

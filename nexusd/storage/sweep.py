@@ -23,7 +23,7 @@ from __future__ import annotations
 import sqlite3
 import time
 from dataclasses import dataclass, field
-from typing import Final
+from typing import ClassVar, Final
 
 from . import index as fts
 from . import marks
@@ -51,7 +51,7 @@ class Pace:
     long contents, or a full-text index to keep, take longer), between bounds."""
 
     #: Seconds one step may hold the writer (an append may wait that long).
-    SECONDS: Final = 0.002
+    SECONDS: ClassVar[float] = 0.002
     LEAST: Final = 10
     MOST: Final = 5_000
 

@@ -37,8 +37,7 @@ from ..ops import (
     SetRetention,
 )
 from ..schema import message_of
-from ..scope import NS_MARK
-from .schema import MESSAGE_COLUMNS, VISIBLE_ONE, row_size
+from .schema import MESSAGE_COLUMNS, VISIBLE_ONE, row_size, scope_clause
 
 __all__ = [
     "clear_scope",
@@ -151,19 +150,9 @@ async def clear_session(conn: Conn, op: ClearSession, changes: list[Change]) -> 
     return n, hid
 
 
-def scope_sql(scope: str | None, column: str = "session_tag") -> tuple[str, tuple[str, ...]]:
-    """SQL (for a WHERE) and parameters of the tags in ``scope`` (as ``ClearAll``):
-    a prefix test, whatever the database's collation orders text by."""
-    if scope is None:
-        return "true", ()
-    if scope == "":
-        return f"NOT starts_with({column}, %s)", (NS_MARK,)
-    return f"starts_with({column}, %s)", (scope,)
-
-
 async def clear_scope(conn: Conn, op: ClearAll, changes: list[Change]) -> tuple[int, bool]:
     """Clear every session of ``op.scope``, each as :func:`clear_session` would."""
-    where, params = scope_sql(op.scope)
+    where, params = scope_clause(op.scope)
     cur = await conn.execute(
         f"SELECT session_tag, messages FROM nexus_sessions WHERE {where}", params
     )

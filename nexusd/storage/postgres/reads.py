@@ -38,17 +38,14 @@ from typing import Any, Final
 import psycopg
 
 from ...wire.protocol import Message, SessionInfo
-from ..base import Page
+from ..base import SESSION_OVERHEAD, Page, keep_sessions
 from ..schema import message_of
-from ..scope import NS_MARK, scope_bounds
-from .schema import MESSAGE_COLUMNS, row_size, visible
+from .schema import MESSAGE_COLUMNS, row_size, scope_clause, visible
 
-__all__ = ["SESSION_OVERHEAD", "count", "feed", "history", "scope_clause", "sessions"]
+__all__ = ["count", "feed", "history", "sessions"]
 
 logger = logging.getLogger(__name__)
 
-#: msgpack bytes per SessionInfo map besides its two strings (as the SQLite backend's).
-SESSION_OVERHEAD: Final = 128
 
 _MAX_ID: Final = (1 << 63) - 1
 
@@ -64,19 +61,6 @@ _ONE_SESSION: Final = (
     " AND (session_tag, id) < (%s, %s)"
 )
 _BY_CODE_POINT: Final = 'COLLATE "C"'
-
-
-def scope_clause(scope: str | None, column: str = "session_tag") -> tuple[str, tuple[str, ...]]:
-    """SQL (for a WHERE) and parameters of the tags in ``scope`` (as ``ClearAll``'s):
-    None every tag, ``""`` the unnamespaced ones, else those under the prefix."""
-    if scope is None:
-        return "true", ()
-    col = f"{column} {_BY_CODE_POINT}"
-    if scope == "":
-        lo, hi = scope_bounds(NS_MARK)
-        return f"NOT ({col} >= %s AND {col} < %s)", (lo, hi)
-    lo, hi = scope_bounds(scope)
-    return f"{col} >= %s AND {col} < %s", (lo, hi)
 
 
 @functools.cache
@@ -247,14 +231,7 @@ async def sessions(
     found = await cur.fetchall()
     if not found:
         return Page([], False)
-    kept: list[Any] = []
-    run = 0
-    for row in found[:limit]:
-        run += row[5] + SESSION_OVERHEAD
-        if run > budget and kept:
-            break
-        kept.append(row)
-    over = found[0][5] + SESSION_OVERHEAD > budget  # then it is kept alone
+    kept, more, over = keep_sessions(found, limit, budget)
     infos = [
         SessionInfo(
             session_tag=t,
@@ -267,4 +244,4 @@ async def sessions(
         )
         for t, n, f, la, ts, _, own_n, own_age in kept
     ]
-    return Page(infos, len(kept) < len(found), over)
+    return Page(infos, more, over)

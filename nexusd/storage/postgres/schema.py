@@ -32,6 +32,7 @@ import psycopg
 from psycopg import sql
 
 from ..schema import StorageError
+from ..scope import NS_MARK, scope_bounds
 
 __all__ = [
     "CHANNEL",
@@ -44,6 +45,7 @@ __all__ = [
     "WRITE_LOCK",
     "migrate",
     "row_size",
+    "scope_clause",
     "visible",
 ]
 
@@ -105,6 +107,20 @@ def visible(table: str = "nexus_messages") -> str:
         f"{table}.id >= coalesce((SELECT fl.below_id FROM nexus_floors AS fl"
         f" WHERE fl.session_tag = {table}.session_tag), 0)"
     )
+
+
+def scope_clause(scope: str | None, column: str = "session_tag") -> tuple[str, tuple[str, ...]]:
+    """SQL (for a WHERE) and parameters of the tags in ``scope`` (as ``ClearAll``'s),
+    compared as bytes (SQLite's order) and so served by the tag indexes:
+    None every tag, ``""`` the unnamespaced ones, else those under the prefix."""
+    if scope is None:
+        return "true", ()
+    col = f'{column} COLLATE "C"'
+    if scope == "":
+        lo, hi = scope_bounds(NS_MARK)
+        return f"NOT ({col} >= %s AND {col} < %s)", (lo, hi)
+    lo, hi = scope_bounds(scope)
+    return f"{col} >= %s AND {col} < %s", (lo, hi)
 
 
 def row_size(alias: str = "") -> str:

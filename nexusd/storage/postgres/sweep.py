@@ -33,6 +33,7 @@ from typing import Any, Final
 
 import psycopg
 
+from .. import sweep as sqlite_sweep
 from ..marks import THIN_EVERY
 from ..ops import Change, Removed
 from . import log
@@ -60,31 +61,14 @@ _MONTH: Final = 30 * _DAY
 _BY_CODE_POINT: Final = 'COLLATE "C"'
 
 
-class Pace:
-    """How many rows a step deletes: as many as take about :data:`SECONDS` under the
-    write lock (from taking it to COMMIT), between bounds."""
+class Pace(sqlite_sweep.Pace):
+    """How many rows a step deletes (sized as the SQLite backend's steps are), here
+    timed under the write lock, from taking it to COMMIT."""
 
-    #: Seconds one step may hold the write lock.  More than SQLite's 2 ms: a step
-    #: is a handful of round trips to the server whatever it deletes.
-    SECONDS: Final = 0.005
-    LEAST: Final = 10
-    MOST: Final = 5_000
-
-    __slots__ = ("cursor", "rows", "thinned")
-
-    def __init__(self) -> None:
-        self.rows = 200
-        #: When the commit marks were last thinned.
-        self.thinned = 0.0
-        #: The last session with an age of its own that a step looked at ("": none).
-        self.cursor = ""
-
-    def took(self, seconds: float, deleted: int) -> None:
-        """A step deleted ``deleted`` rows in ``seconds``: size the next one."""
-        if deleted < self.rows:
-            return  # it ran out of work: its time says nothing of a full step
-        fits = int(self.rows * self.SECONDS / max(seconds, 1e-4))
-        self.rows = max(self.LEAST, min(self.MOST, (fits + self.rows) // 2))
+    #: More than SQLite's 2 ms: a step is a handful of round trips to the server
+    #: whatever it deletes.
+    SECONDS = 0.005
+    __slots__ = ()
 
 
 @dataclass(slots=True)
