@@ -50,6 +50,8 @@ POLL: Final = 2.0
 #: Seconds out of touch after which log rows may have been deleted unread.
 _GAP_AFTER: Final = LOG_KEEP / 2
 _BACKOFF_MAX: Final = 5.0
+#: A notice whose payload is not a seq: read the log.
+_UNKNOWN: Final = 1 << 62
 
 
 class Follow:
@@ -106,9 +108,14 @@ class Follow:
         if changes:
             self._publish(changes)
 
-    async def catch_up(self, conn: psycopg.AsyncConnection[Any]) -> None:
-        """Read and deliver every log row after :attr:`seq` (takes :attr:`lock`)."""
+    async def catch_up(self, conn: psycopg.AsyncConnection[Any], noticed: int = 0) -> None:
+        """Read and deliver every log row after :attr:`seq` (takes :attr:`lock`);
+        not when a notice of ``noticed`` woke us and that is delivered already."""
         async with self.lock:
+            # Checked under the lock: this daemon's own commit is noticed while
+            # its write path still holds the lock, and delivered when it lets go.
+            if 0 < noticed <= self.seq:
+                return
             if time.monotonic() - self._touched > _GAP_AFTER:
                 await self._gap(conn)
             while True:
@@ -158,14 +165,17 @@ class Follow:
 
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
         await conn.execute(f"LISTEN {CHANNEL}")
+        # Listening first, then reading: a commit between the two is in the read.
+        await self.catch_up(conn)
         while True:
-            # Listening first, then reading: a commit between the two is in the read.
             # A notice that comes while we read is kept by psycopg for the next
             # notifies() (no notify handler on this connection: with one, psycopg
             # warns that notifies() is not reliable), which then returns at once.
-            await self.catch_up(conn)
-            async for _n in conn.notifies(timeout=POLL, stop_after=1):
-                pass
+            newest = 0
+            async for n in conn.notifies(timeout=POLL, stop_after=1):
+                newest = max(newest, int(n.payload) if n.payload.isdigit() else _UNKNOWN)
+            # Another daemon's commit, or the poll; not this daemon's own commits.
+            await self.catch_up(conn, newest)
 
 
 def _one_line(exc: BaseException) -> str:
