@@ -49,13 +49,20 @@ def pytest_configure(config: pytest.Config) -> None:
         sys.dont_write_bytecode = False
 
 
-@pytest.fixture
-def short_dir() -> Iterator[Path]:
+@contextmanager
+def short_temp_dir() -> Iterator[Path]:
+    """A new directory with a short path under /tmp (for sockets), removed afterwards."""
     d = Path(tempfile.mkdtemp(prefix="nx", dir="/tmp"))
     try:
         yield d
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    with short_temp_dir() as d:
+        yield d
 
 
 def wait_for_socket(
@@ -140,6 +147,31 @@ class Daemon:
         return run_cli(*args, "--socket", str(self.socket), input=input)
 
 
+def run_python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """``python -c code`` in the repository, ``env`` added to this process's environment."""
+    return subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=Path(__file__).resolve().parents[1],
+        env={**os.environ, **(env or {})},
+    )
+
+
+def hide_package(package: str) -> str:
+    """Code to run first in such a process: ``package`` (and its submodules) cannot be
+    imported, as when it is not installed."""
+    return (
+        "import sys\n"
+        "class Hide:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        f"        if name.split('.')[0] == {package!r}:\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, Hide())\n"
+    )
+
+
 def run_cli(
     *args: str, input: str | None = None, env: dict[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
@@ -203,6 +235,13 @@ def slow_writer() -> Iterator[Callable[[float], None]]:
     yield lambda delay: undo.append(slowed(delay))
     for u in reversed(undo):
         u()
+
+
+@pytest.fixture
+def daemon_storage(backend: str) -> Iterator[str | None]:
+    """``--storage`` for a daemon the test starts itself: None (SQLite) or a fresh database."""
+    with backend_storage(backend) as url:
+        yield url
 
 
 @pytest.fixture

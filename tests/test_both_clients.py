@@ -26,18 +26,11 @@ import nexusd
 from nexusd import AsyncClient, BadRequest, Client, ConnectionLost, DaemonNotRunning
 from nexusd.wire import protocol as p
 from nexusd.wire.framing import FrameDecoder, encode_frame
-from tests.conftest import Daemon, _new_daemon, backend_storage
+from tests.conftest import Daemon, _new_daemon
 
 FLAVORS = ["blocking", "asyncio", "trio"]
 #: Every test on a daemon runs against SQLite and PostgreSQL storage (tests/conftest.py).
 BOTH_BACKENDS = True
-
-
-@pytest.fixture
-def storage(backend: str) -> Iterator[str | None]:
-    """``--storage`` for a daemon the test starts itself: None (SQLite) or a fresh database."""
-    with backend_storage(backend) as url:
-        yield url
 
 
 class Blocking:
@@ -213,8 +206,10 @@ def test_a_deadline_of_zero_expires_at_once_on_every_transport(
 
 # ── reconnecting after a restart, and first contact ──────────────────────────
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_calls_survive_a_daemon_restart(flavor: str, short_dir: Path, storage: str | None) -> None:
-    d = _new_daemon(short_dir, storage=storage).start()
+def test_calls_survive_a_daemon_restart(
+    flavor: str, short_dir: Path, daemon_storage: str | None
+) -> None:
+    d = _new_daemon(short_dir, storage=daemon_storage).start()
 
     async def scenario() -> None:
         async with make(flavor, d.socket) as c:
@@ -243,9 +238,9 @@ def test_calls_survive_a_daemon_restart(flavor: str, short_dir: Path, storage: s
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_with_retries_off_a_restart_fails_one_call_then_reconnects(
-    flavor: str, short_dir: Path, storage: str | None
+    flavor: str, short_dir: Path, daemon_storage: str | None
 ) -> None:
-    d = _new_daemon(short_dir, storage=storage).start()
+    d = _new_daemon(short_dir, storage=daemon_storage).start()
 
     async def scenario() -> None:
         async with make(flavor, d.socket, retry_for=0) as c:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
@@ -11,7 +10,7 @@ import pytest
 
 from nexusd import AsyncClient, BadRequest, Client, DaemonNotRunning, Message, NexusError
 from nexusd.wire.protocol import SessionInfo
-from tests.conftest import Daemon, _new_daemon, backend_storage, write_config
+from tests.conftest import Daemon, _new_daemon, write_config
 
 pytestmark = pytest.mark.anyio
 #: Every test on a daemon runs against SQLite and PostgreSQL storage (tests/conftest.py).
@@ -21,13 +20,6 @@ BOTH_BACKENDS = True
 @pytest.fixture(params=["asyncio", "trio"])
 def anyio_backend(request: pytest.FixtureRequest) -> str:
     return request.param  # type: ignore[no-any-return]
-
-
-@pytest.fixture
-def storage(backend: str) -> Iterator[str | None]:
-    """``--storage`` for a daemon the test starts itself: None (SQLite) or a fresh database."""
-    with backend_storage(backend) as url:
-        yield url
 
 
 async def test_async_client_every_operation(shared_daemon: Daemon, tag: str, backend: str) -> None:
@@ -121,14 +113,14 @@ async def test_unreachable_daemon_says_how_to_start_it(short_dir: Path) -> None:
 
 
 async def test_history_pages_on_when_the_server_cuts_a_reply(
-    short_dir: Path, storage: str | None
+    short_dir: Path, daemon_storage: str | None
 ) -> None:
     cfg = write_config(short_dir / "small.toml", max_meta=16384)  # it must fit the frame too
     d = _new_daemon(
         short_dir,
         *("--config", str(cfg), "--max-frame", "65536", "--max-content", "40000"),
         *("--max-messages", "0"),
-        storage=storage,
+        storage=daemon_storage,
     ).start()
     try:
         async with AsyncClient(d.socket) as c:
@@ -154,9 +146,9 @@ async def test_daemon_gone_raises_connection_error_after_the_retry_window(short_
 
 
 async def test_daemon_restart_mid_stream_neither_loses_nor_duplicates(
-    short_dir: Path, storage: str | None
+    short_dir: Path, daemon_storage: str | None
 ) -> None:
-    d = _new_daemon(short_dir, "--max-messages", "0", storage=storage).start()
+    d = _new_daemon(short_dir, "--max-messages", "0", storage=daemon_storage).start()
     acked: list[int] = []
     restarted = anyio.Event()
     under_way = anyio.Event()

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from nexusd.integrations.extras import DISTRIBUTIONS
-from tests.conftest import Daemon
+from tests.conftest import Daemon, hide_package, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 #: adapter module → (the framework package it imports, the extra that installs it)
@@ -30,17 +30,6 @@ ADAPTERS = {
 FRAMEWORKS = ("agents", "openai", "langchain_core", "llama_index", "pydantic")
 
 
-def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-
-
 def test_importing_nexusd_loads_no_framework() -> None:
     probe = (
         "import sys, nexusd, nexusd.integrations, nexusd.integrations.link,"
@@ -49,27 +38,16 @@ def test_importing_nexusd_loads_no_framework() -> None:
         f"print(sorted(m for m in sys.modules if m.split('.')[0] in {FRAMEWORKS!r}))\n"
         "print('nexusd.client.client_sync' in sys.modules)"
     )
-    done = _python(probe)
+    done = run_python(probe)
     assert done.returncode == 0, done.stderr
     assert done.stdout.split("\n")[:2] == ["[]", "True"]  # none, and the probe did load
-
-
-#: Run first in a probe: the framework ``PACKAGE`` cannot be found, as when not installed.
-HIDE = """
-import sys
-class Hide:
-    def find_spec(self, name, path=None, target=None):
-        if name.split(".")[0] == PACKAGE:
-            raise ModuleNotFoundError(f"No module named {name!r}", name=name)
-sys.meta_path.insert(0, Hide())
-"""
 
 
 @pytest.mark.parametrize("adapter", sorted(ADAPTERS))
 def test_a_missing_framework_is_one_line_naming_the_extra(adapter: str) -> None:
     package, extra = ADAPTERS[adapter]
-    hide = f"PACKAGE = {package!r}\n{HIDE}"
-    done = _python(f"{hide}\nimport {adapter}")
+    hide = hide_package(package)
+    done = run_python(f"{hide}\nimport {adapter}")
     assert done.returncode == 1
     last = done.stderr.strip().splitlines()[-1]
     assert last == (
@@ -77,7 +55,7 @@ def test_a_missing_framework_is_one_line_naming_the_extra(adapter: str) -> None:
         f" which is not installed: pip install 'nexusd[{extra}]'"
         f" (from nexusd's checkout: pip install '.[{extra}]')"
     )
-    caught = _python(
+    caught = run_python(
         f"{hide}\ntry:\n    import {adapter}\n"
         "except ImportError as exc:\n    print(type(exc).__name__, exc.name)"
     )
@@ -86,7 +64,7 @@ def test_a_missing_framework_is_one_line_naming_the_extra(adapter: str) -> None:
 
 def test_a_broken_framework_keeps_its_own_error() -> None:
     # Installed but lacking a name the adapter uses: not "not installed".
-    done = _python(
+    done = run_python(
         "import sys, types\n"
         "fake = types.ModuleType('agents'); fake.__path__ = []\n"
         "sys.modules['agents'] = fake\n"

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from nexusd import Client
 from nexusd.storage.postgres.dsn import check, has_password, redact
-from tests.conftest import Daemon, run_cli
+from tests.conftest import Daemon, hide_package, run_cli, run_python
 
 ROOT = Path(__file__).resolve().parents[1]
 SECRET = "Sup3rSecret"
@@ -63,29 +62,6 @@ def test_check_accepts_what_libpq_reads(url: str) -> None:
     assert redact(url) == url or has_password(url)
 
 
-def _python(code: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-c", code],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**os.environ, **(env or {})},
-    )
-
-
-def _hiding(package: str) -> str:
-    """Code that makes ``package`` (and its submodules) impossible to import."""
-    return (
-        "import sys\n"
-        "class Hide:\n"
-        "    def find_spec(self, name, path=None, target=None):\n"
-        f"        if name.split('.')[0] == {package!r}:\n"
-        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
-        "sys.meta_path.insert(0, Hide())\n"
-    )
-
-
 def _serve(short_dir: Path, *args: str) -> str:
     """Code that runs ``nexusd serve`` with this test's files and ``args``."""
     argv = ["nexusd", "serve", "--db", str(short_dir / "n.db")]
@@ -96,7 +72,7 @@ def _serve(short_dir: Path, *args: str) -> str:
 @pytest.mark.parametrize("package", ["psycopg", "psycopg_pool"])
 def test_without_the_extra_serve_names_it_in_one_line(short_dir: Path, package: str) -> None:
     url = f"postgresql://app:{SECRET}@/nexus?host={short_dir}"
-    done = _python(_hiding(package) + _serve(short_dir, "--storage", url))
+    done = run_python(hide_package(package) + _serve(short_dir, "--storage", url))
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr and SECRET not in done.stderr
     last = done.stderr.strip().splitlines()[-1]
@@ -109,8 +85,8 @@ def test_without_the_extra_serve_names_it_in_one_line(short_dir: Path, package: 
 
 def test_sqlite_users_never_import_psycopg(short_dir: Path) -> None:
     # The configuration (URL checks included) and the SQLite backend load without it.
-    done = _python(
-        _hiding("psycopg")
+    done = run_python(
+        hide_package("psycopg")
         + "from nexusd.daemon.config import load_config\n"
         + "from nexusd.daemon.server import make_storage\n"
         + f"cfg = load_config(env={{}}, flags={{'db': {str(short_dir / 'n.db')!r}}})\n"

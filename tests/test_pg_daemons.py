@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import itertools
 import os
-import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
@@ -31,19 +29,17 @@ import pytest
 
 from nexusd import AsyncClient
 from nexusd.wire.values import Message, Removal
-from tests.conftest import PG_ADMIN, Daemon, _new_daemon, pg_database, wait_for_socket
+from tests.conftest import (
+    PG_ADMIN,
+    Daemon,
+    _new_daemon,
+    pg_database,
+    short_temp_dir,
+    wait_for_socket,
+)
 
 #: Seconds any single wait of these tests may take before it fails (never hangs).
 WITHIN = 20.0
-
-
-@contextmanager
-def short_dir_path() -> Iterator[Path]:
-    d = Path(tempfile.mkdtemp(prefix="nx", dir="/tmp"))
-    try:
-        yield d
-    finally:
-        shutil.rmtree(d, ignore_errors=True)
 
 
 @contextmanager
@@ -54,7 +50,7 @@ def trio_of(url: str, *args: str) -> Iterator[list[Daemon]]:
     with ExitStack() as stack:
         ds: list[Daemon] = []
         for i in range(3):
-            d = _new_daemon(stack.enter_context(short_dir_path()), *args, storage=url)
+            d = _new_daemon(stack.enter_context(short_temp_dir()), *args, storage=url)
             d.start(env={"PGAPPNAME": f"nxd{i}"}, wait=False)
             stack.callback(d.stop)
             ds.append(d)

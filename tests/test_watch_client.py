@@ -25,18 +25,11 @@ from nexusd import BadRequest, Client, DaemonNotRunning, Unavailable
 from nexusd.client.watch_sync import Watcher
 from nexusd.wire import protocol as p
 from nexusd.wire.framing import encode_frame
-from tests.conftest import Daemon, _new_daemon, backend_storage, write_config
+from tests.conftest import Daemon, _new_daemon, write_config
 from tests.test_both_clients import FLAVORS, Blocking, FakeDaemon, make, run
 
 #: Every test on a daemon runs against SQLite and PostgreSQL storage (tests/conftest.py).
 BOTH_BACKENDS = True
-
-
-@pytest.fixture
-def storage(backend: str) -> Iterator[str | None]:
-    """``--storage`` for a daemon the test starts itself: None (SQLite) or a fresh database."""
-    with backend_storage(backend) as url:
-        yield url
 
 
 # ── one shape for both watchers ──────────────────────────────────────────────
@@ -183,9 +176,9 @@ def test_several_watches_at_once(flavor: str, daemon: Daemon) -> None:
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_a_watch_resumes_after_a_restart_without_loss_or_duplicate(
-    flavor: str, short_dir: Path, storage: str | None
+    flavor: str, short_dir: Path, daemon_storage: str | None
 ) -> None:
-    d = _new_daemon(short_dir, storage=storage).start()
+    d = _new_daemon(short_dir, storage=daemon_storage).start()
 
     async def restart() -> None:
         rc = await anyio.to_thread.run_sync(d.stop)
@@ -229,9 +222,11 @@ def _apply(mirror: dict[int, p.Message], tag: str, item: p.Message | p.Removal) 
 
 
 @pytest.mark.parametrize("flavor", FLAVORS)
-def test_removals_keep_a_mirror_exact(flavor: str, short_dir: Path, storage: str | None) -> None:
+def test_removals_keep_a_mirror_exact(
+    flavor: str, short_dir: Path, daemon_storage: str | None
+) -> None:
     d = _new_daemon(
-        short_dir, "--max-messages", "4", storage=storage
+        short_dir, "--max-messages", "4", storage=daemon_storage
     ).start()  # retention prunes too
 
     async def scenario() -> None:
@@ -269,10 +264,10 @@ def test_removals_keep_a_mirror_exact(flavor: str, short_dir: Path, storage: str
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_a_watch_that_lags_resumes_and_loses_nothing(
-    flavor: str, short_dir: Path, storage: str | None
+    flavor: str, short_dir: Path, daemon_storage: str | None
 ) -> None:
     cfg = write_config(short_dir / "w.toml", watch_buffer=16384, max_messages=0)
-    d = _new_daemon(short_dir, "--config", str(cfg), storage=storage).start()
+    d = _new_daemon(short_dir, "--config", str(cfg), storage=daemon_storage).start()
     texts = [f"{i:04d}" + "x" * 8000 for i in range(500)]  # ~4 MB: far past every buffer
 
     async def scenario() -> None:
