@@ -28,6 +28,7 @@ import anyio
 import pytest
 
 from nexusd import AsyncClient
+from nexusd.storage.postgres.follow import LISTENER_NAME
 from nexusd.wire.values import Message, Removal
 from tests.conftest import (
     PG_ADMIN,
@@ -332,12 +333,10 @@ def test_notify_wakes_other_daemons_fast(trio: list[Daemon]) -> None:
 
 # ── 5. the listener connection killed ─────────────────────────────────────────
 def _listener_pids(admin: Any, name: str) -> list[int]:
-    """Backends of daemon ``name`` idle after reading the commit log: its listener
-    (the writer's last statement is COMMIT; the readers' are reads of messages)."""
+    """The backend of daemon ``name``'s listener (it names itself after the daemon)."""
     rows = admin.execute(
-        "SELECT pid FROM pg_stat_activity WHERE application_name = %s AND state = 'idle'"
-        " AND (query LIKE 'SELECT seq, origin, changes FROM nexus_log%%' OR query LIKE 'LISTEN%%')",
-        (name,),
+        "SELECT pid FROM pg_stat_activity WHERE application_name = %s",
+        (f"{name} {LISTENER_NAME}",),
     ).fetchall()
     return [int(r[0]) for r in rows]
 
@@ -350,6 +349,18 @@ async def _new_listener(admin: Any, name: str, old: list[int]) -> list[int]:
                 return new
             await anyio.sleep(0.01)  # polling pg_stat_activity with a deadline
     return []
+
+
+async def _one_listener(admin: Any, name: str) -> list[int]:
+    """Daemon ``name``'s listener, once a killed one has left pg_stat_activity (a
+    terminated backend is listed until it has exited)."""
+    with anyio.move_on_after(5):
+        while True:
+            pids = _listener_pids(admin, name)
+            if len(pids) == 1:
+                return pids
+            await anyio.sleep(0.01)  # polling pg_stat_activity with a deadline
+    return _listener_pids(admin, name)
 
 
 def test_listener_killed_reconnects_without_gap(trio: list[Daemon]) -> None:
@@ -371,7 +382,7 @@ def test_listener_killed_reconnects_without_gap(trio: list[Daemon]) -> None:
                     for round_ in range(3):
                         expect.append(await b.append("user", "before", session_tag=tag))
                         got.append((await it.__anext__()).id)
-                        old = _listener_pids(admin, "nxd0")
+                        old = await _one_listener(admin, "nxd0")
                         assert len(old) == 1, old
                         (ok,) = admin.execute(
                             "SELECT pg_terminate_backend(%s)", (old[0],)

@@ -41,7 +41,7 @@ from ..ops import Change
 from .log import LOG_KEEP, Entry, entries_after
 from .schema import CHANNEL
 
-__all__ = ["POLL", "Follow"]
+__all__ = ["LISTENER_NAME", "POLL", "Follow"]
 
 logger = logging.getLogger(__name__)
 
@@ -50,6 +50,9 @@ POLL: Final = 2.0
 #: Seconds out of touch after which log rows may have been deleted unread.
 _GAP_AFTER: Final = LOG_KEEP / 2
 _BACKOFF_MAX: Final = 5.0
+#: What the listener's connection adds to its application_name (after the
+#: daemon's own, if any), so that operators (and tests) can tell it apart.
+LISTENER_NAME: Final = "nexusd listener"
 #: A notice whose payload is not a seq: read the log.
 _UNKNOWN: Final = 1 << 62
 
@@ -164,6 +167,11 @@ class Follow:
                     await conn.close()
 
     async def _serve(self, conn: psycopg.AsyncConnection[Any]) -> None:
+        await conn.execute(
+            "SELECT set_config('application_name', left(concat_ws(' ',"
+            " nullif(current_setting('application_name'), ''), %s::text), 63), false)",
+            (LISTENER_NAME,),
+        )
         await conn.execute(f"LISTEN {CHANNEL}")
         # Listening first, then reading: a commit between the two is in the read.
         await self.catch_up(conn)
