@@ -31,6 +31,7 @@ from nexusd.storage.base import (
     NewRow,
     Op,
     PopNewest,
+    Removed,
     Retention,
     SetRetention,
 )
@@ -389,3 +390,26 @@ async def test_the_sweep_deletes_what_a_big_clear_hid(opener: Opener, pg_url: st
                 pass
         assert await admin(pg_url, "SELECT count(*) FROM nexus_messages") == [(0,)]
         assert s.write_stats.swept == 2500
+
+
+async def test_a_sweeps_removals_reach_watchers_after_earlier_commits_of_others(
+    opener: Opener, pg_url: str
+) -> None:
+    # Watchers hear every commit in commit order, the sweep's too: a row another
+    # daemon committed before this daemon's sweep step comes before its removals,
+    # even with no listener running to deliver it first.
+    async with opener() as one, opener() as two:
+        heard: list[Change] = []
+        one.on_commit = heard.extend
+        await write(one, [SetRetention("s", Retention(max_age=60.0))])
+        (old,) = (await write(one, [Insert("s", [row("old")])]))[0]
+        await admin(pg_url, "UPDATE nexus_marks SET at = at - 3600, second = second - 3600")
+        (theirs,) = (await write(two, [Insert("t", [row("theirs")])]))[0]
+        heard.clear()
+        swept = await one.sweep()
+        assert swept.removed == 1
+        kinds = [(type(c).__name__, getattr(c, "first_id", None)) for c in heard]
+        assert kinds == [("Added", theirs), ("Removed", None)], kinds
+        gone = heard[1]
+        assert isinstance(gone, Removed) and gone.session_tag == "s"
+        assert old in gone.ids or (gone.before_id is not None and old < gone.before_id)

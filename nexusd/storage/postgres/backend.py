@@ -37,10 +37,10 @@ from ...wire.protocol import Message, SearchHit, SessionInfo
 from ..base import Answer, Change, Op, Page, SearchQuery, Swept, WriteStats
 from ..editing import Retentions
 from ..schema import StorageError
-from . import editing, schema, sweep, writes
+from . import editing, errors, schema, sweep, writes
 from .errors import Redactor, one_line, params, write_error
 from .follow import Follow
-from .log import Entry
+from .log import Entry, entries_after
 from .readers import Readers
 from .search import PgSearch
 
@@ -285,19 +285,10 @@ class PostgresStorage:
         return out
 
     def _unreachable(self) -> Unavailable:
-        wait = max(0.0, self._retry_at - time.monotonic())
-        return Unavailable(
-            f"the database connection is down ({self._down}); nothing was written;"
-            f" reconnecting (next attempt in {wait:.1f} s)"
-        )
+        return errors.unreachable(self._down, max(0.0, self._retry_at - time.monotonic()))
 
     def _lost_answer(self) -> Unavailable:
-        if self._attempt.committing:
-            return Unavailable(
-                "the database connection was lost during COMMIT;"
-                " this write may not have been stored"
-            )
-        return Unavailable("the database connection was lost; nothing was written")
+        return errors.lost(self._attempt.committing)
 
     # ── retention and the sweep ───────────────────────────────────────────
     @property
@@ -336,9 +327,22 @@ class PostgresStorage:
                 st = self.write_stats
                 st.swept += out.swept
                 st.expired += out.expired
-                if out.changes:
-                    self._publish(out.changes)
+                if out.seq:
+                    await self._deliver_sweep(conn, out.seq, out.changes)
         return Swept(out.swept + out.expired, out.more, out.next_in)
+
+    async def _deliver_sweep(self, conn: Conn, seq: int, changes: list[Change]) -> None:
+        """Watchers hear a step's removals at their place in the commit order: after
+        what other daemons committed before it, which the step did not read (steps
+        are rare, unlike batches: one read after the commit)."""
+        try:
+            earlier = await entries_after(conn, self._follow.seq)
+        except psycopg.Error as exc:
+            # Not knowing what came before, the watches cannot be told in order.
+            await self._lost(conn, exc)
+            earlier = []
+            self._gap()
+        self._follow.deliver(earlier, (seq, changes))
 
     async def follow_commits(self) -> None:
         """Run until cancelled: deliver other daemons' commits to ``on_commit`` (LISTEN)."""

@@ -19,7 +19,7 @@ from psycopg.conninfo import conninfo_to_dict
 from ...wire.errors import Internal, NexusError, Unavailable
 from . import dsn
 
-__all__ = ["Redactor", "one_line", "params", "read_error", "write_error"]
+__all__ = ["Redactor", "lost", "one_line", "params", "read_error", "unreachable", "write_error"]
 
 
 def one_line(exc: BaseException) -> str:
@@ -69,3 +69,20 @@ def read_error(what: str, exc: psycopg.Error, redactor: Redactor) -> NexusError:
     if isinstance(exc, psycopg.OperationalError):
         return Unavailable(f"{what} failed: {text}")
     return Internal(f"{what} failed: {text}")
+
+
+def unreachable(down: str | None, wait: float) -> Unavailable:
+    """A batch refused while the writer's connection is down (``down``: why)."""
+    return Unavailable(
+        f"the database connection is down ({down}); nothing was written;"
+        f" reconnecting (next attempt in {wait:.1f} s)"
+    )
+
+
+def lost(committing: bool) -> Unavailable:
+    """A batch whose connection was lost, during its COMMIT or before it."""
+    if committing:
+        return Unavailable(
+            "the database connection was lost during COMMIT; this write may not have been stored"
+        )
+    return Unavailable("the database connection was lost; nothing was written")

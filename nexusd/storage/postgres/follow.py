@@ -90,7 +90,7 @@ class Follow:
         in seq order) and this daemon's own commit ``own`` = (seq, changes) at its place."""
         pending = own
         for seq, origin, changes in entries:
-            if pending is not None and pending[0] < seq:
+            if pending is not None and pending[0] <= seq:  # (its own row may be read too)
                 self._emit(*pending)
                 pending = None
             if seq <= self.seq:

@@ -81,6 +81,8 @@ class SweepOutcome:
     changes: list[Change] = field(default_factory=list)
     more: bool = False
     next_in: float = _LONGEST
+    #: Its row in the commit log (0: it changed nothing).
+    seq: int = 0
 
 
 async def step(
@@ -122,7 +124,7 @@ async def step(
             await _thin(conn, clock)
             thinned = True
         if out.changes:
-            await log.record(conn, out.changes, origin=origin, clock=clock)
+            out.seq = await log.record(conn, out.changes, origin=origin, clock=clock)
         out.next_in = await _next_due(conn, default_age)
         held = time.perf_counter() - started
     if thinned:
