@@ -370,7 +370,7 @@ class PostgresStorage:
         return await self._readers.sessions(after=after, limit=limit, budget=budget, scope=scope)
 
     async def search(self, query: SearchQuery) -> Page[SearchHit]:
-        return await self._readers.run("search", lambda c: self._search.search(c, query))
+        return await self._readers.search(lambda c: self._search.search(c, query))
 
     @property
     def search_status(self) -> str:

@@ -44,6 +44,14 @@ class Readers:
         self._kwargs = kwargs
         self._redactor = redactor
         self._pool: AsyncConnectionPool[Any] | None = None
+        #: Searches at once: one connection is always left for everything else
+        #: (as the SQLite backend's pool does), so history never waits behind them.
+        self._searches = anyio.Semaphore(max(1, self._size - 1))
+
+    async def search(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
+        """:meth:`run` for a search: at most ``size - 1`` at once."""
+        async with self._searches:
+            return await self.run("search", fn)
 
     async def open(self, timeout: float) -> None:
         pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
