@@ -47,6 +47,7 @@ class Readers:
         #: Searches at once: one connection is always left for everything else
         #: (as the SQLite backend's pool does), so history never waits behind them.
         self._searches = anyio.Semaphore(max(1, self._size - 1))
+        self._reviving = anyio.Lock()
 
     async def search(self, fn: Callable[[Conn], Awaitable[T]]) -> T:
         """:meth:`run` for a search: at most ``size - 1`` at once."""
@@ -79,7 +80,13 @@ class Readers:
         if pool is None:
             raise Unavailable("the database is closed")
         try:
-            async with pool.connection(timeout=_READ_WAIT) as conn:
+            try:
+                async with pool.connection(timeout=_READ_WAIT) as conn:
+                    return await fn(conn)
+            except PoolTimeout:
+                if not await self._revive(pool):
+                    raise
+            async with self._live().connection(timeout=_READ_WAIT) as conn:
                 return await fn(conn)
         except PoolTimeout:
             raise Unavailable(
@@ -90,6 +97,32 @@ class Readers:
             if error.code == "internal":
                 logger.error("%s", error.message)
             raise error from None
+
+    def _live(self) -> AsyncConnectionPool[Any]:
+        if self._pool is None:
+            raise Unavailable("the database is closed")
+        return self._pool
+
+    async def _revive(self, failed: AsyncConnectionPool[Any]) -> bool:
+        """After an outage: whether a new pool replaced ``failed``, the server answering.
+
+        psycopg_pool's own reconnecting backs off the longer the outage lasted (a
+        20 s outage left reads failing 30 s after the server was back), so when a
+        read finds no connection while a direct one succeeds, the pool is made anew.
+        """
+        async with self._reviving:
+            if self._pool is not failed:  # another read made a new one meanwhile
+                return self._pool is not None
+            try:
+                probe = await psycopg.AsyncConnection.connect(self._url, **self._kwargs)
+            except psycopg.Error:
+                return False  # the server is still away: the read fails as it is
+            await probe.close()
+            logger.warning("reads reconnected to PostgreSQL (a new reader pool)")
+            await self.open(_READ_WAIT)
+            with anyio.CancelScope(shield=True), anyio.move_on_after(1):
+                await failed.close(timeout=0.5)
+            return True
 
     async def history(
         self, tag: str, limit: int, *, before_id: int | None, after_id: int | None, budget: int
