@@ -199,3 +199,23 @@ def test_a_database_it_cannot_reach_is_one_redacted_line(short_dir: Path) -> Non
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr and SECRET not in done.stderr, done.stderr
     assert "cannot serve" in done.stderr.strip().splitlines()[-1]
+
+
+def test_backup_is_refused_with_its_reason_even_where_db_has_no_directory(
+    short_dir: Path, pg_url: str
+) -> None:
+    # A daemon on PostgreSQL never makes db's directory; the refusal names pg_dump
+    # rather than failing to check free space there.
+    d = Daemon(dir=short_dir, db=short_dir / "none" / "n.db", socket=short_dir / "s.sock")
+    d.storage = pg_url
+    d.start()
+    try:
+        r = d.cli("backup", str(short_dir / "copy.db"))
+        assert r.returncode == 1
+        assert r.stderr.strip().splitlines() == [
+            "nexusd: error (unavailable): backup snapshot failed: nexusd backup is not"
+            " available with PostgreSQL storage; use pg_dump"
+        ]
+        assert not (short_dir / "copy.db").exists() and not (short_dir / "none").exists()
+    finally:
+        assert d.stop() == 0

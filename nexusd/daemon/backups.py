@@ -106,6 +106,9 @@ class Snapshots:
 
     async def begin(self, owner: object) -> tuple[str, int]:
         """Take a snapshot for ``owner``; return its token and size."""
+        refused = self.storage.backup_refused
+        if refused is not None:  # before the space check: no copy is made at all
+            raise Unavailable(f"backup snapshot failed: {refused}")
         held = self._owned.setdefault(owner, set())
         if len(held) >= PER_OWNER:
             raise Overloaded(

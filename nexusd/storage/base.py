@@ -323,6 +323,10 @@ class Storage(Protocol):
         by ``limit`` and about ``budget`` bytes; the first always comes back."""
         ...
 
+    #: Why this backend makes no :meth:`backup` copies (None: it does); the daemon
+    #: answers ``backup`` with it before anything else.
+    backup_refused: str | None
+
     async def backup(self, dest: Path) -> int:
         """Write a consistent copy of everything committed into the new file ``dest``;
         return its size.  Runs concurrently with writes (they are not blocked) and,

@@ -65,12 +65,10 @@ _SWEEP_RETRY: Final = 60.0
 
 
 class SQLiteStorage:
-    """Messages in one SQLite file (see :class:`~nexusd.storage.base.Storage` for the contract).
+    """Messages in one SQLite file (see :class:`~nexusd.storage.base.Storage` for the contract);
+    every setting from the caller (``synchronous`` ``"full"``/``"normal"``, pages, readers)."""
 
-    Every setting comes from the caller (the daemon's configuration holds the
-    defaults): ``synchronous`` ``"full"`` or ``"normal"``, ``wal_autocheckpoint``
-    in pages, ``readers`` connections in the pool.
-    """
+    backup_refused: str | None = None  # a backup is a copy of the file
 
     def __init__(
         self,

@@ -232,7 +232,7 @@ class PostgresStorage:
                 # A key already stored: a resend whose original committed (maybe
                 # through another daemon).  Run it again looking every key up.
                 out = await self._transaction(conn, ops, lookup=True)
-            return out.results, [_delivery(out)]
+            return out.results, [out.delivery()]
         except psycopg.Error as exc:
             self.write_stats.failed_batches += 1
             if await self._lost(conn, exc):
@@ -258,7 +258,7 @@ class PostgresStorage:
                 results.append(self._lost_answer() if lost else write_error(exc, self._redactor))
                 continue
             results += one.results
-            delivered.append(_delivery(one))
+            delivered.append(one.delivery())
         return results, delivered
 
     async def _transaction(self, conn: Conn, ops: Sequence[Op], *, lookup: bool) -> writes.Outcome:
@@ -380,8 +380,12 @@ class PostgresStorage:
         await self._readers.build(self._search)
 
     # ── backups and files ─────────────────────────────────────────────────
+    backup_refused: str | None = (
+        "nexusd backup is not available with PostgreSQL storage; use pg_dump"
+    )
+
     async def backup(self, dest: Path) -> int:
-        raise Unavailable("nexusd backup is not available with PostgreSQL storage; use pg_dump")
+        raise Unavailable(str(self.backup_refused))
 
     def size_bytes(self) -> int:
         return self._size
@@ -392,7 +396,3 @@ class PostgresStorage:
 
     def live_files(self) -> list[Path]:
         return []
-
-
-def _delivery(out: writes.Outcome) -> tuple[list[Entry], tuple[int, list[Change]] | None]:
-    return out.earlier, ((out.seq, out.changes) if out.seq else None)

@@ -100,6 +100,10 @@ class Outcome:
     #: The log rows committed before it that the caller had not read (``since``).
     earlier: list[log.Entry] = field(default_factory=list)
 
+    def delivery(self) -> tuple[list[log.Entry], tuple[int, list[Change]] | None]:
+        """What :meth:`.follow.Follow.deliver` takes: the others' rows, then this batch's."""
+        return self.earlier, ((self.seq, self.changes) if self.seq else None)
+
 
 def nul_refusal(op: Op) -> NexusError | None:
     """PostgreSQL's text cannot hold U+0000 (SQLite's can): such an op is refused alone,
