@@ -227,12 +227,15 @@ def test_tail_f_json_says_when_it_resumed(daemon: Daemon, tails: list[Tail]) -> 
     # the restart interrupts is a watch (a first watch that opens late is no resume).
     with Client(daemon.socket) as c:
         c.append("user", "before", session_tag="r")
-    assert json.loads(tail.next())["content"] == "before"
+    before = json.loads(tail.next())
+    assert before["content"] == "before"
     assert daemon.stop() == 0
     daemon.start()
     with Client(daemon.socket) as c:
         c.append("user", "after", session_tag="r")
     marker = json.loads(tail.next())
     assert set(marker) == {"resumed"} and isinstance(marker["resumed"]["after_id"], int)
+    # It resumes from the last message printed (not from the one that follows).
+    assert marker["resumed"]["after_id"] == before["id"]
     assert json.loads(tail.next())["content"] == "after"
     assert tail.interrupt() == (0, "")

@@ -165,7 +165,7 @@ def _tail(args: argparse.Namespace, c: Client) -> None:
     # A daemon down for an upgrade or a slow restart does not end a `tail -f`:
     # it waits (up to a day) like `tail -F` waits for its file.
     c.retry_for = float(MAX_TIMEOUT)
-    resumes = 0
+    resumes, printed = 0, upto
     with c.watch(args.session, all=args.all, after_id=upto, removals=removals) as w:
         for item in w:
             if w.resumes != resumes and removals:
@@ -173,11 +173,15 @@ def _tail(args: argparse.Namespace, c: Client) -> None:
                 # script keeping a copy knows to compare it with `history` again.
                 resumes = w.resumes
                 line(
-                    as_json({"resumed": {"after_id": w.last_id}})
+                    # The last id printed: the item in hand, taken after the
+                    # reconnection, is already past it (w.last_id is that item's).
+                    as_json({"resumed": {"after_id": printed}})
                     if args.json
                     else "(reconnected: removals made meanwhile are not shown)"
                 )
             line(_tail_line(args, item))
+            if isinstance(item, p.Message):
+                printed = item.id
             if not w.buffered:  # the next one is not here yet: show what came
                 flush()
 
