@@ -137,7 +137,10 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         return fail(f"{shown}: {exc.message}", EXIT_ERROR)
     except _Failed as exc:
         progress.end()
-        return fail(f"{shown}: {exc} (whole chunks are kept: run it again to go on)", EXIT_ERROR)
+        return fail(
+            f"{shown}: {exc} (once that is fixed, run it again: it goes on where it stopped)",
+            EXIT_ERROR,
+        )
     finally:
         source.close()
     progress.end()
