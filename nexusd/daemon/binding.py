@@ -22,8 +22,10 @@ the server.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Generic, NamedTuple, TypeVar, cast
+
+import anyio
 
 from ..storage.base import Op, Storage, WriteOp
 from ..wire import protocol as p
@@ -78,6 +80,10 @@ class Services:
     stats: Callable[[], dict[str, Any]]
     #: Every open watch, fed by storage's commits.
     hub: Hub
+    #: Searches running at once, daemon-wide (one reader is left for other reads).
+    #: Taken before a search reserves its reply's memory: searches waiting their
+    #: turn hold none of the budget every other read needs.
+    searches: anyio.Semaphore = field(default_factory=lambda: anyio.Semaphore(1))
 
 
 # The first argument is the connection's Dispatcher (nexusd.daemon.handlers),

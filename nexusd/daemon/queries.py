@@ -18,7 +18,8 @@ swallowed on the way: then nothing here gives or keeps anything.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Final
 
 import anyio
@@ -108,8 +109,9 @@ class Queries:
         held = 0
         try:
             try:
-                held = await self._reserve_reply(req)
-                reply = await self.dispatcher.read(req, held)
+                async with self._turn(req):
+                    held = await self._reserve_reply(req)
+                    reply = await self.dispatcher.read(req, held)
             except NexusError as exc:
                 out.credit += reserved + held
                 out.error(req.id, exc)
@@ -129,6 +131,25 @@ class Queries:
         finally:
             self._running.pop(key, None)
             self._ended()
+
+    @asynccontextmanager
+    async def _turn(self, req: p.Request) -> AsyncIterator[None]:
+        """A search waits for a search slot (daemon-wide) before it reserves memory:
+        a flood of slow searches queued for readers held the whole budget, and every
+        other client's history was ``overloaded``."""
+        if type(req) is not p.Search:
+            yield
+            return
+        searches = self.dispatcher.services.searches
+        try:
+            with anyio.fail_after(self.enqueue_timeout):
+                await searches.acquire()
+        except TimeoutError:
+            raise Overloaded("every search slot is busy; retry later", retry_after=1.0) from None
+        try:
+            yield
+        finally:
+            searches.release()
 
     async def _reserve_reply(self, req: p.Request) -> int:
         """Room in the budget for a big reply before it is built (0: not a big one)."""

@@ -200,6 +200,7 @@ class Server:
             hello=self.hello,
             stats=self.stats,
             hub=self.hub,
+            searches=anyio.Semaphore(max(1, self.config.readers - 1)),
         )
         return Context(
             limits=self.limits,
