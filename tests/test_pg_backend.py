@@ -192,6 +192,10 @@ async def test_text_with_nul_is_refused_alone(opener: Opener) -> None:
         assert isinstance(bad, NexusError) and bad.code == "bad_request"
         assert await ids_of(s, "s") == good
         assert await s.count("a\x00") == 0
+        # A read that would look NUL up is the same bad request, not an internal error.
+        with pytest.raises(NexusError) as caught:
+            await s.sessions(after="h\x00", limit=10, budget=1 << 20)
+        assert caught.value.code == "bad_request" and "NUL" in caught.value.message
 
 
 async def test_a_write_whose_caller_is_cancelled_still_finishes(opener: Opener) -> None:

@@ -16,10 +16,19 @@ from typing import Any
 import psycopg
 from psycopg.conninfo import conninfo_to_dict
 
-from ...wire.errors import Internal, NexusError, Unavailable
+from ...wire.errors import BadRequest, Internal, NexusError, Unavailable
 from . import dsn
 
-__all__ = ["Redactor", "lost", "one_line", "params", "read_error", "unreachable", "write_error"]
+__all__ = [
+    "NO_NUL",
+    "Redactor",
+    "lost",
+    "one_line",
+    "params",
+    "read_error",
+    "unreachable",
+    "write_error",
+]
 
 
 def one_line(exc: BaseException) -> str:
@@ -63,9 +72,16 @@ def write_error(exc: psycopg.Error, redactor: Redactor) -> NexusError:
     return Internal(f"write failed, nothing was written: {text}")
 
 
+#: PostgreSQL's text cannot hold U+0000 (SQLite's can): said of a write that
+#: would store it and of a read that would look it up.
+NO_NUL = "PostgreSQL storage cannot keep the NUL character (U+0000) in text"
+
+
 def read_error(what: str, exc: psycopg.Error, redactor: Redactor) -> NexusError:
     """A failed read's error."""
     text = redactor.line(exc)
+    if isinstance(exc, psycopg.DataError) and "NUL" in str(exc):  # psycopg's own refusal
+        return BadRequest(f"{NO_NUL}, nor look it up")
     if isinstance(exc, psycopg.OperationalError):
         return Unavailable(f"{what} failed: {text}")
     return Internal(f"{what} failed: {text}")

@@ -56,6 +56,7 @@ from ..ops import (
     SetRetention,
 )
 from . import editing, log
+from .errors import NO_NUL
 from .inserts import Batch
 from .schema import TAKE_WRITE_LOCK
 
@@ -120,10 +121,9 @@ def nul_refusal(op: Op) -> NexusError | None:
     else:
         texts = [op.session_tag]
     if any(t is not None and "\x00" in t for t in texts):
-        return BadRequest(
-            "PostgreSQL storage cannot keep the NUL character (U+0000) in text",
-            field="messages" if isinstance(op, Insert) else "session_tag",
-        )
+        # An append's field may be any of its messages' (no one name fits both
+        # append and append_many): none is named.
+        return BadRequest(NO_NUL, field=None if isinstance(op, Insert) else "session_tag")
     return None
 
 
