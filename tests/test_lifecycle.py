@@ -35,7 +35,7 @@ from nexusd import (
 )
 from nexusd.wire import protocol as p
 from nexusd.wire.ops import retryable
-from tests.conftest import Daemon, RawSync, _new_daemon, as_uid, write_config
+from tests.conftest import Daemon, RawSync, _new_daemon, as_uid, backend_storage, write_config
 from tests.test_both_clients import FLAVORS, make, run
 
 _PROTOCOL = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
@@ -45,18 +45,23 @@ DOC = _PROTOCOL[_PROTOCOL.index("The examples of `delete`") : _PROTOCOL.index("*
 ONE, TWO = 61011, 61012
 
 
+#: Delete, fork and retention through daemons on SQLite and on PostgreSQL.
+BOTH_BACKENDS = True
+
+
 @pytest.fixture(scope="module")
-def d() -> Iterator[Daemon]:
+def d(backend: str) -> Iterator[Daemon]:
     base = Path(tempfile.mkdtemp(prefix="nxl", dir="/tmp"))
     base.chmod(0o755)  # other uids reach the socket (the namespace tests)
     cfg = write_config(base / "c.toml", socket_mode="0666", isolate_peers=True)
     cfg.write_text(cfg.read_text() + f"allow_uids = [0, {ONE}, {TWO}]\n")
-    daemon = _new_daemon(base, "--config", str(cfg)).start()
-    try:
-        yield daemon
-    finally:
-        assert daemon.stop() == 0
-        shutil.rmtree(base, ignore_errors=True)
+    with backend_storage(backend) as storage:
+        daemon = _new_daemon(base, "--config", str(cfg), storage=storage).start()
+        try:
+            yield daemon
+        finally:
+            assert daemon.stop() == 0
+            shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture
